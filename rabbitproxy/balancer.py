@@ -203,11 +203,7 @@ class SourceHash(Balancer):
                 continue
             # ln(u) is strictly negative because u is in (0, 1), so the score is positive and finite.
             score = -weight / math.log(_unit_interval(key, candidate.name))
-            if (
-                best is None
-                or score > best_score
-                or (score == best_score and candidate.name < best.name)
-            ):
+            if best is None or score > best_score or (score == best_score and candidate.name < best.name):
                 best = candidate
                 best_score = score
         return best

@@ -202,8 +202,28 @@ def test_arbitrary_text_raises_only_agent_reply_error(text: str) -> None:
 
 
 WORDS = st.sampled_from(
-    ["up", "down", "fail", "stopped", "ready", "drain", "maint", "UP", "Drain", "50%", "7", "weight:3",
-     "weight:40%", "maxconn:9", "0%", "error", "", "#", "x%", "1001%"]
+    [
+        "up",
+        "down",
+        "fail",
+        "stopped",
+        "ready",
+        "drain",
+        "maint",
+        "UP",
+        "Drain",
+        "50%",
+        "7",
+        "weight:3",
+        "weight:40%",
+        "maxconn:9",
+        "0%",
+        "error",
+        "",
+        "#",
+        "x%",
+        "1001%",
+    ]
 )
 
 

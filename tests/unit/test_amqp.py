@@ -91,9 +91,7 @@ def start_payload(
 ) -> bytes:
     if properties is None:
         properties = table(RABBITMQ_3_10_PROPERTIES)
-    return (
-        struct.pack(">HHBB", 10, 10, major, minor) + properties + longstr(mechanisms) + longstr(locales)
-    )
+    return struct.pack(">HHBB", 10, 10, major, minor) + properties + longstr(mechanisms) + longstr(locales)
 
 
 START_FRAME = frame(FRAME_METHOD, 0, start_payload())
@@ -217,7 +215,6 @@ def test_reader_frame_size_limit_is_checked_from_the_header() -> None:
     reader.receive_data(struct.pack(">BHI", FRAME_BODY, 1, 1 << 20))
     with pytest.raises(AMQPProtocolError, match="exceeds the limit"):
         reader.next_event()
-
 
 
 def test_reader_frame_size_limit_is_configurable_and_inclusive() -> None:
