@@ -1,0 +1,3 @@
+from rabbitproxy.cli import main
+
+main()

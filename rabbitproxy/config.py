@@ -1,0 +1,327 @@
+"""Configuration: frozen, validated data and nothing else.
+
+Phase one of the two-phase config (uvicorn's ``Config`` / ``Config.load()``): this module turns a TOML file, or
+the handful of values a command line gives, into immutable pydantic models. Sockets, tasks and SSL contexts are
+built from these models later, by the server. Every error names the key path that is wrong and why, so an
+operator can fix the file without reading our code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PORT = 5672
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9080"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one ``"key.path: reason"`` line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def split_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port``, a bare host or a bare IPv6 address.
+
+    A missing port takes ``default_port``; with none given, the port is required.
+    """
+    value = value.strip()
+    if not value:
+        raise ValueError("empty address")
+    host: str
+    port_text: str | None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError(f"{value!r}: missing ']' after an IPv6 address")
+        host, rest = value[1:end], value[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r}: expected ':port' after ']'")
+        port_text = rest[1:] if rest else None
+    elif value.count(":") > 1:
+        # A bare IPv6 address without brackets cannot carry a port.
+        host, port_text = value, None
+    elif ":" in value:
+        host, port_text = value.rsplit(":", 1)
+    else:
+        host, port_text = value, None
+    if not host:
+        raise ValueError(f"{value!r}: missing host")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{value!r}: missing ':port'")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """Inverse of :func:`split_host_port`: brackets around IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a misspelt option that is silently ignored is worse than a refusal to start.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+Port = Annotated[int, Field(gt=0, lt=65536)]
+
+
+class LogConfig(_Model):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AdminConfig(_Model):
+    listen: str = DEFAULT_ADMIN_LISTEN
+    token: str | None = None
+    enabled: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        split_host_port(v)
+        return v
+
+
+class HealthCheckConfig(_Model):
+    type: Literal["tcp", "amqp", "http", "none"] = "amqp"
+    interval: PositiveSeconds = 2.0
+    timeout: PositiveSeconds = 1.0
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    on_marked_down: Literal["close", "keep"] = "close"
+    url: str = "http://{address}:15672/api/health/checks/protocol-listener/amqp"
+    username: str = "guest"
+    password: str = "guest"  # noqa: S105 - RabbitMQ's default, only valid from loopback
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        try:
+            v.format(address="h", port=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{address}} and {{port}} may be used in the template ({exc})") from None
+        return v
+
+
+class FeedbackConfig(_Model):
+    type: Literal["agent", "http", "none"] = "none"
+    port: Port = 3333
+    interval: PositiveSeconds = 2.0
+    timeout: PositiveSeconds = 1.0
+    # The HTTP variant GETs this path on the agent port and reads the integer in the body.
+    path: str = "/"
+
+
+class BackendConfig(_Model):
+    name: str = Field(min_length=1, max_length=128)
+    address: str = Field(min_length=1)
+    port: Port | None = None
+    weight: Annotated[int, Field(ge=0, le=1000)] = 100
+    backup: bool = False
+    check_port: Port | None = None
+    agent_port: Port | None = None
+
+
+Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
+
+
+class ServiceConfig(_Model):
+    name: str = Field(min_length=1, max_length=128)
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    balance: Algorithm = "weighted-round-robin"
+    connect_timeout: PositiveSeconds = 5.0
+    retries: Annotated[int, Field(ge=0, le=100)] = 2
+    max_connections: Annotated[int, Field(ge=1)] = 10000
+    client_idle_timeout: Seconds = 0.0
+    source_address: str = ""
+    shutdown_timeout: Seconds = 30.0
+    # Write-buffer limits per leg: above high_water the other leg stops reading until we drop below low_water.
+    high_water: Annotated[int, Field(ge=1024)] = 256 * 1024
+    low_water: Annotated[int, Field(ge=0)] = 64 * 1024
+    backlog: Annotated[int, Field(ge=1)] = 1024
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        split_host_port(v, DEFAULT_PORT)
+        return v
+
+    @field_validator("source_address")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceConfig:
+        if self.low_water > self.high_water:
+            raise ValueError(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
+        seen: set[str] = set()
+        for b in self.backends:
+            if b.name in seen:
+                raise ValueError(f"backend name {b.name!r} is used twice")
+            seen.add(b.name)
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen, DEFAULT_PORT)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen, DEFAULT_PORT)[1]
+
+    def backend_port(self, backend: BackendConfig) -> int:
+        """A backend without a port uses the service's listen port (no port translation)."""
+        return backend.port if backend.port is not None else self.listen_port
+
+
+class Config(_Model):
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    services: list[ServiceConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        names: set[str] = set()
+        listens: dict[tuple[str, int], str] = {}
+        for s in self.services:
+            if s.name in names:
+                raise ValueError(f"service name {s.name!r} is used twice")
+            names.add(s.name)
+            key = (s.listen_host, s.listen_port)
+            if key in listens:
+                raise ValueError(f"services {listens[key]!r} and {s.name!r} both listen on {s.listen}")
+            listens[key] = s.name
+        return self
+
+    def service(self, name: str) -> ServiceConfig:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _loc(config: Mapping[str, Any], loc: Iterable[int | str]) -> str:
+    """Render a pydantic error location with service and backend names instead of bare list indexes."""
+    parts: list[str] = []
+    node: Any = config
+    for item in loc:
+        if isinstance(item, int):
+            name = None
+            if isinstance(node, list) and 0 <= item < len(node) and isinstance(node[item], Mapping):
+                name = node[item].get("name")
+            parts[-1] += f"[{name!r}]" if isinstance(name, str) else f"[{item}]"
+            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
+        else:
+            parts.append(item)
+            node = node.get(item) if isinstance(node, Mapping) else None
+    return ".".join(parts) or "(top level)"
+
+
+def validate(data: Mapping[str, Any], source: str = "") -> Config:
+    """Validate a parsed mapping; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            errors.append(f"{_loc(data, err['loc'])}: {msg}")
+        raise ConfigError(errors, source) from None
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], str(p)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"TOML syntax: {exc}"], str(p)) from None
+    return validate(data, str(p))
+
+
+def parse_backend_spec(spec: str, index: int) -> dict[str, Any]:
+    """Parse a command-line backend: ``host``, ``host:port``, ``[v6]:port``, each optionally ``=weight``."""
+    address, sep, weight = spec.partition("=")
+    host, port = split_host_port(address, default_port=0)
+    out: dict[str, Any] = {"name": f"backend{index + 1}", "address": host}
+    if port:
+        out["port"] = port
+    if sep:
+        if not weight.strip().isdigit():
+            raise ValueError(f"{spec!r}: weight after '=' must be a whole number")
+        out["weight"] = int(weight)
+    return out
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """Build a one-service config mapping from ``RABBITPROXY_BACKENDS`` (and friends), or None if unset.
+
+    This is what a container without a config file runs on: ``RABBITPROXY_BACKENDS="rabbit1:5672,rabbit2:5672"``,
+    optional ``RABBITPROXY_LISTEN``, ``RABBITPROXY_ADMIN_LISTEN`` and ``RABBITPROXY_HEALTH_CHECK``.
+    """
+    backends = env.get("RABBITPROXY_BACKENDS", "").strip()
+    if not backends:
+        return None
+    specs = [s.strip() for s in backends.split(",") if s.strip()]
+    service: dict[str, Any] = {
+        "name": env.get("RABBITPROXY_SERVICE_NAME", "amqp"),
+        "listen": env.get("RABBITPROXY_LISTEN", f"0.0.0.0:{DEFAULT_PORT}"),
+        "backends": [parse_backend_spec(s, i) for i, s in enumerate(specs)],
+    }
+    if "RABBITPROXY_HEALTH_CHECK" in env:
+        service["health_check"] = {"type": env["RABBITPROXY_HEALTH_CHECK"]}
+    data: dict[str, Any] = {"services": [service]}
+    if "RABBITPROXY_ADMIN_LISTEN" in env:
+        data["admin"] = {"listen": env["RABBITPROXY_ADMIN_LISTEN"]}
+    return data
+
+
+def with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted-key overrides applied (``"log.level": "debug"``).
+
+    Only options the user actually passed reach here, so a flag never resets a file value to a default
+    (hypercorn's ``__main__`` rule).
+    """
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for key, value in overrides.items():
+        section, _, leaf = key.partition(".")
+        if not leaf:
+            out[section] = value
+            continue
+        sub = out.setdefault(section, {})
+        sub[leaf] = value
+    return out

@@ -1,0 +1,199 @@
+"""Runtime state of a service's backends and the choice of one for a new connection.
+
+Pure bookkeeping, no I/O: health checks, feedback agents and the admin API change a :class:`Backend`'s state
+through the methods here, the data path asks :meth:`Pool.choose` for a backend and tells the backend when a
+connection opens and closes.
+
+A backend has two independent states, as in HAProxy: *health* (up/down, from checks) and *admin state*
+(ready/drain/maint). The admin state has two sources, the operator (admin API, CLI) and the feedback agent; the
+stricter of the two wins, so an agent saying ``ready`` cannot undo an operator's ``maint``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from rabbitproxy.balancer import Balancer, make_balancer
+from rabbitproxy.config import BackendConfig, ServiceConfig
+
+AdminState = Literal["ready", "drain", "maint"]
+ADMIN_STATES: tuple[AdminState, ...] = ("ready", "drain", "maint")
+_STRICTNESS: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
+
+if TYPE_CHECKING:
+    pass
+
+
+class Closable(Protocol):
+    """What the pool needs of a live connection: a way to end it with a reason."""
+
+    def close(self, reason: str) -> None: ...
+
+
+class Backend:
+    """One real server of one service: configuration plus everything that changes at runtime."""
+
+    __slots__ = (
+        "address",
+        "agent_percent",
+        "agent_reply",
+        "agent_state",
+        "agent_status",
+        "backup",
+        "config",
+        "configured_weight",
+        "connect_errors",
+        "connections",
+        "health_detail",
+        "health_time",
+        "healthy",
+        "name",
+        "operator_state",
+        "port",
+        "total",
+        "traffic_in",
+        "traffic_out",
+        "weight_overridden",
+    )
+
+    def __init__(self, config: BackendConfig, port: int, *, healthy: bool) -> None:
+        self.config = config
+        self.name = config.name
+        self.address = config.address
+        self.port = port
+        self.backup = config.backup
+        self.configured_weight = config.weight
+        # True once an operator set the weight at runtime; such a weight survives reloads.
+        self.weight_overridden = False
+        self.healthy = healthy
+        self.health_detail = "no check configured" if healthy else "not checked yet"
+        self.health_time: float | None = None
+        self.operator_state: AdminState = "ready"
+        self.agent_state: AdminState = "ready"
+        self.agent_percent: int | None = None
+        self.agent_reply: str | None = None
+        self.agent_status = "none"
+        self.connections: set[Closable] = set()
+        self.total = 0
+        self.connect_errors = 0
+        self.traffic_in = 0
+        self.traffic_out = 0
+
+    # -- derived state -------------------------------------------------------------------------------------------
+
+    @property
+    def admin_state(self) -> AdminState:
+        a, b = self.operator_state, self.agent_state
+        return a if _STRICTNESS[a] >= _STRICTNESS[b] else b
+
+    @property
+    def usable(self) -> bool:
+        """True when a new connection may be sent here (weight aside)."""
+        return self.healthy and self.admin_state == "ready"
+
+    @property
+    def effective_weight(self) -> int:
+        """Configured weight scaled by the agent's percentage. 0 means no new connections."""
+        if self.agent_percent is None:
+            return self.configured_weight
+        return self.configured_weight * self.agent_percent // 100
+
+    @property
+    def weight(self) -> int:
+        # The balancer's view: an unusable backend weighs nothing.
+        return self.effective_weight if self.usable else 0
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)
+
+    @property
+    def status(self) -> str:
+        """One word for people: maint, drain, down or up (in that order of precedence)."""
+        state = self.admin_state
+        if state != "ready":
+            return state
+        return "up" if self.healthy else "down"
+
+    # -- connection accounting -----------------------------------------------------------------------------------
+
+    def opened(self, conn: Closable) -> None:
+        self.connections.add(conn)
+        self.total += 1
+
+    def closed(self, conn: Closable, traffic_in: int, traffic_out: int) -> None:
+        self.connections.discard(conn)
+        self.traffic_in += traffic_in
+        self.traffic_out += traffic_out
+
+    def close_connections(self, reason: str) -> int:
+        """End every connection through this backend (marked down, maint); return how many."""
+        conns = list(self.connections)
+        for conn in conns:
+            conn.close(reason)
+        return len(conns)
+
+    def adopt_runtime_state(self, old: Backend) -> None:
+        """Carry what an operator and the checks learnt over a reload of an unchanged-name backend."""
+        self.operator_state = old.operator_state
+        if old.weight_overridden:
+            self.configured_weight = old.configured_weight
+            self.weight_overridden = True
+        self.healthy = old.healthy
+        self.health_detail = old.health_detail
+        self.health_time = old.health_time
+        self.agent_state = old.agent_state
+        self.agent_percent = old.agent_percent
+        self.agent_reply = old.agent_reply
+        self.agent_status = old.agent_status
+        self.connections = old.connections
+        self.total = old.total
+        self.connect_errors = old.connect_errors
+        self.traffic_in = old.traffic_in
+        self.traffic_out = old.traffic_out
+
+
+class Pool:
+    """The backends of one service and its balancing algorithm."""
+
+    __slots__ = ("backends", "balancer", "by_name")
+
+    def __init__(self, backends: Sequence[Backend], algorithm: str) -> None:
+        self.backends = list(backends)
+        self.by_name = {b.name: b for b in self.backends}
+        self.balancer: Balancer = make_balancer(algorithm)
+
+    @classmethod
+    def from_config(cls, service: ServiceConfig, *, healthy: bool) -> Pool:
+        return cls(
+            [Backend(b, service.backend_port(b), healthy=healthy) for b in service.backends], service.balance
+        )
+
+    def choose(self, key: bytes | None = None, exclude: Iterable[Backend] = ()) -> Backend | None:
+        """Pick a backend for a new connection, or None when no backend may take one.
+
+        Backup backends are considered only while no regular backend is usable at all; ``exclude`` (backends a
+        retry already failed on) does not count towards that, so a failed regular backend does not open the backups
+        while another regular one is still there.
+        """
+        skip = set(exclude)
+        regular = [b for b in self.backends if not b.backup and b.weight > 0]
+        if regular:
+            candidates = [b for b in regular if b not in skip]
+        else:
+            candidates = [b for b in self.backends if b.backup and b.weight > 0 and b not in skip]
+        if not candidates:
+            return None
+        return self.balancer.choose(candidates, key)
+
+    @property
+    def active(self) -> int:
+        return sum(b.active for b in self.backends)
+
+    def usable_count(self) -> int:
+        return sum(1 for b in self.backends if b.weight > 0)
+
+    def each(self, fn: Callable[[Backend], object]) -> None:
+        for b in self.backends:
+            fn(b)

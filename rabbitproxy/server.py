@@ -1,0 +1,298 @@
+"""The running proxy: every service's listener, the per-backend monitors, shutdown and reload.
+
+:func:`serve` is the one entry point. It takes an injectable ``shutdown_trigger`` (hypercorn's pattern) so tests
+and embedders decide when to stop; the CLI passes one that waits for SIGTERM/SIGINT. Shutdown order: close every
+listener at once (new connects are refused), let open connections finish for up to each service's
+``shutdown_timeout``, then close what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rabbitproxy import config as config_mod
+from rabbitproxy.config import Config, ConfigError, ServiceConfig
+from rabbitproxy.pool import Backend, Pool
+from rabbitproxy.service import Service, bind_listener
+
+log = structlog.get_logger("rabbitproxy.server")
+
+MonitorFactory = Callable[["Proxy", Service, Backend], list[Awaitable[None]]]
+
+
+@dataclass
+class ReloadResult:
+    """What a reload changed, for the log and the admin API."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
+        }
+
+
+class Proxy:
+    """All services of one process and what runs beside them."""
+
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.services: dict[str, Service] = {}
+        self.state = "starting"
+        # Monitor tasks (health checks, agents) per backend object; restarted when a reload changes them.
+        self.monitors: dict[int, list[asyncio.Task[None]]] = {}
+        self.background: set[asyncio.Task[Any]] = set()
+        self.reload_lock = asyncio.Lock()
+        self.listeners_ready = asyncio.Event()
+
+    # -- start and stop ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Bind every socket before serving any, so a port conflict fails the start as a whole.
+        socks = _bind_all(self.config.services)
+        for sc in self.config.services:
+            service = Service(sc)
+            await service.start(socks[sc.name])
+            self.services[sc.name] = service
+            self._watch_service(service)
+            log.info("service listening", service=sc.name, listen=sc.listen, backends=len(sc.backends))
+        self.state = "running"
+        self.listeners_ready.set()
+
+    async def shutdown(self) -> None:
+        if self.state == "stopping":
+            return
+        self.state = "stopping"
+        for service in self.services.values():
+            service.stop_accepting()
+        total = sum(s.active for s in self.services.values())
+        log.info("shutting down", open_connections=total)
+        await asyncio.gather(*(s.drain(s.config.shutdown_timeout) for s in self.services.values()))
+        await self._stop_all_monitors()
+        tasks = list(self.background)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("stopped")
+
+    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task[Any]:
+        """Run a background task owned by the proxy; its failure is logged, never lost."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        if name:
+            task.set_name(name)
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", task=task.get_name(), exc_info=task.exception())
+
+    # -- monitors ------------------------------------------------------------------------------------------------
+
+    def _watch_service(self, service: Service) -> None:
+        for backend in service.pool.backends:
+            self._watch(service, backend)
+
+    def _watch(self, service: Service, backend: Backend) -> None:
+        from rabbitproxy.monitors import monitors_for
+
+        tasks = [asyncio.ensure_future(c) for c in monitors_for(service, backend)]
+        for t in tasks:
+            t.add_done_callback(self._background_done)
+        self.monitors[id(backend)] = tasks
+
+    async def _unwatch(self, backend: Backend) -> None:
+        tasks = self.monitors.pop(id(backend), [])
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stop_all_monitors(self) -> None:
+        tasks = [t for ts in self.monitors.values() for t in ts]
+        self.monitors.clear()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- reload --------------------------------------------------------------------------------------------------
+
+    async def reload(self, new: Config | None = None) -> ReloadResult:
+        """Apply a new configuration (read from ``config_path`` when not given) without dropping connections.
+
+        Raises :class:`ConfigError` and changes nothing when the new configuration is invalid or a new listener
+        cannot be bound.
+        """
+        async with self.reload_lock:
+            if new is None:
+                if self.config_path is None:
+                    raise ConfigError(["no configuration file to reload (started from command-line options)"])
+                new = config_mod.load(self.config_path)
+            return await self._apply(new)
+
+    async def _apply(self, new: Config) -> ReloadResult:
+        result = ReloadResult()
+        new_names = {s.name for s in new.services}
+        # Phase 1: everything that can fail (binding new or moved listeners) before anything changes.
+        # A moved listener that takes a port another (removed or moved) service still holds is refused rather than
+        # half-applied: two listeners cannot share a port.
+        fresh_socks = _bind_all(
+            [
+                sc
+                for sc in new.services
+                if sc.name not in self.services or self.services[sc.name].config.listen != sc.listen
+            ]
+        )
+
+        # Phase 2: apply. Removed services stop accepting and drain in the background.
+        for name in [n for n in self.services if n not in new_names]:
+            service = self.services.pop(name)
+            for b in service.pool.backends:
+                await self._unwatch(b)
+            self.spawn(service.remove(), name=f"drain {name}")
+            result.removed.append(name)
+        for sc in new.services:
+            old_service = self.services.get(sc.name)
+            if old_service is None:
+                service = Service(sc)
+                await service.start(fresh_socks[sc.name])
+                self.services[sc.name] = service
+                self._watch_service(service)
+                result.added.append(sc.name)
+                continue
+            if old_service.config == sc:
+                result.unchanged.append(sc.name)
+                continue
+            await self._update_service(old_service, sc, fresh_socks.get(sc.name))
+            result.changed.append(sc.name)
+        self.config = new
+        log.info("configuration reloaded", **result.as_dict())
+        return result
+
+    async def _update_service(self, service: Service, sc: ServiceConfig, sock: socket.socket | None) -> None:
+        old_cfg = service.config
+        old_pool = service.pool
+        healthy_default = sc.health_check.type == "none"
+        backends: list[Backend] = []
+        for bc in sc.backends:
+            prev = old_pool.by_name.get(bc.name)
+            b = Backend(bc, sc.backend_port(bc), healthy=healthy_default)
+            if prev is not None and prev.address == bc.address and prev.port == b.port:
+                b.adopt_runtime_state(prev)
+                if healthy_default:
+                    b.healthy = True
+                    b.health_detail = "no check configured"
+            elif prev is not None:
+                # Same name, new address: a different server. Its open connections stay with the old one.
+                b.operator_state = prev.operator_state
+            backends.append(b)
+        pool = Pool(backends, sc.balance)
+        if old_cfg.balance == sc.balance:
+            pool.balancer = old_pool.balancer
+        for b in old_pool.backends:
+            await self._unwatch(b)
+        service.pool = pool
+        service.config = sc
+        if sock is not None:
+            # The new listener is already bound; only now is the old one closed.
+            old_server = service.server
+            await service.start(sock)
+            if old_server is not None:
+                old_server.close()
+        self._watch_service(service)
+        log.info("service updated", service=sc.name, backends=[b.name for b in backends])
+
+
+def _bind_all(configs: list[ServiceConfig]) -> dict[str, socket.socket]:
+    """Bind the listeners of ``configs``; on any failure close those already bound and raise ConfigError."""
+    socks: dict[str, socket.socket] = {}
+    for sc in configs:
+        try:
+            socks[sc.name] = bind_listener(sc)
+        except OSError as exc:
+            for s in socks.values():
+                s.close()
+            raise ConfigError([f"services[{sc.name!r}].listen: cannot listen on {sc.listen}: {exc.strerror}"]) from None
+    return socks
+
+
+def install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, shutdown: asyncio.Event, reload: Callable[[], None] | None
+) -> None:
+    """SIGTERM/SIGINT set the shutdown event; a second one exits at once. SIGHUP reloads."""
+
+    def on_stop(signame: str) -> None:
+        if shutdown.is_set():
+            log.warning("second signal: exiting now", signal=signame)
+            raise SystemExit(1)
+        log.info("signal received, shutting down", signal=signame)
+        shutdown.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+async def serve(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    ready: Callable[[Proxy], None] | None = None,
+) -> None:
+    """Run the proxy until ``shutdown_trigger`` returns (default: SIGTERM or SIGINT), then shut down gracefully."""
+    proxy = Proxy(config, config_path=config_path)
+    await proxy.start()
+    admin_runner = None
+    if config.admin.enabled:
+        from rabbitproxy.admin import start_admin
+
+        admin_runner = await start_admin(proxy)
+    # Everything allocated so far lives for the whole run; freezing it keeps the collector from rescanning it.
+    gc.freeze()
+    if ready is not None:
+        ready(proxy)
+    try:
+        if shutdown_trigger is None:
+            loop = asyncio.get_running_loop()
+            event = asyncio.Event()
+
+            def on_hup() -> None:
+                proxy.spawn(_reload_from_signal(proxy), name="reload")
+
+            install_signal_handlers(loop, event, on_hup)
+            await event.wait()
+        else:
+            await shutdown_trigger()
+    finally:
+        await proxy.shutdown()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+
+
+async def _reload_from_signal(proxy: Proxy) -> None:
+    try:
+        await proxy.reload()
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays", errors=exc.errors)

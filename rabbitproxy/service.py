@@ -1,0 +1,157 @@
+"""One running virtual service: its listener, its backend pool, its live connections and counters."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from rabbitproxy.config import ServiceConfig
+from rabbitproxy.pool import Pool
+from rabbitproxy.proxy import SERVICE_REMOVED, SHUTDOWN, ClientLeg
+
+log = structlog.get_logger("rabbitproxy.connection")
+
+
+class Service:
+    """A virtual service (VIP) as it runs: config, pool, listener and the connections it owns."""
+
+    def __init__(self, config: ServiceConfig, *, pool: Pool | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        # Without a health check a backend is trusted from the start; with one it must pass a check first.
+        self.pool = pool or Pool.from_config(config, healthy=config.health_check.type == "none")
+        self.connections: set[ClientLeg] = set()
+        self.accepting = True
+        self.total = 0
+        self.ended: Counter[str] = Counter()
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.bound: list[tuple[str, int]] = []
+        # Set while a drain waits for the last connection to end.
+        self._empty: asyncio.Event | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Start listening, on ``sock`` if given (a reload hands over an existing socket)."""
+        loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = bind_listener(self.config)
+        self.server = await loop.create_server(
+            lambda: ClientLeg(self), sock=sock, backlog=self.config.backlog
+        )
+        self.bound = [s.getsockname()[:2] for s in self.server.sockets]
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket at once; new connects are refused by the kernel from now on."""
+        self.accepting = False
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, grace: float, reason: str = SHUTDOWN) -> None:
+        """Wait up to ``grace`` seconds for open connections to end by themselves, then close the rest."""
+        self.stop_accepting()
+        if not await self._wait_empty(grace):
+            for conn in list(self.connections):
+                conn.close(reason)
+            # Closing flushes what is buffered; a peer that does not read gets a short while, then an abort.
+            if not await self._wait_empty(2.0):
+                for conn in list(self.connections):
+                    conn.abort(reason)
+        await self.cancel_tasks()
+
+    async def _wait_empty(self, seconds: float) -> bool:
+        """True once no connection is open, False if that did not happen within ``seconds``."""
+        if not self.connections:
+            return True
+        self._empty = asyncio.Event()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._empty = None
+        return True
+
+    async def remove(self) -> None:
+        await self.drain(self.config.shutdown_timeout, SERVICE_REMOVED)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a task owned by this service (connect attempts); it is cancelled when the service stops."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Our bug, not a peer's: log it with the traceback and keep serving.
+            log.error("task failed", service=self.name, exc_info=task.exception())
+
+    async def cancel_tasks(self) -> None:
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- events from the data path -------------------------------------------------------------------------------
+
+    def connect_failed(self, backend: Any, client: str, exc: BaseException) -> None:
+        log.warning(
+            "backend connect failed",
+            service=self.name,
+            backend=backend.name,
+            client=client,
+            error=str(exc) or type(exc).__name__,
+        )
+
+    def connection_closed(self, conn: ClientLeg) -> None:
+        self.connections.discard(conn)
+        if self._empty is not None and not self.connections:
+            self._empty.set()
+        reason = conn.reason or "unknown"
+        self.ended[reason] += 1
+        log.info(
+            "connection closed",
+            service=self.name,
+            client=conn.client_addr,
+            backend=conn.backend.name if conn.backend else None,
+            backend_addr=f"{conn.backend.address}:{conn.backend.port}" if conn.backend else None,
+            local=conn.backend_local or None,
+            bytes_in=conn.bytes_in,
+            bytes_out=conn.bytes_out,
+            duration=round(conn.duration, 3),
+            reason=reason,
+        )
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)
+
+
+def bind_listener(config: ServiceConfig) -> socket.socket:
+    """Create the service's listening socket (SO_REUSEADDR; IPv6 sockets only IPv6, like nginx's ipv6only)."""
+    host = config.listen_host
+    port = config.listen_port
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(config.backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

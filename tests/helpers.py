@@ -1,0 +1,133 @@
+"""Shared test helpers: free ports, polling with a deadline, an in-process proxy, small TCP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from rabbitproxy import config as config_mod
+from rabbitproxy.server import Proxy, serve
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    """Poll until ``predicate()`` is truthy (awaiting it if needed) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if isinstance(last, Awaitable):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value {last!r})")
+        await asyncio.sleep(interval)
+
+
+def wait_for_sync(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value {last!r})")
+        time.sleep(interval)
+
+
+def service_config(
+    backends: list[Mapping[str, Any]], *, name: str = "amqp", listen: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    svc: dict[str, Any] = {
+        "name": name,
+        "listen": listen or f"127.0.0.1:{free_port()}",
+        "health_check": {"type": "none"},
+        "shutdown_timeout": 5.0,
+        "backends": [dict(b) for b in backends],
+    }
+    svc.update(extra)
+    return svc
+
+
+@contextlib.asynccontextmanager
+async def run_proxy(
+    *services: Mapping[str, Any], admin: Mapping[str, Any] | None = None
+) -> AsyncIterator[Proxy]:
+    """Run ``serve()`` in this loop (uvicorn's ``run_server`` pattern); yields the running :class:`Proxy`."""
+    data: dict[str, Any] = {
+        "services": [dict(s) for s in services],
+        "admin": dict(admin) if admin is not None else {"enabled": False},
+    }
+    cfg = config_mod.validate(data, "test")
+    stop = asyncio.Event()
+    started: asyncio.Future[Proxy] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(cfg, shutdown_trigger=stop.wait, ready=started.set_result))
+    done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+def listen_addr(proxy: Proxy, service: str = "amqp") -> tuple[str, int]:
+    host, port = proxy.services[service].bound[0]
+    return host, port
+
+
+def open_fds(pid: int | None = None) -> int:
+    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
+
+
+@contextlib.asynccontextmanager
+async def tcp_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], host: str = "127.0.0.1"
+) -> AsyncIterator[int]:
+    """A plain TCP backend for tests of the relay itself; yields its port. Handlers are cancelled on exit."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def guarded(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await handler(r, w)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            # A cancelled handler ends quietly so asyncio does not log the cancellation as an error.
+            pass
+        finally:
+            handlers.discard(task)
+            w.close()
+
+    server = await asyncio.start_server(guarded, host, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for t in list(handlers):
+            t.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()

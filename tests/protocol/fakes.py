@@ -1,0 +1,95 @@
+"""A fake transport and service so the relay legs can be driven call by call (uvicorn's protocol tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from rabbitproxy import config as config_mod
+from rabbitproxy.pool import Pool
+from rabbitproxy.proxy import ClientLeg
+
+
+class FakeTransport:
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
+        self.buffer = bytearray()
+        self.eof_written = False
+        self.closing = False
+        self.aborted = False
+        self.reading = True
+        self.limits: tuple[int, int] | None = None
+        self.extra: dict[str, Any] = {"peername": peer, "sockname": ("127.0.0.1", 5672), "socket": None}
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing, "write after close"
+        assert not self.eof_written, "write after write_eof"
+        self.buffer += data
+
+    def write_eof(self) -> None:
+        assert not self.eof_written
+        self.eof_written = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = (high or 0, low or 0)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if self.protocol is not None:
+                # A real transport reports the loss on a later loop iteration.
+                asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
+
+
+class FakeService:
+    """Just enough of :class:`rabbitproxy.service.Service` for one ClientLeg."""
+
+    def __init__(self, **service: Any) -> None:
+        data = {
+            "name": "t",
+            "listen": "127.0.0.1:5672",
+            "health_check": {"type": "none"},
+            "backends": [{"name": "b1", "address": "127.0.0.1", "port": 1}],
+        }
+        data.update(service)
+        self.config = config_mod.ServiceConfig.model_validate(data)
+        self.name = "t"
+        self.pool = Pool.from_config(self.config, healthy=True)
+        self.connections: set[ClientLeg] = set()
+        self.accepting = True
+        self.total = 0
+        self.ended: Counter[str] = Counter()
+        self.closed: list[ClientLeg] = []
+        self.tasks: list[Any] = []
+
+    def spawn(self, coro: Any) -> Any:
+        coro.close()  # the connect is driven by hand in these tests
+        return None
+
+    def connect_failed(self, *args: Any) -> None:
+        pass
+
+    def connection_closed(self, conn: ClientLeg) -> None:
+        self.connections.discard(conn)
+        self.ended[conn.reason or "?"] += 1
+        self.closed.append(conn)
