@@ -1,9 +1,376 @@
-"""Admin API placeholder (filled in by the admin issue)."""
+"""The admin API: JSON over HTTP, Prometheus metrics and the System Overview page, inside the proxy's own loop.
+
+It runs on aiohttp's ``AppRunner(handle_signals=False)`` + ``TCPSite`` so that signals stay with ``serve()`` and the
+API sees the live :class:`~rabbitproxy.server.Proxy` without any copying or locking: every handler runs on the same
+event loop as the data path. It changes backends only through :class:`~rabbitproxy.pool.Backend` methods.
+
+Access: with a token configured (``[admin] token`` or ``RABBITPROXY_ADMIN_TOKEN``) every ``/api`` and ``/metrics``
+request must carry ``Authorization: Bearer <token>``; ``/healthz`` and the page itself do not (the page asks for the
+token). Changes are only accepted as PATCH/POST with a JSON body, which a cross-site HTML form cannot send, and a
+browser ``Origin`` that is not this server's own is refused.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hmac
+import ipaddress
+import json
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
+from rabbitproxy.metrics import registry_for, render
+from rabbitproxy.pool import ADMIN_STATES, AdminState, Backend
+from rabbitproxy.proxy import BACKEND_MAINT
+
+if TYPE_CHECKING:
+    from rabbitproxy.server import Proxy
+    from rabbitproxy.service import Service
+
+log = structlog.get_logger("rabbitproxy.admin")
+
+TOKEN_ENV = "RABBITPROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
+TOKEN_KEY: web.AppKey[str | None] = web.AppKey("token", str)
+REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+# Bodies are a handful of fields; anything bigger is a mistake or an attack.
+MAX_BODY = 64 * 1024
 
 
-async def start_admin(proxy: Any) -> Any:
-    return None
+# -- token ---------------------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals; any other name may resolve to a public address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_token(cfg: AdminConfig, env: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token in force (config first, then the environment); ConfigError if one is needed and missing."""
+    environ = os.environ if env is None else env
+    token = cfg.token or environ.get(TOKEN_ENV) or None
+    host, _ = split_host_port(cfg.listen)
+    if token is None and not is_loopback(host):
+        raise ConfigError(
+            [
+                f"admin.token: required because admin.listen ({cfg.listen}) is not a loopback address; "
+                f"set [admin] token or {TOKEN_ENV}"
+            ]
+        )
+    return token
+
+
+# -- views ---------------------------------------------------------------------------------------------------------
+
+
+def backend_view(backend: Backend) -> dict[str, Any]:
+    """Everything an operator wants to know about one backend, as JSON-ready data."""
+    # Traffic of finished connections is added at close; the open ones are counted live so bytes never jump.
+    live_in = live_out = 0
+    for conn in backend.connections:
+        live_in += getattr(conn, "bytes_in", 0)
+        live_out += getattr(conn, "bytes_out", 0)
+    return {
+        "name": backend.name,
+        "address": backend.address,
+        "port": backend.port,
+        "backup": backend.backup,
+        "status": backend.status,
+        "weight": backend.configured_weight,
+        "configured_weight": backend.config.weight,
+        "weight_overridden": backend.weight_overridden,
+        "effective_weight": backend.effective_weight,
+        "health": {
+            "status": "up" if backend.healthy else "down",
+            "detail": backend.health_detail,
+            "time": backend.health_time,
+            "duration": getattr(backend, "check_duration", None),
+        },
+        "admin_state": backend.admin_state,
+        "operator_state": backend.operator_state,
+        "agent": {
+            "state": backend.agent_state,
+            "status": backend.agent_status,
+            "percent": backend.agent_percent,
+            "reply": backend.agent_reply,
+            "duration": getattr(backend, "agent_duration", None),
+        },
+        "connections": {"active": backend.active, "total": backend.total, "connect_errors": backend.connect_errors},
+        "bytes": {"in": backend.traffic_in + live_in, "out": backend.traffic_out + live_out},
+    }
+
+
+def service_view(service: Service) -> dict[str, Any]:
+    cfg = service.config
+    return {
+        "name": service.name,
+        "listen": cfg.listen,
+        "bound": [f"{h}:{p}" for h, p in service.bound],
+        "balance": cfg.balance,
+        "accepting": service.accepting,
+        "health_check": cfg.health_check.type,
+        "feedback": cfg.feedback.type,
+        "connections": {"active": service.active, "total": service.total},
+        "ended": dict(sorted(service.ended.items())),
+        "backends": [backend_view(b) for b in service.pool.backends],
+    }
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _who(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The request's JSON body, or a 400/415 response raised as an exception."""
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text=json.dumps({"error": "send a JSON body with Content-Type: application/json"}),
+            content_type="application/json",
+        )
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"body is not valid JSON: {exc}"}), content_type="application/json"
+        ) from None
+
+
+def _origin_ok(request: web.Request) -> bool:
+    """A browser's Origin must name this very server; non-browser clients send none."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == request.host.lower()
+
+
+@web.middleware
+async def _guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    token = request.app[TOKEN_KEY]
+    path = request.path
+    if token is not None and (path.startswith("/api") or path == "/metrics"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        # compare_digest: the time taken must not tell an attacker how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            return web.json_response(
+                {"error": "a valid bearer token is required (Authorization: Bearer <token>)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="rabbitproxy"'},
+            )
+    if request.method not in ("GET", "HEAD", "OPTIONS") and not _origin_ok(request):
+        log.warning("admin request refused: foreign origin", origin=request.headers.get("Origin"), who=_who(request))
+        return _error(403, "cross-origin requests are not accepted")
+    return await handler(request)
+
+
+# -- handlers --------------------------------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    if proxy.state == "running" and proxy.listeners_ready.is_set():
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": proxy.state}, status=503)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    return web.json_response(
+        {"state": proxy.state, "services": [service_view(s) for s in proxy.services.values()]}
+    )
+
+
+def _find(proxy: Proxy, service_name: str, backend_name: str | None = None) -> tuple[Service, Backend | None]:
+    service = proxy.services.get(service_name)
+    if service is None:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": f"no service named {service_name!r}"}), content_type="application/json"
+        )
+    if backend_name is None:
+        return service, None
+    backend = service.pool.by_name.get(backend_name)
+    if backend is None:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": f"service {service_name!r} has no backend named {backend_name!r}"}),
+            content_type="application/json",
+        )
+    return service, backend
+
+
+async def get_service(request: web.Request) -> web.Response:
+    service, _ = _find(request.app[PROXY_KEY], request.match_info["service"])
+    return web.json_response(service_view(service))
+
+
+async def get_backend(request: web.Request) -> web.Response:
+    _, backend = _find(request.app[PROXY_KEY], request.match_info["service"], request.match_info["backend"])
+    assert backend is not None
+    return web.json_response(backend_view(backend))
+
+
+def _validate_patch(body: Any) -> tuple[AdminState | None, int | None, list[str]]:
+    """Check a PATCH body completely before anything is changed; return (state, weight, errors)."""
+    if not isinstance(body, dict):
+        return None, None, ['body must be a JSON object such as {"state": "drain"} or {"weight": 50}']
+    errors: list[str] = []
+    unknown = sorted(set(body) - {"state", "weight"})
+    if unknown:
+        errors.append(f"unknown field(s): {', '.join(unknown)} (only state and weight can be changed)")
+    if "state" not in body and "weight" not in body:
+        errors.append("give state and/or weight")
+    state = body.get("state")
+    if "state" in body and state not in ADMIN_STATES:
+        errors.append(f"state must be one of {', '.join(ADMIN_STATES)}, not {state!r}")
+    weight = body.get("weight")
+    if "weight" in body and (isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000):
+        errors.append(f"weight must be a whole number from 0 to 1000, not {weight!r}")
+    return state, weight, errors
+
+
+async def patch_backend(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    service, backend = _find(proxy, request.match_info["service"], request.match_info["backend"])
+    assert backend is not None
+    body = await _json_body(request)
+    state, weight, errors = _validate_patch(body)
+    if errors:
+        return _error(400, "; ".join(errors), errors=errors)
+    closed = 0
+    who = _who(request)
+    if weight is not None:
+        old_weight = backend.configured_weight
+        backend.set_weight(weight)
+        log.info(
+            "backend weight set",
+            service=service.name,
+            backend=backend.name,
+            weight=weight,
+            previous=old_weight,
+            who=who,
+        )
+    if state is not None:
+        old_state = backend.operator_state
+        closed = backend.set_operator_state(state, BACKEND_MAINT)
+        log.info(
+            "backend state set",
+            service=service.name,
+            backend=backend.name,
+            state=state,
+            previous=old_state,
+            closed_connections=closed,
+            who=who,
+        )
+    return web.json_response(backend_view(backend) | {"closed_connections": closed})
+
+
+async def reload(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    await _json_body(request)
+    who = _who(request)
+    log.info("reload requested", who=who, path=str(proxy.config_path) if proxy.config_path else None)
+    try:
+        result = await proxy.reload()
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays", errors=exc.errors, who=who)
+        return _error(400, "invalid configuration; nothing was changed", errors=exc.errors)
+    return web.json_response({"status": "reloaded", **result.as_dict()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = render(request.app[REGISTRY_KEY])
+    # prometheus-client's content type carries a version parameter that aiohttp wants passed as a header.
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def overview(request: web.Request) -> web.Response:
+    page = resources.files("rabbitproxy").joinpath("static/overview.html").read_bytes()
+    return web.Response(
+        body=page,
+        content_type="text/html",
+        charset="utf-8",
+        # The page embeds its own script; nothing may be loaded from elsewhere, and no other site may frame it.
+        headers={
+            "Content-Security-Policy": (
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+            ),
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+# -- application -----------------------------------------------------------------------------------------------------
+
+
+def make_app(proxy: Proxy, token: str | None) -> web.Application:
+    app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
+    app[PROXY_KEY] = proxy
+    app[TOKEN_KEY] = token
+    app[REGISTRY_KEY] = registry_for(proxy)
+    app.router.add_get("/", overview)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/services", list_services)
+    app.router.add_get("/api/services/{service}", get_service)
+    app.router.add_get("/api/services/{service}/backends/{backend}", get_backend)
+    app.router.add_patch("/api/services/{service}/backends/{backend}", patch_backend)
+    app.router.add_post("/api/reload", reload)
+    return app
+
+
+class AdminServer:
+    """The running admin API; ``cleanup()`` closes its socket and open requests."""
+
+    def __init__(self, runner: web.AppRunner, site: web.TCPSite) -> None:
+        self.runner = runner
+        self.site = site
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [(str(a[0]), int(a[1])) for a in self.runner.addresses]
+
+    async def cleanup(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_admin(proxy: Proxy) -> AdminServer:
+    """Start the admin API on ``[admin] listen``; ConfigError if it cannot listen there."""
+    cfg = proxy.config.admin
+    token = admin_token(cfg)
+    host, port = split_host_port(cfg.listen)
+    runner = web.AppRunner(make_app(proxy, token), handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError([f"admin.listen: cannot listen on {cfg.listen}: {exc.strerror or exc}"]) from None
+    server = AdminServer(runner, site)
+    log.info("admin API listening", listen=cfg.listen, token=token is not None)
+    return server

@@ -203,8 +203,9 @@ class Proxy:
                     b.healthy = True
                     b.health_detail = "no check configured"
             elif prev is not None:
-                # Same name, new address: a different server. Its open connections stay with the old one.
-                b.operator_state = prev.operator_state
+                # Same name, new address: a different server. Its open connections stay with the old one, but what
+                # the operator set (drain, maint, a weight) is about the name and carries over.
+                b.adopt_operator_state(prev)
             backends.append(b)
         pool = Pool(backends, sc.balance)
         if old_cfg.balance == sc.balance:
@@ -263,12 +264,20 @@ async def serve(
 ) -> None:
     """Run the proxy until ``shutdown_trigger`` returns (default: SIGTERM or SIGINT), then shut down gracefully."""
     proxy = Proxy(config, config_path=config_path)
-    await proxy.start()
     admin_runner = None
     if config.admin.enabled:
-        from rabbitproxy.admin import start_admin
+        from rabbitproxy.admin import admin_token, start_admin
 
-        admin_runner = await start_admin(proxy)
+        # A missing token on a non-loopback admin address is a config error: refuse before binding anything.
+        admin_token(config.admin)
+    await proxy.start()
+    try:
+        if config.admin.enabled:
+            admin_runner = await start_admin(proxy)
+    except BaseException:
+        # The admin port is taken (or worse): the listeners already bound must not outlive the failed start.
+        await proxy.shutdown()
+        raise
     # Everything allocated so far lives for the whole run; freezing it keeps the collector from rescanning it.
     gc.freeze()
     if ready is not None:

@@ -1,0 +1,146 @@
+"""A small, synchronous client for the admin API, used by the ``status``, ``backend`` and ``reload`` commands.
+
+It uses the standard library only: a CLI command makes one or two requests and exits, so an event loop and a
+session would be all cost and no gain.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9080"
+
+
+class AdminError(Exception):
+    """The admin API could not be reached or refused the request; ``str()`` is a message for people."""
+
+    def __init__(self, message: str, status: int | None = None, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errors = errors or []
+
+
+class AdminClient:
+    def __init__(self, url: str = DEFAULT_ADMIN_URL, token: str | None = None, timeout: float = 10.0) -> None:
+        if "://" not in url:
+            url = "http://" + url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise AdminError(f"{url!r} is not an http:// or https:// URL of the admin API")
+        self.url = url.rstrip("/")
+        self.token = token or None
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - scheme checked above
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise _http_error(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminError(f"cannot reach the admin API at {self.url}: {reason}") from None
+        except ValueError as exc:
+            raise AdminError(f"the admin API at {self.url} answered something that is not JSON: {exc}") from None
+
+    def services(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/services")
+        return result
+
+    def set_backend(
+        self, service: str, backend: str, *, state: str | None = None, weight: int | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if state is not None:
+            body["state"] = state
+        if weight is not None:
+            body["weight"] = weight
+        path = f"/api/services/{quote(service, safe='')}/backends/{quote(backend, safe='')}"
+        result: dict[str, Any] = self.request("PATCH", path, body)
+        return result
+
+    def reload(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/reload", {})
+        return result
+
+
+def _http_error(exc: urllib.error.HTTPError) -> AdminError:
+    message = f"HTTP {exc.code}"
+    errors: list[str] = []
+    try:
+        payload = json.loads(exc.read() or b"null")
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        message = str(payload.get("error", message))
+        raw = payload.get("errors")
+        if isinstance(raw, list):
+            errors = [str(e) for e in raw]
+    if exc.code == 401:
+        message += " (give --token or set RABBITPROXY_ADMIN_TOKEN)"
+    return AdminError(message, exc.code, errors)
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+_STATUS_STYLE = {"up": "bold green", "down": "bold red", "drain": "bold yellow", "maint": "bold bright_black"}
+
+
+def print_status(data: dict[str, Any]) -> None:
+    """Print ``GET /api/services`` as one table per service (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped into less, grep or a file: do not squeeze the table into 80 columns.
+        console = Console(highlight=False, width=200)
+    console.print(f"proxy {data.get('state', '?')}")
+    for svc in data.get("services", []):
+        conns = svc["connections"]
+        title = (
+            f"{svc['name']}  listen {svc['listen']}  {svc['balance']}  "
+            f"{conns['active']} open / {conns['total']} total{'' if svc['accepting'] else '  NOT ACCEPTING'}"
+        )
+        table = Table(title=title, title_justify="left")
+        numeric = ("weight", "eff.", "active", "total", "in", "out")
+        for col in ("backend", "address", "status", "health", "weight", "eff.", "agent", *numeric[2:]):
+            table.add_column(col, justify="right" if col in numeric else "left")
+        for b in svc["backends"]:
+            agent = b["agent"]
+            agent_text = "-" if agent["status"] == "none" else f"{agent['status']} {agent['reply'] or ''}".strip()
+            weight = f"{b['weight']}*" if b["weight_overridden"] else str(b["weight"])
+            table.add_row(
+                b["name"] + (" (backup)" if b["backup"] else ""),
+                f"{b['address']}:{b['port']}",
+                f"[{_STATUS_STYLE.get(b['status'], '')}]{b['status']}[/]",
+                b["health"]["detail"] or b["health"]["status"],
+                weight,
+                str(b["effective_weight"]),
+                agent_text,
+                str(b["connections"]["active"]),
+                str(b["connections"]["total"]),
+                _bytes(b["bytes"]["in"]),
+                _bytes(b["bytes"]["out"]),
+            )
+        console.print(table)
+    console.print("* weight set at runtime through the admin API")

@@ -1,0 +1,143 @@
+"""Prometheus metrics, read from the live proxy state at scrape time.
+
+Nothing here runs on the data path: a custom collector walks the services and backends when Prometheus scrapes,
+so a connection costs no extra work for metrics and a reload cannot leave stale label sets behind (a removed
+backend simply stops being reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from rabbitproxy.pool import ADMIN_STATES
+from rabbitproxy.proxy import REASONS
+
+if TYPE_CHECKING:
+    from rabbitproxy.server import Proxy
+
+PREFIX = "rabbitproxy"
+STATUSES = ("up", "down", "drain", "maint")
+SB = ["service", "backend"]
+
+
+class ProxyCollector(Collector):
+    """Yields every rabbitproxy metric from the proxy as it is right now."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+        s_accepting = gauge("service_accepting", "1 while the service's listener accepts connections.", ["service"])
+        s_active = gauge("service_active_connections", "Client connections open now.", ["service"])
+        s_total = counter("service_connections", "Client connections accepted.", ["service"])
+        s_ended = counter(
+            "service_connections_ended", "Client connections ended, by reason (errors included).", ["service", "reason"]
+        )
+        s_usable = gauge("service_usable_backends", "Backends that may take a new connection now.", ["service"])
+        b_up = gauge("backend_up", "1 when the last health verdict is up.", SB)
+        b_status = gauge("backend_status", "1 for the backend's status: up, down, drain or maint.", [*SB, "status"])
+        b_admin = gauge("backend_admin_state", "1 for the backend's effective admin state.", [*SB, "state"])
+        b_weight = gauge("backend_weight", "Configured weight (or the weight set through the admin API).", SB)
+        b_eweight = gauge("backend_effective_weight", "Weight after the feedback agent's percentage.", SB)
+        b_agent = gauge("backend_agent_percent", "Last capacity percentage the feedback agent reported.", SB)
+        b_agent_ok = gauge("backend_agent_status", "1 for the feedback agent's last result.", [*SB, "status"])
+        b_active = gauge("backend_active_connections", "Connections open through this backend now.", SB)
+        b_total = counter("backend_connections", "Connections made through this backend.", SB)
+        b_errors = counter("backend_connect_errors", "Failed connection attempts to this backend.", SB)
+        b_in = counter("backend_bytes_in", "Bytes from clients to this backend.", SB)
+        b_out = counter("backend_bytes_out", "Bytes from this backend to clients.", SB)
+        b_check_time = gauge("backend_last_check_timestamp_seconds", "When the last health check finished.", SB)
+        b_check_dur = gauge("backend_health_check_duration_seconds", "How long the last health check took.", SB)
+        b_agent_dur = gauge("backend_agent_duration_seconds", "How long the last feedback agent poll took.", SB)
+
+        for service in list(self.proxy.services.values()):
+            sn = service.name
+            s_accepting.add_metric([sn], 1.0 if service.accepting else 0.0)
+            s_active.add_metric([sn], service.active)
+            s_total.add_metric([sn], service.total)
+            # Every reason is reported, zeros included, so rate() works from the first occurrence on.
+            for reason in REASONS:
+                s_ended.add_metric([sn, reason], service.ended.get(reason, 0))
+            for reason, count in service.ended.items():
+                if reason not in REASONS:
+                    s_ended.add_metric([sn, reason], count)
+            s_usable.add_metric([sn], service.pool.usable_count())
+            for b in list(service.pool.backends):
+                labels = [sn, b.name]
+                b_up.add_metric(labels, 1.0 if b.healthy else 0.0)
+                status = b.status
+                for st in STATUSES:
+                    b_status.add_metric([*labels, st], 1.0 if st == status else 0.0)
+                admin_state = b.admin_state
+                for st in ADMIN_STATES:
+                    b_admin.add_metric([*labels, st], 1.0 if st == admin_state else 0.0)
+                b_weight.add_metric(labels, b.configured_weight)
+                b_eweight.add_metric(labels, b.effective_weight)
+                if b.agent_percent is not None:
+                    b_agent.add_metric(labels, b.agent_percent)
+                if b.agent_status != "none":
+                    b_agent_ok.add_metric([*labels, b.agent_status], 1.0)
+                live_in = live_out = 0
+                for conn in list(b.connections):
+                    live_in += getattr(conn, "bytes_in", 0)
+                    live_out += getattr(conn, "bytes_out", 0)
+                b_active.add_metric(labels, b.active)
+                b_total.add_metric(labels, b.total)
+                b_errors.add_metric(labels, b.connect_errors)
+                b_in.add_metric(labels, b.traffic_in + live_in)
+                b_out.add_metric(labels, b.traffic_out + live_out)
+                if b.health_time is not None:
+                    b_check_time.add_metric(labels, b.health_time)
+                # The monitors may record how long their last probe took; report it when they do.
+                duration = getattr(b, "check_duration", None)
+                if isinstance(duration, int | float):
+                    b_check_dur.add_metric(labels, float(duration))
+                duration = getattr(b, "agent_duration", None)
+                if isinstance(duration, int | float):
+                    b_agent_dur.add_metric(labels, float(duration))
+        yield from (
+            s_accepting,
+            s_active,
+            s_total,
+            s_ended,
+            s_usable,
+            b_up,
+            b_status,
+            b_admin,
+            b_weight,
+            b_eweight,
+            b_agent,
+            b_agent_ok,
+            b_active,
+            b_total,
+            b_errors,
+            b_in,
+            b_out,
+            b_check_time,
+            b_check_dur,
+            b_agent_dur,
+        )
+
+
+def registry_for(proxy: Proxy) -> CollectorRegistry:
+    """A registry of its own per proxy (tests run several in one process), plus the process metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(proxy))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``registry`` and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST
