@@ -200,9 +200,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def list_services(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    return web.json_response(
-        {"state": proxy.state, "services": [service_view(s) for s in proxy.services.values()]}
-    )
+    return web.json_response({"state": proxy.state, "services": [service_view(s) for s in proxy.services.values()]})
 
 
 def _find(proxy: Proxy, service_name: str, backend_name: str | None = None) -> tuple[Service, Backend | None]:
