@@ -1,0 +1,231 @@
+"""The System Overview page in a real headless Chromium, driven over the DevTools protocol.
+
+No WebDriver and nothing downloaded: Debian's ``chromium`` is started with ``--remote-debugging-port=0`` and we
+speak the Chrome DevTools Protocol over a websocket with aiohttp (already a dependency). Clicks are real mouse
+events at the button's position, so the page's own event handlers and fetch calls do the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+
+from rabbitproxy.devcluster import DevCluster
+from tests.helpers import free_port, listen_addr, run_proxy, service_config, wait_for
+from tests.integration.conftest import backends_for
+
+pytestmark = pytest.mark.integration
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+TOKEN = "overview-test-token"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1500,700",
+    "--remote-debugging-port=0",
+]
+
+
+class Page:
+    """One browser tab over CDP: send commands, await their results."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            data = json.loads(msg.data)
+            fut = self.pending.pop(data.get("id", -1), None)
+            if fut is not None and not fut.done():
+                fut.set_result(data)
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("DevTools connection closed"))
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        msg_id = next(self.ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[msg_id] = fut
+        await self.ws.send_str(json.dumps({"id": msg_id, "method": method, "params": params}))
+        reply = await asyncio.wait_for(fut, 30)
+        if "error" in reply:
+            raise AssertionError(f"{method}: {reply['error']}")
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    async def eval(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def click(self, selector: str) -> None:
+        """A real left click in the middle of the element, as a person would make it."""
+        box = await self.eval(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return null;"
+            " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        assert box is not None, f"no element matches {selector}"
+        x, y = box
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+
+
+@contextlib.asynccontextmanager
+async def chromium(tmp_path: Path) -> AsyncIterator[Page]:
+    exe = shutil.which("chromium")
+    assert exe is not None, "Debian's chromium package is required (apt-get install chromium)"
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        "about:blank",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        # Chromium writes the port it picked into the profile directory once DevTools listens.
+        port_file = profile / "DevToolsActivePort"
+
+        def port_written() -> int | None:
+            assert proc.returncode is None, f"chromium exited with {proc.returncode}"
+            lines = port_file.read_text().split() if port_file.exists() else []
+            return int(lines[0]) if lines else None
+
+        port = await wait_for(port_written, timeout=60, what="chromium's DevTools port")
+        async with aiohttp.ClientSession() as http:
+
+            async def page_target() -> str | None:
+                async with http.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                    targets = await resp.json()
+                return next((t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"), None)
+
+            ws_url = await wait_for(page_target, timeout=30, what="a page target")
+            ws = await http.ws_connect(ws_url, max_msg_size=0)
+            page = Page(ws)
+            try:
+                yield page
+            finally:
+                await page.close()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@pytest.mark.asyncio
+async def test_overview_lists_backends_and_drain_button_works(cluster: DevCluster, tmp_path: Path) -> None:
+    admin_port = free_port()
+    url = f"http://127.0.0.1:{admin_port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        run_proxy(
+            service_config(backends_for(cluster)), admin={"listen": f"127.0.0.1:{admin_port}", "token": TOKEN}
+        ) as proxy,
+        chromium(tmp_path) as page,
+        aiohttp.ClientSession(headers=auth) as http,
+    ):
+        host, port = listen_addr(proxy)
+        # One real AMQP client through the proxy so the page has a connection to show.
+        amqp = await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/")
+        try:
+            await page.send("Page.enable")
+            await page.send("Page.navigate", url=url + "/")
+            # A token is configured: the page must ask for it before it can show anything.
+            await wait_for(
+                lambda: page.eval("document.querySelector('#tokenform.show') !== null"), what="the token prompt"
+            )
+            assert await page.eval("document.querySelectorAll('tr[data-backend]').length") == 0
+            await page.click("#token")
+            await page.send("Input.insertText", text=TOKEN)
+            await page.click("#tokensave")
+            await wait_for(
+                lambda: page.eval("document.querySelectorAll('tr[data-backend]').length === 3"),
+                what="three backend rows",
+            )
+            names = await page.eval("[...document.querySelectorAll('tr[data-backend]')].map(r => r.dataset.backend)")
+            assert names == ["rabbit1", "rabbit2", "rabbit3"]
+            statuses = await page.eval(
+                "[...document.querySelectorAll('.badge[data-status]')].map(b => b.dataset.status)"
+            )
+            assert statuses == ["up", "up", "up"]
+
+            # Drain the node that holds our client, as an operator would before patching it.
+            pool = proxy.services["amqp"].pool
+            held = next(b.name for b in pool.backends if b.active == 1)
+            others = [b.name for b in pool.backends if b.name != held]
+            await page.click(f'button[data-action="drain"][data-backend="{held}"]')
+
+            async def api_state() -> str:
+                async with http.get(f"{url}/api/services/amqp/backends/{held}") as resp:
+                    return str((await resp.json())["admin_state"])
+
+            def badge(name: str) -> str:
+                return f"document.querySelector('tr[data-backend=\"{name}\"] .badge').textContent"
+
+            await wait_for(lambda: _equals(api_state(), "drain"), what=f"{held} drained as seen by the API")
+            await wait_for(lambda: page.eval(badge(held) + " === 'drain'"), what=f"the page showing {held} as drain")
+            # Drain keeps the open connection: the client is still there and still counted.
+            assert not amqp.is_closed
+            assert pool.by_name[held].active == 1
+            # Set a weight from the page as well.
+            await page.eval(
+                f"document.querySelector('tr[data-backend=\"{others[0]}\"] input[data-weight-input]').value = '25'"
+            )
+            await page.click(f'tr[data-backend="{others[0]}"] button[data-action="weight"]')
+
+            async def api_weight() -> int:
+                async with http.get(f"{url}/api/services/amqp/backends/{others[0]}") as resp:
+                    return int((await resp.json())["weight"])
+
+            await wait_for(lambda: _equals(api_weight(), 25), what=f"{others[0]}'s weight set from the page")
+            # The page refreshes by itself: a change made elsewhere shows up without reloading the page.
+            pool.by_name[others[1]].set_operator_state("maint", "backend maint")
+            await wait_for(lambda: page.eval(badge(others[1]) + " === 'maint'"), what=f"{others[1]} shown as maint")
+            shot = await page.send("Page.captureScreenshot", format="png")
+            png = base64.b64decode(shot["data"])
+            assert png.startswith(b"\x89PNG\r\n\x1a\n")
+            ARTIFACTS.mkdir(exist_ok=True)
+            loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+            (ARTIFACTS / f"overview-{loop_name}.png").write_bytes(png)
+        finally:
+            await amqp.close()
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
