@@ -1,0 +1,427 @@
+"""AMQP load through the brokers directly, through rabbitproxy and through HAProxy in TCP mode, in one run.
+
+    .venv/bin/python bench/amqp_bench.py --quick --json out/amqp.json
+    .venv/bin/python bench/amqp_bench.py --brokers 10.0.0.1:5672,10.0.0.2:5672 --duration 30
+
+Publishers and consumers (aio-pika, one connection each) are spread over several worker processes, because a
+single Python client process saturates long before a broker or a proxy does. Every message carries its send time
+(``time.time_ns()``; all processes share one clock) so consumers measure end-to-end latency. Targets are
+interleaved (direct, rabbitproxy, haproxy, direct, ...) and the medians of the repeats are reported.
+
+Without ``--brokers`` a local 3-node cluster is started with ``rabbitproxy.devcluster`` and stopped at the end.
+Nothing is pinned here: the brokers need both cores, and the proxy's own CPU time is measured, not inferred.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import common  # noqa: E402
+from common import Route, Target, fmt, median, percentile  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+ALL_TARGETS = ("direct", "rabbitproxy", "haproxy")
+_STAMP = struct.Struct("!q")
+# Latency samples each consumer sends back; more would only slow the hand-over, not sharpen p99.
+MAX_SAMPLES = 20000
+
+console = Console(stderr=True, width=170)
+
+
+@dataclass(frozen=True)
+class Load:
+    size: int = 1024
+    publishers: int = 4
+    consumers: int = 4
+    queues: int = 2
+    duration: float = 10.0
+    confirms: bool = True
+    processes: int = 4
+    # Confirms outstanding per publisher: enough to keep the pipe full, few enough to bound memory.
+    window: int = 64
+    prefetch: int = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one worker process runs: some publishers and consumers against some URLs, in a fixed window."""
+
+    load: Load
+    urls: tuple[str, ...]
+    publishers: tuple[int, ...]
+    consumers: tuple[int, ...]
+    start_at: float
+    stop_at: float
+
+
+def split_roles(load: Load) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Deal publishers and consumers out to ``load.processes`` workers, round robin (pure; unit-tested)."""
+    n = max(1, min(load.processes, load.publishers + load.consumers))
+    pubs: list[list[int]] = [[] for _ in range(n)]
+    cons: list[list[int]] = [[] for _ in range(n)]
+    for i in range(load.publishers):
+        pubs[i % n].append(i)
+    # Consumers start where publishers stopped, so a worker does not get all of one role when there is a choice.
+    for i in range(load.consumers):
+        cons[(load.publishers + i) % n].append(i)
+    return [(tuple(p), tuple(c)) for p, c in zip(pubs, cons, strict=True) if p or c]
+
+
+def queue_name(i: int) -> str:
+    return f"rabbitproxy-bench-{i}"
+
+
+def stamp(size: int) -> bytes:
+    """A message body of ``size`` bytes (at least 8) that starts with the send time."""
+    return _STAMP.pack(time.time_ns()) + b"\0" * max(0, size - _STAMP.size)
+
+
+def latency_us(body: bytes, now_ns: int) -> float:
+    return (now_ns - _STAMP.unpack_from(body)[0]) / 1000
+
+
+# -- the worker process -----------------------------------------------------------------------------------------
+
+
+async def _work(job: Job) -> dict[str, Any]:
+    import aio_pika
+
+    load = job.load
+    result: dict[str, Any] = {"published": 0, "consumed": 0, "errors": 0, "error_kinds": {}, "latencies_us": []}
+    samples: list[float] = result["latencies_us"]
+    seen = 0
+
+    def error(exc: BaseException) -> None:
+        result["errors"] += 1
+        kind = type(exc).__name__
+        result["error_kinds"][kind] = result["error_kinds"].get(kind, 0) + 1
+
+    connections: list[Any] = []
+    k = 0
+
+    async def connect() -> Any:
+        nonlocal k
+        url = job.urls[k % len(job.urls)]
+        k += 1
+        conn = await aio_pika.connect(url, timeout=30)
+        connections.append(conn)
+        return conn
+
+    async def consumer(i: int) -> None:
+        nonlocal seen
+        conn = await connect()
+        channel = await conn.channel()
+        await channel.set_qos(prefetch_count=load.prefetch)
+        queue = await channel.get_queue(queue_name(i % load.queues), ensure=False)
+        unacked = 0
+
+        async def on_message(message: Any) -> None:
+            nonlocal seen, unacked
+            if job.start_at <= time.time() < job.stop_at:
+                result["consumed"] += 1
+                seen += 1
+                # Keep every sample until the cap, then every 16th: enough for a p99 without a huge hand-over.
+                if len(samples) < MAX_SAMPLES or seen % 16 == 0:
+                    samples.append(latency_us(message.body, time.time_ns()))
+            unacked += 1
+            # Acknowledging in batches is what a throughput-minded consumer does; per-message acks would make the
+            # client, not the path under test, the bottleneck.
+            if unacked >= 32:
+                unacked = 0
+                await message.ack(multiple=True)
+
+        tag = await queue.consume(on_message)
+        await asyncio.sleep(max(0.0, job.stop_at - time.time()))
+        await queue.cancel(tag)
+
+    async def publisher(i: int) -> None:
+        conn = await connect()
+        channel = await conn.channel(publisher_confirms=load.confirms)
+        exchange = channel.default_exchange
+        key = queue_name(i % load.queues)
+        while time.time() < job.start_at:
+            await asyncio.sleep(0.01)
+        while time.time() < job.stop_at:
+            batch = [
+                exchange.publish(aio_pika.Message(stamp(load.size)), routing_key=key)
+                for _ in range(load.window if load.confirms else 1)
+            ]
+            outcomes = await asyncio.gather(*batch, return_exceptions=True)
+            ok = 0
+            for o in outcomes:
+                if isinstance(o, BaseException):
+                    error(o)
+                else:
+                    ok += 1
+            result["published"] += ok
+
+    async def guarded(coro: Any) -> None:
+        try:
+            # Every role ends by itself at stop_at; the margin only catches a stalled connection.
+            async with asyncio.timeout(job.stop_at - time.time() + 30):
+                await coro
+        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            error(exc)
+
+    try:
+        await asyncio.gather(
+            *(guarded(consumer(i)) for i in job.consumers), *(guarded(publisher(i)) for i in job.publishers)
+        )
+    finally:
+        for c in connections:
+            try:
+                await asyncio.wait_for(c.close(), 10)
+            except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+                error(exc)
+    if len(samples) > MAX_SAMPLES:
+        result["latencies_us"] = samples[:: math.ceil(len(samples) / MAX_SAMPLES)]
+    return result
+
+
+def worker_main(job: Job, out: Any) -> None:
+    import uvloop
+
+    try:
+        out.put(uvloop.run(_work(job)))
+    except BaseException as exc:  # noqa: BLE001 - any failure is reported to the driver, which counts it
+        out.put({"published": 0, "consumed": 0, "errors": 1, "error_kinds": {type(exc).__name__: 1}})
+
+
+# -- the driver -----------------------------------------------------------------------------------------------------
+
+
+async def _prepare_queues(url: str, load: Load) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url, timeout=30)
+    try:
+        ch = await conn.channel()
+        for i in range(load.queues):
+            # Bounded queues: if publishers outrun consumers the broker drops the oldest instead of paging.
+            q = await ch.declare_queue(
+                queue_name(i), durable=False, arguments={"x-max-length": 200000, "x-overflow": "drop-head"}
+            )
+            await q.purge()
+    finally:
+        await conn.close()
+
+
+def run_load(target: Target, urls: Sequence[str], load: Load, admin_url: str) -> dict[str, Any]:
+    """One repeat of the load against one target; the proxy's CPU and peak RSS are measured around it."""
+    import uvloop
+
+    uvloop.run(_prepare_queues(admin_url, load))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    # Workers need a moment to start Python and connect; the measured window opens after that.
+    start_at = time.time() + 4.0
+    stop_at = start_at + load.duration
+    jobs = [Job(load, tuple(urls), p, c, start_at, stop_at) for p, c in split_roles(load)]
+    procs = [ctx.Process(target=worker_main, args=(j, out), daemon=True) for j in jobs]
+    results: list[dict[str, Any]] = []
+    with common.measure(target.pid) as usage:
+        for p in procs:
+            p.start()
+        deadline = stop_at + 60
+        while len(results) < len(procs) and time.time() < deadline:
+            try:
+                results.append(out.get(timeout=1.0))
+            except queue_mod.Empty:
+                if all(not p.is_alive() for p in procs) and out.empty():
+                    break
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    missing = len(procs) - len(results)
+    latencies = [x for r in results for x in r.get("latencies_us", [])]
+    kinds: dict[str, int] = {}
+    for r in results:
+        for k, v in r.get("error_kinds", {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    published = sum(r["published"] for r in results)
+    consumed = sum(r["consumed"] for r in results)
+    # The whole run (connects, warm-up, drain) is in the CPU time; the messages counted are the window's only,
+    # so this slightly overstates CPU per message, and equally for every proxy.
+    return {
+        "published_per_s": published / load.duration,
+        "consumed_per_s": consumed / load.duration,
+        "latency_p50_us": percentile(latencies, 50),
+        "latency_p99_us": percentile(latencies, 99),
+        "errors": sum(r["errors"] for r in results) + missing,
+        "error_kinds": kinds,
+        "proxy_cpu_s": usage.cpu if target.pid else math.nan,
+        "proxy_cpu_s_per_million": (usage.cpu / (consumed / 1e6)) if target.pid and consumed else math.nan,
+        "proxy_peak_rss_mib": usage.peak_rss / 2**20 if target.pid else math.nan,
+    }
+
+
+KEYS = (
+    "published_per_s",
+    "consumed_per_s",
+    "latency_p50_us",
+    "latency_p99_us",
+    "proxy_cpu_s_per_million",
+    "proxy_peak_rss_mib",
+)
+
+
+def summarize(raw: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for t, runs in raw.items():
+        row = {k: median([r[k] for r in runs if k in r]) for k in KEYS}
+        row["errors"] = float(sum(r.get("errors", 0) for r in runs))
+        out[t] = row
+    return out
+
+
+def print_table(summary: dict[str, dict[str, float]], load: Load) -> None:
+    table = Table(title=f"AMQP load (medians; {load.size} B, confirms {'on' if load.confirms else 'off'})")
+    table.add_column("target")
+    cols = [
+        ("published msg/s", "published_per_s", 0),
+        ("consumed msg/s", "consumed_per_s", 0),
+        ("latency p50 ms", "latency_p50_us", 2),
+        ("latency p99 ms", "latency_p99_us", 2),
+        ("proxy CPU s / M msgs", "proxy_cpu_s_per_million", 1),
+        ("proxy peak RSS MiB", "proxy_peak_rss_mib", 1),
+        ("errors", "errors", 0),
+    ]
+    for title, _, _ in cols:
+        table.add_column(title, justify="right")
+    for name, row in summary.items():
+        cells = []
+        for _, key, d in cols:
+            v = row.get(key, math.nan)
+            cells.append(fmt(v / 1000 if key.startswith("latency") else v, d))
+        table.add_row(name, *cells)
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5 s per run, 2 repeats")
+    ap.add_argument("--size", type=int, default=1024, help="message size in bytes (at least 8)")
+    ap.add_argument("--publishers", type=int, default=4)
+    ap.add_argument("--consumers", type=int, default=4)
+    ap.add_argument("--queues", type=int, default=2)
+    ap.add_argument("--processes", type=int, default=4, help="worker processes the clients are spread over")
+    ap.add_argument("--duration", type=float, help="measured seconds per run (default 20, quick 5)")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 3, quick 2)")
+    ap.add_argument("--confirms", action=argparse.BooleanOptionalAction, default=True, help="publisher confirms")
+    ap.add_argument("--brokers", help="existing brokers host:port,...; default: start a local 3-node cluster")
+    ap.add_argument("--nodes", type=int, default=3, help="size of the local cluster")
+    ap.add_argument("--user", default="guest")
+    ap.add_argument("--password", default="guest")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--png", type=Path, help="write a chart of the medians here")
+    args = ap.parse_args(argv)
+    if args.size < _STAMP.size:
+        ap.error(f"--size must be at least {_STAMP.size} (the timestamp)")
+    load = Load(
+        size=args.size,
+        publishers=args.publishers,
+        consumers=args.consumers,
+        queues=args.queues,
+        duration=args.duration or (5.0 if args.quick else 20.0),
+        confirms=args.confirms,
+        processes=args.processes,
+    )
+    repeats = args.repeats or (2 if args.quick else 3)
+    targets = [t for t in args.targets.split(",") if t]
+    if set(targets) - set(ALL_TARGETS):
+        ap.error(f"unknown targets: {', '.join(sorted(set(targets) - set(ALL_TARGETS)))}")
+    common.raise_nofile()
+    info = common.machine_info()
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    cluster = None
+    if args.brokers:
+        from rabbitproxy.config import split_host_port
+
+        brokers = [split_host_port(b, 5672) for b in args.brokers.split(",") if b.strip()]
+    else:
+        from rabbitproxy.devcluster import DevCluster
+
+        cluster = DevCluster(args.nodes, log=lambda line: console.print(f"[dim][cluster] {line}"))
+        cluster.start()
+        brokers = [("127.0.0.1", n.amqp_port) for n in cluster.nodes]
+    creds = f"{args.user}:{args.password}"
+    running: list[Target] = []
+    raw: dict[str, list[dict[str, Any]]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="rabbitproxy-amqp-bench-") as tmp:
+            route = Route("amqp", 0, tuple(brokers))
+            kinds = [t for t in targets if t != "direct"]
+            per_kind = common.target_routes([route], kinds)
+            urls: dict[str, list[str]] = {"direct": [f"amqp://{creds}@{h}:{p}/" for h, p in brokers]}
+            by_name: dict[str, Target] = {"direct": Target("direct", {})}
+            for kind in kinds:
+                # Unpinned, like the brokers: they need both cores.
+                by_name[kind] = common.start_target(kind, per_kind[kind], Path(tmp), None)
+                running.append(by_name[kind])
+                urls[kind] = [f"amqp://{creds}@127.0.0.1:{by_name[kind].ports['amqp']}/"]
+            admin_url = urls["direct"][0]
+            order = common.interleave(targets, repeats)
+            with Progress(console=console) as progress:
+                task = progress.add_task("amqp bench", total=len(order))
+                for rep, t in order:
+                    progress.update(task, description=f"[{rep + 1}/{repeats}] {t}")
+                    raw.setdefault(t, []).append(run_load(by_name[t], urls[t], load, admin_url))
+                    progress.advance(task)
+    finally:
+        for target in running:
+            if target.proc is not None:
+                target.proc.stop()
+        if cluster is not None:
+            cluster.stop()
+    summary = summarize(raw)
+    print_table(summary, load)
+    if args.png:
+        import charts
+
+        charts.amqp_chart(summary, args.png)
+    if args.json:
+        common.write_json(
+            args.json,
+            {
+                "bench": "amqp",
+                "started_at": started_at,
+                "machine": info,
+                "settings": {
+                    **asdict(load),
+                    "repeats": repeats,
+                    "targets": targets,
+                    "brokers": len(brokers),
+                    "local_cluster": cluster is not None,
+                    "pinning": "none: brokers, clients and proxy share both cores",
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                },
+                "raw": raw,
+                "summary": summary,
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The bench's pure parts: statistics, generated proxy configs, output parsers, target checks."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import amqp_bench  # noqa: E402
+import common  # noqa: E402
+import report  # noqa: E402
+import tcp_bench  # noqa: E402
+
+from rabbitproxy import config as config_mod  # noqa: E402
+
+ROUTES = [
+    common.Route("amqp", 15672, (("127.0.0.1", 5001), ("127.0.0.1", 5002))),
+    common.Route("echo", 15673, (("127.0.0.1", 6001),)),
+]
+
+
+def test_median_and_percentile() -> None:
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    assert common.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert common.median([math.nan, 5.0]) == 5.0
+    assert math.isnan(common.median([]))
+    values = [float(i) for i in range(1, 101)]
+    assert common.percentile(values, 50) == 50.0
+    assert common.percentile(values, 99) == 99.0
+    assert common.percentile(values, 100) == 100.0
+    assert common.percentile([7.0], 99.9) == 7.0
+    with pytest.raises(ValueError, match=r"0\.\.100"):
+        common.percentile(values, 101)
+
+
+def test_ratio_and_interleave() -> None:
+    assert common.ratio(3.0, 2.0) == 1.5
+    assert math.isnan(common.ratio(1.0, 0.0))
+    assert math.isnan(common.ratio(math.nan, 1.0))
+    assert common.interleave(["a", "b"], 2) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+
+
+def test_rabbitproxy_config_is_valid_and_equivalent() -> None:
+    cfg = config_mod.validate(tomllib.loads(common.rabbitproxy_config(ROUTES, log_level="info")))
+    assert [s.name for s in cfg.services] == ["amqp", "echo"]
+    assert [(s.listen_host, s.listen_port) for s in cfg.services] == [("127.0.0.1", 15672), ("127.0.0.1", 15673)]
+    assert [(b.address, b.port) for b in cfg.services[0].backends] == [("127.0.0.1", 5001), ("127.0.0.1", 5002)]
+    assert cfg.services[0].health_check.type == "none"
+    assert cfg.log.level == "info"
+    assert cfg.admin.enabled is False
+
+
+def test_haproxy_config_matches_routes_and_is_accepted_by_haproxy(tmp_path: Path) -> None:
+    text = common.haproxy_config(ROUTES, maxconn=1000)
+    assert "listen amqp\n    bind 127.0.0.1:15672\n    balance roundrobin\n" in text
+    assert "    server b1 127.0.0.1:5001\n    server b2 127.0.0.1:5002\n" in text
+    assert "mode tcp" in text
+    assert "splice" not in text
+    tuned = common.haproxy_config(ROUTES, tuned=True, maxconn=1000)
+    assert "option splice-auto" in tuned
+    assert f"maxpipes {common.TUNED_MAXPIPES}" in tuned
+    for i, cfg in enumerate((text, tuned)):
+        path = tmp_path / f"h{i}.cfg"
+        path.write_text(cfg)
+        check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_nginx_config_matches_routes_and_is_accepted_by_nginx(tmp_path: Path) -> None:
+    text = common.nginx_config(ROUTES, workdir=tmp_path, nofile=4000)
+    assert "upstream amqp {\n        server 127.0.0.1:5001;\n        server 127.0.0.1:5002;\n    }" in text
+    assert "listen 127.0.0.1:15673 backlog=4096;" in text
+    assert "worker_connections 3900;" in text
+    path = tmp_path / "nginx.conf"
+    path.write_text(text)
+    check = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+SOCKPERF = """sockperf: Summary: Round trip is 8.137 usec
+sockperf: ---> <MAX> observation = 64016.664
+sockperf: ---> percentile 99.999 = 26461.261
+sockperf: ---> percentile 99.900 =  623.457
+sockperf: ---> percentile 99.000 =    6.224
+sockperf: ---> percentile 50.000 =    4.538
+sockperf: ---> <MIN> observation =    4.179
+"""
+
+
+def test_parse_sockperf() -> None:
+    out = tcp_bench.parse_sockperf(SOCKPERF)
+    assert out == {
+        "p99.999": 26461.261,
+        "p99.9": 623.457,
+        "p99": 6.224,
+        "p50": 4.538,
+        "max": 64016.664,
+        "min": 4.179,
+    }
+    with pytest.raises(ValueError, match="no percentiles"):
+        tcp_bench.parse_sockperf("sockperf: connection refused")
+
+
+def test_parse_iperf3() -> None:
+    doc = '{"end": {"sum_received": {"bytes": 2000000000, "bits_per_second": 8000000000.0}}}'
+    assert tcp_bench.parse_iperf3(doc) == {"bytes": 2e9, "gbit_s": 8.0}
+    with pytest.raises(ValueError, match="iperf3: busy"):
+        tcp_bench.parse_iperf3('{"error": "busy"}')
+
+
+def test_tcp_summary_added_latency_is_against_direct() -> None:
+    raw = {
+        "lat64": {
+            "direct": [{"p50": 5.0, "p99": 9.0}, {"p50": 7.0, "p99": 11.0}],
+            "haproxy": [{"p50": 20.0, "p99": 40.0}],
+        },
+        "bulk1": {"haproxy": [{"gbit_s": 2.0, "cpu_s_per_gb": 0.5}]},
+    }
+    s = tcp_bench.summarize(raw, ["direct", "haproxy"])
+    assert s["direct"]["lat64_p50_us"] == 6.0
+    assert s["haproxy"]["lat64_p50_added_us"] == 14.0
+    assert s["haproxy"]["lat64_p99_added_us"] == 30.0
+    assert s["haproxy"]["bulk1_gbit_s"] == 2.0
+    assert math.isnan(s["direct"]["bulk1_gbit_s"])
+
+
+def test_split_roles_spreads_publishers_and_consumers() -> None:
+    roles = amqp_bench.split_roles(amqp_bench.Load(publishers=4, consumers=4, processes=4))
+    assert roles == [((0,), (0,)), ((1,), (1,)), ((2,), (2,)), ((3,), (3,))]
+    roles = amqp_bench.split_roles(amqp_bench.Load(publishers=1, consumers=2, processes=4))
+    assert roles == [((0,), ()), ((), (0,)), ((), (1,))]
+    assert (
+        sum(len(p) + len(c) for p, c in amqp_bench.split_roles(amqp_bench.Load(publishers=7, consumers=5, processes=3)))
+        == 12
+    )
+
+
+def test_message_stamp_round_trip() -> None:
+    body = amqp_bench.stamp(100)
+    assert len(body) == 100
+    sent = amqp_bench._STAMP.unpack_from(body)[0]
+    assert amqp_bench.latency_us(body, sent + 2500) == 2.5
+
+
+def test_checks_ratios_and_shortfall() -> None:
+    tcp = {
+        "rabbitproxy": {"bulk1_gbit_s": 9.0, "lat64_p50_added_us": 12.0, "idle_kib_per_conn": 25.0},
+        "haproxy": {"bulk1_gbit_s": 10.0, "lat64_p50_added_us": 10.0},
+    }
+    amqp = {"direct": {"consumed_per_s": 1000.0}, "rabbitproxy": {"consumed_per_s": 960.0}}
+    by_name = {c.name: c for c in report.checks(tcp, amqp)}
+    bulk = by_name["bulk 1 stream Gbit/s vs HAProxy"]
+    assert bulk.value == pytest.approx(0.9)
+    assert bulk.met is False
+    assert bulk.shortfall == "missed by 10%"
+    lat = by_name["added latency p50 64 B vs HAProxy"]
+    assert lat.value == pytest.approx(1.2)
+    assert lat.met is False
+    assert by_name["AMQP consumed msg/s vs direct"].met is True
+    assert by_name["RSS per idle connection"].shortfall == "missed by 25%"
+    assert by_name["bulk 8 streams Gbit/s vs HAProxy"].met is None
