@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from rabbitproxy import config as config_mod
@@ -37,9 +41,7 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-def wait_for_sync(
-    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
-) -> Any:
+def wait_for_sync(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while True:
         last = predicate()
@@ -65,9 +67,7 @@ def service_config(
 
 
 @contextlib.asynccontextmanager
-async def run_proxy(
-    *services: Mapping[str, Any], admin: Mapping[str, Any] | None = None
-) -> AsyncIterator[Proxy]:
+async def run_proxy(*services: Mapping[str, Any], admin: Mapping[str, Any] | None = None) -> AsyncIterator[Proxy]:
     """Run ``serve()`` in this loop (uvicorn's ``run_server`` pattern); yields the running :class:`Proxy`."""
     data: dict[str, Any] = {
         "services": [dict(s) for s in services],
@@ -131,3 +131,114 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     while data := await reader.read(65536):
         writer.write(data)
         await writer.drain()
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Just enough TOML writing for test configs: scalars, tables and arrays of tables."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(type(v))
+
+    lines: list[str] = []
+
+    def table(prefix: str, d: Mapping[str, Any], header: str | None) -> None:
+        if header:
+            lines.append(header)
+        nested = []
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                nested.append((k, v, False))
+            elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
+                nested.append((k, v, True))
+            else:
+                lines.append(f"{k} = {scalar(v)}")
+        for k, v, is_array in nested:
+            path = f"{prefix}{k}"
+            if is_array:
+                for item in v:
+                    table(f"{path}.", item, f"[[{path}]]")
+            else:
+                table(f"{path}.", v, f"[{path}]")
+
+    table("", data, None)
+    return "\n".join(lines) + "\n"
+
+
+class ProxyProcess:
+    """``rabbitproxy serve`` as a real subprocess (for signals, crashes and descriptor counts)."""
+
+    def __init__(self, config: Mapping[str, Any], tmp_path: Path, loop: str = "uvloop", log_level: str = "warning"):
+        self.config_path = tmp_path / "rabbitproxy.toml"
+        self.config_path.write_text(to_toml(config))
+        self.log_path = tmp_path / "rabbitproxy.log"
+        self.loop = loop
+        self.log_level = log_level
+        self.proc: subprocess.Popen[bytes] | None = None
+        first = config["services"][0]
+        host, port = config_mod.split_host_port(first["listen"])
+        self.addr = (host, port)
+
+    def start(self) -> ProxyProcess:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rabbitproxy",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--loop",
+                self.loop,
+                "--log-level",
+                self.log_level,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_sync(self._accepting, timeout=30, what=f"proxy listening on {self.addr}")
+        return self
+
+    def _accepting(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(self.addr, timeout=1):
+                return True
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,131 @@
+"""``rabbitproxy serve`` as a real process: graceful SIGTERM, and connection churn without leaks or aborts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from rabbitproxy.devcluster import DevCluster
+from tests.helpers import ProxyProcess, free_port, open_fds, tcp_server, wait_for
+from tests.integration.conftest import backends_for
+
+pytestmark = pytest.mark.integration
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+def proxy_config(backends: list[dict[str, object]], **extra: object) -> dict[str, object]:
+    service: dict[str, object] = {
+        "name": "amqp",
+        "listen": f"127.0.0.1:{free_port()}",
+        "health_check": {"type": "none"},
+        "backends": backends,
+    }
+    service.update(extra)
+    return {"admin": {"enabled": False}, "services": [service]}
+
+
+def refused(addr: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(addr, timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_sigterm_refuses_new_connections_and_lets_open_ones_finish(
+    cluster: DevCluster, tmp_path: Path, loop: str
+) -> None:
+    with ProxyProcess(proxy_config(backends_for(cluster), shutdown_timeout=120), tmp_path, loop, "info") as proxy:
+        host, port = proxy.addr
+        conn = await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=30)
+        try:
+            ch = await conn.channel()
+            queue = await ch.declare_queue("", exclusive=True)
+            assert proxy.proc is not None
+            proxy.proc.terminate()
+            await wait_for(lambda: refused(proxy.addr), timeout=10, what="listener closed after SIGTERM")
+            assert proxy.proc.poll() is None, "the proxy must wait for the open connection"
+            # The open connection keeps working while the proxy drains.
+            for i in range(100):
+                await ch.default_exchange.publish(aio_pika.Message(b"%d" % i), routing_key=queue.name)
+            for i in range(100):
+                message = await wait_for(lambda: queue.get(fail=False), timeout=30, what="message")
+                assert message.body == b"%d" % i
+                await message.ack()
+        finally:
+            await conn.close()
+        rc = await asyncio.to_thread(proxy.proc.wait, 60)
+        assert rc == 0
+        log = proxy.log()
+        assert "reason='client closed'" in log or '"reason": "client closed"' in log
+
+
+async def churn_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # First byte says who ends the connection: b"b" the backend (after its reply), b"c" the client, b"r" the
+    # client with a reset.
+    cmd = await reader.readexactly(1)
+    writer.write(b"ok")
+    await writer.drain()
+    if cmd == b"b":
+        return  # the helper closes the writer: the backend ends it
+    await reader.read()  # wait for the client's EOF (or reset)
+
+
+async def one_connection(addr: tuple[str, int], cmd: bytes) -> None:
+    reader, writer = await asyncio.open_connection(*addr)
+    try:
+        writer.write(cmd)
+        assert await reader.readexactly(2) == b"ok"
+        if cmd == b"b":
+            assert await reader.read() == b""
+        elif cmd == b"r":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_churn_twenty_thousand_short_connections(tmp_path: Path, loop: str) -> None:
+    total = 20_000
+    async with tcp_server(churn_backend) as port:
+        config = proxy_config([{"name": "sink", "address": "127.0.0.1", "port": port}], backlog=4096)
+        with ProxyProcess(config, tmp_path, loop, "warning") as proxy:
+            # Descriptors of an idle proxy (listener, loop internals); a warm-up connection must give them back.
+            baseline = open_fds(proxy.pid)
+            await one_connection(proxy.addr, b"b")
+            await wait_for(lambda: open_fds(proxy.pid) == baseline, timeout=30, what="warm-up connection released")
+            sem = asyncio.Semaphore(64)
+            errors: list[BaseException] = []
+
+            async def limited(i: int) -> None:
+                # Half closed by the backend, half by the client, and every tenth client one resets instead.
+                cmd = b"b" if i % 2 else (b"r" if i % 10 == 0 else b"c")
+                async with sem:
+                    try:
+                        await one_connection(proxy.addr, cmd)
+                    except (OSError, asyncio.IncompleteReadError, AssertionError) as exc:
+                        errors.append(exc)
+
+            for start in range(0, total, 2000):
+                await asyncio.gather(*(limited(i) for i in range(start, start + 2000)))
+                assert proxy.proc is not None and proxy.proc.poll() is None, proxy.log()[-3000:]
+            assert errors == []
+            assert proxy.proc is not None and proxy.proc.poll() is None
+            await wait_for(lambda: open_fds(proxy.pid) == baseline, timeout=30, what="descriptors back to baseline")
+            # Still serving after the churn.
+            await one_connection(proxy.addr, b"b")
+            assert proxy.stop() == 0

@@ -1,0 +1,76 @@
+"""The command line: check-config output and exit codes, flag handling, --version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rabbitproxy import __version__
+from rabbitproxy.cli import app, build_config
+from rabbitproxy.config import ConfigError
+
+runner = CliRunner()
+
+CONFIG = """
+[[services]]
+name = "amqp"
+listen = "127.0.0.1:5672"
+
+  [[services.backends]]
+  name = "rabbit1"
+  address = "10.0.0.10"
+"""
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"rabbitproxy {__version__}"
+
+
+def test_check_config_ok_prints_a_summary(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(CONFIG)
+    result = runner.invoke(app, ["check-config", str(p)])
+    assert result.exit_code == 0, result.output
+    assert "service amqp: listen 127.0.0.1:5672" in result.stdout
+    assert "rabbit1: 10.0.0.10:5672 weight 100" in result.stdout
+
+
+def test_check_config_bad_exits_2_naming_the_key(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(CONFIG.replace('address = "10.0.0.10"', 'address = "10.0.0.10"\n  wieght = 3'))
+    result = runner.invoke(app, ["check-config", str(p)])
+    assert result.exit_code == 2
+    assert "services['amqp'].backends['rabbit1'].wieght: unknown key" in result.stderr
+
+
+def test_flags_build_a_service_without_a_file() -> None:
+    cfg = build_config(None, "0.0.0.0:5672", ["10.0.0.10", "10.0.0.11:5673=200"], {}, env={})
+    (svc,) = cfg.services
+    assert [(b.address, svc.backend_port(b), b.weight) for b in svc.backends] == [
+        ("10.0.0.10", 5672, 100),
+        ("10.0.0.11", 5673, 200),
+    ]
+
+
+def test_flags_override_only_what_was_passed(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(CONFIG.replace("[[services]]", '[log]\nformat = "json"\n\n[[services]]'))
+    cfg = build_config(p, None, ["10.9.9.9"], {"log.level": "debug"})
+    assert cfg.log.format == "json" and cfg.log.level == "debug"
+    assert cfg.services[0].listen == "127.0.0.1:5672"
+    assert [b.address for b in cfg.services[0].backends] == ["10.9.9.9"]
+
+
+def test_no_config_no_backends_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="give --config FILE"):
+        build_config(None, None, None, {}, env={})
+
+
+def test_serve_with_a_bad_flag_exits_2() -> None:
+    result = runner.invoke(app, ["serve", "--backend", "h=heavy"])
+    assert result.exit_code == 2
+    assert "--backend" in result.stderr

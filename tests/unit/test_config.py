@@ -1,0 +1,158 @@
+"""Configuration validation: every error names the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rabbitproxy import config as config_mod
+from rabbitproxy.config import ConfigError
+
+GOOD = """
+[admin]
+listen = "127.0.0.1:9080"
+
+[log]
+format = "json"
+level = "info"
+
+[[services]]
+name = "amqp"
+listen = "0.0.0.0:5672"
+balance = "least-connections"
+
+  [[services.backends]]
+  name = "rabbit1"
+  address = "10.0.0.10"
+  weight = 200
+
+  [[services.backends]]
+  name = "rabbit2"
+  address = "10.0.0.11"
+  port = 5673
+
+[[services]]
+name = "amqps"
+listen = "[::]:5671"
+
+  [[services.backends]]
+  name = "rabbit1"
+  address = "10.0.0.10"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "rabbitproxy.toml"
+    p.write_text(text)
+    return p
+
+
+def errors_of(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(write(tmp_path, text))
+    return info.value.errors
+
+
+def test_good_file_loads_with_defaults_and_port_inheritance(tmp_path: Path) -> None:
+    cfg = config_mod.load(write(tmp_path, GOOD))
+    amqp = cfg.service("amqp")
+    assert amqp.balance == "least-connections"
+    assert amqp.connect_timeout == 5.0 and amqp.retries == 2 and amqp.max_connections == 10000
+    assert [amqp.backend_port(b) for b in amqp.backends] == [5672, 5673]  # port translation for rabbit2
+    amqps = cfg.service("amqps")
+    assert (amqps.listen_host, amqps.listen_port) == ("::", 5671)
+    assert amqps.backend_port(amqps.backends[0]) == 5671
+    assert cfg.log.format == "json"
+
+
+@pytest.mark.parametrize(
+    ("fragment", "expected"),
+    [
+        ('balance = "random"', "services['amqp'].balance: Input should be"),
+        ("retries = -1", "services['amqp'].retries: Input should be greater than or equal to 0"),
+        ("connect_timeout = 0", "services['amqp'].connect_timeout: Input should be greater than 0"),
+        ("backlog = 0", "services['amqp'].backlog: Input should be greater than or equal to 1"),
+        ('source_address = "not-an-ip"', "services['amqp'].source_address: 'not-an-ip' is not an IP address"),
+        ("colour = 3", "services['amqp'].colour: unknown key"),
+    ],
+)
+def test_service_errors_name_the_key(tmp_path: Path, fragment: str, expected: str) -> None:
+    text = GOOD.replace('balance = "least-connections"', fragment, 1)
+    errors = errors_of(tmp_path, text)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_backend_errors_name_service_and_backend(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, GOOD.replace("weight = 200", "weight = 5000"))
+    assert errors == ["services['amqp'].backends['rabbit1'].weight: Input should be less than or equal to 1000"]
+
+
+def test_duplicate_names_and_listeners(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, GOOD.replace('name = "rabbit2"', 'name = "rabbit1"'))
+    assert errors == ["services['amqp']: backend name 'rabbit1' is used twice"]
+    errors = errors_of(tmp_path, GOOD.replace('name = "amqps"', 'name = "amqp"'))
+    assert errors == ["(top level): service name 'amqp' is used twice"]
+
+
+def test_toml_syntax_and_missing_file(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, "[[services]\n")
+    assert errors[0].startswith("TOML syntax:")
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        config_mod.load(tmp_path / "nope.toml")
+
+
+def test_unknown_top_level_key_and_no_services(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, "servics = []\n")
+    assert "servics: unknown key" in errors
+    assert "services: Field required" in errors
+
+
+def test_bad_listen_port_names_the_key(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, GOOD.replace('listen = "0.0.0.0:5672"', 'listen = "0.0.0.0:99999"'))
+    assert errors == ["services['amqp'].listen: '0.0.0.0:99999': port must be a number from 1 to 65535"]
+
+
+@pytest.mark.parametrize(
+    ("value", "default", "expected"),
+    [
+        ("10.0.0.1:5672", None, ("10.0.0.1", 5672)),
+        ("rabbit1", 5672, ("rabbit1", 5672)),
+        ("[::1]:5671", None, ("::1", 5671)),
+        ("::1", 5672, ("::1", 5672)),
+    ],
+)
+def test_split_host_port(value: str, default: int | None, expected: tuple[str, int]) -> None:
+    assert config_mod.split_host_port(value, default) == expected
+
+
+@pytest.mark.parametrize("value", ["", ":5672", "host:", "host:x", "[::1", "[::1]5672", "host:0"])
+def test_split_host_port_rejects(value: str) -> None:
+    with pytest.raises(ValueError):
+        config_mod.split_host_port(value)
+
+
+def test_backend_specs_from_the_command_line() -> None:
+    assert config_mod.parse_backend_spec("10.0.0.11:5672=200", 1) == {
+        "name": "backend2",
+        "address": "10.0.0.11",
+        "port": 5672,
+        "weight": 200,
+    }
+    assert config_mod.parse_backend_spec("10.0.0.10", 0) == {"name": "backend1", "address": "10.0.0.10"}
+    with pytest.raises(ValueError, match="weight"):
+        config_mod.parse_backend_spec("h=heavy", 0)
+
+
+def test_environment_builds_a_one_service_config() -> None:
+    data = config_mod.from_env(
+        {"RABBITPROXY_BACKENDS": "rabbit1:5672, rabbit2:5672,rabbit3", "RABBITPROXY_LISTEN": ":5673"}
+    )
+    assert data is not None
+    with pytest.raises(ConfigError):
+        config_mod.validate(data)  # ":5673" has no host
+    data = config_mod.from_env({"RABBITPROXY_BACKENDS": "rabbit1:5672,rabbit2:5672,rabbit3"})
+    assert data is not None
+    cfg = config_mod.validate(data)
+    assert [b.address for b in cfg.services[0].backends] == ["rabbit1", "rabbit2", "rabbit3"]
+    assert config_mod.from_env({}) is None
