@@ -1,0 +1,234 @@
+"""Feedback agents: one task per backend polls its agent and scales the backend's weight by the reply.
+
+Two dialects, one grammar: the TCP agent (Loadbalancer.org's port 3333, HAProxy's agent-check) writes one line on
+connect; the HTTP variant serves the same words in the body of a GET. :mod:`rabbitproxy.agentreply` parses the
+line; :func:`apply_reply` (no I/O) turns it into backend state. An agent that cannot be reached or answers garbage
+changes nothing: the last good value stays, and ``agent_status`` and the log say that it is stale and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+import structlog
+
+from rabbitproxy.agentreply import MAX_REPLY_BYTES, AgentReply, AgentReplyError, parse_agent_reply
+from rabbitproxy.proxy import BACKEND_DOWN, BACKEND_MAINT
+
+if TYPE_CHECKING:
+    from rabbitproxy.config import FeedbackConfig
+    from rabbitproxy.pool import AdminState, Backend
+    from rabbitproxy.service import Service
+
+log = structlog.get_logger("rabbitproxy.feedback")
+
+STATUS_OK = "ok"
+
+
+class AgentUnavailableError(Exception):
+    """The agent could not be asked (refused, timeout, HTTP error); the message is the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one applied reply changed on a backend."""
+
+    admin_before: AdminState
+    admin_after: AdminState
+    down_before: str | None
+    down_after: str | None
+    percent_before: int | None
+    percent_after: int | None
+
+    @property
+    def entered_maint(self) -> bool:
+        return self.admin_after == "maint" and self.admin_before != "maint"
+
+    @property
+    def went_down(self) -> bool:
+        return self.down_after is not None and self.down_before is None
+
+
+def apply_reply(backend: Backend, reply: AgentReply, raw: str) -> Change:
+    """Apply a parsed reply to ``backend`` (fields the agent did not send stay as they are)."""
+    admin_before, down_before, percent_before = backend.admin_state, backend.agent_down, backend.agent_percent
+    if reply.percent is not None:
+        backend.agent_percent = reply.percent
+    if reply.admin is not None:
+        backend.agent_state = reply.admin
+    if reply.health == "down":
+        backend.agent_down = reply.reason or "agent says down"
+    elif reply.health == "up":
+        backend.agent_down = None
+    backend.agent_reply = raw
+    backend.agent_status = STATUS_OK
+    return Change(
+        admin_before, backend.admin_state, down_before, backend.agent_down, percent_before, backend.agent_percent
+    )
+
+
+def stale_status(kind: str, detail: str) -> str:
+    """``agent_status`` while the last good value is kept."""
+    return f"{kind}: {detail}; keeping the last good value"
+
+
+def agent_port(cfg: FeedbackConfig, backend: Backend) -> int:
+    return backend.config.agent_port or cfg.port
+
+
+async def ask_tcp(host: str, port: int, within: float) -> bytes:
+    """Connect, read one line (or whatever arrives before EOF), close."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(host, port)
+            data = bytearray()
+            # One byte past the limit is enough for the parser to call the reply too long.
+            while len(data) <= MAX_REPLY_BYTES and b"\n" not in data and b"\r" not in data:
+                chunk = await reader.read(MAX_REPLY_BYTES + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError:
+        raise AgentUnavailableError("timeout") from None
+    except ConnectionRefusedError:
+        raise AgentUnavailableError("refused") from None
+    except OSError as exc:
+        raise AgentUnavailableError(exc.strerror or type(exc).__name__) from None
+    finally:
+        if writer is not None:
+            writer.close()
+    if not data:
+        raise AgentUnavailableError("closed without a reply")
+    return bytes(data)
+
+
+async def ask_http(session: aiohttp.ClientSession, url: str, within: float) -> bytes:
+    """GET ``url``; the body of a 2xx answer is the reply."""
+    try:
+        async with asyncio.timeout(within), session.get(url, allow_redirects=False) as resp:
+            body = await resp.content.read(MAX_REPLY_BYTES + 1)
+            if not 200 <= resp.status < 300:
+                raise AgentUnavailableError(f"HTTP {resp.status}")
+    except TimeoutError:
+        raise AgentUnavailableError("timeout") from None
+    except aiohttp.ClientConnectorError as exc:
+        cause = exc.os_error
+        raise AgentUnavailableError(
+            "refused" if isinstance(cause, ConnectionRefusedError) else cause.strerror or str(cause)
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise AgentUnavailableError(f"HTTP error: {exc or type(exc).__name__}") from None
+    return body
+
+
+class Poller:
+    """Asks one backend's agent and applies the answer."""
+
+    def __init__(self, service: Service, backend: Backend) -> None:
+        self.service = service
+        self.backend = backend
+        self.cfg = service.config.feedback
+        self.session: aiohttp.ClientSession | None = None
+
+    async def ask(self) -> bytes:
+        cfg, b = self.cfg, self.backend
+        port = agent_port(cfg, b)
+        if cfg.type == "agent":
+            return await ask_tcp(b.address, port, cfg.timeout)
+        if self.session is None:
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        host = f"[{b.address}]" if ":" in b.address else b.address
+        return await ask_http(self.session, f"http://{host}:{port}{cfg.path}", cfg.timeout)
+
+    async def poll_once(self) -> None:
+        b = self.backend
+        try:
+            raw = await self.ask()
+            reply = parse_agent_reply(raw)
+        except AgentUnavailableError as exc:
+            self._stale("unreachable", str(exc))
+            return
+        except AgentReplyError as exc:
+            self._stale("bad reply", str(exc))
+            return
+        was_stale = b.agent_status not in (STATUS_OK, "none")
+        # The parser only accepted the first line; whatever followed it may be anything.
+        text = raw.splitlines()[0].decode("ascii", "replace").strip()
+        change = apply_reply(b, reply, text)
+        self._report(change, text, was_stale)
+
+    def _stale(self, kind: str, detail: str) -> None:
+        b = self.backend
+        status = stale_status(kind, detail)
+        if b.agent_status != status:
+            # Logged once per new problem, not on every poll of an agent that stays away.
+            log.warning(
+                "feedback agent unusable, keeping the last good value",
+                problem=kind,
+                service=self.service.name,
+                backend=b.name,
+                reason=detail,
+                kept_percent=b.agent_percent,
+                kept_state=b.agent_state,
+            )
+        b.agent_status = status
+
+    def _report(self, change: Change, text: str, was_stale: bool) -> None:
+        b, name = self.backend, self.service.name
+        if was_stale:
+            log.info("feedback agent answers again", service=name, backend=b.name, reply=text)
+        if change.percent_before != change.percent_after:
+            log.info(
+                "agent weight changed",
+                service=name,
+                backend=b.name,
+                percent=change.percent_after,
+                effective_weight=b.effective_weight,
+                reply=text,
+            )
+        if change.admin_before != change.admin_after:
+            closed = b.close_connections(BACKEND_MAINT) if change.entered_maint else 0
+            log.info(
+                "backend admin state changed",
+                service=name,
+                backend=b.name,
+                state=change.admin_after,
+                reason=f"agent replied {text!r}",
+                closed_connections=closed,
+            )
+        if change.went_down:
+            closed = 0
+            if self.service.config.health_check.on_marked_down == "close":
+                closed = b.close_connections(BACKEND_DOWN)
+            log.warning(
+                "backend down",
+                service=name,
+                backend=b.name,
+                reason=f"agent: {change.down_after}",
+                closed_connections=closed,
+            )
+        elif change.down_before is not None and change.down_after is None:
+            log.info("backend up", service=name, backend=b.name, reason=f"agent replied {text!r}")
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+async def feedback_task(service: Service, backend: Backend) -> None:
+    """Poll ``backend``'s agent every interval until cancelled (reload, shutdown)."""
+    poller = Poller(service, backend)
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    try:
+        while True:
+            await poller.poll_once()
+            next_at = max(next_at + poller.cfg.interval, loop.time())
+            await asyncio.sleep(next_at - loop.time())
+    finally:
+        await poller.close()

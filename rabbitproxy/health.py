@@ -1,0 +1,248 @@
+"""Active health checks: one task per backend probes it and moves it up or down with rise/fall.
+
+A probe answers one question (does this backend serve?) and says why not: ``refused``, ``timeout``,
+``bad reply: ...`` or ``HTTP 503``. :class:`RiseFall` turns a stream of verdicts into transitions, and
+:func:`health_task` applies them to the pool: a backend marked down stops getting new clients and, with
+``on_marked_down = "close"``, loses the ones it has. While a backend is in ``maint`` its checks are paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+import structlog
+
+from rabbitproxy import amqp
+from rabbitproxy.proxy import BACKEND_DOWN
+
+if TYPE_CHECKING:
+    from rabbitproxy.config import HealthCheckConfig
+    from rabbitproxy.pool import Backend
+    from rabbitproxy.service import Service
+
+log = structlog.get_logger("rabbitproxy.health")
+
+# RabbitMQ 3.13+ answers 503 on this endpoint while a node is being taken out of service (rabbitmq-upgrade drain
+# or shutdown). That is a request to stop sending clients, not a failure, so it maps to drain.
+READINESS_ENDPOINT = "ready-to-serve-clients"
+_READ_CHUNK = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """One check's verdict. ``drain`` is only set by an HTTP readiness check answering 503."""
+
+    ok: bool
+    detail: str
+    drain: bool = False
+
+
+class RiseFall:
+    """Consecutive-result counting, pure: ``rise`` successes make a backend up, ``fall`` failures make it down.
+
+    The very first verdict decides at once (a backend must not wait ``rise`` intervals after start before it may
+    take clients, nor look healthy before anything was checked); from then on rise/fall apply.
+    """
+
+    __slots__ = ("fall", "healthy", "rise", "streak", "verdicts")
+
+    def __init__(self, rise: int, fall: int, healthy: bool, checked: bool) -> None:
+        self.rise = rise
+        self.fall = fall
+        self.healthy = healthy
+        self.verdicts = 1 if checked else 0
+        # Consecutive results that disagree with the current state.
+        self.streak = 0
+
+    def record(self, ok: bool) -> bool:
+        """Count one verdict; return True when the state flips (or is first established)."""
+        first = self.verdicts == 0
+        self.verdicts += 1
+        if first:
+            # "Not checked yet" becoming down is news too: the log then says why the backend never came up.
+            self.healthy = ok
+            self.streak = 0
+            return True
+        if ok == self.healthy:
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak >= (self.rise if ok else self.fall):
+            self.healthy = ok
+            self.streak = 0
+            return True
+        return False
+
+
+def check_port(backend: Backend) -> int:
+    return backend.config.check_port or backend.port
+
+
+async def probe_tcp(host: str, port: int, within: float) -> ProbeResult:
+    """Up when a TCP connection opens; closed again at once without sending a byte."""
+    try:
+        async with asyncio.timeout(within):
+            _, writer = await asyncio.open_connection(host, port)
+    except TimeoutError:
+        return ProbeResult(False, "timeout")
+    except ConnectionRefusedError:
+        return ProbeResult(False, "refused")
+    except OSError as exc:
+        return ProbeResult(False, exc.strerror or type(exc).__name__)
+    writer.close()
+    return ProbeResult(True, "TCP connect ok")
+
+
+async def probe_amqp(host: str, port: int, within: float) -> ProbeResult:
+    """Up when the peer answers the AMQP 0-9-1 protocol header with connection.start on channel 0.
+
+    The connection is closed right after connection.start: the broker drops a connection that ends during the
+    handshake without keeping any session for it.
+    """
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(amqp.PROTOCOL_HEADER)
+            probe = amqp.StartProbe()
+            while True:
+                data = await reader.read(_READ_CHUNK)
+                probe.receive_data(data)
+                start = probe.result()
+                if start is not amqp.NEED_DATA:
+                    break
+    except TimeoutError:
+        return ProbeResult(False, "timeout")
+    except ConnectionRefusedError:
+        return ProbeResult(False, "refused")
+    except ConnectionResetError:
+        return ProbeResult(False, "reset")
+    except OSError as exc:
+        return ProbeResult(False, exc.strerror or type(exc).__name__)
+    except amqp.AMQPProtocolError as exc:
+        return ProbeResult(False, f"bad reply: {exc}")
+    finally:
+        if writer is not None:
+            writer.close()
+    product = start.product or "AMQP broker"
+    version = start.server_version
+    return ProbeResult(True, f"{product} {version}" if version else product)
+
+
+def http_url(template: str, backend: Backend) -> str:
+    address = f"[{backend.address}]" if ":" in backend.address else backend.address
+    return template.format(address=address, port=check_port(backend))
+
+
+async def probe_http(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], within: float
+) -> ProbeResult:
+    """Up on any 2xx answer; 503 from RabbitMQ's readiness endpoint means drain; anything else is a failure."""
+    try:
+        async with asyncio.timeout(within), session.get(url, headers=headers, allow_redirects=False) as resp:
+            status = resp.status
+            # Read the body so the connection can be reused for the next check.
+            await resp.read()
+    except TimeoutError:
+        return ProbeResult(False, "timeout")
+    except aiohttp.ClientConnectorError as exc:
+        cause = exc.os_error
+        if isinstance(cause, ConnectionRefusedError):
+            return ProbeResult(False, "refused")
+        return ProbeResult(False, cause.strerror or str(cause))
+    except aiohttp.ClientError as exc:
+        return ProbeResult(False, f"bad reply: {exc or type(exc).__name__}")
+    return classify_http(status, url)
+
+
+def classify_http(status: int, url: str) -> ProbeResult:
+    """The verdict for an HTTP check's status code (pure, for tests)."""
+    if 200 <= status < 300:
+        return ProbeResult(True, f"HTTP {status}")
+    if status == 503 and READINESS_ENDPOINT in url:
+        # Alive but leaving service: healthy, and no new clients.
+        return ProbeResult(True, "HTTP 503: being taken out of service", drain=True)
+    return ProbeResult(False, f"HTTP {status}")
+
+
+class Checker:
+    """Runs the configured kind of probe against one backend."""
+
+    def __init__(self, cfg: HealthCheckConfig, backend: Backend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.session: aiohttp.ClientSession | None = None
+
+    async def probe(self) -> ProbeResult:
+        cfg, b = self.cfg, self.backend
+        if cfg.type == "tcp":
+            return await probe_tcp(b.address, check_port(b), cfg.timeout)
+        if cfg.type == "amqp":
+            return await probe_amqp(b.address, check_port(b), cfg.timeout)
+        if self.session is None:
+            # One connection, kept alive between checks: a fresh TCP handshake every interval is wasted work.
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        # A header rather than aiohttp.BasicAuth, which aiohttp 3.14 deprecates.
+        headers = {"Authorization": aiohttp.encode_basic_auth(cfg.username, cfg.password)} if cfg.username else {}
+        return await probe_http(self.session, http_url(cfg.url, b), headers, cfg.timeout)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+def apply_result(service: Service, backend: Backend, state: RiseFall, result: ProbeResult, duration: float) -> None:
+    """Feed one verdict into rise/fall and the pool; log and act on a transition."""
+    backend.check_duration = duration
+    if backend.check_drain != result.drain:
+        backend.check_drain = result.drain
+        log.info(
+            "backend readiness changed",
+            service=service.name,
+            backend=backend.name,
+            admin_state=backend.admin_state,
+            reason=result.detail,
+        )
+    flipped = state.record(result.ok)
+    if not flipped:
+        # No transition: refresh the detail only while it describes the current state, so a down backend keeps
+        # the failure that brought it down, and an up one its last good answer, until the state really changes.
+        if result.ok == backend.healthy:
+            backend.mark_health(backend.healthy, result.detail, time.time())
+        return
+    backend.mark_health(state.healthy, result.detail, time.time())
+    if state.healthy:
+        log.info("backend up", service=service.name, backend=backend.name, reason=result.detail)
+        return
+    closed = 0
+    if service.config.health_check.on_marked_down == "close":
+        closed = backend.close_connections(BACKEND_DOWN)
+    log.warning(
+        "backend down", service=service.name, backend=backend.name, reason=result.detail, closed_connections=closed
+    )
+
+
+async def health_task(service: Service, backend: Backend) -> None:
+    """Probe ``backend`` every interval for as long as the task runs (it is cancelled on reload and shutdown)."""
+    cfg = service.config.health_check
+    checker = Checker(cfg, backend)
+    state = RiseFall(cfg.rise, cfg.fall, backend.healthy, checked=backend.health_time is not None)
+    loop = asyncio.get_running_loop()
+    # Checks start on a fixed schedule rather than an interval after the previous one ended, so a backend that
+    # times out is declared down within fall x interval + timeout, not fall x (interval + timeout).
+    next_at = loop.time()
+    try:
+        while True:
+            if backend.admin_state != "maint":
+                began = loop.time()
+                result = await checker.probe()
+                apply_result(service, backend, state, result, loop.time() - began)
+            next_at = max(next_at + cfg.interval, loop.time())
+            await asyncio.sleep(next_at - loop.time())
+    finally:
+        await checker.close()
