@@ -146,8 +146,13 @@ class Poller:
 
     async def poll_once(self) -> None:
         b = self.backend
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
-            raw = await self.ask()
+            try:
+                raw = await self.ask()
+            finally:
+                b.agent_duration = loop.time() - began
             reply = parse_agent_reply(raw)
         except AgentUnavailableError as exc:
             self._stale("unreachable", str(exc))

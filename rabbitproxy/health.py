@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -18,6 +19,7 @@ import structlog
 
 from rabbitproxy import amqp
 from rabbitproxy.proxy import BACKEND_DOWN
+from rabbitproxy.proxyproto import check_header
 
 if TYPE_CHECKING:
     from rabbitproxy.config import HealthCheckConfig
@@ -82,11 +84,13 @@ def check_port(backend: Backend) -> int:
     return backend.config.check_port or backend.port
 
 
-async def probe_tcp(host: str, port: int, within: float) -> ProbeResult:
-    """Up when a TCP connection opens; closed again at once without sending a byte."""
+async def probe_tcp(host: str, port: int, within: float, preamble: bytes = b"") -> ProbeResult:
+    """Up when a TCP connection opens; closed again at once, having sent only ``preamble`` (a PROXY header)."""
     try:
         async with asyncio.timeout(within):
             _, writer = await asyncio.open_connection(host, port)
+            if preamble:
+                writer.write(preamble)
     except TimeoutError:
         return ProbeResult(False, "timeout")
     except ConnectionRefusedError:
@@ -97,17 +101,22 @@ async def probe_tcp(host: str, port: int, within: float) -> ProbeResult:
     return ProbeResult(True, "TCP connect ok")
 
 
-async def probe_amqp(host: str, port: int, within: float) -> ProbeResult:
+async def probe_amqp(
+    host: str, port: int, within: float, preamble: bytes = b"", ssl: SSLContext | None = None, server_hostname: str = ""
+) -> ProbeResult:
     """Up when the peer answers the AMQP 0-9-1 protocol header with connection.start on channel 0.
 
     The connection is closed right after connection.start: the broker drops a connection that ends during the
-    handshake without keeping any session for it.
+    handshake without keeping any session for it. ``preamble`` (a PROXY header for a backend that requires one)
+    goes first; with ``ssl`` the check speaks AMQPS, as the data path does with backend_tls.
     """
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(amqp.PROTOCOL_HEADER)
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ssl, server_hostname=(server_hostname or host) if ssl is not None else None
+            )
+            writer.write(preamble + amqp.PROTOCOL_HEADER)
             probe = amqp.StartProbe()
             while True:
                 data = await reader.read(_READ_CHUNK)
@@ -138,9 +147,7 @@ def http_url(template: str, backend: Backend) -> str:
     return template.format(address=address, port=check_port(backend))
 
 
-async def probe_http(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], within: float
-) -> ProbeResult:
+async def probe_http(session: aiohttp.ClientSession, url: str, headers: dict[str, str], within: float) -> ProbeResult:
     """Up on any 2xx answer; 503 from RabbitMQ's readiness endpoint means drain; anything else is a failure."""
     try:
         async with asyncio.timeout(within), session.get(url, headers=headers, allow_redirects=False) as resp:
@@ -172,17 +179,30 @@ def classify_http(status: int, url: str) -> ProbeResult:
 class Checker:
     """Runs the configured kind of probe against one backend."""
 
-    def __init__(self, cfg: HealthCheckConfig, backend: Backend) -> None:
+    def __init__(
+        self,
+        cfg: HealthCheckConfig,
+        backend: Backend,
+        preamble: bytes = b"",
+        ssl: SSLContext | None = None,
+        server_hostname: str = "",
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
+        # A backend that expects a PROXY header drops a connection without one, checks included.
+        self.preamble = preamble
+        self.ssl = ssl
+        self.server_hostname = server_hostname
         self.session: aiohttp.ClientSession | None = None
 
     async def probe(self) -> ProbeResult:
         cfg, b = self.cfg, self.backend
         if cfg.type == "tcp":
-            return await probe_tcp(b.address, check_port(b), cfg.timeout)
+            return await probe_tcp(b.address, check_port(b), cfg.timeout, self.preamble)
         if cfg.type == "amqp":
-            return await probe_amqp(b.address, check_port(b), cfg.timeout)
+            return await probe_amqp(
+                b.address, check_port(b), cfg.timeout, self.preamble, self.ssl, self.server_hostname
+            )
         if self.session is None:
             # One connection, kept alive between checks: a fresh TCP handshake every interval is wasted work.
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
@@ -230,7 +250,14 @@ def apply_result(service: Service, backend: Backend, state: RiseFall, result: Pr
 async def health_task(service: Service, backend: Backend) -> None:
     """Probe ``backend`` every interval for as long as the task runs (it is cancelled on reload and shutdown)."""
     cfg = service.config.health_check
-    checker = Checker(cfg, backend)
+    version = service.config.proxy_protocol_for(backend.config)
+    checker = Checker(
+        cfg,
+        backend,
+        check_header(version) if version != "off" else b"",
+        service.backend_ssl,
+        service.config.backend_tls_server_name,
+    )
     state = RiseFall(cfg.rise, cfg.fall, backend.healthy, checked=backend.health_time is not None)
     loop = asyncio.get_running_loop()
     # Checks start on a fixed schedule rather than an interval after the previous one ended, so a backend that
