@@ -131,6 +131,36 @@ class FeedbackConfig(_Model):
     path: str = "/"
 
 
+ProxyProtocolVersion = Literal["off", "v1", "v2"]
+TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+def _existing_file(v: str) -> str:
+    # Phase one checks that the file is there, so a typo is reported with its key; reading it is phase two's job.
+    if v and not Path(v).is_file():
+        raise ValueError(f"{v!r} does not exist or is not a file")
+    return v
+
+
+class TLSConfig(_Model):
+    """TLS termination on a service's listener (AMQPS in front of plain AMQP backends)."""
+
+    cert: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    # CA bundle for client certificates; with it, verify_client decides whether a certificate is required.
+    ca: str = ""
+    verify_client: Literal["none", "optional", "required"] = "none"
+    min_version: TLSVersion = "TLSv1.2"
+
+    _files = field_validator("cert", "key", "ca")(_existing_file)
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> TLSConfig:
+        if self.verify_client != "none" and not self.ca:
+            raise ValueError(f"verify_client = {self.verify_client!r} needs ca (the CA that signs client certificates)")
+        return self
+
+
 class BackendConfig(_Model):
     name: str = Field(min_length=1, max_length=128)
     address: str = Field(min_length=1)
@@ -139,6 +169,10 @@ class BackendConfig(_Model):
     backup: bool = False
     check_port: Port | None = None
     agent_port: Port | None = None
+    # 0 = no limit; a backend at its limit is skipped by the balancer.
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    # Overrides the service's send_proxy_protocol for this backend only.
+    send_proxy_protocol: ProxyProtocolVersion | None = None
 
 
 Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
@@ -158,6 +192,15 @@ class ServiceConfig(_Model):
     high_water: Annotated[int, Field(ge=1024)] = 256 * 1024
     low_water: Annotated[int, Field(ge=0)] = 64 * 1024
     backlog: Annotated[int, Field(ge=1)] = 1024
+    # A client must send the 8-byte AMQP protocol header within this many seconds (0 = no limit).
+    client_hello_timeout: Seconds = 10.0
+    send_proxy_protocol: ProxyProtocolVersion = "off"
+    accept_proxy_protocol: bool = False
+    tls: TLSConfig | None = None
+    backend_tls: bool = False
+    backend_tls_ca: str = ""
+    backend_tls_server_name: str = ""
+    backend_tls_verify: bool = True
     health_check: HealthCheckConfig = HealthCheckConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     backends: list[BackendConfig] = Field(min_length=1)
@@ -178,8 +221,15 @@ class ServiceConfig(_Model):
                 raise ValueError(f"{v!r} is not an IP address") from None
         return v
 
+    _backend_ca = field_validator("backend_tls_ca")(_existing_file)
+
     @model_validator(mode="after")
     def _consistent(self) -> ServiceConfig:
+        if not self.backend_tls and (self.backend_tls_ca or self.backend_tls_server_name):
+            raise ValueError("backend_tls_ca and backend_tls_server_name need backend_tls = true")
+        if self.backend_tls and any(self.proxy_protocol_for(b) != "off" for b in self.backends):
+            # The header would have to go out in clear before the TLS handshake; not supported (yet).
+            raise ValueError("send_proxy_protocol cannot be combined with backend_tls")
         if self.low_water > self.high_water:
             raise ValueError(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
         seen: set[str] = set()
@@ -200,6 +250,10 @@ class ServiceConfig(_Model):
     def backend_port(self, backend: BackendConfig) -> int:
         """A backend without a port uses the service's listen port (no port translation)."""
         return backend.port if backend.port is not None else self.listen_port
+
+    def proxy_protocol_for(self, backend: BackendConfig) -> ProxyProtocolVersion:
+        """The PROXY protocol version sent to ``backend``: its own setting, else the service's."""
+        return backend.send_proxy_protocol or self.send_proxy_protocol
 
 
 class Config(_Model):

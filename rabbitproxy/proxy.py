@@ -17,6 +17,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from rabbitproxy.proxyproto import NEED_DATA, ProxyHeaderReader, ProxyProtocolError, header_for
+
 if TYPE_CHECKING:
     from rabbitproxy.pool import Backend
     from rabbitproxy.service import Service
@@ -34,6 +36,8 @@ SHUTDOWN = "shutdown"
 BACKEND_DOWN = "backend down"
 BACKEND_MAINT = "backend maint"
 SERVICE_REMOVED = "service removed"
+HELLO_TIMEOUT = "hello timeout"
+BAD_PROXY_HEADER = "bad proxy header"
 REASONS = (
     CLIENT_CLOSED,
     BACKEND_CLOSED,
@@ -47,7 +51,11 @@ REASONS = (
     BACKEND_DOWN,
     BACKEND_MAINT,
     SERVICE_REMOVED,
+    HELLO_TIMEOUT,
+    BAD_PROXY_HEADER,
 )
+# The AMQP 0-9-1 protocol header ("AMQP" 0 0 9 1) is what every client sends first; client_hello_timeout waits for it.
+HELLO_LENGTH = 8
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -89,7 +97,14 @@ class BackendLeg(asyncio.Protocol):
             conn.last_activity = time.monotonic()
 
     def eof_received(self) -> bool:
-        return self.conn.backend_eof()
+        conn = self.conn
+        if conn.backend_tls:
+            # A TLS transport cannot stay half-open (no write_eof; asyncio ignores a True here and warns), so the
+            # backend's end closes both legs once what is buffered has been written.
+            conn.backend_eof_seen = True
+            conn._finish_both(BACKEND_CLOSED)
+            return False
+        return conn.backend_eof()
 
     def pause_writing(self) -> None:
         self.conn.pause_client_reading()
@@ -110,20 +125,27 @@ class ClientLeg(asyncio.Protocol):
         "backend_leg",
         "backend_local",
         "backend_lost_flag",
+        "backend_tls",
         "backend_transport",
         "backend_write",
         "bytes_in",
         "bytes_out",
         "client_addr",
+        "client_dst",
         "client_eof_seen",
         "client_lost",
+        "client_src",
+        "client_tls",
         "client_write",
         "closed",
         "connect_task",
+        "hello_handle",
+        "hello_left",
         "idle_handle",
         "last_activity",
         "peer_key",
         "pending",
+        "pp_reader",
         "reading_paused",
         "reason",
         "service",
@@ -141,7 +163,16 @@ class ClientLeg(asyncio.Protocol):
         self.client_write: Any = None
         self.backend_local = ""
         self.client_addr = ""
+        # The client's real endpoints: from the PROXY header when one was accepted, else the socket's.
+        self.client_src: tuple[str, int] | None = None
+        self.client_dst: tuple[str, int] | None = None
+        self.client_tls = False
+        self.backend_tls = False
         self.peer_key: bytes | None = None
+        # Set while an upstream load balancer's PROXY header is still being read.
+        self.pp_reader: ProxyHeaderReader | None = None
+        self.hello_handle: asyncio.TimerHandle | None = None
+        self.hello_left = 0
         self.bytes_in = 0
         self.bytes_out = 0
         # Client bytes that arrive before the backend is connected; None once splicing.
@@ -168,8 +199,14 @@ class ClientLeg(asyncio.Protocol):
         self.client_addr = _addr(peer)
         if isinstance(peer, tuple):
             self.peer_key = str(peer[0]).encode()
+            self.client_src = (str(peer[0]), int(peer[1]))
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple):
+            self.client_dst = (str(local[0]), int(local[1]))
         service = self.service
         cfg = service.config
+        self.client_tls = cfg.tls is not None
+        self.backend_tls = cfg.backend_tls
         service.connections.add(self)
         service.total += 1
         if not service.accepting:
@@ -185,9 +222,25 @@ class ClientLeg(asyncio.Protocol):
             self.idle_handle = asyncio.get_running_loop().call_later(
                 cfg.client_idle_timeout, self._idle_check
             )
+        if cfg.client_hello_timeout > 0:
+            self.hello_left = HELLO_LENGTH
+            self.hello_handle = asyncio.get_running_loop().call_later(cfg.client_hello_timeout, self._hello_expired)
+        if cfg.accept_proxy_protocol:
+            # The backend is chosen (source hash) and connected only once the header says who the client is.
+            self.pp_reader = ProxyHeaderReader()
+            return
         self.connect_task = service.spawn(self._connect())
 
     def data_received(self, data: bytes) -> None:
+        if self.pp_reader is not None:
+            data = self._read_proxy_header(data)
+            if not data:
+                return
+        if self.hello_handle is not None:
+            self.hello_left -= len(data)
+            if self.hello_left <= 0:
+                self.hello_handle.cancel()
+                self.hello_handle = None
         self.bytes_in += len(data)
         pending = self.pending
         if pending is None:
@@ -202,12 +255,19 @@ class ClientLeg(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof_seen = True
+        if self.pp_reader is not None:
+            self._bad_proxy_header(ProxyProtocolError("connection closed before the PROXY header was complete"))
+            return False
         if self.reason is None:
             self.reason = CLIENT_CLOSED
+        if self.client_tls:
+            # TLS cannot be half-closed; end both legs after flushing (the connect, if running, is cancelled).
+            self.close(CLIENT_CLOSED)
+            return False
         if self.backend_transport is None:
             # Not connected yet: the EOF is forwarded after the buffered bytes once the backend answers.
             return True
-        if self.backend_eof_seen:
+        if self.backend_eof_seen or self.backend_tls:
             self._finish_both(CLIENT_CLOSED)
             return False
         try:
@@ -273,6 +333,9 @@ class ClientLeg(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
+        if self.client_tls:
+            self._finish_both(BACKEND_CLOSED)
+            return False
         try:
             transport.write_eof()
         except (OSError, RuntimeError, NotImplementedError):
@@ -297,27 +360,43 @@ class ClientLeg(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         tried: list[Backend] = []
         local_addr = (cfg.source_address, 0) if cfg.source_address else None
+        ssl_ctx = service.backend_ssl
+        full: list[Backend] = []
         for _attempt in range(cfg.retries + 1):
-            backend = service.pool.choose(self.peer_key, tried)
+            full = service.full_backends()
+            backend = service.pool.choose(self.peer_key, tried + full if full else tried)
             if backend is None:
                 break
             tried.append(backend)
             leg = BackendLeg(self)
+            server_hostname = (cfg.backend_tls_server_name or backend.address) if ssl_ctx is not None else None
+            service.connecting[backend] += 1
             try:
                 async with asyncio.timeout(cfg.connect_timeout):
                     transport, _ = await loop.create_connection(
-                        lambda leg=leg: leg, backend.address, backend.port, local_addr=local_addr
+                        lambda leg=leg: leg,
+                        backend.address,
+                        backend.port,
+                        local_addr=local_addr,
+                        ssl=ssl_ctx,
+                        server_hostname=server_hostname,
                     )
             except (OSError, TimeoutError) as exc:
                 backend.connect_errors += 1
                 service.connect_failed(backend, self.client_addr, exc)
                 continue
+            finally:
+                left = service.connecting[backend] - 1
+                if left:
+                    service.connecting[backend] = left
+                else:
+                    del service.connecting[backend]
             if self.closed or self.client_lost:
                 transport.close()
                 return
             self._attach(backend, leg, transport)
             return
-        self.close(CONNECT_FAILED if tried else NO_BACKEND)
+        self.close(CONNECT_FAILED if tried else (LIMIT if full else NO_BACKEND))
 
     def _attach(self, backend: Backend, leg: BackendLeg, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -330,13 +409,55 @@ class ClientLeg(asyncio.Protocol):
         transport.set_write_buffer_limits(high=cfg.high_water, low=cfg.low_water)
         local = transport.get_extra_info("sockname")
         self.backend_local = _addr(local)
+        version = cfg.proxy_protocol_for(backend.config)
+        if version != "off":
+            # Once, before any client byte: the backend learns the client's real address (RabbitMQ's
+            # proxy_protocol = true shows it as the connection's peer).
+            transport.write(header_for(version, self.client_src, self.client_dst))
         pending = self.pending
         self.pending = None
         if pending:
             transport.write(bytes(pending))
         if self.client_eof_seen:
+            if self.backend_tls:
+                self._finish_both(CLIENT_CLOSED)
+                return
             transport.write_eof()
         self.resume_client_reading()
+
+    # -- PROXY header and hello ----------------------------------------------------------------------------------
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """Feed the PROXY reader; return the stream bytes after the header once it is complete, else b""."""
+        reader = self.pp_reader
+        assert reader is not None
+        try:
+            reader.receive_data(data)
+            event = reader.next_event()
+        except ProxyProtocolError as exc:
+            self._bad_proxy_header(exc)
+            return b""
+        if event is NEED_DATA:
+            return b""
+        self.pp_reader = None
+        if event.src is not None:
+            # LOCAL and UNKNOWN headers carry no client; the socket's own addresses stand.
+            self.client_src = event.src
+            self.client_dst = event.dst
+            self.client_addr = _addr(event.src)
+            self.peer_key = event.src[0].encode()
+        self.connect_task = self.service.spawn(self._connect())
+        return event.rest
+
+    def _bad_proxy_header(self, exc: ProxyProtocolError) -> None:
+        self.pp_reader = None
+        self.service.bad_proxy_header(self.client_addr, exc)
+        self.close(BAD_PROXY_HEADER)
+
+    def _hello_expired(self) -> None:
+        self.hello_handle = None
+        if not self.closed:
+            self.close(HELLO_TIMEOUT)
 
     # -- ending --------------------------------------------------------------------------------------------------
 
@@ -387,6 +508,9 @@ class ClientLeg(asyncio.Protocol):
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        if self.hello_handle is not None:
+            self.hello_handle.cancel()
+            self.hello_handle = None
         backend = self.backend
         if backend is not None:
             backend.closed(self, self.bytes_in, self.bytes_out)

@@ -25,6 +25,8 @@ __all__ = [
     "build_v1",
     "build_v2",
     "build_v2_local",
+    "check_header",
+    "header_for",
 ]
 
 Address: TypeAlias = tuple[str, int]
@@ -152,6 +154,24 @@ def build_v2(src: Address | None, dst: Address | None) -> bytes:
 def build_v2_local() -> bytes:
     """The v2 LOCAL-command header: a connection made by the proxy itself, such as a health check."""
     return _V2_FIXED.pack(V2_SIGNATURE, (_V2_VERSION << 4) | _V2_LOCAL, (_AF_UNSPEC << 4) | _AF_UNSPEC, 0)
+
+
+def header_for(version: Literal["v1", "v2"], src: Address | None, dst: Address | None) -> bytes:
+    """The header a proxy sends first on a backend connection for the client ``src`` that connected to ``dst``.
+
+    Addresses that cannot be carried (not IP literals, such as a Unix socket's path) give the address-less form
+    (v1 UNKNOWN, v2 AF_UNSPEC), which tells the backend to use the connection's own endpoints.
+    """
+    build = build_v1 if version == "v1" else build_v2
+    try:
+        return build(src, dst)
+    except ValueError:
+        return build(None, None)
+
+
+def check_header(version: Literal["v1", "v2"]) -> bytes:
+    """The header a health check sends: v2 LOCAL (the proxy's own connection), v1 UNKNOWN (v1 has no LOCAL)."""
+    return build_v1(None, None) if version == "v1" else build_v2_local()
 
 
 # --- reading -------------------------------------------------------------------------------------------

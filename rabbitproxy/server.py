@@ -21,8 +21,10 @@ import structlog
 
 from rabbitproxy import config as config_mod
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
+from rabbitproxy.limits import quiet_accept_errors
 from rabbitproxy.pool import Backend, Pool
 from rabbitproxy.service import Service, bind_listener
+from rabbitproxy.tls import ServiceTLS
 
 log = structlog.get_logger("rabbitproxy.server")
 
@@ -64,10 +66,13 @@ class Proxy:
     # -- start and stop ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        quiet_accept_errors(asyncio.get_running_loop())
+        # Load every certificate before binding anything: a bad file is a config error, not a half-started proxy.
+        tls = {sc.name: ServiceTLS(sc) for sc in self.config.services}
         # Bind every socket before serving any, so a port conflict fails the start as a whole.
         socks = _bind_all(self.config.services)
         for sc in self.config.services:
-            service = Service(sc)
+            service = Service(sc, tls=tls[sc.name])
             await service.start(socks[sc.name])
             self.services[sc.name] = service
             self._watch_service(service)
@@ -153,6 +158,9 @@ class Proxy:
     async def _apply(self, new: Config) -> ReloadResult:
         result = ReloadResult()
         new_names = {s.name for s in new.services}
+        # Certificates and keys are read again on every reload (that is how a renewed one is picked up); a file
+        # that cannot be loaded refuses the reload before anything changes.
+        tls = {sc.name: ServiceTLS(sc) for sc in new.services}
         # Phase 1: everything that can fail (binding new or moved listeners) before anything changes.
         # A moved listener that takes a port another (removed or moved) service still holds is refused rather than
         # half-applied: two listeners cannot share a port.
@@ -174,12 +182,13 @@ class Proxy:
         for sc in new.services:
             old_service = self.services.get(sc.name)
             if old_service is None:
-                service = Service(sc)
+                service = Service(sc, tls=tls[sc.name])
                 await service.start(fresh_socks[sc.name])
                 self.services[sc.name] = service
                 self._watch_service(service)
                 result.added.append(sc.name)
                 continue
+            await old_service.apply_tls(tls[sc.name])
             if old_service.config == sc:
                 result.unchanged.append(sc.name)
                 continue

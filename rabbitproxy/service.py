@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
@@ -11,8 +13,9 @@ from typing import Any
 import structlog
 
 from rabbitproxy.config import ServiceConfig
-from rabbitproxy.pool import Pool
+from rabbitproxy.pool import Backend, Pool
 from rabbitproxy.proxy import SERVICE_REMOVED, SHUTDOWN, ClientLeg
+from rabbitproxy.tls import ServiceTLS
 
 log = structlog.get_logger("rabbitproxy.connection")
 
@@ -20,8 +23,12 @@ log = structlog.get_logger("rabbitproxy.connection")
 class Service:
     """A virtual service (VIP) as it runs: config, pool, listener and the connections it owns."""
 
-    def __init__(self, config: ServiceConfig, *, pool: Pool | None = None) -> None:
+    def __init__(self, config: ServiceConfig, *, pool: Pool | None = None, tls: ServiceTLS | None = None) -> None:
         self.config = config
+        # SSL contexts are phase two of the config: built here (or handed in by a reload that built them first).
+        self.tls = tls if tls is not None else ServiceTLS(config)
+        # Connects in flight per backend, so a backend's max_connections also holds while clients arrive at once.
+        self.connecting: Counter[Backend] = Counter()
         self.name = config.name
         # Without a health check a backend is trusted from the start; with one it must pass a check first.
         self.pool = pool or Pool.from_config(config, healthy=config.health_check.type == "none")
@@ -42,10 +49,47 @@ class Service:
         loop = asyncio.get_running_loop()
         if sock is None:
             sock = bind_listener(self.config)
+        server_tls = self.tls.server
         self.server = await loop.create_server(
-            lambda: ClientLeg(self), sock=sock, backlog=self.config.backlog
+            lambda: ClientLeg(self),
+            sock=sock,
+            backlog=self.config.backlog,
+            ssl=server_tls.listener if server_tls is not None else None,
+            # A client that never finishes its TLS handshake is a slowloris too: it gets the hello timeout.
+            ssl_handshake_timeout=(self.config.client_hello_timeout or None) if server_tls is not None else None,
         )
         self.bound = [s.getsockname()[:2] for s in self.server.sockets]
+
+    @property
+    def backend_ssl(self) -> ssl.SSLContext | None:
+        return self.tls.backend
+
+    async def apply_tls(self, tls: ServiceTLS) -> None:
+        """Use freshly loaded TLS settings (reload); open connections keep what they were set up with."""
+        had_server_tls = self.tls.server is not None
+        self.tls = self.tls.updated(tls)
+        if had_server_tls != (self.tls.server is not None) and self.server is not None and self.server.sockets:
+            # TLS switched on or off: a new server on a duplicate of the same listening socket takes over, so the
+            # port is never closed and no queued connect is lost.
+            old = self.server
+            dup = socket.socket(fileno=os.dup(old.sockets[0].fileno()))
+            await self.start(dup)
+            old.close()
+
+    def full_backends(self) -> list[Backend]:
+        """Backends at their max_connections (counting connects in flight); empty when none has a limit."""
+        if not self.limited:
+            return []
+        connecting = self.connecting
+        return [
+            b
+            for b in self.pool.backends
+            if b.config.max_connections and b.active + connecting[b] >= b.config.max_connections
+        ]
+
+    @property
+    def limited(self) -> bool:
+        return any(b.max_connections for b in self.config.backends)
 
     def stop_accepting(self) -> None:
         """Close the listening socket at once; new connects are refused by the kernel from now on."""
@@ -112,6 +156,9 @@ class Service:
             client=client,
             error=str(exc) or type(exc).__name__,
         )
+
+    def bad_proxy_header(self, client: str, exc: BaseException) -> None:
+        log.warning("bad PROXY header, connection closed", service=self.name, client=client, error=str(exc))
 
     def connection_closed(self, conn: ClientLeg) -> None:
         self.connections.discard(conn)

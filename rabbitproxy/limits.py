@@ -1,0 +1,67 @@
+"""Running out of descriptors without drowning the log.
+
+When the process hits its descriptor limit (EMFILE) or the system's (ENFILE), ``accept()`` fails. Both loops
+recover on their own: asyncio stops watching the listener and tries again a second later; uvloop (libuv) accepts
+and drops the waiting connects with a spare descriptor and keeps listening. What asyncio also does is report every
+failed ``accept()`` through the loop's exception handler with a full traceback, hundreds a second, which turns a
+resource problem into a disk-filling one. :func:`quiet_accept_errors` turns those reports into one warning per
+interval with a count, and passes every other report on untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("rabbitproxy.limits")
+
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# One warning per this many seconds while accept keeps failing.
+REPORT_INTERVAL = 5.0
+
+
+class AcceptErrorFilter:
+    """A loop exception handler that condenses out-of-resource accept failures into periodic warnings."""
+
+    __slots__ = ("_last", "_previous", "suppressed", "total")
+
+    def __init__(self, previous: Any = None) -> None:
+        self._previous = previous
+        self._last = -REPORT_INTERVAL
+        self.suppressed = 0
+        self.total = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS and "accept" in str(context.get("message")):
+            self.total += 1
+            now = time.monotonic()
+            if now - self._last >= REPORT_INTERVAL:
+                log.warning(
+                    "cannot accept connections: out of descriptors; retrying",
+                    error=exc.strerror,
+                    failures_since_last_report=self.suppressed + 1,
+                )
+                self._last = now
+                self.suppressed = 0
+            else:
+                self.suppressed += 1
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> AcceptErrorFilter:
+    """Install the filter on ``loop`` (once; a second call returns the installed one)."""
+    current = loop.get_exception_handler()
+    if isinstance(current, AcceptErrorFilter):
+        return current
+    handler = AcceptErrorFilter(current)
+    loop.set_exception_handler(handler)
+    return handler
