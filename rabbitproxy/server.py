@@ -230,6 +230,14 @@ class Proxy:
             if old_server is not None:
                 old_server.close()
         self._watch_service(service)
+        # One event per backend that came or went, so a filter on backend= tells that backend's whole story.
+        new_names = {b.name for b in backends}
+        for b in backends:
+            if b.name not in old_pool.by_name:
+                log.info("backend added", service=sc.name, backend=b.name, address=f"{b.address}:{b.port}")
+        for b in old_pool.backends:
+            if b.name not in new_names:
+                log.info("backend removed", service=sc.name, backend=b.name, open_connections=b.active)
         log.info("service updated", service=sc.name, backends=[b.name for b in backends])
 
 
