@@ -16,7 +16,7 @@ from rabbitproxy import proxy as reasons
 from rabbitproxy.devcluster import DevCluster
 from rabbitproxy.pool import Backend
 from rabbitproxy.server import Proxy
-from tests.helpers import echo_handler, listen_addr, run_proxy, service_config, tcp_server, wait_for
+from tests.helpers import echo_handler, free_port, listen_addr, run_proxy, service_config, tcp_server, wait_for
 from tests.integration.conftest import backends_for
 
 pytestmark = pytest.mark.integration
@@ -248,3 +248,31 @@ async def test_http_readiness_503_drains_a_backend_without_closing_its_clients(c
                 await wait_for(lambda: b.admin_state == "ready", timeout=10, what="rabbit1 ready again")
             finally:
                 await client.close()
+
+
+@pytest.mark.asyncio
+async def test_when_every_backend_is_down_clients_are_closed_and_counted_and_other_services_serve(
+    cluster: DevCluster,
+) -> None:
+    dead = [{"name": "gone", "address": "127.0.0.1", "port": free_port()}]
+    async with run_proxy(
+        service_config(dead, name="dead", health_check=_check()),
+        service_config(backends_for(cluster)[:1], name="amqp", health_check=_check()),
+    ) as p:
+        gone = p.services["dead"].pool.by_name["gone"]
+        await wait_for(lambda: gone.health_time is not None, what="first check of the dead backend")
+        assert (gone.healthy, gone.health_detail) == (False, "refused")
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(*listen_addr(p, "dead"))
+            # Closed at once, without a byte: the client's next read sees the end of the stream.
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+        await wait_for(lambda: p.services["dead"].ended[reasons.NO_BACKEND] == 3, what="3 clients counted")
+        assert gone.connect_errors == 0
+        await _all_up(p)
+        conn = await _connect(p)
+        try:
+            channel = await conn.channel()
+            assert not channel.is_closed
+        finally:
+            await conn.close()
