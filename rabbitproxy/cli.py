@@ -68,7 +68,10 @@ def build_config(
         base = config_mod.load(config_file)
         data = base.model_dump(exclude_unset=True)
     else:
-        data = config_mod.from_env(env if env is not None else dict(os.environ)) or {}
+        try:
+            data = config_mod.from_env(env if env is not None else dict(os.environ)) or {}
+        except ValueError as exc:
+            raise ConfigError([f"RABBITPROXY_BACKENDS: {exc}"], "environment") from None
         if not data and not backends:
             raise ConfigError(
                 ["give --config FILE, or --backend (and --listen), or RABBITPROXY_BACKENDS"], source
@@ -96,6 +99,21 @@ def build_config(
 def _fail_config(exc: ConfigError) -> None:
     typer.echo(str(exc), err=True)
     raise typer.Exit(EXIT_CONFIG)
+
+
+# The container image's CMD always names this file, so one image serves both a mounted config and plain env vars.
+DEFAULT_CONFIG_PATH = Path("/etc/rabbitproxy/rabbitproxy.toml")
+
+
+def config_or_env(config: Path | None, env: dict[str, str]) -> Path | None:
+    """The config file to load, or None to build the configuration from the environment.
+
+    Only the default path may be missing, and only when ``RABBITPROXY_BACKENDS`` is set: any other missing file is
+    an error, so a typo in ``--config`` is never papered over by stray environment variables.
+    """
+    if config == DEFAULT_CONFIG_PATH and not config.exists() and env.get("RABBITPROXY_BACKENDS", "").strip():
+        return None
+    return config
 
 
 @app.command()
@@ -130,6 +148,7 @@ def serve(
         overrides["log.format"] = log_format
     if loop not in ("uvloop", "asyncio"):
         _fail_config(ConfigError([f"--loop: {loop!r} is not one of uvloop, asyncio"]))
+    config = config_or_env(config, dict(os.environ))
     try:
         per_service = {"health_check": {"type": health_check}} if health_check is not None else None
         cfg = build_config(config, listen, backend, overrides, service_overrides=per_service)
@@ -143,6 +162,55 @@ def serve(
         _fail_config(exc)
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def healthcheck(
+    admin: Annotated[
+        str | None,
+        typer.Option(
+            help="Admin API URL or host:port [default: the config file's admin.listen, else "
+            "RABBITPROXY_ADMIN_LISTEN, else 127.0.0.1:9080].",
+            envvar="RABBITPROXY_ADMIN",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help=f"Read admin.listen from this file [default: {DEFAULT_CONFIG_PATH} when it exists].",
+            envvar="RABBITPROXY_CONFIG",
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.", min=0.1)] = 3.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code.")] = False,
+) -> None:
+    """Exit 0 when the proxy's admin /healthz answers 200 {"status": "ok"}, 1 otherwise (for probes)."""
+    from rabbitproxy import healthcheck as hc
+
+    if config is None and DEFAULT_CONFIG_PATH.exists():
+        config = DEFAULT_CONFIG_PATH
+    listen: str | None = None
+    if config is not None:
+        try:
+            admin_cfg = config_mod.load(config).admin
+        except ConfigError as exc:
+            _fail_config(exc)
+            return
+        if not admin_cfg.enabled:
+            typer.echo(f"{config}: the admin API is disabled (admin.enabled = false); nothing to probe", err=True)
+            raise typer.Exit(1)
+        listen = admin_cfg.listen
+    try:
+        url = hc.admin_url(admin, dict(os.environ), listen)
+    except ValueError as exc:
+        _fail_config(ConfigError([f"--admin: {exc}"]))
+        return
+    result = hc.check(url, timeout)
+    if not quiet:
+        typer.echo(("healthy: " if result.healthy else "unhealthy: ") + result.detail, err=not result.healthy)
+    raise typer.Exit(0 if result.healthy else 1)
 
 
 @app.command("check-config")
@@ -224,6 +292,148 @@ def demo(
     finally:
         typer.echo("stopping the cluster...", err=True)
         cluster.stop()
+
+
+# -- admin API commands: status, backend, reload ----------------------------------------------------------------------
+
+AdminUrl = Annotated[
+    str, typer.Option("--admin", help="Admin API URL.", envvar="RABBITPROXY_ADMIN", show_envvar=True)
+]
+ADMIN_DEFAULT = "http://127.0.0.1:9080"
+AdminToken = Annotated[
+    str | None,
+    typer.Option("--token", help="Admin API bearer token.", envvar="RABBITPROXY_ADMIN_TOKEN", show_envvar=True),
+]
+EXIT_ADMIN = 1
+
+backend_app = typer.Typer(help="Change a backend at runtime: drain, maint, ready, weight.", no_args_is_help=True)
+app.add_typer(backend_app, name="backend")
+
+
+def _admin_call(admin: str, token: str | None, call: Any) -> Any:
+    """Run ``call(client)``; turn any admin API failure into a message on stderr and exit status 1."""
+    from rabbitproxy.client import AdminClient, AdminError
+
+    try:
+        return call(AdminClient(admin, token))
+    except AdminError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        for line in exc.errors:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(EXIT_ADMIN) from None
+
+
+@app.command()
+def status(admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
+    """Show every service and backend of a running proxy: state, weights, agent, connections, traffic."""
+    from rabbitproxy.client import print_status
+
+    data = _admin_call(admin, token, lambda c: c.services())
+    print_status(data)
+
+
+def _set_state(state: str, service: str, backend: str, admin: str, token: str | None) -> None:
+    result = _admin_call(admin, token, lambda c: c.set_backend(service, backend, state=state))
+    closed = result.get("closed_connections", 0)
+    extra = f", {closed} connection(s) closed" if closed else ""
+    typer.echo(
+        f"{service}/{backend}: {result['status']} (operator state {result['operator_state']}, "
+        f"{result['connections']['active']} active connection(s){extra})"
+    )
+
+
+@backend_app.command("drain")
+def backend_drain(service: str, backend: str, admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
+    """No new connections to BACKEND; the open ones stay until their clients leave."""
+    _set_state("drain", service, backend, admin, token)
+
+
+@backend_app.command("maint")
+def backend_maint(service: str, backend: str, admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
+    """Halt BACKEND: no new connections and its open connections are closed now."""
+    _set_state("maint", service, backend, admin, token)
+
+
+@backend_app.command("ready")
+def backend_ready(service: str, backend: str, admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
+    """Bring BACKEND back online (it still has to pass its health check)."""
+    _set_state("ready", service, backend, admin, token)
+
+
+@backend_app.command("weight")
+def backend_weight(
+    service: str,
+    backend: str,
+    weight: Annotated[int, typer.Argument(help="New weight, 0 to 1000.", min=0, max=1000)],
+    admin: AdminUrl = ADMIN_DEFAULT,
+    token: AdminToken = None,
+) -> None:
+    """Set BACKEND's weight; it survives reloads until the proxy restarts."""
+    result = _admin_call(admin, token, lambda c: c.set_backend(service, backend, weight=weight))
+    typer.echo(f"{service}/{backend}: weight {result['weight']}, effective {result['effective_weight']}")
+
+
+@app.command()
+def reload(admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
+    """Make the running proxy re-read its configuration file (like SIGHUP, but with the outcome shown)."""
+    result = _admin_call(admin, token, lambda c: c.reload())
+    typer.echo("reloaded:")
+    for key in ("added", "removed", "changed", "unchanged"):
+        names = result.get(key) or []
+        typer.echo(f"  {key}: {', '.join(names) if names else '-'}")
+
+
+@app.command()
+def agent(
+    listen: Annotated[str, typer.Option(help="Where to answer polls, host:port.")] = "0.0.0.0:3333",
+    http: Annotated[
+        bool, typer.Option("--http", help="Answer HTTP GET with the integer instead of a TCP line.")
+    ] = False,
+    metric: Annotated[str, typer.Option(help="cpu (idle CPU), memory (free RAM) or max (the busier of both).")] = "cpu",
+    state_file: Annotated[
+        Path | None, typer.Option(help="File holding one word, drain, maint or ready, that overrides the figure.")
+    ] = None,
+    rabbitmq: Annotated[
+        str | None, typer.Option(help="Management API URL of the local node, e.g. http://guest:guest@127.0.0.1:15672/.")
+    ] = None,
+    window: Annotated[float, typer.Option(help="Seconds the CPU figure is averaged over.", min=1.0)] = 5.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    loop: Annotated[str, typer.Option(help="Event loop: uvloop or asyncio.")] = "uvloop",
+) -> None:
+    """Run a feedback agent (Loadbalancer.org format) on a RabbitMQ host."""
+    from rabbitproxy import logs
+    from rabbitproxy.agent import Agent, serve_agent
+
+    problems = []
+    if metric not in ("cpu", "memory", "max"):
+        problems.append(f"--metric: {metric!r} is not one of cpu, memory, max")
+    if rabbitmq is not None and not rabbitmq.startswith(("http://", "https://")):
+        problems.append(f"--rabbitmq: {rabbitmq!r} must start with http:// or https://")
+    try:
+        config_mod.split_host_port(listen)
+    except ValueError as exc:
+        problems.append(f"--listen: {exc}")
+    if loop not in ("uvloop", "asyncio"):
+        problems.append(f"--loop: {loop!r} is not one of uvloop, asyncio")
+    if problems:
+        _fail_config(ConfigError(problems, "command line"))
+    logs.setup(log_level, "console")
+    the_agent = Agent(metric=metric, state_file=state_file, rabbitmq=rabbitmq, window=window, http=http)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        from rabbitproxy.server import install_signal_handlers
+
+        stop = asyncio.Event()
+        install_signal_handlers(asyncio.get_running_loop(), stop, None)
+        await serve_agent(the_agent, listen, shutdown_trigger=stop.wait)
+
+    try:
+        run_loop(main(), loop)
+    except OSError as exc:
+        typer.echo(f"cannot listen on {listen}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:

@@ -20,6 +20,8 @@ from rabbitproxy.config import BackendConfig, ServiceConfig
 AdminState = Literal["ready", "drain", "maint"]
 ADMIN_STATES: tuple[AdminState, ...] = ("ready", "drain", "maint")
 _STRICTNESS: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
+# The largest weight the configuration accepts; an agent's percentage cannot push a backend beyond it.
+MAX_WEIGHT = 1000
 
 if TYPE_CHECKING:
     pass
@@ -36,11 +38,15 @@ class Backend:
 
     __slots__ = (
         "address",
+        "agent_down",
+        "agent_duration",
         "agent_percent",
         "agent_reply",
         "agent_state",
         "agent_status",
         "backup",
+        "check_drain",
+        "check_duration",
         "config",
         "configured_weight",
         "connect_errors",
@@ -69,11 +75,18 @@ class Backend:
         self.healthy = healthy
         self.health_detail = "no check configured" if healthy else "not checked yet"
         self.health_time: float | None = None
+        self.check_duration: float | None = None
+        # An HTTP readiness check can answer "being taken out of service" (RabbitMQ's 503 from
+        # ready-to-serve-clients): the node is alive but wants no new clients, i.e. drain, not down.
+        self.check_drain = False
         self.operator_state: AdminState = "ready"
         self.agent_state: AdminState = "ready"
         self.agent_percent: int | None = None
         self.agent_reply: str | None = None
         self.agent_status = "none"
+        # The agent's reason when it last said down/fail/stopped; None while it says up or nothing about health.
+        self.agent_down: str | None = None
+        self.agent_duration: float | None = None
         self.connections: set[Closable] = set()
         self.total = 0
         self.connect_errors = 0
@@ -85,19 +98,21 @@ class Backend:
     @property
     def admin_state(self) -> AdminState:
         a, b = self.operator_state, self.agent_state
-        return a if _STRICTNESS[a] >= _STRICTNESS[b] else b
+        state = a if _STRICTNESS[a] >= _STRICTNESS[b] else b
+        return "drain" if state == "ready" and self.check_drain else state
 
     @property
     def usable(self) -> bool:
         """True when a new connection may be sent here (weight aside)."""
-        return self.healthy and self.admin_state == "ready"
+        return self.healthy and self.agent_down is None and self.admin_state == "ready"
 
     @property
     def effective_weight(self) -> int:
-        """Configured weight scaled by the agent's percentage. 0 means no new connections."""
+        """Configured weight scaled by the agent's percentage, capped at 1000. 0 means no new connections."""
         if self.agent_percent is None:
             return self.configured_weight
-        return self.configured_weight * self.agent_percent // 100
+        # Agents may ask for more than 100%; the cap keeps one agent from outweighing the config's own limit.
+        return min(MAX_WEIGHT, self.configured_weight * self.agent_percent // 100)
 
     @property
     def weight(self) -> int:
@@ -114,7 +129,18 @@ class Backend:
         state = self.admin_state
         if state != "ready":
             return state
-        return "up" if self.healthy else "down"
+        if not self.healthy or self.agent_down is not None:
+            return "down"
+        # An agent's 0% takes no new connections but is not a failure: HAProxy shows it as DRAIN too.
+        return "drain" if self.effective_weight == 0 and self.agent_percent is not None else "up"
+
+    def mark_health(self, healthy: bool, detail: str, now: float) -> bool:
+        """Record a check's verdict; True when ``healthy`` changed."""
+        changed = healthy != self.healthy
+        self.healthy = healthy
+        self.health_detail = detail
+        self.health_time = now
+        return changed
 
     # -- connection accounting -----------------------------------------------------------------------------------
 
@@ -134,6 +160,33 @@ class Backend:
             conn.close(reason)
         return len(conns)
 
+    # -- operator changes (admin API, CLI) -----------------------------------------------------------------------
+
+    def set_operator_state(self, state: AdminState, close_reason: str) -> int:
+        """Set the operator's admin state; ``maint`` also ends the open connections. Returns how many were closed.
+
+        ``drain`` only stops new connections: the clients already here stay until they leave, which is the
+        point of draining a RabbitMQ node before patching it.
+        """
+        if state not in _STRICTNESS:
+            raise ValueError(f"state must be one of {', '.join(ADMIN_STATES)}, not {state!r}")
+        self.operator_state = state
+        return self.close_connections(close_reason) if state == "maint" else 0
+
+    def set_weight(self, weight: int) -> None:
+        """Set the configured weight at runtime; it then survives reloads until the process restarts."""
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
+            raise ValueError(f"weight must be a whole number from 0 to 1000, not {weight!r}")
+        self.configured_weight = weight
+        self.weight_overridden = True
+
+    def adopt_operator_state(self, old: Backend) -> None:
+        """Carry only what an operator set (state, weight): ``old`` had this name but was another server."""
+        self.operator_state = old.operator_state
+        if old.weight_overridden:
+            self.configured_weight = old.configured_weight
+            self.weight_overridden = True
+
     def adopt_runtime_state(self, old: Backend) -> None:
         """Carry what an operator and the checks learnt over a reload of an unchanged-name backend."""
         self.operator_state = old.operator_state
@@ -147,7 +200,16 @@ class Backend:
         self.agent_percent = old.agent_percent
         self.agent_reply = old.agent_reply
         self.agent_status = old.agent_status
+        self.agent_down = old.agent_down
+        self.agent_duration = old.agent_duration
+        self.check_drain = old.check_drain
+        self.check_duration = old.check_duration
         self.connections = old.connections
+        # The open connections must report their close (and bytes) to this object from now on, or the traffic of
+        # every connection older than the reload would be credited to a Backend nobody looks at any more.
+        for conn in self.connections:
+            if getattr(conn, "backend", None) is old:
+                conn.backend = self  # type: ignore[attr-defined]
         self.total = old.total
         self.connect_errors = old.connect_errors
         self.traffic_in = old.traffic_in
