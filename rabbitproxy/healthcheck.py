@@ -78,7 +78,9 @@ def check(url: str, timeout: float) -> HealthResult:
         conn.request("GET", parts.path or HEALTHZ_PATH, headers={"Accept": "application/json"})
         resp = conn.getresponse()
         body = resp.read(MAX_BODY)
-    except (OSError, http.client.HTTPException) as exc:
+    except http.client.HTTPException as exc:
+        return HealthResult(False, f"{url}: not an HTTP answer ({type(exc).__name__} {str(exc).strip()!r})")
+    except OSError as exc:
         # A timeout is an OSError too; say how long we waited, which "timed out" alone does not.
         reason = f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
         return HealthResult(False, f"{url}: {reason}")

@@ -1,0 +1,209 @@
+"""The shipped examples agree with themselves, with the image and with the config schema.
+
+A user copies these files first; a port that does not line up or a config that does not validate would be their
+first experience of the project. The configs are validated by the real `rabbitproxy check-config` command.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rabbitproxy import config as config_mod
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+IMAGE_CONFIG = "/etc/rabbitproxy/rabbitproxy.toml"
+
+
+def check_config(path: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rabbitproxy", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def dockerfile_instructions() -> dict[str, list[str]]:
+    """Instruction -> arguments of the final stage (continuation lines joined)."""
+    text = (REPO / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    stages = re.split(r"^FROM ", text, flags=re.MULTILINE)
+    out: dict[str, list[str]] = {}
+    for line in stages[-1].splitlines()[1:]:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.setdefault(word.upper(), []).append(rest.strip())
+    return out
+
+
+def seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+)s", value)
+    assert m, f"expected a duration like '35s', got {value!r}"
+    return float(m.group(1))
+
+
+# -- Dockerfile --------------------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_final_stage_is_what_the_docs_promise() -> None:
+    final = dockerfile_instructions()
+    text = (REPO / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, flags=re.MULTILINE)) == 2, "builder stage plus a runtime stage"
+    assert final["USER"] == ["10001:10001"]
+    assert final["EXPOSE"] == ["5672 9080"]
+    assert final["ENTRYPOINT"] == ['["rabbitproxy"]']
+    assert final["CMD"] == [f'["serve", "--config", "{IMAGE_CONFIG}"]']
+    assert final["HEALTHCHECK"][0].endswith('CMD ["rabbitproxy", "healthcheck", "--quiet"]')
+    assert "COPY --from=builder /opt/rabbitproxy /opt/rabbitproxy" in [f"COPY {c}" for c in final["COPY"]]
+    # Nothing of this machine (its CA bundle, its package index) may be baked in.
+    assert "ca-certificates.crt" not in text
+    assert "pip.conf" not in text
+    assert "PIP_INDEX_URL" not in text
+
+
+def test_dockerignore_sends_only_the_package() -> None:
+    lines = [ln for ln in (REPO / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert lines[0] == "*"
+    assert {ln for ln in lines if ln.startswith("!")} == {"!pyproject.toml", "!README.md", "!rabbitproxy/"}
+
+
+# -- Compose -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((EXAMPLES / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_has_three_clustered_rabbitmq_nodes(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    rabbits = {name: s for name, s in services.items() if name != "rabbitproxy"}
+    assert sorted(rabbits) == ["rabbit1", "rabbit2", "rabbit3"]
+    cookies = set()
+    for name, svc in rabbits.items():
+        assert re.fullmatch(r"rabbitmq:[\w.]+-management", svc["image"]), svc["image"]
+        assert svc["hostname"] == name
+        cookies.add(svc["environment"]["RABBITMQ_ERLANG_COOKIE"])
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+        assert mounts["/etc/rabbitmq/conf.d/10-cluster.conf"] == "./rabbitmq/cluster.conf"
+    assert len(cookies) == 1, "every node needs the same Erlang cookie"
+
+    conf = dict(
+        line.split(" = ", 1)
+        for line in (EXAMPLES / "rabbitmq" / "cluster.conf").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == {f"rabbit@{svc['hostname']}" for svc in rabbits.values()}
+
+
+def test_compose_proxy_matches_its_config(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    proxy = services["rabbitproxy"]
+    assert proxy["build"]["context"] == ".."
+    assert (EXAMPLES / proxy["build"]["context"] / proxy["build"]["dockerfile"]).resolve() == REPO / "Dockerfile"
+
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in proxy["volumes"]}
+    config_file = EXAMPLES / mounts[IMAGE_CONFIG]
+    assert "amqp: listen 0.0.0.0:5672" in check_config(config_file)
+    cfg = config_mod.load(config_file)
+
+    # AMQP published on every interface, the admin API on the host's loopback only.
+    ports = {p.rsplit(":", 1)[1]: p.rsplit(":", 1)[0] for p in proxy["ports"]}
+    service = cfg.services[0]
+    assert ports[str(service.listen_port)] == "5672"
+    admin_host, admin_port = config_mod.split_host_port(cfg.admin.listen)
+    assert ports[str(admin_port)] == f"127.0.0.1:{admin_port}"
+    # Inside the container the admin must not be on loopback (the port could not be published), so a token is set.
+    assert admin_host == "0.0.0.0"
+    assert "RABBITPROXY_ADMIN_TOKEN" in proxy["environment"]
+
+    # Every backend is a RabbitMQ service of this file, on the port the node listens on.
+    backend_hosts = {b.address for b in service.backends}
+    assert backend_hosts == set(services) - {"rabbitproxy"}
+    assert {service.backend_port(b) for b in service.backends} == {5672}
+    assert set(proxy["depends_on"]) == backend_hosts
+
+    # Docker must wait longer than the drain before it kills the proxy.
+    assert seconds(proxy["stop_grace_period"]) > service.shutdown_timeout
+
+
+# -- Kubernetes --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict[str, Any]]:
+    by_kind: dict[str, dict[str, Any]] = {}
+    for path in sorted((EXAMPLES / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["kind"] not in by_kind, f"two {doc['kind']} objects"
+            by_kind[doc["kind"]] = doc
+    assert sorted(by_kind) == ["ConfigMap", "Deployment", "Service"]
+    return by_kind
+
+
+def test_kubernetes_config_validates(manifests: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    toml_text = manifests["ConfigMap"]["data"]["rabbitproxy.toml"]
+    path = tmp_path / "rabbitproxy.toml"
+    path.write_text(toml_text)
+    out = check_config(path)
+    assert "3 backend(s)" in out
+    assert tomllib.loads(toml_text)["admin"]["listen"] == "0.0.0.0:9080"
+
+
+def test_kubernetes_objects_reference_each_other(manifests: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    deployment, service, configmap = manifests["Deployment"], manifests["Service"], manifests["ConfigMap"]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] == 2
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    path = tmp_path / "rabbitproxy.toml"
+    path.write_text(configmap["data"]["rabbitproxy.toml"])
+    cfg = config_mod.load(path)
+    assert ports["amqp"] == cfg.services[0].listen_port
+    assert ports["admin"] == config_mod.split_host_port(cfg.admin.listen)[1]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["amqp"]
+
+    # The config map is mounted where the image's CMD reads it.
+    (volume,) = pod["volumes"]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    (mount,) = container["volumeMounts"]
+    assert mount["name"] == volume["name"]
+    assert f"{mount['mountPath']}/rabbitproxy.toml" == IMAGE_CONFIG
+    assert container.get("args", ["serve", "--config", IMAGE_CONFIG]) == ["serve", "--config", IMAGE_CONFIG]
+
+    for probe in ("readinessProbe", "livenessProbe"):
+        http_get = container[probe]["httpGet"]
+        assert (http_get["path"], http_get["port"]) == ("/healthz", "admin")
+
+    # A non-loopback admin needs its token; it comes from a Secret, never from the manifest itself.
+    env = {e["name"]: e for e in container["env"]}
+    assert "secretKeyRef" in env["RABBITPROXY_ADMIN_TOKEN"]["valueFrom"]
+
+    # The image's user, checked by the kubelet; and time for preStop plus the drain before SIGKILL.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + cfg.services[0].shutdown_timeout
