@@ -100,14 +100,21 @@ class Service:
     async def drain(self, grace: float, reason: str = SHUTDOWN) -> None:
         """Wait up to ``grace`` seconds for open connections to end by themselves, then close the rest."""
         self.stop_accepting()
-        if not await self._wait_empty(grace):
-            for conn in list(self.connections):
-                conn.close(reason)
-            # Closing flushes what is buffered; a peer that does not read gets a short while, then an abort.
-            if not await self._wait_empty(2.0):
+        try:
+            if not await self._wait_empty(grace):
                 for conn in list(self.connections):
-                    conn.abort(reason)
-        await self.cancel_tasks()
+                    conn.close(reason)
+                # Closing flushes what is buffered; a peer that does not read gets a short while, then an abort.
+                if not await self._wait_empty(2.0):
+                    for conn in list(self.connections):
+                        conn.abort(reason)
+        except asyncio.CancelledError:
+            # The process is stopping while this (removed) service still drains: nothing may outlive it.
+            for conn in list(self.connections):
+                conn.abort(SHUTDOWN)
+            raise
+        finally:
+            await self.cancel_tasks()
 
     async def _wait_empty(self, seconds: float) -> bool:
         """True once no connection is open, False if that did not happen within ``seconds``."""
