@@ -386,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 task = progress.add_task("amqp bench", total=len(order))
                 for rep, t in order:
                     progress.update(task, description=f"[{rep + 1}/{repeats}] {t}")
+                    if not console.is_terminal:
+                        # Rich draws no bar into a log file; a line per step shows progress there.
+                        console.print(f"{time.strftime('%H:%M:%S')} " + progress.tasks[0].description)
                     raw.setdefault(t, []).append(run_load(by_name[t], urls[t], load, admin_url))
                     progress.advance(task)
     finally:

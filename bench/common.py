@@ -209,7 +209,15 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as probe:
+                # Through a proxy this probe reaches the backend too. Waiting for the whole chain to close it
+                # keeps it from racing the first real test: iperf3's one-test-at-a-time server otherwise drops
+                # the next client's control connection while it is still busy with this empty one.
+                probe.shutdown(socket.SHUT_WR)
+                probe.settimeout(5.0)
+                with contextlib.suppress(OSError):
+                    while probe.recv(4096):
+                        pass
                 return
         except OSError:
             pass
@@ -340,7 +348,8 @@ def start_target(kind: str, routes: Sequence[Route], workdir: Path, cpus: set[in
 
     kinds: rabbitproxy, rabbitproxy-info (connection logs at info), haproxy, haproxy-tuned, nginx.
     """
-    d = workdir / kind
+    # Not named after the kind: a directory called "rabbitproxy" in the cwd would shadow the package for -m.
+    d = workdir / f"target-{kind}"
     d.mkdir(parents=True, exist_ok=True)
     if kind in ("rabbitproxy", "rabbitproxy-info"):
         level = "info" if kind == "rabbitproxy-info" else "warning"

@@ -354,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for test, t, rep in plan:
                     target = by_name[t]
                     progress.update(task, description=f"[{rep + 1}/{repeats}] {test:<18} {t}")
+                    if not console.is_terminal:
+                        # Rich draws no bar into a log file; a line per step shows progress there.
+                        console.print(f"{time.strftime('%H:%M:%S')} " + progress.tasks[0].description)
                     pid = target.pid
                     try:
                         if test.startswith("bulk"):
