@@ -84,13 +84,20 @@ def check_port(backend: Backend) -> int:
     return backend.config.check_port or backend.port
 
 
-async def probe_tcp(host: str, port: int, within: float, preamble: bytes = b"") -> ProbeResult:
-    """Up when a TCP connection opens; closed again at once, having sent only ``preamble`` (a PROXY header)."""
+def _proxy_header(writer: asyncio.StreamWriter, version: str) -> bytes:
+    """The PROXY header for a check's own connection, or b"" when the backend expects none."""
+    if version not in ("v1", "v2"):
+        return b""
+    local, peer = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
+    return check_header("v1" if version == "v1" else "v2", local[:2], peer[:2])
+
+
+async def probe_tcp(host: str, port: int, within: float, proxy_protocol: str = "off") -> ProbeResult:
+    """Up when a TCP connection opens; closed again at once, having sent nothing but a PROXY header if required."""
     try:
         async with asyncio.timeout(within):
             _, writer = await asyncio.open_connection(host, port)
-            if preamble:
-                writer.write(preamble)
+            writer.write(_proxy_header(writer, proxy_protocol))
     except TimeoutError:
         return ProbeResult(False, "timeout")
     except ConnectionRefusedError:
@@ -102,13 +109,19 @@ async def probe_tcp(host: str, port: int, within: float, preamble: bytes = b"") 
 
 
 async def probe_amqp(
-    host: str, port: int, within: float, preamble: bytes = b"", ssl: SSLContext | None = None, server_hostname: str = ""
+    host: str,
+    port: int,
+    within: float,
+    proxy_protocol: str = "off",
+    ssl: SSLContext | None = None,
+    server_hostname: str = "",
 ) -> ProbeResult:
     """Up when the peer answers the AMQP 0-9-1 protocol header with connection.start on channel 0.
 
     The connection is closed right after connection.start: the broker drops a connection that ends during the
-    handshake without keeping any session for it. ``preamble`` (a PROXY header for a backend that requires one)
-    goes first; with ``ssl`` the check speaks AMQPS, as the data path does with backend_tls.
+    handshake without keeping any session for it. A PROXY header goes first when ``proxy_protocol`` is v1/v2
+    (a backend with proxy_protocol = true drops a connection without one);
+    with ``ssl`` the check speaks AMQPS, as the data path does with backend_tls.
     """
     writer: asyncio.StreamWriter | None = None
     try:
@@ -116,7 +129,7 @@ async def probe_amqp(
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=ssl, server_hostname=(server_hostname or host) if ssl is not None else None
             )
-            writer.write(preamble + amqp.PROTOCOL_HEADER)
+            writer.write(_proxy_header(writer, proxy_protocol) + amqp.PROTOCOL_HEADER)
             probe = amqp.StartProbe()
             while True:
                 data = await reader.read(_READ_CHUNK)
@@ -183,14 +196,14 @@ class Checker:
         self,
         cfg: HealthCheckConfig,
         backend: Backend,
-        preamble: bytes = b"",
+        proxy_protocol: str = "off",
         ssl: SSLContext | None = None,
         server_hostname: str = "",
     ) -> None:
         self.cfg = cfg
         self.backend = backend
         # A backend that expects a PROXY header drops a connection without one, checks included.
-        self.preamble = preamble
+        self.proxy_protocol = proxy_protocol
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.session: aiohttp.ClientSession | None = None
@@ -198,10 +211,10 @@ class Checker:
     async def probe(self) -> ProbeResult:
         cfg, b = self.cfg, self.backend
         if cfg.type == "tcp":
-            return await probe_tcp(b.address, check_port(b), cfg.timeout, self.preamble)
+            return await probe_tcp(b.address, check_port(b), cfg.timeout, self.proxy_protocol)
         if cfg.type == "amqp":
             return await probe_amqp(
-                b.address, check_port(b), cfg.timeout, self.preamble, self.ssl, self.server_hostname
+                b.address, check_port(b), cfg.timeout, self.proxy_protocol, self.ssl, self.server_hostname
             )
         if self.session is None:
             # One connection, kept alive between checks: a fresh TCP handshake every interval is wasted work.
@@ -250,11 +263,10 @@ def apply_result(service: Service, backend: Backend, state: RiseFall, result: Pr
 async def health_task(service: Service, backend: Backend) -> None:
     """Probe ``backend`` every interval for as long as the task runs (it is cancelled on reload and shutdown)."""
     cfg = service.config.health_check
-    version = service.config.proxy_protocol_for(backend.config)
     checker = Checker(
         cfg,
         backend,
-        check_header(version) if version != "off" else b"",
+        service.config.proxy_protocol_for(backend.config),
         service.backend_ssl,
         service.config.backend_tls_server_name,
     )

@@ -169,9 +169,13 @@ def header_for(version: Literal["v1", "v2"], src: Address | None, dst: Address |
         return build(None, None)
 
 
-def check_header(version: Literal["v1", "v2"]) -> bytes:
-    """The header a health check sends: v2 LOCAL (the proxy's own connection), v1 UNKNOWN (v1 has no LOCAL)."""
-    return build_v1(None, None) if version == "v1" else build_v2_local()
+def check_header(version: Literal["v1", "v2"], local: Address, peer: Address) -> bytes:
+    """The header a health check sends on its own connection from ``local`` to ``peer``.
+
+    A real PROXY header with the check's own endpoints, not LOCAL or UNKNOWN: RabbitMQ (3.10 at least) resets a
+    connection whose header is v2 LOCAL, v2 AF_UNSPEC or v1 UNKNOWN, so those would fail every check.
+    """
+    return header_for(version, local, peer)
 
 
 # --- reading -------------------------------------------------------------------------------------------
