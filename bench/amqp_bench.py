@@ -96,7 +96,8 @@ def stamp(size: int) -> bytes:
 
 
 def latency_us(body: bytes, now_ns: int) -> float:
-    return (now_ns - _STAMP.unpack_from(body)[0]) / 1000
+    sent: int = _STAMP.unpack_from(body)[0]
+    return (now_ns - sent) / 1000
 
 
 # -- the worker process -----------------------------------------------------------------------------------------

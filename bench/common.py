@@ -406,7 +406,7 @@ def machine_info() -> dict[str, Any]:
     try:
         import uvloop
 
-        uvloop_version = uvloop.__version__
+        uvloop_version = str(getattr(uvloop, "__version__", "unknown"))
     except ImportError:
         uvloop_version = "not installed"
     rabbit = "not installed"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
@@ -138,7 +139,7 @@ async def _connrate(port: int, client_closes: bool, duration: float, concurrency
             done: asyncio.Future[None] = loop.create_future()
             try:
                 async with asyncio.timeout(5):
-                    await loop.create_connection(lambda d=done: _Short(d, client_closes), "127.0.0.1", port)
+                    await loop.create_connection(functools.partial(_Short, done, client_closes), "127.0.0.1", port)
                     await done
                 ok += 1
             except (OSError, TimeoutError):
