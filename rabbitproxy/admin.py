@@ -166,6 +166,11 @@ def _origin_ok(request: web.Request) -> bool:
     return parts.scheme in ("http", "https") and parts.netloc.lower() == request.host.lower()
 
 
+def _host_is_loopback(request: web.Request) -> bool:
+    host = urlsplit(f"//{request.host}").hostname or ""
+    return is_loopback(host)
+
+
 @web.middleware
 async def _guard(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -182,6 +187,11 @@ async def _guard(
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="rabbitproxy"'},
             )
+    if token is None and not _host_is_loopback(request):
+        # Without a token the API listens on loopback only, so any other Host is a DNS-rebinding page (evil.example
+        # resolving to 127.0.0.1) whose Origin matches its own Host and would pass the check below.
+        log.warning("admin request refused: foreign Host", host=request.host, who=_who(request))
+        return _error(403, "requests must address the admin API by a loopback address or localhost")
     if request.method not in ("GET", "HEAD", "OPTIONS") and not _origin_ok(request):
         log.warning("admin request refused: foreign origin", origin=request.headers.get("Origin"), who=_who(request))
         return _error(403, "cross-origin requests are not accepted")
