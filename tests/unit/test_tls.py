@@ -1,0 +1,153 @@
+"""TLS and limit settings: validation with key paths, SSL contexts built from them, the accept-error filter."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from typing import Any
+
+import pytest
+
+from rabbitproxy import config as config_mod
+from rabbitproxy.config import ConfigError
+from rabbitproxy.limits import AcceptErrorFilter
+from rabbitproxy.tls import ServiceTLS, backend_context
+from tests.tls_certs import make_ca
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("tls")
+    ca = make_ca(d, "unit")
+    cert, key = ca.issue("server")
+    garbage = d / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    return {"ca": str(ca.cert), "cert": str(cert), "key": str(key), "garbage": str(garbage)}
+
+
+def service(**extra: Any) -> dict[str, Any]:
+    return {"name": "s", "backends": [{"name": "b", "address": "127.0.0.1"}], **extra}
+
+
+def errors(**extra: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_mod.validate({"services": [service(**extra)]})
+    return info.value.errors
+
+
+def test_defaults_keep_plain_tcp_and_a_hello_timeout() -> None:
+    sc = config_mod.validate({"services": [service()]}).services[0]
+    assert (sc.tls, sc.backend_tls, sc.send_proxy_protocol, sc.accept_proxy_protocol) == (None, False, "off", False)
+    assert sc.client_hello_timeout == 10.0
+    assert sc.backends[0].max_connections == 0
+
+
+def test_missing_files_are_named_by_key(files: dict[str, str]) -> None:
+    assert errors(tls={"cert": "/nope/cert.pem", "key": files["key"]}) == [
+        "services['s'].tls.cert: '/nope/cert.pem' does not exist or is not a file"
+    ]
+    assert errors(backend_tls=True, backend_tls_ca="/nope/ca.pem") == [
+        "services['s'].backend_tls_ca: '/nope/ca.pem' does not exist or is not a file"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"verify_client": "required"}, "needs ca"),
+        ({"min_version": "TLSv1.1"}, "'TLSv1.2' or 'TLSv1.3'"),
+        ({"ciphers": "ALL"}, "unknown key"),
+    ],
+)
+def test_tls_section_is_validated(files: dict[str, str], extra: dict[str, Any], message: str) -> None:
+    (line,) = errors(tls={"cert": files["cert"], "key": files["key"], **extra})
+    assert line.startswith("services['s'].tls") and message in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"send_proxy_protocol": "v3"}, "send_proxy_protocol: Input should be 'off', 'v1' or 'v2'"),
+        ({"backend_tls_server_name": "x"}, "need backend_tls = true"),
+        ({"backend_tls": True, "send_proxy_protocol": "v2"}, "cannot be combined with backend_tls"),
+        ({"client_hello_timeout": -1}, "client_hello_timeout: Input should be greater than or equal to 0"),
+    ],
+)
+def test_service_settings_are_validated(extra: dict[str, Any], message: str) -> None:
+    (line,) = errors(**extra)
+    assert message in line
+
+
+def test_backend_limit_and_proxy_override_are_validated() -> None:
+    (line,) = errors(backends=[{"name": "b", "address": "h", "max_connections": -1}])
+    assert line.startswith("services['s'].backends['b'].max_connections")
+    sc = config_mod.validate(
+        {
+            "services": [
+                service(send_proxy_protocol="v1", backends=[{"name": "b", "address": "h", "send_proxy_protocol": "v2"}])
+            ]
+        }
+    ).services[0]
+    assert sc.proxy_protocol_for(sc.backends[0]) == "v2"
+
+
+def test_server_context_follows_the_config(files: dict[str, str]) -> None:
+    sc = config_mod.validate(
+        {
+            "services": [
+                service(
+                    tls={
+                        "cert": files["cert"],
+                        "key": files["key"],
+                        "ca": files["ca"],
+                        "verify_client": "required",
+                        "min_version": "TLSv1.3",
+                    }
+                )
+            ]
+        }
+    ).services[0]
+    tls = ServiceTLS(sc)
+    assert tls.server is not None and tls.backend is None
+    for ctx in (tls.server.listener, tls.server.current):
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    # A reload to optional client certificates moves the listener's verify mode too (OpenSSL copies it from there).
+    relaxed = sc.model_copy(update={"tls": sc.tls.model_copy(update={"verify_client": "optional"})})  # type: ignore[union-attr]
+    fresh = ServiceTLS(relaxed)
+    kept = tls.updated(fresh)
+    assert kept.server is tls.server
+    assert tls.server.listener.verify_mode == ssl.CERT_OPTIONAL
+    assert tls.server.current is not None and tls.server.current.verify_mode == ssl.CERT_OPTIONAL
+
+
+def test_an_unloadable_certificate_is_a_config_error_naming_the_key(files: dict[str, str]) -> None:
+    sc = config_mod.validate({"services": [service(tls={"cert": files["garbage"], "key": files["key"]})]}).services[0]
+    with pytest.raises(ConfigError) as info:
+        ServiceTLS(sc)
+    assert info.value.errors[0].startswith("services['s'].tls.cert: cannot load the certificate and key")
+
+
+def test_backend_context_verifies_unless_told_not_to(files: dict[str, str]) -> None:
+    sc = config_mod.validate({"services": [service(backend_tls=True, backend_tls_ca=files["ca"])]}).services[0]
+    ctx = backend_context(sc)
+    assert ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    loose = backend_context(sc.model_copy(update={"backend_tls_verify": False}))
+    assert loose is not None and loose.verify_mode == ssl.CERT_NONE and not loose.check_hostname
+
+
+def test_accept_error_filter_condenses_resource_errors_and_passes_others_on() -> None:
+    seen: list[dict[str, Any]] = []
+    handler = AcceptErrorFilter(lambda loop, ctx: seen.append(ctx))
+    loop = asyncio.new_event_loop()
+    try:
+        emfile = OSError(errno.EMFILE, "Too many open files")
+        for _ in range(100):
+            handler(loop, {"message": "socket.accept() out of system resource", "exception": emfile})
+        other = {"message": "something else", "exception": RuntimeError("x")}
+        handler(loop, other)
+    finally:
+        loop.close()
+    assert handler.total == 100 and handler.suppressed == 99
+    assert seen == [other]
