@@ -12,6 +12,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from rabbitproxy import config as config_mod
 from rabbitproxy import proxy as reasons
 from rabbitproxy.devcluster import DevCluster
 from tests.helpers import (
@@ -29,6 +30,8 @@ from tests.integration.conftest import backends_for
 from tests.tls_certs import CA, make_ca
 
 pytestmark = pytest.mark.integration
+
+HELLO_BYTES = b"AMQP\x00\x00\x09\x01"
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +242,26 @@ async def test_tls_churn_leaves_no_connection_or_descriptor_behind(pki: dict[str
         await wait_for(lambda: service.active == 0, what="every TLS connection closed")
         await wait_for(lambda: open_fds() <= baseline, what=f"descriptors back to {baseline}")
         assert service.total == 201
+
+
+@pytest.mark.asyncio
+async def test_a_reload_can_switch_tls_on_without_closing_the_port(pki: dict[str, Path]) -> None:
+    async with tcp_server(echo_handler) as echo:
+        plain = service_config([{"name": "echo", "address": "127.0.0.1", "port": echo}])
+        async with run_proxy(plain) as p:
+            host, port = listen_addr(p)
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(HELLO_BYTES)
+            assert await reader.readexactly(8) == HELLO_BYTES
+            await p.reload(
+                config_mod.validate({"admin": {"enabled": False}, "services": [dict(plain, tls=tls_section(pki))]})
+            )
+            assert listen_addr(p) == (host, port)
+            r2, w2 = await asyncio.open_connection(host, port, ssl=client_ctx(pki["ca"]), server_hostname="localhost")
+            w2.write(HELLO_BYTES)
+            assert await r2.readexactly(8) == HELLO_BYTES
+            # The plain connection from before the reload is still relaying.
+            writer.write(b"plain")
+            assert await reader.readexactly(5) == b"plain"
+            for w in (writer, w2):
+                w.close()
