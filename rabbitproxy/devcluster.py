@@ -9,11 +9,9 @@ and CLI commands, and the slow parts are external processes anyway.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -23,12 +21,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import psutil
+from rabbitproxy import _nodesetup, _processes
+from rabbitproxy._nodesetup import Node
+
+__all__ = [
+    "INSTALL_HINT",
+    "RABBITMQ_BIN_DIR",
+    "DevCluster",
+    "DevClusterError",
+    "Node",
+    "RabbitMQCtlError",
+    "RabbitMQNotInstalled",
+    "rabbitmq_installed",
+]
 
 # The /usr/sbin wrappers switch to the ``rabbitmq`` system user; these scripts run as whoever calls them.
 RABBITMQ_BIN_DIR = Path("/usr/lib/rabbitmq/bin")
@@ -41,38 +50,10 @@ _STOP_GRACE = 30.0
 # Longest single rabbitmqctl wait, so a wait notices a crashed peer or a deadline in between.
 _CTL_WAIT_SLICE = 20
 _LOG_TAIL_LINES = 40
-
-
-@dataclass(frozen=True)
-class Node:
-    """One broker of a :class:`DevCluster`; ``management_port`` is 0 when management is disabled."""
-
-    name: str
-    amqp_port: int
-    management_port: int
-    dist_port: int
-    index: int = 0
-    dir: Path = Path()
-
-    @property
-    def config_file(self) -> Path:
-        return self.dir / "rabbitmq.conf"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.dir / "rabbitmq.pid"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.dir / "log"
-
-    @property
-    def log_file(self) -> Path:
-        return self.log_dir / f"{self.name}.log"
-
-    @property
-    def stdout_file(self) -> Path:
-        return self.log_dir / "stdout.log"
+# Boots per node before start() or restart() gives up. A node that crashed while joining (seen on a loaded
+# 2-core machine: schema_integrity_check_failed) boots fine from a wiped data directory, so a few attempts
+# turn a rare crash into a short delay instead of a failed test session.
+_BOOT_ATTEMPTS = 3
 
 
 class RabbitMQNotInstalled(RuntimeError):  # noqa: N818 - name is part of the published API
@@ -81,6 +62,10 @@ class RabbitMQNotInstalled(RuntimeError):  # noqa: N818 - name is part of the pu
 
 class DevClusterError(RuntimeError):
     """A node failed to start, join the cluster or stop in time."""
+
+
+class _BootFailed(Exception):  # noqa: N818 - an outcome that start() retries, not an error it reports
+    """One boot attempt of one node failed in a way that a fresh attempt from wiped data may fix."""
 
 
 class RabbitMQCtlError(subprocess.CalledProcessError):
@@ -124,27 +109,40 @@ class DevCluster:
         # Nodes killed or stopped on purpose: their exit is not a startup failure.
         self._down: set[str] = set()
         self._home = Path()
+        # Set by stop(), under the lock _spawn() holds: a boot thread that outlived a failed start() must not
+        # start a node after stop() has killed the others.
+        self._stopped = False
+        self._spawn_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start every node, cluster them and wait until each node runs and sees all the others."""
+        """Start every node, cluster them and wait until each node runs and sees all the others.
+
+        A node that crashes or fails to join while booting is killed, its data wiped and booted again, up
+        to three times; startup_timeout bounds each attempt.
+        """
         if self.nodes:
             raise RuntimeError("DevCluster.start() may only be called once")
         if not rabbitmq_installed():
             raise RabbitMQNotInstalled(f"RabbitMQ was not found in {RABBITMQ_BIN_DIR}; install it with: {INSTALL_HINT}")
         _check_localhost()
         began = time.monotonic()
-        deadline = began + self.startup_timeout
         self._prepare()
         # Stopping is registered before anything is spawned: the nodes run in their own sessions, so an
         # interpreter that exits without stop() (Ctrl-C in the demo) would otherwise leave them behind.
-        atexit.register(self.stop)
+        atexit.register(self._stop_at_exit)
         try:
-            for node in self.nodes:
-                self._spawn(node)
-            self._log(f"started {self.size} RabbitMQ node(s) in {self.base_dir}; waiting for them to boot")
-            self._await_ready(self.nodes, self.size, deadline)
+            # Node 1 boots alone first. A node that joins a peer which is still creating its tables can
+            # copy a half-made schema and crash (schema_integrity_check_failed); joining a node that has
+            # finished booting avoids that race, and the other nodes then boot in parallel.
+            first, *rest = self.nodes
+            self._log(f"starting {first.name} in {self.base_dir}")
+            self._bring_up([first], peer=None)
+            if rest:
+                self._log(f"{first.name} is up; starting {len(rest)} more node(s) to join it")
+                self._bring_up(rest, peer=first)
+            self._await_all_members(self.nodes, self.size)
         except BaseException:
             self.stop()
             raise
@@ -152,13 +150,27 @@ class DevCluster:
 
     def stop(self) -> None:
         """Stop every node (gracefully, then by force after a deadline) and remove the temp dir."""
-        atexit.unregister(self.stop)
+        atexit.unregister(self._stop_at_exit)
+        with self._spawn_lock:
+            self._stopped = True
         running = [node for node in self.nodes if self._alive(node)]
         if running:
             self._log(f"stopping {len(running)} node(s)")
         with ThreadPoolExecutor(max_workers=max(1, len(self.nodes))) as pool:
             # list() re-raises the first error only after every node has had its turn.
             list(pool.map(self._stop_node, self.nodes))
+        if self._own_base_dir and self.base_dir is not None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            self.base_dir = None
+
+    def _stop_at_exit(self) -> None:
+        # The interpreter is going away: no thread pool can run any more, and the data is thrown away with
+        # the temp dir anyway, so the nodes are killed one after the other instead of stopped politely.
+        with self._spawn_lock:
+            self._stopped = True
+        for node in self.nodes:
+            with contextlib.suppress(DevClusterError):
+                self._kill(node)
         if self._own_base_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
             self.base_dir = None
@@ -183,8 +195,7 @@ class DevCluster:
         pid = self._require_beam(node)
         os.kill(pid, signal.SIGSTOP)
         self._paused.add(node.name)
-        # Signal delivery is asynchronous; callers expect the node to be frozen when this returns.
-        self._await_status(node, pid, stopped=True)
+        self._await_stopped_state(node, pid, stopped=True)
 
     def resume(self, node: Node) -> None:
         """Let a paused node run again (SIGCONT)."""
@@ -192,33 +203,30 @@ class DevCluster:
         pid = self._require_beam(node)
         os.kill(pid, signal.SIGCONT)
         self._paused.discard(node.name)
-        self._await_status(node, pid, stopped=False)
+        self._await_stopped_state(node, pid, stopped=False)
 
     def kill(self, node: Node) -> None:
         """Kill the node without any shutdown (SIGKILL), like a crash or power loss."""
-        node = self._node(node)
-        self._kill_tree(node, self._tree(node))
-        self._paused.discard(node.name)
+        self._kill(self._node(node))
 
     def restart(self, node: Node) -> None:
-        """Start a killed or stopped node again on the same ports and data; wait until it rejoined."""
+        """Start a killed or stopped node again on the same ports and data; wait until it rejoined.
+
+        Like start(), a node that crashes while booting is booted again from wiped data, which makes it
+        join the cluster afresh through a running member.
+        """
         node = self._node(node)
         if self._alive(node):
             self._stop_node(node)
-        deadline = time.monotonic() + self.startup_timeout
-        self._spawn(node)
-        # A node restarted from its data directory rejoins through Mnesia, not peer discovery; wait
-        # until it sees every node that is still up, or tests would race the rejoin.
-        self._await_ready([node], sum(self._alive(n) for n in self.nodes), deadline)
+        peer = next((n for n in self.nodes if n.name != node.name and self._responsive(n)), None)
+        self._bring_up([node], peer=peer)
+        # A node restarted from its data directory rejoins through Mnesia, not peer discovery; wait until
+        # it sees every node that is still up, or tests would race the rejoin.
+        self._await_all_members([node], sum(self._alive(n) for n in self.nodes))
 
     def beam_pid(self, node: Node) -> int | None:
         """PID of the node's Erlang VM (beam.smp), or None when it is not running."""
-        node = self._node(node)
-        for proc in self._tree(node):
-            with contextlib.suppress(psutil.Error):
-                if proc.name().startswith("beam"):
-                    return int(proc.pid)
-        return None
+        return _processes.beam_pid(self._tree(self._node(node)))
 
     # -- rabbitmqctl -------------------------------------------------------------------------------
 
@@ -230,7 +238,9 @@ class DevCluster:
         """
         node = self._node(node)
         argv = [str(RABBITMQ_BIN_DIR / "rabbitmqctl"), "-n", node.name, *args]
-        done = subprocess.run(argv, env=self._ctl_env(), capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            argv, env=_nodesetup.ctl_env(self._home), capture_output=True, text=True, timeout=timeout, check=False
+        )
         if done.returncode != 0:
             raise RabbitMQCtlError(done.returncode, argv, done.stdout, done.stderr)
         return done.stdout
@@ -283,119 +293,32 @@ class DevCluster:
             self.base_dir = Path(tempfile.mkdtemp(prefix="rabbitproxy-devcluster-"))
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._home = self.base_dir / "home"
-        self._home.mkdir(exist_ok=True)
-        (self._home / "rabbitmq-env.conf").touch()
-        cookie = self._home / ".erlang.cookie"
-        if not cookie.exists():
-            # Created with its final mode so it is never readable by others, which Erlang refuses.
-            fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(20).upper())
-        token = secrets.token_hex(3)
-        ports = _free_ports(3 * self.size)
-        for i in range(self.size):
-            amqp, management, dist = ports[3 * i : 3 * i + 3]
-            short = f"rp{i + 1}-{token}"
-            node = Node(
-                name=f"{short}@localhost",
-                amqp_port=amqp,
-                management_port=management if self.management else 0,
-                dist_port=dist,
-                index=i + 1,
-                dir=self.base_dir / short,
-            )
-            node.log_dir.mkdir(parents=True, exist_ok=True)
-            (node.dir / "mnesia").mkdir(exist_ok=True)
-            node.config_file.write_text("".join(f"{line}\n" for line in self._config_lines(node)))
-            plugins = "[rabbitmq_management]." if self.management else "[]."
-            (node.dir / "enabled_plugins").write_text(plugins + "\n")
-            self.nodes.append(node)
+        _nodesetup.prepare_home(self._home)
+        self.nodes.extend(_nodesetup.make_nodes(self.base_dir, self.size, management=self.management))
+        first = self.nodes[0]
+        for node in self.nodes:
+            self._write_config(node, peer=None if node is first else first)
 
-    def _config_lines(self, node: Node) -> list[str]:
-        settings = {
-            # Loopback only: with loopback_users = none the guest account would otherwise be open to the
-            # network.
-            "listeners.tcp.default": f"127.0.0.1:{node.amqp_port}",
-            "loopback_users": "none",
-            # Fixed limits, so a full disk or a big host does not decide whether publishers get blocked.
-            "disk_free_limit.absolute": "50MB",
-            "vm_memory_high_watermark.absolute": "1GB",
-            # Tests pause nodes; a pause longer than net_ticktime partitions the cluster, and the default
-            # "ignore" mode would leave it partitioned after the node resumes.
-            "cluster_partition_handling": "autoheal",
-            "log.file.level": "info",
-            "log.console": "false",
-        }
-        if self.management:
-            settings["management.tcp.port"] = str(node.management_port)
-            settings["management.tcp.ip"] = "127.0.0.1"
-        if node.index > 1:
-            # Nodes 2..N find node 1 through classic peer discovery on first boot, so nobody has to be
-            # stopped and rejoined later. Node 1 has no peers configured and always forms the cluster,
-            # which rules out the race where parallel booting nodes each start their own. The retries
-            # cover node 1 booting slower than its peers on a busy machine.
-            interval_ms = 500
-            settings["cluster_formation.peer_discovery_backend"] = "classic_config"
-            settings["cluster_formation.classic_config.nodes.1"] = self.nodes[0].name
-            settings["cluster_formation.discovery_retry_interval"] = str(interval_ms)
-            settings["cluster_formation.discovery_retry_limit"] = str(
-                max(10, int(self.startup_timeout * 1000 / interval_ms))
-            )
-        extra: list[str] = []
-        for line in self.extra_config:
-            key, sep, value = line.partition("=")
-            if sep and not line.lstrip().startswith("#"):
-                # The caller's value replaces ours instead of appearing twice.
-                settings[key.strip()] = value.strip()
-            else:
-                extra.append(line)
-        return [f"{key} = {value}" for key, value in settings.items()] + extra
-
-    def _node_env(self, node: Node) -> dict[str, str]:
-        env = self._ctl_env()
-        env.update(
-            RABBITMQ_NODENAME=node.name,
-            RABBITMQ_CONFIG_FILE=str(node.config_file),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(node.dir / "advanced.config"),
-            RABBITMQ_DIST_PORT=str(node.dist_port),
-            RABBITMQ_MNESIA_BASE=str(node.dir / "mnesia"),
-            RABBITMQ_LOG_BASE=str(node.log_dir),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(node.dir / "enabled_plugins"),
-            RABBITMQ_PID_FILE=str(node.pid_file),
-            # Keep inter-node traffic on loopback like the other listeners.
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+    def _write_config(self, node: Node, peer: Node | None) -> None:
+        lines = _nodesetup.config_lines(
+            node,
+            peer,
+            management=self.management,
+            extra_config=self.extra_config,
+            startup_timeout=self.startup_timeout,
         )
-        return env
-
-    def _ctl_env(self) -> dict[str, str]:
-        # Inherited RABBITMQ_* settings (a developer's shell, the system service) must not leak in.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("RABBITMQ_")}
-        env.update(
-            HOME=str(self._home),
-            LC_ALL="C.UTF-8",
-            RABBITMQ_USE_LONGNAME="false",
-            # An empty env file instead of /etc/rabbitmq/rabbitmq-env.conf, which belongs to the system
-            # broker.
-            RABBITMQ_CONF_ENV_FILE=str(self._home / "rabbitmq-env.conf"),
-            # By default every CLI run claims a port in 35672-35682; concurrent runs across clusters and
-            # test workers would exhaust that range. 0..0 lets the kernel pick any free port.
-            RABBITMQ_CTL_DIST_PORT_MIN="0",
-            RABBITMQ_CTL_DIST_PORT_MAX="0",
-            # Erlang's schedulers spin before sleeping by default. The server scripts turn that off, but
-            # not for the CLI, and on a loaded 2-core machine the spinning made each CLI run take 3-13 s
-            # instead of 1.5 s.
-            RABBITMQ_CTL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none",
-        )
-        return env
+        node.config_file.write_text("".join(f"{line}\n" for line in lines))
 
     def _spawn(self, node: Node) -> None:
         # A pid file left by the previous run would make _await_booted ask the CLI too early.
         node.pid_file.unlink(missing_ok=True)
-        self._down.discard(node.name)
-        with node.stdout_file.open("ab") as out:
+        with self._spawn_lock, node.stdout_file.open("ab") as out:
+            if self._stopped:
+                raise DevClusterError(f"not starting {node.name}: the cluster was stopped")
+            self._down.discard(node.name)
             self._procs[node.name] = subprocess.Popen(
                 [str(RABBITMQ_BIN_DIR / "rabbitmq-server")],
-                env=self._node_env(node),
+                env=_nodesetup.node_env(node, self._home),
                 cwd=node.dir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -405,40 +328,53 @@ class DevCluster:
                 start_new_session=True,
             )
 
-    def _await_ready(self, nodes: Sequence[Node], members: int, deadline: float) -> None:
-        """Wait until each of ``nodes`` has booted and counts ``members`` running cluster nodes.
-
-        Nodes are waited for in parallel because every check starts a CLI Erlang VM, which takes
-        seconds of wall time on a loaded machine even though it needs little CPU.
-        """
+    def _bring_up(self, nodes: Sequence[Node], peer: Node | None) -> None:
+        """Boot ``nodes`` in parallel, each into the cluster of ``peer`` (None: node 1 forming it)."""
         began = time.monotonic()
-        abort = threading.Event()
 
-        def wait(node: Node) -> None:
+        def boot(node: Node, abort: threading.Event) -> None:
+            if self._boot(node, peer, abort):
+                self._log(f"{node.name} is running ({time.monotonic() - began:.1f}s)")
+
+        _processes.run_in_parallel(nodes, boot)
+
+    def _boot(self, node: Node, peer: Node | None, abort: threading.Event) -> bool:
+        """Boot the node, retrying from wiped data; False when aborted because another node failed."""
+        failures: list[str] = []
+        for attempt in range(1, _BOOT_ATTEMPTS + 1):
+            if abort.is_set():
+                return False
+            if failures:
+                self._log(
+                    f"{node.name} {failures[-1]}; wiping its data and booting it again"
+                    f" (attempt {attempt} of {_BOOT_ATTEMPTS})"
+                )
+                self._wipe(node, peer)
+            self._spawn(node)
             try:
-                if self._await_booted(node, deadline, abort) and self._await_members(node, members, deadline, abort):
-                    self._log(f"{node.name} is running ({time.monotonic() - began:.1f}s)")
-            except BaseException:
-                abort.set()  # the other waits give up at their next check instead of at the deadline
-                raise
-
-        pool = ThreadPoolExecutor(max_workers=len(nodes), thread_name_prefix="devcluster-wait")
-        try:
-            futures = [pool.submit(wait, node) for node in nodes]
-            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-            for future in done:
-                if (error := future.exception()) is not None:
-                    raise error
-        finally:
-            abort.set()
-            # Not waiting for the other threads: on failure, stop() kills their nodes next, which ends
-            # any CLI call they are blocked in.
-            pool.shutdown(wait=False, cancel_futures=True)
+                if not self._await_booted(node, time.monotonic() + self.startup_timeout, abort):
+                    return False
+                self._check_joined(node, peer)
+                return True
+            except _BootFailed as exc:
+                failures.append(str(exc))
+        tails = self._tails(node)
+        # The last attempt may still run (a boot that timed out); a caller of restart() must not be left
+        # with a half-started node, and stop() would kill it anyway.
+        self._kill(node)
+        attempts = "".join(f"\n  attempt {i}: {node.name} {reason}" for i, reason in enumerate(failures, 1))
+        raise DevClusterError(f"{node.name} failed to start {_BOOT_ATTEMPTS} times:{attempts}{tails}")
 
     def _await_booted(self, node: Node, deadline: float, abort: threading.Event) -> bool:
-        """True once the node runs; False when the wait was aborted because another node failed."""
+        """True once the node runs; False when aborted or killed on purpose; _BootFailed on a failure."""
         while not abort.is_set():
-            self._check_waiting(node, deadline, "did not boot")
+            proc = self._procs[node.name]
+            if proc.poll() is not None:
+                if node.name in self._down:
+                    return False
+                raise _BootFailed(f"exited with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise _BootFailed(f"did not boot within {self.startup_timeout:.0f}s")
             # The node writes its pid file once it runs; only then is starting a CLI VM worth it.
             # await_startup fails fast while the node is not registered with epmd yet, and blocks while
             # it boots.
@@ -451,26 +387,58 @@ class DevCluster:
             time.sleep(_POLL_INTERVAL)
         return False
 
-    def _await_members(self, node: Node, members: int, deadline: float, abort: threading.Event) -> bool:
-        """True once the node counts ``members`` running nodes in its cluster; False when aborted."""
-        while not abort.is_set():
-            self._check_waiting(node, deadline, f"did not see {members} running cluster node(s)")
+    def _check_joined(self, node: Node, peer: Node | None) -> None:
+        """Raise _BootFailed unless the booted node is a member of ``peer``'s cluster."""
+        if peer is None:
+            return
+        # Peer discovery that gives up boots the node as a cluster of its own; it would never see the
+        # others, so this is a failed boot rather than something to wait out.
+        try:
+            status = json.loads(self.rabbitmqctl(node, "cluster_status", "--formatter", "json"))
+        except (RabbitMQCtlError, subprocess.TimeoutExpired, ValueError) as exc:
+            raise _BootFailed(f"booted but did not report its cluster status: {exc}") from exc
+        members = status.get("disk_nodes", []) if isinstance(status, dict) else []
+        if peer.name not in members:
+            raise _BootFailed(f"booted outside the cluster of {peer.name} (members: {members})")
+
+    def _wipe(self, node: Node, peer: Node | None) -> None:
+        """Kill the node and empty its data, so its next boot joins ``peer``'s cluster afresh."""
+        self._kill(node)
+        shutil.rmtree(node.dir / "mnesia", ignore_errors=True)
+        (node.dir / "mnesia").mkdir()
+        self._write_config(node, peer)
+        if peer is not None:
+            # The failed boot may have registered the node with the cluster already; the peer would then
+            # refuse the blank node of that name as inconsistent. Not being a member is fine too.
             try:
-                self._ctl_wait(node, deadline, "await_online_nodes", str(members))
-                return True
-            except (RabbitMQCtlError, subprocess.TimeoutExpired):
-                time.sleep(_POLL_INTERVAL)
-        return False
+                self.rabbitmqctl(peer, "forget_cluster_node", node.name)
+            except (RabbitMQCtlError, subprocess.TimeoutExpired) as exc:
+                self._log(f"{peer.name} did not forget {node.name}: {str(exc).splitlines()[-1]}")
+
+    def _await_all_members(self, nodes: Sequence[Node], members: int) -> None:
+        """Wait until each of ``nodes`` counts ``members`` running cluster nodes."""
+        deadline = time.monotonic() + self.startup_timeout
+
+        def wait(node: Node, abort: threading.Event) -> None:
+            while not abort.is_set():
+                self._check_processes()
+                if time.monotonic() > deadline:
+                    raise DevClusterError(
+                        f"{node.name} did not see {members} running cluster node(s) within"
+                        f" {self.startup_timeout:.0f}s" + self._tails(node)
+                    )
+                try:
+                    self._ctl_wait(node, deadline, "await_online_nodes", str(members))
+                    return
+                except (RabbitMQCtlError, subprocess.TimeoutExpired):
+                    time.sleep(_POLL_INTERVAL)
+
+        _processes.run_in_parallel(nodes, wait)
 
     def _ctl_wait(self, node: Node, deadline: float, *args: str) -> None:
         """Run a blocking rabbitmqctl wait command, bounded so the caller can check again in between."""
         seconds = max(1, min(_CTL_WAIT_SLICE, int(deadline - time.monotonic())))
         self.rabbitmqctl(node, *args, "--timeout", str(seconds), timeout=seconds + 30)
-
-    def _check_waiting(self, node: Node, deadline: float, what: str) -> None:
-        self._check_processes()
-        if time.monotonic() > deadline:
-            raise DevClusterError(f"{node.name} {what} within {self.startup_timeout:.0f}s" + self._tails(node))
 
     def _check_processes(self) -> None:
         for node in self.nodes:
@@ -485,8 +453,8 @@ class DevCluster:
         tree = self._tree(node)
         if proc.poll() is None:
             if node.name in self._paused:
-                with contextlib.suppress(ProcessLookupError, DevClusterError):
-                    os.kill(self._require_beam(node), signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(_processes.beam_pid(tree) or proc.pid, signal.SIGCONT)
             deadline = time.monotonic() + _STOP_GRACE
             try:
                 self.rabbitmqctl(node, "stop", timeout=_STOP_GRACE)
@@ -496,57 +464,36 @@ class DevCluster:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self._log(f"{node.name} did not stop within {_STOP_GRACE:.0f}s; killing it")
-        self._kill_tree(node, tree)
-        self._paused.discard(node.name)
+        # The tree was taken while the wrapper ran: helpers the VM left behind are found only through it.
+        self._kill(node, tree)
 
-    def _tree(self, node: Node) -> list[Any]:
-        """The wrapper shell and everything below it, while they can still be found from the wrapper."""
-        proc = self._procs.get(node.name)
-        if proc is None or proc.poll() is not None:
-            return []
-        try:
-            root = psutil.Process(proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    def _kill_tree(self, node: Node, tree: list[Any]) -> None:
+    def _kill(self, node: Node, tree: list[Any] | None = None) -> None:
         """SIGKILL everything the node started; ``tree`` is a _tree() snapshot taken while it ran."""
         proc = self._procs.get(node.name)
         if proc is None:
             return
         self._down.add(node.name)
-        # Only a wrapper we have not reaped yet still owns its pid, and so its process group id; after
-        # that, killpg could hit an unrelated group that reuses the number.
-        owns_group = proc.poll() is None
-        # The VM and its helpers go first, so the wrapper shell is still there to reap the VM; killing
-        # the wrapper first would leave that to init. erl_child_setup and its helpers run in sessions of
-        # their own, out of reach of killpg, hence the explicit list.
-        for member in tree[1:]:
-            with contextlib.suppress(psutil.Error):
-                if member.name() != "epmd":  # shared with every other Erlang node on the machine
-                    member.kill()
-        if owns_group:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        self._paused.discard(node.name)
         try:
-            proc.wait(timeout=_STOP_GRACE)
+            _processes.kill_tree(proc, self._tree(node) if tree is None else tree)
         except subprocess.TimeoutExpired as exc:
             raise DevClusterError(f"{node.name} (pid {proc.pid}) survived SIGKILL") from exc
 
-    def _await_status(self, node: Node, pid: int, *, stopped: bool) -> None:
-        deadline = time.monotonic() + _STOP_GRACE
-        while (psutil.Process(pid).status() == psutil.STATUS_STOPPED) != stopped:
-            if time.monotonic() > deadline:
-                state = "stop" if stopped else "continue"
-                raise DevClusterError(f"{node.name} (pid {pid}) did not {state} within {_STOP_GRACE:.0f}s")
-            time.sleep(0.01)
+    def _tree(self, node: Node) -> list[Any]:
+        """The wrapper shell and everything below it, while they can still be found from the wrapper."""
+        return _processes.process_tree(self._procs.get(node.name))
+
+    def _await_stopped_state(self, node: Node, pid: int, *, stopped: bool) -> None:
+        if not _processes.await_stopped_state(pid, stopped=stopped, timeout=_STOP_GRACE):
+            state = "stop" if stopped else "continue"
+            raise DevClusterError(f"{node.name} (pid {pid}) did not {state} within {_STOP_GRACE:.0f}s")
 
     def _alive(self, node: Node) -> bool:
         proc = self._procs.get(node.name)
         return proc is not None and proc.poll() is None
+
+    def _responsive(self, node: Node) -> bool:
+        return self._alive(node) and node.name not in self._paused
 
     def _require_beam(self, node: Node) -> int:
         pid = self.beam_pid(node)
@@ -556,7 +503,7 @@ class DevCluster:
 
     def _any_responsive_node(self) -> Node:
         for node in self.nodes:
-            if self._alive(node) and node.name not in self._paused:
+            if self._responsive(node):
                 return node
         raise DevClusterError("no node of the cluster is running")
 
@@ -567,21 +514,10 @@ class DevCluster:
         raise ValueError(f"{node.name} is not a node of this cluster")
 
     def _tails(self, node: Node) -> str:
-        return "".join(f"\n--- last lines of {path} ---\n{_tail(path)}" for path in (node.stdout_file, node.log_file))
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel considers free right now; all sockets stay open until all are picked."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        return "".join(
+            f"\n--- last lines of {path} ---\n{_processes.tail(path, _LOG_TAIL_LINES)}"
+            for path in (node.stdout_file, node.log_file)
+        )
 
 
 def _check_localhost() -> None:
@@ -592,14 +528,6 @@ def _check_localhost() -> None:
         raise DevClusterError("'localhost' does not resolve; add it to /etc/hosts") from exc
     if not address.startswith("127."):
         raise DevClusterError(f"'localhost' resolves to {address}, not to a loopback address")
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"({exc})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _as_text(value: object) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -182,6 +184,29 @@ async def test_killed_node_restarts_on_same_ports_and_rejoins(cluster: DevCluste
 
 
 @needs_rabbitmq
+def test_restart_recovers_a_node_whose_data_is_broken(cluster: DevCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not async: the recovery does not involve an event loop, so running it once instead of per loop is enough.
+    node = cluster.nodes[2]
+    lines: list[str] = []
+    monkeypatch.setattr(cluster, "_log", lines.append)
+    cluster.kill(node)
+    # A node whose Mnesia directory is unusable fails to boot, like one that crashed while joining; restart()
+    # has to wipe the data and let the node join the cluster afresh.
+    (data_dir,) = (node.dir / "mnesia").glob("*@localhost")
+    shutil.rmtree(data_dir)
+    data_dir.write_text("not a directory")
+    cluster.restart(node)
+    assert any("wiping its data and booting it again (attempt 2 of 3)" in line for line in lines)
+    assert data_dir.is_dir()
+    names = {n.name for n in cluster.nodes}
+    for member in cluster.nodes:
+        assert running_nodes(cluster, member) == names
+    with socket.create_connection(("127.0.0.1", node.amqp_port), timeout=30) as sock:
+        sock.sendall(AMQP_0_9_1_HEADER)
+        assert sock.recv(1) == b"\x01"  # connection.start: the broker answers again
+
+
+@needs_rabbitmq
 def test_stop_leaves_no_process_and_removes_its_temp_dir() -> None:
     lines: list[str] = []
     cluster = DevCluster(1, management=False, log=lines.append)
@@ -197,6 +222,23 @@ def test_stop_leaves_no_process_and_removes_its_temp_dir() -> None:
     assert survivors == []
     assert not base_dir.exists()
     assert any("ready" in line for line in lines)
+
+
+@needs_rabbitmq
+def test_a_node_that_never_boots_fails_start_after_three_attempts_with_its_log() -> None:
+    # A setting RabbitMQ does not know makes every boot exit at once, so wiping the data cannot help.
+    cluster = DevCluster(1, management=False, extra_config=["no_such_setting.anywhere = 1"])
+    try:
+        with pytest.raises(devcluster.DevClusterError) as failure:
+            cluster.start()
+    finally:
+        cluster.stop()  # a no-op after the failed start(), but a start() that wrongly succeeded leaves nodes
+    message = str(failure.value)
+    assert "failed to start 3 times" in message
+    assert message.count("exited with status") == 3
+    assert "failed_to_prepare_configuration" in message  # the tail of the node's own output says why
+    assert cluster.base_dir is None  # start() stopped the cluster and removed its directory
+    assert all(proc.poll() is not None for proc in cluster._procs.values())
 
 
 def test_missing_installation_names_the_apt_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
