@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from rabbitproxy import config as config_mod
+from rabbitproxy import sdnotify
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
 from rabbitproxy.limits import quiet_accept_errors
 from rabbitproxy.pool import Backend, Pool
@@ -175,6 +176,9 @@ class Proxy:
         # Phase 2: apply. Removed services stop accepting and drain in the background.
         for name in [n for n in self.services if n not in new_names]:
             service = self.services.pop(name)
+            # Close the listener now, not when the drain task first runs: by the time the reload is reported
+            # done, a new connect to a removed service must already be refused.
+            service.stop_accepting()
             for b in service.pool.backends:
                 await self._unwatch(b)
             self.spawn(service.remove(), name=f"drain {name}")
@@ -295,23 +299,24 @@ async def serve(
         # The admin port is taken (or worse): the listeners already bound must not outlive the failed start.
         await proxy.shutdown()
         raise
+    if shutdown_trigger is None:
+        # Signal handlers go in before readiness is announced, so a SIGTERM right after READY drains gracefully.
+        stop = asyncio.Event()
+
+        def on_hup() -> None:
+            proxy.spawn(_reload_from_signal(proxy), name="reload")
+
+        install_signal_handlers(asyncio.get_running_loop(), stop, on_hup)
+        shutdown_trigger = stop.wait
     # Everything allocated so far lives for the whole run; freezing it keeps the collector from rescanning it.
     gc.freeze()
     if ready is not None:
         ready(proxy)
+    sdnotify.notify("READY=1")
     try:
-        if shutdown_trigger is None:
-            loop = asyncio.get_running_loop()
-            event = asyncio.Event()
-
-            def on_hup() -> None:
-                proxy.spawn(_reload_from_signal(proxy), name="reload")
-
-            install_signal_handlers(loop, event, on_hup)
-            await event.wait()
-        else:
-            await shutdown_trigger()
+        await shutdown_trigger()
     finally:
+        sdnotify.notify("STOPPING=1")
         await proxy.shutdown()
         if admin_runner is not None:
             await admin_runner.cleanup()

@@ -96,6 +96,17 @@ def open_fds(pid: int | None = None) -> int:
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
 
 
+def fd_targets(pid: int) -> list[str]:
+    """What a process's descriptors point at (socket:[inode], pipe:[...], files), for failure messages."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            continue
+    return sorted(out)
+
+
 @contextlib.asynccontextmanager
 async def tcp_server(
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], host: str = "127.0.0.1"
@@ -186,35 +197,32 @@ class ProxyProcess:
         host, port = config_mod.split_host_port(first["listen"])
         self.addr = (host, port)
 
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "rabbitproxy", "serve", "--config", str(self.config_path),
+            "--loop", self.loop, "--log-level", self.log_level,
+        ]  # fmt: skip
+
     def start(self) -> ProxyProcess:
+        """Start the process and wait for its sd_notify READY=1 (every listener bound, admin API up)."""
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rabbitproxy",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--loop",
-                self.loop,
-                "--log-level",
-                self.log_level,
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_sync(self._accepting, timeout=30, what=f"proxy listening on {self.addr}")
+        notify_path = self.config_path.with_suffix(".notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(notify_path))
+            notify.settimeout(0.2)
+            env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+            self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+            wait_for_sync(lambda: self._ready(notify), timeout=60, what="the proxy's READY=1")
+        notify_path.unlink()
         return self
 
-    def _accepting(self) -> bool:
+    def _ready(self, notify: socket.socket) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
         try:
-            with socket.create_connection(self.addr, timeout=1):
-                return True
-        except OSError:
+            return notify.recv(256) == b"READY=1"
+        except TimeoutError:
             return False
 
     @property

@@ -10,8 +10,6 @@ import asyncio
 import os
 import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,6 @@ from tests.helpers import (
     service_config,
     tcp_server,
     wait_for,
-    wait_for_sync,
 )
 
 pytestmark = pytest.mark.integration
@@ -141,14 +138,8 @@ class LimitedProxy(ProxyProcess):
         super().__init__(config, tmp_path, loop=loop, log_level="info")
         self.nofile = nofile
 
-    def start(self) -> LimitedProxy:
-        self._log = self.log_path.open("wb")
-        argv = [sys.executable, "-m", "rabbitproxy", "serve", "--config", str(self.config_path), "--loop", self.loop]
-        self.proc = subprocess.Popen(
-            ["prlimit", f"--nofile={self.nofile}:{self.nofile}", *argv], stdout=self._log, stderr=subprocess.STDOUT
-        )
-        wait_for_sync(self._accepting, timeout=30, what=f"proxy listening on {self.addr}")
-        return self
+    def argv(self) -> list[str]:
+        return ["prlimit", f"--nofile={self.nofile}:{self.nofile}", *super().argv()]
 
 
 async def echoes(addr: tuple[str, int]) -> bool:

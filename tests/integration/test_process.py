@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 
 from rabbitproxy.devcluster import DevCluster
-from tests.helpers import ProxyProcess, free_port, open_fds, tcp_server, wait_for
+from tests.helpers import ProxyProcess, fd_targets, free_port, open_fds, tcp_server, wait_for
 from tests.integration.conftest import backends_for
 
 pytestmark = pytest.mark.integration
@@ -106,8 +106,13 @@ async def test_churn_twenty_thousand_short_connections(tmp_path: Path, loop: str
         with ProxyProcess(config, tmp_path, loop, "warning") as proxy:
             # Descriptors of an idle proxy (listener, loop internals); a warm-up connection must give them back.
             baseline = open_fds(proxy.pid)
+            before = fd_targets(proxy.pid)
             await one_connection(proxy.addr, b"b")
-            await wait_for(lambda: open_fds(proxy.pid) == baseline, timeout=30, what="warm-up connection released")
+            try:
+                await wait_for(lambda: open_fds(proxy.pid) == baseline, timeout=30, what="warm-up connection released")
+            except AssertionError as exc:
+                # Say which descriptors differ, so a failure on a busy CI machine explains itself.
+                raise AssertionError(f"{exc}\nbefore: {before}\nafter: {fd_targets(proxy.pid)}") from None
             sem = asyncio.Semaphore(64)
             errors: list[BaseException] = []
 
