@@ -13,11 +13,18 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+# Whether info events are written. The data path checks this before building a connection's log event: at
+# level warning the event would be dropped anyway, and building its fields costs more than relaying a short
+# connection's bytes.
+info_enabled = True
+
 
 def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = None) -> None:
     """Configure structlog (and the stdlib root logger, for aiohttp and asyncio messages)."""
+    global info_enabled
     out = stream or sys.stderr
     numeric = _LEVELS.get(level, logging.INFO)
+    info_enabled = numeric <= logging.INFO
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -4,6 +4,10 @@ Each accepted client gets a :class:`ClientLeg`. It asks the service's pool for a
 deadline, retrying other backends), and from then on every chunk one leg receives is handed untouched to the other
 leg's transport. Nothing is copied or parsed on that path.
 
+TCP_NODELAY is on for both legs without a call of ours: uvloop and asyncio both set it on every TCP transport they
+create (accepted or connected), and asking a uvloop transport for its socket to set it again costs a socket object
+per leg, a measurable share of a short connection's CPU. tests/integration/test_relay.py checks it stays so.
+
 Flow control is the transports' own: when a leg's write buffer passes its high-water mark the transport calls our
 ``pause_writing`` and we stop reading from the *other* side until ``resume_writing``. Half-closes are forwarded
 with ``write_eof``; once both directions have ended, both transports are closed. Keeping both legs half-open after
@@ -13,7 +17,6 @@ both EOFs is what makes uvloop 0.21 to 0.23 abort the process ("double free or c
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -58,16 +61,6 @@ REASONS = (
 HELLO_LENGTH = 8
 
 
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            # The peer may already be gone; the transport will report that on its own.
-            pass
-
-
 def _addr(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
@@ -87,7 +80,6 @@ class BackendLeg(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it, hence a cast, not a check.
         self.transport = cast(asyncio.Transport, transport)
-        _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -215,7 +207,6 @@ class ClientLeg(asyncio.Protocol):
         if len(service.connections) > cfg.max_connections:
             self.close(LIMIT)
             return
-        _nodelay(transport)
         transport.set_write_buffer_limits(high=cfg.high_water, low=cfg.low_water)
         if cfg.client_idle_timeout > 0:
             self.last_activity = time.monotonic()

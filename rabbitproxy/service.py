@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from rabbitproxy import logs
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.pool import Backend, Pool
 from rabbitproxy.proxy import SERVICE_REMOVED, SHUTDOWN, ClientLeg
@@ -173,6 +174,8 @@ class Service:
             self._empty.set()
         reason = conn.reason or "unknown"
         self.ended[reason] += 1
+        if not logs.info_enabled:
+            return
         log.info(
             "connection closed",
             service=self.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 
 import pytest
 
@@ -167,4 +168,20 @@ async def test_slow_reader_does_not_make_the_proxy_buffer_without_bound() -> Non
             peak = max(peak, conn.transport.get_write_buffer_size())
         assert received == total
         assert peak <= high + 256 * 1024
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_both_legs_have_tcp_nodelay() -> None:
+    # Small AMQP frames (heartbeats, acks) must not wait for Nagle's algorithm on either leg.
+    async with tcp_server(echo_handler) as port, run_proxy(
+        service_config([{"name": "echo", "address": "127.0.0.1", "port": port}])
+    ) as p:
+        reader, writer = await asyncio.open_connection(*listen_addr(p))
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        conn = next(iter(p.services["amqp"].connections))
+        for transport in (conn.transport, conn.backend_transport):
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         writer.close()
