@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
 from collections.abc import Sequence
@@ -166,10 +167,27 @@ def ctl_env(home: Path) -> dict[str, str]:
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel considers free right now; all sockets stay open until all are picked."""
+    """Ports free right now, below the kernel's ephemeral range when there is room there.
+
+    A port the kernel handed out for port 0 can be handed out again to anything that binds port 0 or
+    connects out before the node binds it. A rabbitmqctl run took a node's distribution port that way
+    (dist_port_already_used), so the ports come from below the ephemeral range, which the kernel never
+    picks on its own. All sockets stay open until all ports are picked, so none is picked twice.
+    """
+    low = _ephemeral_low()
     sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for port in _candidate_ports(low):
+            if len(sockets) == count:
+                break
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            sockets.append(sock)
+        while len(sockets) < count:  # no room below the range: let the kernel choose after all
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.bind(("127.0.0.1", 0))
@@ -177,3 +195,19 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default start of the range
+
+
+def _candidate_ports(ephemeral_low: int) -> list[int]:
+    # Above the ports of well-known services (and the system broker's 5672, 15672, 25672); shuffled so that
+    # clusters started at the same time rarely try the same ports.
+    first = 26000
+    if ephemeral_low - first < 1000:
+        return []
+    return random.sample(range(first, ephemeral_low), min(200, ephemeral_low - first))

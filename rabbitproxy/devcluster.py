@@ -135,14 +135,15 @@ class DevCluster:
         try:
             # Node 1 boots alone first. A node that joins a peer which is still creating its tables can
             # copy a half-made schema and crash (schema_integrity_check_failed); joining a node that has
-            # finished booting avoids that race, and the other nodes then boot in parallel.
+            # finished booting avoids that race, and the other nodes then boot in parallel. Booting all
+            # at once saves a few seconds but keeps the race, and a crashed joiner is hard to clean up
+            # while the node it half joined is itself still booting.
             first, *rest = self.nodes
             self._log(f"starting {first.name} in {self.base_dir}")
-            self._bring_up([first], peer=None)
+            self._bring_up([first], peer=None, members=1)
             if rest:
                 self._log(f"{first.name} is up; starting {len(rest)} more node(s) to join it")
-                self._bring_up(rest, peer=first)
-            self._await_all_members(self.nodes, self.size)
+                self._bring_up(rest, peer=first, members=self.size, watch=[first])
         except BaseException:
             self.stop()
             raise
@@ -218,11 +219,11 @@ class DevCluster:
         node = self._node(node)
         if self._alive(node):
             self._stop_node(node)
-        peer = next((n for n in self.nodes if n.name != node.name and self._responsive(n)), None)
-        self._bring_up([node], peer=peer)
-        # A node restarted from its data directory rejoins through Mnesia, not peer discovery; wait until
-        # it sees every node that is still up, or tests would race the rejoin.
-        self._await_all_members([node], sum(self._alive(n) for n in self.nodes))
+        others = [n for n in self.nodes if n.name != node.name]
+        peer = next((n for n in others if self._responsive(n)), None)
+        # A node restarted from its data directory rejoins through Mnesia, not peer discovery; waiting until
+        # it sees every node that is still up keeps tests from racing the rejoin.
+        self._bring_up([node], peer=peer, members=1 + sum(self._alive(n) for n in others))
 
     def beam_pid(self, node: Node) -> int | None:
         """PID of the node's Erlang VM (beam.smp), or None when it is not running."""
@@ -328,22 +329,36 @@ class DevCluster:
                 start_new_session=True,
             )
 
-    def _bring_up(self, nodes: Sequence[Node], peer: Node | None) -> None:
-        """Boot ``nodes`` in parallel, each into the cluster of ``peer`` (None: node 1 forming it)."""
-        began = time.monotonic()
+    def _bring_up(self, nodes: Sequence[Node], peer: Node | None, members: int, watch: Sequence[Node] = ()) -> None:
+        """Boot ``nodes`` in parallel into ``peer``'s cluster (None: form one) and wait for the members.
 
-        def boot(node: Node, abort: threading.Event) -> None:
-            if self._boot(node, peer, abort):
+        Returns once each of ``nodes`` and of the already running ``watch`` nodes counts ``members``
+        running cluster nodes.
+        """
+        began = time.monotonic()
+        # Covers every boot attempt of the slowest node, which the others wait for.
+        deadline = began + self.startup_timeout * _BOOT_ATTEMPTS
+
+        def one(node: Node, abort: threading.Event) -> None:
+            if node in watch:
+                self._await_members(node, members, deadline, abort)
+                return
+            seen = self._boot(node, peer, abort)
+            if seen is not None and (seen >= members or self._await_members(node, members, deadline, abort)):
                 self._log(f"{node.name} is running ({time.monotonic() - began:.1f}s)")
 
-        _processes.run_in_parallel(nodes, boot)
+        # The running nodes wait alongside the booting ones, so their CLI calls overlap the boots.
+        _processes.run_in_parallel([*watch, *nodes], one)
 
-    def _boot(self, node: Node, peer: Node | None, abort: threading.Event) -> bool:
-        """Boot the node, retrying from wiped data; False when aborted because another node failed."""
+    def _boot(self, node: Node, peer: Node | None, abort: threading.Event) -> int | None:
+        """Boot the node, retrying from wiped data; None when aborted because another node failed.
+
+        Returns how many running cluster nodes the node saw right after booting.
+        """
         failures: list[str] = []
         for attempt in range(1, _BOOT_ATTEMPTS + 1):
             if abort.is_set():
-                return False
+                return None
             if failures:
                 self._log(
                     f"{node.name} {failures[-1]}; wiping its data and booting it again"
@@ -353,9 +368,8 @@ class DevCluster:
             self._spawn(node)
             try:
                 if not self._await_booted(node, time.monotonic() + self.startup_timeout, abort):
-                    return False
-                self._check_joined(node, peer)
-                return True
+                    return None
+                return self._check_joined(node, peer)
             except _BootFailed as exc:
                 failures.append(str(exc))
         tails = self._tails(node)
@@ -387,19 +401,22 @@ class DevCluster:
             time.sleep(_POLL_INTERVAL)
         return False
 
-    def _check_joined(self, node: Node, peer: Node | None) -> None:
-        """Raise _BootFailed unless the booted node is a member of ``peer``'s cluster."""
+    def _check_joined(self, node: Node, peer: Node | None) -> int:
+        """Raise _BootFailed unless the booted node is a member of ``peer``'s cluster; count running nodes."""
         if peer is None:
-            return
+            return 1  # a node forming its own cluster: itself
         # Peer discovery that gives up boots the node as a cluster of its own; it would never see the
         # others, so this is a failed boot rather than something to wait out.
         try:
             status = json.loads(self.rabbitmqctl(node, "cluster_status", "--formatter", "json"))
         except (RabbitMQCtlError, subprocess.TimeoutExpired, ValueError) as exc:
             raise _BootFailed(f"booted but did not report its cluster status: {exc}") from exc
-        members = status.get("disk_nodes", []) if isinstance(status, dict) else []
+        if not isinstance(status, dict):
+            raise _BootFailed(f"booted but reported a strange cluster status: {status!r}")
+        members = status.get("disk_nodes", [])
         if peer.name not in members:
             raise _BootFailed(f"booted outside the cluster of {peer.name} (members: {members})")
+        return len(status.get("running_nodes", []))
 
     def _wipe(self, node: Node, peer: Node | None) -> None:
         """Kill the node and empty its data, so its next boot joins ``peer``'s cluster afresh."""
@@ -415,36 +432,28 @@ class DevCluster:
             except (RabbitMQCtlError, subprocess.TimeoutExpired) as exc:
                 self._log(f"{peer.name} did not forget {node.name}: {str(exc).splitlines()[-1]}")
 
-    def _await_all_members(self, nodes: Sequence[Node], members: int) -> None:
-        """Wait until each of ``nodes`` counts ``members`` running cluster nodes."""
-        deadline = time.monotonic() + self.startup_timeout
-
-        def wait(node: Node, abort: threading.Event) -> None:
-            while not abort.is_set():
-                self._check_processes()
-                if time.monotonic() > deadline:
-                    raise DevClusterError(
-                        f"{node.name} did not see {members} running cluster node(s) within"
-                        f" {self.startup_timeout:.0f}s" + self._tails(node)
-                    )
-                try:
-                    self._ctl_wait(node, deadline, "await_online_nodes", str(members))
-                    return
-                except (RabbitMQCtlError, subprocess.TimeoutExpired):
-                    time.sleep(_POLL_INTERVAL)
-
-        _processes.run_in_parallel(nodes, wait)
+    def _await_members(self, node: Node, members: int, deadline: float, abort: threading.Event) -> bool:
+        """True once the node counts ``members`` running cluster nodes; False when aborted."""
+        while not abort.is_set():
+            proc = self._procs[node.name]
+            # Only this node's own exit is an error here: a peer that crashed is being booted again.
+            if proc.poll() is not None:
+                raise DevClusterError(f"{node.name} exited with status {proc.returncode}" + self._tails(node))
+            if time.monotonic() > deadline:
+                raise DevClusterError(
+                    f"{node.name} did not see {members} running cluster node(s) in time" + self._tails(node)
+                )
+            try:
+                self._ctl_wait(node, deadline, "await_online_nodes", str(members))
+                return True
+            except (RabbitMQCtlError, subprocess.TimeoutExpired):
+                time.sleep(_POLL_INTERVAL)
+        return False
 
     def _ctl_wait(self, node: Node, deadline: float, *args: str) -> None:
         """Run a blocking rabbitmqctl wait command, bounded so the caller can check again in between."""
         seconds = max(1, min(_CTL_WAIT_SLICE, int(deadline - time.monotonic())))
         self.rabbitmqctl(node, *args, "--timeout", str(seconds), timeout=seconds + 30)
-
-    def _check_processes(self) -> None:
-        for node in self.nodes:
-            proc = self._procs.get(node.name)
-            if proc is not None and proc.poll() is not None and node.name not in self._down:
-                raise DevClusterError(f"{node.name} exited with status {proc.returncode}" + self._tails(node))
 
     def _stop_node(self, node: Node) -> None:
         proc = self._procs.get(node.name)
