@@ -281,6 +281,7 @@ async def health_task(service: Service, backend: Backend) -> None:
                 began = loop.time()
                 result = await checker.probe()
                 apply_result(service, backend, state, result, loop.time() - began)
+                service.note_checked()
             next_at = max(next_at + cfg.interval, loop.time())
             await asyncio.sleep(next_at - loop.time())
     finally:

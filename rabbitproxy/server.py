@@ -74,9 +74,20 @@ class Proxy:
         socks = _bind_all(self.config.services)
         for sc in self.config.services:
             service = Service(sc, tls=tls[sc.name])
-            await service.start(socks[sc.name])
             self.services[sc.name] = service
             self._watch_service(service)
+        # The sockets already listen, so clients arriving now wait in the backlog. Serving starts once every
+        # backend's first check has answered (or its timeout passed): otherwise the first clients after a start or
+        # restart would find no healthy backend and be turned away from a perfectly healthy cluster.
+        grace = max(sc.health_check.timeout for sc in self.config.services) + 1.0
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*(s.first_checks.wait() for s in self.services.values()))
+        except TimeoutError:
+            log.warning("serving before every backend's first health check answered", waited=grace)
+        for sc in self.config.services:
+            service = self.services[sc.name]
+            await service.start(socks[sc.name])
             log.info("service listening", service=sc.name, listen=sc.listen, backends=len(sc.backends))
         self.state = "running"
         self.listeners_ready.set()

@@ -40,6 +40,10 @@ class Service:
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.bound: list[tuple[str, int]] = []
+        # Set once every backend has had its first health-check verdict; the proxy starts serving after it.
+        self.first_checks = asyncio.Event()
+        if config.health_check.type == "none":
+            self.first_checks.set()
         # Set while a drain waits for the last connection to end.
         self._empty: asyncio.Event | None = None
 
@@ -133,6 +137,11 @@ class Service:
 
     async def remove(self) -> None:
         await self.drain(self.config.shutdown_timeout, SERVICE_REMOVED)
+
+    def note_checked(self) -> None:
+        """A health check answered; once every backend has an answer, ``first_checks`` is set."""
+        if not self.first_checks.is_set() and all(b.health_time is not None for b in self.pool.backends):
+            self.first_checks.set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a task owned by this service (connect attempts); it is cancelled when the service stops."""

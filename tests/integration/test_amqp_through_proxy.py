@@ -118,3 +118,17 @@ async def test_64_mib_message_survives_byte_for_byte(cluster: DevCluster) -> Non
             await message.ack()
         finally:
             await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_first_client_after_start_is_served_when_checks_are_on(cluster: DevCluster) -> None:
+    # Backends take clients only after a successful check; the proxy starts serving once the first checks have
+    # answered, so a client that arrives the moment the proxy is up is not turned away.
+    svc = service_config(backends_for(cluster), health_check={"type": "amqp", "interval": 5.0, "timeout": 2.0})
+    async with run_proxy(svc) as p:
+        conn = await aio_pika.connect(url(listen_addr(p)), timeout=30)
+        try:
+            assert [b.status for b in p.services["amqp"].pool.backends] == ["up", "up", "up"]
+            assert p.services["amqp"].ended == {}
+        finally:
+            await conn.close()

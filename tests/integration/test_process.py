@@ -68,6 +68,25 @@ async def test_sigterm_refuses_new_connections_and_lets_open_ones_finish(
         assert "reason='client closed'" in log or '"reason": "client closed"' in log
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_second_signal_exits_at_once(cluster: DevCluster, tmp_path: Path) -> None:
+    with ProxyProcess(proxy_config(backends_for(cluster), shutdown_timeout=300), tmp_path, "uvloop", "info") as proxy:
+        host, port = proxy.addr
+        conn = await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=30)
+        try:
+            assert proxy.proc is not None
+            proxy.proc.terminate()
+            await wait_for(lambda: refused(proxy.addr), timeout=10, what="listener closed after SIGTERM")
+            assert proxy.proc.poll() is None, "still draining the open connection"
+            proxy.proc.terminate()
+            # Well before the 300 s grace period: the operator asked twice.
+            rc = await asyncio.to_thread(proxy.proc.wait, 30)
+            assert rc == 1
+            assert "second signal" in proxy.log()
+        finally:
+            await conn.close()
+
+
 async def churn_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     # First byte says who ends the connection: b"b" the backend (after its reply), b"c" the client, b"r" the
     # client with a reset.
