@@ -8,11 +8,12 @@ sends.
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final
+
+from rabbitproxy.sansio import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -63,19 +64,6 @@ _START_METHOD: Final = 10
 
 class AMQPProtocolError(Exception):
     """The peer sent something that is not valid AMQP 0-9-1."""
-
-
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
-"""Returned when more bytes are needed before another event can be produced."""
-
-NeedData: TypeAlias = Literal[_NeedData.NEED_DATA]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +210,7 @@ class FrameReader:
         buffer = self._buffer
         prefix = bytes(buffer[:4])
         if not PROTOCOL_HEADER.startswith(prefix):
-            raise AMQPProtocolError(
-                f"expected an AMQP frame or protocol header, got {_describe_bytes(buffer)}"
-            )
+            raise AMQPProtocolError(f"expected an AMQP frame or protocol header, got {_describe_bytes(buffer)}")
         if len(buffer) < len(PROTOCOL_HEADER):
             return NEED_DATA
         protocol_id, a, b, c = buffer[4:8]
@@ -250,9 +236,7 @@ class _Cursor:
         start = self.pos
         stop = start + n
         if stop > self.end:
-            raise AMQPProtocolError(
-                f"truncated {what}: need {n} bytes at offset {start}, have {self.end - start}"
-            )
+            raise AMQPProtocolError(f"truncated {what}: need {n} bytes at offset {start}, have {self.end - start}")
         self.pos = stop
         return self.data[start:stop]
 
@@ -417,9 +401,7 @@ class StartProbe:
                 raise AMQPProtocolError("the peer closed the connection before sending connection.start")
             return NEED_DATA
         if isinstance(event, ProtocolHeader):
-            raise AMQPProtocolError(
-                f"the broker does not accept AMQP 0-9-1 and asked for AMQP {event.version} instead"
-            )
+            raise AMQPProtocolError(f"the broker does not accept AMQP 0-9-1 and asked for AMQP {event.version} instead")
         if event.type != FRAME_METHOD or event.channel != 0:
             raise AMQPProtocolError(
                 f"expected connection.start, got a frame of type {event.type} on channel {event.channel}"

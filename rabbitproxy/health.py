@@ -98,14 +98,21 @@ async def probe_tcp(host: str, port: int, within: float, proxy_protocol: str = "
         async with asyncio.timeout(within):
             _, writer = await asyncio.open_connection(host, port)
             writer.write(_proxy_header(writer, proxy_protocol))
-    except TimeoutError:
-        return ProbeResult(False, "timeout")
-    except ConnectionRefusedError:
-        return ProbeResult(False, "refused")
-    except OSError as exc:
-        return ProbeResult(False, exc.strerror or type(exc).__name__)
+    except (TimeoutError, OSError) as exc:
+        return _connect_failure(exc)
     writer.close()
     return ProbeResult(True, "TCP connect ok")
+
+
+def _connect_failure(exc: TimeoutError | OSError) -> ProbeResult:
+    """The verdict for a probe whose connection failed, named the way operators read it in the log."""
+    if isinstance(exc, TimeoutError):
+        return ProbeResult(False, "timeout")
+    if isinstance(exc, ConnectionRefusedError):
+        return ProbeResult(False, "refused")
+    if isinstance(exc, ConnectionResetError):
+        return ProbeResult(False, "reset")
+    return ProbeResult(False, exc.strerror or type(exc).__name__)
 
 
 async def probe_amqp(
@@ -137,14 +144,8 @@ async def probe_amqp(
                 start = probe.result()
                 if start is not amqp.NEED_DATA:
                     break
-    except TimeoutError:
-        return ProbeResult(False, "timeout")
-    except ConnectionRefusedError:
-        return ProbeResult(False, "refused")
-    except ConnectionResetError:
-        return ProbeResult(False, "reset")
-    except OSError as exc:
-        return ProbeResult(False, exc.strerror or type(exc).__name__)
+    except (TimeoutError, OSError) as exc:
+        return _connect_failure(exc)
     except amqp.AMQPProtocolError as exc:
         return ProbeResult(False, f"bad reply: {exc}")
     finally:

@@ -11,8 +11,8 @@ stricter of the two wins, so an agent saying ``ready`` cannot undo an operator's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol
 
 from rabbitproxy.balancer import Balancer, make_balancer
 from rabbitproxy.config import BackendConfig, ServiceConfig
@@ -22,9 +22,6 @@ ADMIN_STATES: tuple[AdminState, ...] = ("ready", "drain", "maint")
 _STRICTNESS: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
 # The largest weight the configuration accepts; an agent's percentage cannot push a backend beyond it.
 MAX_WEIGHT = 1000
-
-if TYPE_CHECKING:
-    pass
 
 
 class Closable(Protocol):
@@ -189,10 +186,7 @@ class Backend:
 
     def adopt_runtime_state(self, old: Backend) -> None:
         """Carry what an operator and the checks learnt over a reload of an unchanged-name backend."""
-        self.operator_state = old.operator_state
-        if old.weight_overridden:
-            self.configured_weight = old.configured_weight
-            self.weight_overridden = True
+        self.adopt_operator_state(old)
         self.healthy = old.healthy
         self.health_detail = old.health_detail
         self.health_time = old.health_time
@@ -255,7 +249,3 @@ class Pool:
 
     def usable_count(self) -> int:
         return sum(1 for b in self.backends if b.weight > 0)
-
-    def each(self, fn: Callable[[Backend], object]) -> None:
-        for b in self.backends:
-            fn(b)

@@ -6,11 +6,12 @@ families are read (so the stream stays in sync) but reported without addresses. 
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
+
+from rabbitproxy.sansio import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_V2_LENGTH",
@@ -60,18 +61,6 @@ _V1_ALLOWED: Final = frozenset(range(0x20, 0x7F))
 class ProxyProtocolError(ValueError):
     """The peer sent something that is not a valid PROXY protocol header."""
 
-
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
-"""Returned while the header is not complete yet (this module's own sentinel, not amqp.NEED_DATA)."""
-
-NeedData: TypeAlias = Literal[_NeedData.NEED_DATA]
 
 _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 

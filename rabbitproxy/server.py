@@ -233,7 +233,11 @@ class Proxy:
             backends.append(b)
         pool = Pool(backends, sc.balance)
         if old_cfg.balance == sc.balance:
+            # Keep the balancer's position (smooth WRR's running weights) so a reload does not restart the
+            # sequence; only the state of backends that are gone is dropped.
             pool.balancer = old_pool.balancer
+            for name in old_pool.by_name.keys() - pool.by_name.keys():
+                pool.balancer.forget(name)
         for b in old_pool.backends:
             await self._unwatch(b)
         service.pool = pool
