@@ -147,12 +147,23 @@ def reading(cks: list[Check], tcp_doc: dict[str, Any], amqp_doc: dict[str, Any])
             + "; ".join(f"{c.name} at {fmt(c.value, 2)}{c.unit} against {c.limit:g}{c.unit}" for c in worst)
             + "."
         )
+    condition = (
+        "2 cores shared with other jobs, so absolute numbers are noisy"
+        if busy(load)
+        else "nothing else of note was running"
+    )
     parts.append(
-        f"The machine's load average was {', '.join(str(x) for x in load)} when the TCP bench started (2 cores shared "
-        "with other jobs), so absolute numbers are noisy; the ratios compare targets measured interleaved in the "
-        "same minutes, which is what the targets are defined on. See the notes below for what the profiles show."
+        f"The machine's load average was {', '.join(str(x) for x in load)} when the TCP bench started ({condition}); "
+        "the ratios compare targets measured interleaved in the same minutes, which is what the targets are defined "
+        "on. See the notes below for what the profiles show."
     )
     return " ".join(parts)
+
+
+def busy(load: Any) -> bool:
+    """True when the one-minute load average at the start says other work competed for the cores."""
+    # The bench itself is not running yet when this is sampled, so anything near a full core is someone else.
+    return bool(load) and float(load[0]) >= 1.0
 
 
 def render(tcp_doc: dict[str, Any], amqp_doc: dict[str, Any], notes: str, mode: str) -> str:
@@ -195,7 +206,11 @@ def render(tcp_doc: dict[str, Any], amqp_doc: dict[str, Any], notes: str, mode: 
         "",
         f"Load average at start: {m.get('load_average_at_start')}; at the end of the TCP bench: "
         f"{ts.get('load_average_at_end')}, of the AMQP bench: {am.get('load_average_at_end')}. "
-        "Other engineers' test suites were running on the same 2 cores during this run.",
+        + (
+            "Other jobs were running on the same cores during this run."
+            if busy(m.get("load_average_at_start"))
+            else "The machine was otherwise idle when the run started."
+        ),
         "",
         "## Reading",
         "",
