@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+
 from rabbitproxy import config as config_mod
 from rabbitproxy.server import Proxy, serve
 
@@ -250,3 +252,16 @@ class ProxyProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def client_dead(conn: aio_pika.abc.AbstractConnection) -> bool:
+    """True once an aio-pika client saw its connection end (its own is_closed only turns on after close())."""
+    transport = conn.transport
+    return conn.is_closed or transport is None or transport.connection.is_closed
+
+
+async def close_all(conns: list[aio_pika.abc.AbstractConnection]) -> None:
+    """Close the clients that are still open (closing a dead one raises)."""
+    for c in conns:
+        if not client_dead(c):
+            await c.close()

@@ -14,7 +14,7 @@ import pytest
 from rabbitproxy import proxy as reasons
 from rabbitproxy.devcluster import DevCluster
 from rabbitproxy.server import Proxy
-from tests.helpers import listen_addr, run_proxy, service_config, wait_for
+from tests.helpers import client_dead, close_all, listen_addr, run_proxy, service_config, wait_for
 from tests.integration.conftest import backends_for
 
 pytestmark = pytest.mark.integration
@@ -68,17 +68,6 @@ async def _connect(proxy: Proxy) -> aio_pika.abc.AbstractConnection:
     return await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=15)
 
 
-def _dead(conn: aio_pika.abc.AbstractConnection) -> bool:
-    transport = conn.transport
-    return conn.is_closed or transport is None or transport.connection.is_closed
-
-
-async def _close_all(conns: list[aio_pika.abc.AbstractConnection]) -> None:
-    for c in conns:
-        if not _dead(c):
-            await c.close()
-
-
 async def _round_trip(conn: aio_pika.abc.AbstractConnection, body: bytes) -> bytes:
     channel = await conn.channel()
     queue = await channel.declare_queue("", exclusive=True)
@@ -112,7 +101,7 @@ async def test_agent_percentages_split_new_connections_one_to_four(cluster: DevC
                 what="10 and 40 connections on the brokers",
             )
     finally:
-        await _close_all(conns)
+        await close_all(conns)
         for agent in agents:
             await agent.stop()
 
@@ -143,9 +132,9 @@ async def test_agent_drain_maint_and_a_vanished_agent(cluster: DevCluster) -> No
 
             agents[0].line = "maint\n"
             await wait_for(lambda: r1.admin_state == "maint", timeout=5, what="rabbit1 in maint")
-            await wait_for(lambda: _dead(conns[0]), timeout=10, what="rabbit1's client closed")
+            await wait_for(lambda: client_dead(conns[0]), timeout=10, what="rabbit1's client closed")
             assert service.ended[reasons.BACKEND_MAINT] == 1
-            assert not any(_dead(c) for c in conns[1:])
+            assert not any(client_dead(c) for c in conns[1:])
 
             agents[0].line = "up ready 40%\n"
             await wait_for(lambda: r1.admin_state == "ready", timeout=5, what="rabbit1 ready again")
@@ -158,6 +147,6 @@ async def test_agent_drain_maint_and_a_vanished_agent(cluster: DevCluster) -> No
             assert r1.status == "up"
             assert r1.weight == 40
     finally:
-        await _close_all(conns)
+        await close_all(conns)
         for agent in agents:
             await agent.stop()

@@ -16,7 +16,17 @@ from rabbitproxy import proxy as reasons
 from rabbitproxy.devcluster import DevCluster
 from rabbitproxy.pool import Backend
 from rabbitproxy.server import Proxy
-from tests.helpers import echo_handler, free_port, listen_addr, run_proxy, service_config, tcp_server, wait_for
+from tests.helpers import (
+    client_dead,
+    close_all,
+    echo_handler,
+    free_port,
+    listen_addr,
+    run_proxy,
+    service_config,
+    tcp_server,
+    wait_for,
+)
 from tests.integration.conftest import backends_for
 
 pytestmark = pytest.mark.integration
@@ -53,18 +63,6 @@ async def _marked_down(backend: Backend) -> float:
     return time.monotonic() - began
 
 
-def _dead(conn: aio_pika.abc.AbstractConnection) -> bool:
-    """True once the client saw its connection end (aio-pika's own is_closed only turns on after close())."""
-    transport = conn.transport
-    return conn.is_closed or transport is None or transport.connection.is_closed
-
-
-async def _close_all(conns: list[aio_pika.abc.AbstractConnection]) -> None:
-    for c in conns:
-        if not _dead(c):
-            await c.close()
-
-
 @pytest.mark.asyncio
 async def test_paused_node_is_marked_down_its_clients_closed_and_it_comes_back(cluster: DevCluster) -> None:
     async with run_proxy(service_config(backends_for(cluster), health_check=_check(on_marked_down="close"))) as p:
@@ -83,7 +81,7 @@ async def test_paused_node_is_marked_down_its_clients_closed_and_it_comes_back(c
                 print(f"paused node marked down after {took:.2f}s (bound {DOWN_WITHIN:.2f}s)")
                 assert paused.health_detail == "timeout"
                 # The two clients relayed through the frozen node are closed by us, not left hanging.
-                await wait_for(lambda: sum(_dead(c) for c in conns) == 2, timeout=15, what="2 clients closed")
+                await wait_for(lambda: sum(client_dead(c) for c in conns) == 2, timeout=15, what="2 clients closed")
                 assert service.ended[reasons.BACKEND_DOWN] == 2
                 assert paused.active == 0
                 fresh = [await _connect(p) for _ in range(4)]
@@ -101,7 +99,7 @@ async def test_paused_node_is_marked_down_its_clients_closed_and_it_comes_back(c
                     break
             assert paused.active == 1
         finally:
-            await _close_all(conns)
+            await close_all(conns)
 
 
 @pytest.mark.asyncio
@@ -124,7 +122,7 @@ async def test_killed_node_is_marked_down_avoided_and_back_after_restart(cluster
                 cluster.restart(cluster.nodes[2])
             await wait_for(lambda: killed.healthy, timeout=30, what="rabbit3 up again")
         finally:
-            await _close_all(conns)
+            await close_all(conns)
 
 
 @pytest.mark.asyncio
