@@ -13,6 +13,7 @@ Measuring (:class:`IdleWindow`, :class:`RabbitWatch`, :func:`rabbit_headroom`) i
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -109,14 +110,18 @@ def rabbit_headroom(node: Mapping[str, Any]) -> RabbitView:
     for used_key, limit_key in (("mem_used", "mem_limit"), ("fd_used", "fd_total")):
         used, limit = _number(node.get(used_key)), _number(node.get(limit_key))
         if used is not None and limit is not None and limit > 0:
-            headroom = min(headroom, _clamp(100 * (1 - used / limit)))
+            share = used / limit
+            if math.isfinite(share):
+                headroom = min(headroom, _clamp(100 * (1 - share)))
     return RabbitView(headroom, " and ".join(alarms) + " alarm" if alarms else None)
 
 
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    number = float(value)
+    # JSON may carry huge or tiny figures whose ratio overflows to infinity; such a node reports nothing usable.
+    return number if math.isfinite(number) else None
 
 
 class RabbitWatch:

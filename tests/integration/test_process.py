@@ -128,10 +128,13 @@ async def test_churn_twenty_thousand_short_connections(tmp_path: Path, loop: str
             before = fd_targets(proxy.pid)
             await one_connection(proxy.addr, b"b")
             try:
-                await wait_for(lambda: open_fds(proxy.pid) == baseline, timeout=30, what="warm-up connection released")
+                # "<=": the proxy closes the socket it announced READY=1 through just after sending, so the first
+                # count may include it. The idle count measured after the warm-up is the baseline from then on.
+                await wait_for(lambda: open_fds(proxy.pid) <= baseline, timeout=30, what="warm-up connection released")
             except AssertionError as exc:
                 # Say which descriptors differ, so a failure on a busy CI machine explains itself.
                 raise AssertionError(f"{exc}\nbefore: {before}\nafter: {fd_targets(proxy.pid)}") from None
+            baseline = open_fds(proxy.pid)
             sem = asyncio.Semaphore(64)
             errors: list[BaseException] = []
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from rabbitproxy.agent import (
@@ -79,6 +79,9 @@ json_values = st.recursive(
 
 
 @given(st.dictionaries(st.sampled_from(["mem_used", "mem_limit", "fd_used", "fd_total", "mem_alarm"]), json_values))
+# Found by hypothesis: a subnormal limit makes used/limit overflow to infinity.
+@example(node={"fd_total": 1.1125369292536007e-308, "fd_used": 1})
+@example(node={"mem_used": 1e308, "mem_limit": 1e-308})
 def test_rabbit_headroom_never_raises_on_odd_json(node: dict[str, Any]) -> None:
     view = rabbit_headroom(node)
     assert 0 <= view.headroom <= 100
