@@ -110,9 +110,9 @@ def rabbit_headroom(node: Mapping[str, Any]) -> RabbitView:
     for used_key, limit_key in (("mem_used", "mem_limit"), ("fd_used", "fd_total")):
         used, limit = _number(node.get(used_key)), _number(node.get(limit_key))
         if used is not None and limit is not None and limit > 0:
-            share = used / limit
-            if math.isfinite(share):
-                headroom = min(headroom, _clamp(100 * (1 - share)))
+            # Bounded before scaling: a tiny limit makes the ratio huge, and 100 * (1 - huge) overflows.
+            share = min(max(used / limit, 0.0), 1.0)
+            headroom = min(headroom, _clamp(100 * (1 - share)))
     return RabbitView(headroom, " and ".join(alarms) + " alarm" if alarms else None)
 
 
