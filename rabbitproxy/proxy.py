@@ -472,13 +472,9 @@ class ClientLeg(asyncio.Protocol):
 
     def close(self, reason: str) -> None:
         """End this connection (limit, shutdown, backend down, idle...); buffered bytes are still flushed."""
-        if self.reason is None:
-            self.reason = reason
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
-        for t in (self.transport, self.backend_transport):
-            if t is not None and not t.is_closing():
-                t.close()
+        self._finish_both(reason)
 
     def abort(self, reason: str) -> None:
         """End this connection now, dropping anything still buffered (the grace period is over)."""

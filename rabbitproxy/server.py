@@ -12,7 +12,7 @@ import asyncio
 import gc
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from rabbitproxy.config import Config, ConfigError, ServiceConfig
 from rabbitproxy.limits import quiet_accept_errors
 from rabbitproxy.pool import Backend, Pool
 from rabbitproxy.service import Service, bind_listener
+from rabbitproxy.tasks import OwnedTasks, cancel_and_wait, log_failure
 from rabbitproxy.tls import ServiceTLS
 
 log = structlog.get_logger("rabbitproxy.server")
@@ -60,7 +61,7 @@ class Proxy:
         self.state = "starting"
         # Monitor tasks (health checks, agents) per backend object; restarted when a reload changes them.
         self.monitors: dict[int, list[asyncio.Task[None]]] = {}
-        self.background: set[asyncio.Task[Any]] = set()
+        self.background = OwnedTasks()
         self.reload_lock = asyncio.Lock()
         self.listeners_ready = asyncio.Event()
 
@@ -102,26 +103,12 @@ class Proxy:
         log.info("shutting down", open_connections=total)
         await asyncio.gather(*(s.drain(s.config.shutdown_timeout) for s in self.services.values()))
         await self._stop_all_monitors()
-        tasks = list(self.background)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.background.cancel_all()
         log.info("stopped")
 
-    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task[Any]:
-        """Run a background task owned by the proxy; its failure is logged, never lost."""
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        if name:
-            task.set_name(name)
-        self.background.add(task)
-        task.add_done_callback(self._background_done)
-        return task
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", task=task.get_name(), exc_info=task.exception())
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        """Run a background task owned by the proxy (drains, reloads); its failure is logged, never lost."""
+        return self.background.spawn(coro, name)
 
     # -- monitors ------------------------------------------------------------------------------------------------
 
@@ -134,23 +121,16 @@ class Proxy:
 
         tasks = [asyncio.ensure_future(c) for c in monitors_for(service, backend)]
         for t in tasks:
-            t.add_done_callback(self._background_done)
+            t.add_done_callback(log_failure)
         self.monitors[id(backend)] = tasks
 
     async def _unwatch(self, backend: Backend) -> None:
-        tasks = self.monitors.pop(id(backend), [])
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self.monitors.pop(id(backend), []))
 
     async def _stop_all_monitors(self) -> None:
         tasks = [t for ts in self.monitors.values() for t in ts]
         self.monitors.clear()
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
 
     # -- reload --------------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from rabbitproxy import logs
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.pool import Backend, Pool
 from rabbitproxy.proxy import SERVICE_REMOVED, SHUTDOWN, ClientLeg
+from rabbitproxy.tasks import OwnedTasks
 from rabbitproxy.tls import ServiceTLS
 
 log = structlog.get_logger("rabbitproxy.connection")
@@ -38,7 +39,8 @@ class Service:
         self.total = 0
         self.ended: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
+        # Connect attempts in flight; cancelled when the service stops.
+        self.tasks = OwnedTasks(service=config.name)
         self.bound: list[tuple[str, int]] = []
         # Set once every backend has had its first health-check verdict; the proxy starts serving after it.
         self.first_checks = asyncio.Event()
@@ -119,7 +121,7 @@ class Service:
                 conn.abort(SHUTDOWN)
             raise
         finally:
-            await self.cancel_tasks()
+            await self.tasks.cancel_all()
 
     async def _wait_empty(self, seconds: float) -> bool:
         """True once no connection is open, False if that did not happen within ``seconds``."""
@@ -145,23 +147,7 @@ class Service:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a task owned by this service (connect attempts); it is cancelled when the service stops."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # Our bug, not a peer's: log it with the traceback and keep serving.
-            log.error("task failed", service=self.name, exc_info=task.exception())
-
-    async def cancel_tasks(self) -> None:
-        tasks = list(self.tasks)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return self.tasks.spawn(coro)
 
     # -- events from the data path -------------------------------------------------------------------------------
 
