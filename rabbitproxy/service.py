@@ -7,7 +7,6 @@ import os
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -16,7 +15,7 @@ from rabbitproxy import logs
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.pool import Backend, Pool
 from rabbitproxy.proxy import SERVICE_REMOVED, SHUTDOWN, ClientLeg
-from rabbitproxy.tasks import OwnedTasks
+from rabbitproxy.tasks import cancel_and_wait
 from rabbitproxy.tls import ServiceTLS
 
 log = structlog.get_logger("rabbitproxy.connection")
@@ -26,7 +25,9 @@ class Service:
     """A virtual service (VIP) as it runs: config, pool, listener and the connections it owns."""
 
     def __init__(self, config: ServiceConfig, *, pool: Pool | None = None, tls: ServiceTLS | None = None) -> None:
-        self.config = config
+        self._config = config
+        # Whether any backend has a max_connections; asked on every connect, so kept, not recomputed.
+        self.limited = any(b.max_connections for b in config.backends)
         # SSL contexts are phase two of the config: built here (or handed in by a reload that built them first).
         self.tls = tls if tls is not None else ServiceTLS(config)
         # Connects in flight per backend, so a backend's max_connections also holds while clients arrive at once.
@@ -40,7 +41,16 @@ class Service:
         self.ended: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
         # Connect attempts in flight; cancelled when the service stops.
-        self.tasks = OwnedTasks(service=config.name)
+        self.connects: set[asyncio.Task[Any]] = set()
+        # Their deadlines, oldest first. Every connect of a service has the same connect_timeout, so insertion
+        # order is deadline order and one timer, armed for the oldest, serves them all: a timer per connect was a
+        # measurable share of a short connection's CPU. (After a reload that shortens connect_timeout, a newer
+        # connect can wait behind an older one, by at most the old timeout.)
+        self._deadlines: dict[ClientLeg, float] = {}
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        # The loop the data path schedules on, kept here because asking asyncio for the running loop costs a
+        # getpid() system call on Python 3.11, several times per connection. Set by start().
+        self.loop: asyncio.AbstractEventLoop
         self.bound: list[tuple[str, int]] = []
         # Set once every backend has had its first health-check verdict; the proxy starts serving after it.
         self.first_checks = asyncio.Event()
@@ -53,7 +63,7 @@ class Service:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given (a reload hands over an existing socket)."""
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         if sock is None:
             sock = bind_listener(self.config)
         server_tls = self.tls.server
@@ -95,8 +105,14 @@ class Service:
         ]
 
     @property
-    def limited(self) -> bool:
-        return any(b.max_connections for b in self.config.backends)
+    def config(self) -> ServiceConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: ServiceConfig) -> None:
+        # A reload hands the running service its new config.
+        self._config = config
+        self.limited = any(b.max_connections for b in config.backends)
 
     def stop_accepting(self) -> None:
         """Close the listening socket at once; new connects are refused by the kernel from now on."""
@@ -121,7 +137,7 @@ class Service:
                 conn.abort(SHUTDOWN)
             raise
         finally:
-            await self.tasks.cancel_all()
+            await cancel_and_wait(self.connects)
 
     async def _wait_empty(self, seconds: float) -> bool:
         """True once no connection is open, False if that did not happen within ``seconds``."""
@@ -145,11 +161,33 @@ class Service:
         if not self.first_checks.is_set() and all(b.health_time is not None for b in self.pool.backends):
             self.first_checks.set()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run a task owned by this service (connect attempts); it is cancelled when the service stops."""
-        return self.tasks.spawn(coro)
-
     # -- events from the data path -------------------------------------------------------------------------------
+
+    def connect_started(self, conn: ClientLeg, task: asyncio.Task[Any]) -> None:
+        self.connects.add(task)
+        deadline = self.loop.time() + self._config.connect_timeout
+        self._deadlines[conn] = deadline
+        if self._deadline_timer is None:
+            self._deadline_timer = self.loop.call_at(deadline, self._expire_connects)
+
+    def connect_ended(self, conn: ClientLeg, task: asyncio.Task[Any]) -> None:
+        self.connects.discard(task)
+        self._deadlines.pop(conn, None)
+
+    def _expire_connects(self) -> None:
+        self._deadline_timer = None
+        deadlines = self._deadlines
+        now = self.loop.time()
+        expired: list[ClientLeg] = []
+        for conn, deadline in deadlines.items():
+            if deadline > now:
+                break
+            expired.append(conn)
+        for conn in expired:
+            del deadlines[conn]
+            conn.connect_timed_out()
+        if deadlines:
+            self._deadline_timer = self.loop.call_at(next(iter(deadlines.values())), self._expire_connects)
 
     def connect_failed(self, backend: Any, client: str, exc: BaseException) -> None:
         log.warning(
@@ -158,6 +196,15 @@ class Service:
             backend=backend.name,
             client=client,
             error=str(exc) or type(exc).__name__,
+        )
+
+    def connect_bug(self, backend: Any, client: str, exc: BaseException) -> None:
+        log.error(
+            "backend connect raised an unexpected error",
+            service=self.name,
+            backend=backend.name,
+            client=client,
+            exc_info=exc,
         )
 
     def bad_proxy_header(self, client: str, exc: BaseException) -> None:

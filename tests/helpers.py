@@ -140,6 +140,25 @@ async def tcp_server(
         await server.wait_closed()
 
 
+@contextlib.contextmanager
+def silent_backend() -> Any:
+    """A port whose SYNs go unanswered, so a connect to it only ends by timing out; yields the port.
+
+    A listener with a backlog of 0 holds one finished handshake in its accept queue; once that place is taken
+    (by the filler connection here) and nobody accepts, Linux drops every further SYN.
+    """
+    listener = socket.socket()
+    filler = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield listener.getsockname()[1]
+    finally:
+        filler.close()
+        listener.close()
+
+
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(65536):
         writer.write(data)

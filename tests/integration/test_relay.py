@@ -16,6 +16,7 @@ from tests.helpers import (
     listen_addr,
     run_proxy,
     service_config,
+    silent_backend,
     tcp_server,
     wait_for,
 )
@@ -75,6 +76,56 @@ async def test_retry_skips_a_backend_with_nothing_listening() -> None:
         assert pool.by_name["live"].total == 10
         assert pool.by_name["dead"].total == 0
         assert pool.by_name["dead"].connect_errors >= 1
+
+
+@pytest.mark.asyncio
+async def test_a_backend_that_never_answers_times_out_and_the_next_one_serves() -> None:
+    with silent_backend() as silent:
+        async with (
+            tcp_server(echo_handler) as port,
+            run_proxy(
+                service_config(
+                    [
+                        # Equal weights: smooth round robin tries the first in config order first.
+                        {"name": "silent", "address": "127.0.0.1", "port": silent},
+                        {"name": "live", "address": "127.0.0.1", "port": port},
+                    ],
+                    retries=1,
+                    connect_timeout=0.3,
+                )
+            ) as p,
+        ):
+            reader, writer = await asyncio.open_connection(*listen_addr(p))
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 30) == b"ping"
+            writer.close()
+            pool = p.services["amqp"].pool
+            assert pool.by_name["silent"].connect_errors == 1
+            assert pool.by_name["silent"].total == 0
+            assert pool.by_name["live"].total == 1
+
+
+@pytest.mark.asyncio
+async def test_every_connect_to_a_silent_backend_ends_at_its_deadline() -> None:
+    # Several connects wait at once: the service's one deadline timer must end each of them, including connects
+    # that started while the timer was already armed for an older one.
+    with silent_backend() as silent:
+        async with run_proxy(
+            service_config(
+                [{"name": "silent", "address": "127.0.0.1", "port": silent}], retries=0, connect_timeout=0.2
+            )
+        ) as p:
+            clients = []
+            for _ in range(5):
+                clients.append(await asyncio.open_connection(*listen_addr(p)))
+                await asyncio.sleep(0.05)  # spread the connects over the first one's timeout
+            for reader, writer in clients:
+                assert await asyncio.wait_for(reader.read(), 30) == b""
+                writer.close()
+            service = p.services["amqp"]
+            await wait_for(lambda: service.ended[reasons.CONNECT_FAILED] == 5, what="five connects timed out")
+            assert service.pool.by_name["silent"].connect_errors == 5
+            assert not service.connects and not service.connecting
 
 
 @pytest.mark.asyncio

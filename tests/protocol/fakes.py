@@ -61,6 +61,13 @@ class FakeTransport:
         self.close()
 
 
+class HandClientLeg(ClientLeg):
+    """A ClientLeg whose backend connects are driven by hand: starting one only counts it on the fake service."""
+
+    def _connect_next(self) -> None:
+        self.service.connects_started += 1  # type: ignore[attr-defined]
+
+
 class FakeService:
     """Just enough of :class:`rabbitproxy.service.Service` for one ClientLeg."""
 
@@ -80,11 +87,9 @@ class FakeService:
         self.total = 0
         self.ended: Counter[str] = Counter()
         self.closed: list[ClientLeg] = []
-        self.tasks: list[Any] = []
-
-    def spawn(self, coro: Any) -> Any:
-        coro.close()  # the connect is driven by hand in these tests
-        return None
+        self.connects: set[Any] = set()
+        self.connects_started = 0
+        self.loop = asyncio.get_running_loop()
 
     def connect_failed(self, *args: Any) -> None:
         pass

@@ -15,7 +15,7 @@ from rabbitproxy.proxyproto import ProxyHeaderReader, build_v1, build_v2
 from tests.helpers import wait_for
 from tests.tls_certs import make_ca
 
-from .fakes import FakeService, FakeTransport
+from .fakes import FakeService, FakeTransport, HandClientLeg
 
 CLIENT = ("192.0.2.7", 40000)
 LISTENER = ("127.0.0.1", 5672)
@@ -27,14 +27,9 @@ class Service(FakeService):
     def __init__(self, **service: Any) -> None:
         service.setdefault("client_hello_timeout", 0)
         super().__init__(**service)
-        self.spawned = 0
         self.bad_headers: list[str] = []
         self.connecting: Counter[Backend] = Counter()
         self.backend_ssl = None
-
-    def spawn(self, coro: Any) -> Any:
-        self.spawned += 1
-        return super().spawn(coro)
 
     def bad_proxy_header(self, client: str, exc: BaseException) -> None:
         self.bad_headers.append(f"{client}: {exc}")
@@ -54,7 +49,7 @@ class NoEofTransport(FakeTransport):
 
 
 def client_leg(svc: Service, transport: FakeTransport | None = None) -> tuple[ClientLeg, FakeTransport]:
-    client = ClientLeg(svc)  # type: ignore[arg-type]
+    client = HandClientLeg(svc)  # type: ignore[arg-type]
     ct = transport or FakeTransport(CLIENT)
     ct.extra["peername"] = CLIENT
     ct.extra["sockname"] = LISTENER
@@ -109,12 +104,12 @@ async def test_accepted_header_gives_the_address_and_is_not_forwarded() -> None:
     svc = Service(accept_proxy_protocol=True)
     client, _ = client_leg(svc)
     # Nothing is connected until the header says who the client is (source hash needs it).
-    assert svc.spawned == 0
+    assert svc.connects_started == 0
     header = build_v1(("203.0.113.9", 5555), ("198.51.100.1", 5672))
     client.data_received(header[:10])
-    assert svc.spawned == 0
+    assert svc.connects_started == 0
     client.data_received(header[10:] + b"AMQP")
-    assert svc.spawned == 1
+    assert svc.connects_started == 1
     assert client.client_addr == "203.0.113.9:5555"
     assert client.peer_key == b"203.0.113.9"
     assert client.pp_reader is None
@@ -150,7 +145,7 @@ async def test_a_connection_without_a_valid_header_is_closed_and_counted(garbage
     svc = Service(accept_proxy_protocol=True)
     client, ct = client_leg(svc)
     client.data_received(garbage)
-    assert ct.closing and svc.spawned == 0
+    assert ct.closing and svc.connects_started == 0
     assert len(svc.bad_headers) == 1 and svc.bad_headers[0].startswith("192.0.2.7:40000: ")
     await wait_for(lambda: svc.ended[proxy.BAD_PROXY_HEADER] == 1, what="bad header counted")
     assert ct.buffer == b""

@@ -10,12 +10,12 @@ import pytest
 from rabbitproxy import proxy
 from rabbitproxy.proxy import BackendLeg, ClientLeg
 
-from .fakes import FakeService, FakeTransport
+from .fakes import FakeService, FakeTransport, HandClientLeg
 
 
 def make_pair(**service: Any) -> tuple[FakeService, ClientLeg, FakeTransport, BackendLeg, FakeTransport]:
     svc = FakeService(**service)
-    client = ClientLeg(svc)  # type: ignore[arg-type]
+    client = HandClientLeg(svc)  # type: ignore[arg-type]
     ct = FakeTransport()
     ct.protocol = client
     client.connection_made(ct)  # type: ignore[arg-type]
@@ -126,11 +126,11 @@ async def test_reset_on_one_side_closes_the_other() -> None:
 @pytest.mark.asyncio
 async def test_limit_closes_new_client_at_once() -> None:
     svc = FakeService(max_connections=1)
-    first = ClientLeg(svc)  # type: ignore[arg-type]
+    first = HandClientLeg(svc)  # type: ignore[arg-type]
     t1 = FakeTransport()
     t1.protocol = first
     first.connection_made(t1)  # type: ignore[arg-type]
-    second = ClientLeg(svc)  # type: ignore[arg-type]
+    second = HandClientLeg(svc)  # type: ignore[arg-type]
     t2 = FakeTransport()
     t2.protocol = second
     second.connection_made(t2)  # type: ignore[arg-type]
