@@ -233,12 +233,16 @@ class Pool:
         retry already failed on) does not count towards that, so a failed regular backend does not open the backups
         while another regular one is still there.
         """
-        skip = set(exclude)
-        regular = [b for b in self.backends if not b.backup and b.weight > 0]
-        if regular:
-            candidates = [b for b in regular if b not in skip]
-        else:
-            candidates = [b for b in self.backends if b.backup and b.weight > 0 and b not in skip]
+        # One pass and one weight read per backend: this runs for every new connection.
+        regular: list[Backend] = []
+        backups: list[Backend] = []
+        for b in self.backends:
+            if b.weight > 0:
+                (backups if b.backup else regular).append(b)
+        candidates = regular or backups
+        if exclude:
+            skip = set(exclude)
+            candidates = [b for b in candidates if b not in skip]
         if not candidates:
             return None
         return self.balancer.choose(candidates, key)

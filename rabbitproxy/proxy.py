@@ -133,7 +133,6 @@ class ClientLeg(asyncio.Protocol):
         "connect_expired",
         "connect_leg",
         "connect_task",
-        "hello_handle",
         "hello_left",
         "idle_handle",
         "last_activity",
@@ -163,7 +162,7 @@ class ClientLeg(asyncio.Protocol):
         self.backend_tls = False
         # Set while an upstream load balancer's PROXY header is still being read.
         self.pp_reader: ProxyHeaderReader | None = None
-        self.hello_handle: asyncio.TimerHandle | None = None
+        # Bytes of the AMQP hello still expected while the hello deadline runs; 0 once it is done (or not used).
         self.hello_left = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -215,7 +214,7 @@ class ClientLeg(asyncio.Protocol):
             self.idle_handle = service.loop.call_later(cfg.client_idle_timeout, self._idle_check)
         if cfg.client_hello_timeout > 0:
             self.hello_left = HELLO_LENGTH
-            self.hello_handle = service.loop.call_later(cfg.client_hello_timeout, self._hello_expired)
+            service.hello_deadlines.add(self)
         if cfg.accept_proxy_protocol:
             # The backend is chosen (source hash) and connected only once the header says who the client is.
             self.pp_reader = ProxyHeaderReader()
@@ -227,11 +226,10 @@ class ClientLeg(asyncio.Protocol):
             data = self._read_proxy_header(data)
             if not data:
                 return
-        if self.hello_handle is not None:
+        if self.hello_left > 0:
             self.hello_left -= len(data)
             if self.hello_left <= 0:
-                self.hello_handle.cancel()
-                self.hello_handle = None
+                self.service.hello_deadlines.discard(self)
         self.bytes_in += len(data)
         pending = self.pending
         if pending is None:
@@ -489,8 +487,8 @@ class ClientLeg(asyncio.Protocol):
         self.service.bad_proxy_header(self.client_addr, exc)
         self.close(BAD_PROXY_HEADER)
 
-    def _hello_expired(self) -> None:
-        self.hello_handle = None
+    def hello_expired(self) -> None:
+        """The service's hello deadline: the client has not sent its 8-byte AMQP header in time."""
         if not self.closed:
             self.close(HELLO_TIMEOUT)
 
@@ -544,9 +542,8 @@ class ClientLeg(asyncio.Protocol):
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
-        if self.hello_handle is not None:
-            self.hello_handle.cancel()
-            self.hello_handle = None
+        if self.hello_left > 0:
+            self.service.hello_deadlines.discard(self)
         backend = self.backend
         if backend is not None:
             backend.closed(self, self.bytes_in, self.bytes_out)

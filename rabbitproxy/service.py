@@ -13,6 +13,7 @@ import structlog
 
 from rabbitproxy import logs
 from rabbitproxy.config import ServiceConfig
+from rabbitproxy.deadlines import Deadlines
 from rabbitproxy.pool import Backend, Pool
 from rabbitproxy.proxy import SERVICE_REMOVED, SHUTDOWN, ClientLeg
 from rabbitproxy.tasks import cancel_and_wait
@@ -42,15 +43,13 @@ class Service:
         self.server: asyncio.Server | None = None
         # Connect attempts in flight; cancelled when the service stops.
         self.connects: set[asyncio.Task[Any]] = set()
-        # Their deadlines, oldest first. Every connect of a service has the same connect_timeout, so insertion
-        # order is deadline order and one timer, armed for the oldest, serves them all: a timer per connect was a
-        # measurable share of a short connection's CPU. (After a reload that shortens connect_timeout, a newer
-        # connect can wait behind an older one, by at most the old timeout.)
-        self._deadlines: dict[ClientLeg, float] = {}
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        # The loop the data path schedules on, kept here because asking asyncio for the running loop costs a
-        # getpid() system call on Python 3.11, several times per connection. Set by start().
+        # Set by start(): the loop the data path schedules on, kept here because asking asyncio for the running
+        # loop costs a getpid() system call on Python 3.11, several times per connection; and the connect and
+        # hello deadlines, one timer each for all connections (rabbitproxy.deadlines).
         self.loop: asyncio.AbstractEventLoop
+        self.connect_deadlines: Deadlines[ClientLeg]
+        self.hello_deadlines: Deadlines[ClientLeg]
+        self._started = False
         self.bound: list[tuple[str, int]] = []
         # Set once every backend has had its first health-check verdict; the proxy starts serving after it.
         self.first_checks = asyncio.Event()
@@ -63,7 +62,12 @@ class Service:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given (a reload hands over an existing socket)."""
-        self.loop = loop = asyncio.get_running_loop()
+        if not self._started:
+            self._started = True
+            self.loop = asyncio.get_running_loop()
+            self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
+            self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
+        loop = self.loop
         if sock is None:
             sock = bind_listener(self.config)
         server_tls = self.tls.server
@@ -113,6 +117,9 @@ class Service:
         # A reload hands the running service its new config.
         self._config = config
         self.limited = any(b.max_connections for b in config.backends)
+        if self._started:
+            self.connect_deadlines.delay = config.connect_timeout
+            self.hello_deadlines.delay = config.client_hello_timeout
 
     def stop_accepting(self) -> None:
         """Close the listening socket at once; new connects are refused by the kernel from now on."""
@@ -165,29 +172,11 @@ class Service:
 
     def connect_started(self, conn: ClientLeg, task: asyncio.Task[Any]) -> None:
         self.connects.add(task)
-        deadline = self.loop.time() + self._config.connect_timeout
-        self._deadlines[conn] = deadline
-        if self._deadline_timer is None:
-            self._deadline_timer = self.loop.call_at(deadline, self._expire_connects)
+        self.connect_deadlines.add(conn)
 
     def connect_ended(self, conn: ClientLeg, task: asyncio.Task[Any]) -> None:
         self.connects.discard(task)
-        self._deadlines.pop(conn, None)
-
-    def _expire_connects(self) -> None:
-        self._deadline_timer = None
-        deadlines = self._deadlines
-        now = self.loop.time()
-        expired: list[ClientLeg] = []
-        for conn, deadline in deadlines.items():
-            if deadline > now:
-                break
-            expired.append(conn)
-        for conn in expired:
-            del deadlines[conn]
-            conn.connect_timed_out()
-        if deadlines:
-            self._deadline_timer = self.loop.call_at(next(iter(deadlines.values())), self._expire_connects)
+        self.connect_deadlines.discard(conn)
 
     def connect_failed(self, backend: Any, client: str, exc: BaseException) -> None:
         log.warning(

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from rabbitproxy import config as config_mod
+from rabbitproxy.deadlines import Deadlines
 from rabbitproxy.pool import Pool
 from rabbitproxy.proxy import ClientLeg
 
@@ -90,6 +91,8 @@ class FakeService:
         self.connects: set[Any] = set()
         self.connects_started = 0
         self.loop = asyncio.get_running_loop()
+        self.connect_deadlines = Deadlines(self.loop, self.config.connect_timeout, ClientLeg.connect_timed_out)
+        self.hello_deadlines = Deadlines(self.loop, self.config.client_hello_timeout, ClientLeg.hello_expired)
 
     def connect_failed(self, *args: Any) -> None:
         pass
