@@ -112,7 +112,40 @@ def checks(tcp: dict[str, dict[str, float]], amqp: dict[str, dict[str, float]]) 
     return out
 
 
-def _row_tcp(name: str, r: dict[str, float]) -> list[str]:
+@dataclass(frozen=True)
+class ConnCpu:
+    """What a proxy spent on short connections: CPU per connection, and how busy its core was meanwhile."""
+
+    us_per_conn: float
+    core_share: float
+
+
+def conn_cpu(raw: dict[str, dict[str, list[dict[str, float]]]], target: str, duration: float) -> ConnCpu:
+    """Medians over the connection-rate runs of both kinds (pure; unit-tested).
+
+    A proxy whose core is nearly full sets the rate itself; one well below a full core was waiting for the load
+    driver, so its connections/s say more about the driver than about the proxy.
+    """
+    per_conn: list[float] = []
+    share: list[float] = []
+    for test in ("conn_client_close", "conn_server_close"):
+        for run in raw.get(test, {}).get(target, []):
+            cpu, ok = run.get("cpu_s", 0.0), run.get("ok", 0.0)
+            if cpu > 0 and ok > 0:
+                per_conn.append(cpu / ok * 1e6)
+                share.append(cpu / duration)
+    if not per_conn:
+        return ConnCpu(math.nan, math.nan)
+    return ConnCpu(_median(per_conn), _median(share))
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _row_tcp(name: str, r: dict[str, float], cc: ConnCpu) -> list[str]:
     return [
         name,
         fmt(r["bulk1_gbit_s"], 2),
@@ -121,6 +154,8 @@ def _row_tcp(name: str, r: dict[str, float]) -> list[str]:
         fmt(r["bulk8_cpu_s_per_gb"], 2),
         fmt(r["conn_client_close_s"], 0),
         fmt(r["conn_server_close_s"], 0),
+        fmt(cc.us_per_conn, 0),
+        "n/a" if math.isnan(cc.core_share) else f"{cc.core_share:.0%}",
         fmt(r["idle_kib_per_conn"], 1),
     ]
 
@@ -146,6 +181,20 @@ def reading(cks: list[Check], tcp_doc: dict[str, Any], amqp_doc: dict[str, Any])
             "The largest misses: "
             + "; ".join(f"{c.name} at {fmt(c.value, 2)}{c.unit} against {c.limit:g}{c.unit}" for c in worst)
             + "."
+        )
+    raw = tcp_doc.get("raw", {})
+    duration = float(tcp_doc.get("settings", {}).get("duration_s", math.nan))
+    rp_cc, hp_cc = conn_cpu(raw, "rabbitproxy", duration), conn_cpu(raw, "haproxy", duration)
+    if not math.isnan(rp_cc.us_per_conn) and not math.isnan(hp_cc.us_per_conn):
+        parts.append(
+            f"On short connections rabbitproxy spent {rp_cc.us_per_conn:.0f} µs of CPU per connection with its core "
+            f"{rp_cc.core_share:.0%} busy, HAProxy {hp_cc.us_per_conn:.0f} µs at {hp_cc.core_share:.0%}"
+            + (
+                "; a proxy well below a full core was waiting for the load driver, so the connections/s ratio "
+                "is bounded by the driver and CPU per connection is the fairer comparison."
+                if min(rp_cc.core_share, hp_cc.core_share) < 0.9
+                else "."
+            )
         )
     condition = (
         "2 cores shared with other jobs, so absolute numbers are noisy"
@@ -288,9 +337,11 @@ def render(tcp_doc: dict[str, Any], amqp_doc: dict[str, Any], notes: str, mode: 
                 "CPU s/GB (8)",
                 "conn/s client closes",
                 "conn/s backend closes",
+                "CPU µs per conn",
+                "core busy (conn)",
                 "KiB per idle conn",
             ],
-            [_row_tcp(n, r) for n, r in tcp.items()],
+            [_row_tcp(n, r, conn_cpu(tcp_doc.get("raw", {}), n, ts["duration_s"])) for n, r in tcp.items()],
         ),
         "",
         "### Request/response latency (sockperf ping-pong, full round trip, µs; added over direct in brackets)",

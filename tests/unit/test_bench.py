@@ -166,3 +166,18 @@ def test_checks_ratios_and_shortfall() -> None:
     assert by_name["AMQP consumed msg/s vs direct"].met is True
     assert by_name["RSS per idle connection"].shortfall == "missed by 25%"
     assert by_name["bulk 8 streams Gbit/s vs HAProxy"].met is None
+
+
+def test_conn_cpu_is_per_connection_and_skips_unmeasured_runs() -> None:
+    raw = {
+        "conn_client_close": {
+            "rabbitproxy": [{"ok": 10_000.0, "cpu_s": 0.7}, {"ok": 20_000.0, "cpu_s": 1.6}],
+            "direct": [{"ok": 10_000.0, "cpu_s": 0.0}],
+        },
+        "conn_server_close": {"rabbitproxy": [{"ok": 0.0, "cpu_s": 0.5}, {"ok": 10_000.0, "cpu_s": 0.9}]},
+    }
+    cc = report.conn_cpu(raw, "rabbitproxy", duration=1.0)
+    # 70, 80 and 90 µs per connection (the run with no connection counts for nothing); core 0.7, 1.6, 0.9 busy.
+    assert cc.us_per_conn == pytest.approx(80.0)
+    assert cc.core_share == pytest.approx(0.9)
+    assert math.isnan(report.conn_cpu(raw, "direct", duration=1.0).us_per_conn)
