@@ -59,6 +59,33 @@ def ratio(value: float, reference: float) -> float:
     return value / reference
 
 
+@dataclass(frozen=True)
+class ConnCpu:
+    """What a proxy spent on short connections: CPU per connection, and how busy its core was meanwhile."""
+
+    us_per_conn: float
+    core_share: float
+
+
+def conn_cpu(raw: dict[str, dict[str, list[dict[str, float]]]], target: str, duration: float) -> ConnCpu:
+    """Medians over the connection-rate runs of both kinds (pure; unit-tested).
+
+    A proxy whose core is nearly full sets the rate itself; one well below a full core was waiting for the load
+    driver, so its connections/s say more about the driver than about the proxy.
+    """
+    per_conn: list[float] = []
+    share: list[float] = []
+    for test in ("conn_client_close", "conn_server_close"):
+        for run in raw.get(test, {}).get(target, []):
+            cpu, ok = run.get("cpu_s", 0.0), run.get("ok", 0.0)
+            if cpu > 0 and ok > 0:
+                per_conn.append(cpu / ok * 1e6)
+                share.append(cpu / duration)
+    if not per_conn:
+        return ConnCpu(math.nan, math.nan)
+    return ConnCpu(median(per_conn), median(share))
+
+
 def interleave(targets: Sequence[str], repeats: int) -> list[tuple[int, str]]:
     """The run order A B C A B C ...: slow drift of a shared machine then hits every target alike."""
     return [(r, t) for r in range(repeats) for t in targets]

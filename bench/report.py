@@ -19,7 +19,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import fmt, markdown_table, ratio  # noqa: E402
+from common import ConnCpu, conn_cpu, fmt, markdown_table, ratio  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -110,39 +110,6 @@ def checks(tcp: dict[str, dict[str, float]], amqp: dict[str, dict[str, float]]) 
         )
     out.append(Check("RSS per idle connection", rp.get("idle_kib_per_conn", nan), 20.0, False, " KiB"))
     return out
-
-
-@dataclass(frozen=True)
-class ConnCpu:
-    """What a proxy spent on short connections: CPU per connection, and how busy its core was meanwhile."""
-
-    us_per_conn: float
-    core_share: float
-
-
-def conn_cpu(raw: dict[str, dict[str, list[dict[str, float]]]], target: str, duration: float) -> ConnCpu:
-    """Medians over the connection-rate runs of both kinds (pure; unit-tested).
-
-    A proxy whose core is nearly full sets the rate itself; one well below a full core was waiting for the load
-    driver, so its connections/s say more about the driver than about the proxy.
-    """
-    per_conn: list[float] = []
-    share: list[float] = []
-    for test in ("conn_client_close", "conn_server_close"):
-        for run in raw.get(test, {}).get(target, []):
-            cpu, ok = run.get("cpu_s", 0.0), run.get("ok", 0.0)
-            if cpu > 0 and ok > 0:
-                per_conn.append(cpu / ok * 1e6)
-                share.append(cpu / duration)
-    if not per_conn:
-        return ConnCpu(math.nan, math.nan)
-    return ConnCpu(_median(per_conn), _median(share))
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _row_tcp(name: str, r: dict[str, float], cc: ConnCpu) -> list[str]:

@@ -221,7 +221,9 @@ def run_idle(port: int, count: int, pid: int) -> dict[str, float]:
 # -- orchestration --------------------------------------------------------------------------------------------------
 
 
-def summarize(raw: dict[str, dict[str, list[dict[str, float]]]], targets: Sequence[str]) -> dict[str, dict[str, float]]:
+def summarize(
+    raw: dict[str, dict[str, list[dict[str, float]]]], targets: Sequence[str], duration: float = math.nan
+) -> dict[str, dict[str, float]]:
     """Medians per target of every metric, plus latency added over direct (same-run medians)."""
     out: dict[str, dict[str, float]] = {}
     for t in [*targets, *CONNRATE_EXTRA]:
@@ -241,6 +243,9 @@ def summarize(raw: dict[str, dict[str, list[dict[str, float]]]], targets: Sequen
         row["conn_server_close_s"] = med("conn_server_close", "conn_s")
         conn_runs = [r for test in ("conn_client_close", "conn_server_close") for r in raw.get(test, {}).get(t, [])]
         row["conn_errors"] = sum(r.get("errors", 0) for r in conn_runs)
+        cc = common.conn_cpu(raw, t, duration)
+        row["conn_cpu_us"] = cc.us_per_conn
+        row["conn_core_share"] = cc.core_share
         row["idle_kib_per_conn"] = med("idle", "kib_per_conn")
         row["idle_connections"] = med("idle", "connections")
         out[t] = row
@@ -265,6 +270,7 @@ def print_table(summary: dict[str, dict[str, float]]) -> None:
         ("+p50 1K us", "lat1k_p50_added_us", 1),
         ("conn/s cli-close", "conn_client_close_s", 0),
         ("conn/s srv-close", "conn_server_close_s", 0),
+        ("CPU us/conn", "conn_cpu_us", 0),
         ("KiB/idle conn", "idle_kib_per_conn", 1),
     ]
     table.add_column("target")
@@ -385,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     target.proc.stop()
             for h in helpers:
                 h.stop()
-    summary = summarize(raw, targets)
+    summary = summarize(raw, targets, duration)
     print_table(summary)
     if args.png:
         import charts

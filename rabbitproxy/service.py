@@ -49,6 +49,7 @@ class Service:
         self.loop: asyncio.AbstractEventLoop
         self.connect_deadlines: Deadlines[ClientLeg]
         self.hello_deadlines: Deadlines[ClientLeg]
+        self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
         # Set once every backend has had its first health-check verdict; the proxy starts serving after it.
@@ -65,6 +66,10 @@ class Service:
         if not self._started:
             self._started = True
             self.loop = asyncio.get_running_loop()
+            # A concrete logger for the per-connection event, built once from the logging set up by now: going
+            # through the module's lazy proxy re-resolved structlog's configuration (and built a new output
+            # logger) for every event.
+            self.conn_log = log.bind(service=self.name)
             self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
             self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
         loop = self.loop
@@ -207,9 +212,8 @@ class Service:
         self.ended[reason] += 1
         if not logs.info_enabled:
             return
-        log.info(
+        self.conn_log.info(
             "connection closed",
-            service=self.name,
             client=conn.client_addr,
             backend=conn.backend.name if conn.backend else None,
             backend_addr=f"{conn.backend.address}:{conn.backend.port}" if conn.backend else None,

@@ -176,8 +176,8 @@ def test_conn_cpu_is_per_connection_and_skips_unmeasured_runs() -> None:
         },
         "conn_server_close": {"rabbitproxy": [{"ok": 0.0, "cpu_s": 0.5}, {"ok": 10_000.0, "cpu_s": 0.9}]},
     }
-    cc = report.conn_cpu(raw, "rabbitproxy", duration=1.0)
+    cc = common.conn_cpu(raw, "rabbitproxy", duration=1.0)
     # 70, 80 and 90 µs per connection (the run with no connection counts for nothing); core 0.7, 1.6, 0.9 busy.
     assert cc.us_per_conn == pytest.approx(80.0)
     assert cc.core_share == pytest.approx(0.9)
-    assert math.isnan(report.conn_cpu(raw, "direct", duration=1.0).us_per_conn)
+    assert math.isnan(common.conn_cpu(raw, "direct", duration=1.0).us_per_conn)
