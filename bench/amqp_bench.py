@@ -319,6 +319,7 @@ def print_table(summary: dict[str, dict[str, float]], load: Load) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.exit_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 s per run, 2 repeats")
     ap.add_argument("--size", type=int, default=1024, help="message size in bytes (at least 8)")

@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -223,6 +224,18 @@ def preexec(cpus: set[int] | None) -> Callable[[], None]:
             os.sched_setaffinity(0, cpus)
 
     return run
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the benches' ``finally`` blocks stop every proxy, broker and helper.
+
+    Python's default SIGTERM ends the process at once; an interrupted run then left its targets running.
+    """
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def free_port() -> int:

@@ -282,6 +282,7 @@ def print_table(summary: dict[str, dict[str, float]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.exit_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 s per measurement, 2 repeats")
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 10, quick 2)")
