@@ -8,7 +8,7 @@ single Python client process saturates long before a broker or a proxy does. Eve
 (``time.time_ns()``; all processes share one clock) so consumers measure end-to-end latency. Targets are
 interleaved (direct, rabbitproxy, haproxy, direct, ...) and the medians of the repeats are reported.
 
-Without ``--brokers`` a local 3-node cluster is started with ``rabbitproxy.devcluster`` and stopped at the end.
+Without ``--brokers`` a local 3-node cluster is started with ``rabbitproxy.dev.cluster`` and stopped at the end.
 Nothing is pinned here: the brokers need both cores, and the proxy's own CPU time is measured, not inferred.
 """
 
@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         brokers = [split_host_port(b, 5672) for b in args.brokers.split(",") if b.strip()]
     else:
-        from rabbitproxy.devcluster import DevCluster
+        from rabbitproxy.dev.cluster import DevCluster
 
         cluster = DevCluster(args.nodes, log=lambda line: console.print(f"[dim][cluster] {line}"))
         cluster.start()

@@ -137,7 +137,7 @@ def serve(
 ) -> None:
     """Run the load balancer."""
     from rabbitproxy import logs
-    from rabbitproxy.server import serve as serve_main
+    from rabbitproxy.app import serve as serve_main
 
     overrides: dict[str, Any] = {}
     if admin_listen is not None:
@@ -187,7 +187,7 @@ def healthcheck(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code.")] = False,
 ) -> None:
     """Exit 0 when the proxy's admin /healthz answers 200 {"status": "ok"}, 1 otherwise (for probes)."""
-    from rabbitproxy import healthcheck as hc
+    from rabbitproxy.admin import probe as hc
 
     if config is None and DEFAULT_CONFIG_PATH.exists():
         config = DEFAULT_CONFIG_PATH
@@ -244,8 +244,8 @@ def demo(
 ) -> None:
     """Start a local RabbitMQ cluster and a proxy in front of it; Ctrl-C stops both."""
     from rabbitproxy import logs
-    from rabbitproxy.devcluster import DevCluster, RabbitMQNotInstalled
-    from rabbitproxy.server import serve as serve_main
+    from rabbitproxy.app import serve as serve_main
+    from rabbitproxy.dev.cluster import DevCluster, RabbitMQNotInstalled
 
     logs.setup("info", "console")
     cluster = DevCluster(nodes, log=lambda line: typer.echo(f"[cluster] {line}", err=True))
@@ -312,7 +312,7 @@ app.add_typer(backend_app, name="backend")
 
 def _admin_call(admin: str, token: str | None, call: Any) -> Any:
     """Run ``call(client)``; turn any admin API failure into a message on stderr and exit status 1."""
-    from rabbitproxy.client import AdminClient, AdminError
+    from rabbitproxy.admin.client import AdminClient, AdminError
 
     try:
         return call(AdminClient(admin, token))
@@ -326,7 +326,7 @@ def _admin_call(admin: str, token: str | None, call: Any) -> Any:
 @app.command()
 def status(admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
     """Show every service and backend of a running proxy: state, weights, agent, connections, traffic."""
-    from rabbitproxy.client import print_status
+    from rabbitproxy.admin.client import print_status
 
     data = _admin_call(admin, token, lambda c: c.services())
     print_status(data)
@@ -402,7 +402,7 @@ def agent(
 ) -> None:
     """Run a feedback agent (Loadbalancer.org format) on a RabbitMQ host."""
     from rabbitproxy import logs
-    from rabbitproxy.agent import Agent, serve_agent
+    from rabbitproxy.agent.server import Agent, serve_agent
 
     problems = []
     if metric not in ("cpu", "memory", "max"):
@@ -421,7 +421,7 @@ def agent(
     the_agent = Agent(metric=metric, state_file=state_file, rabbitmq=rabbitmq, window=window, http=http)  # type: ignore[arg-type]
 
     async def main() -> None:
-        from rabbitproxy.server import install_signal_handlers
+        from rabbitproxy.app import install_signal_handlers
 
         stop = asyncio.Event()
         install_signal_handlers(asyncio.get_running_loop(), stop, None)

@@ -17,7 +17,8 @@ from typing import Any
 import aio_pika
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.server import Proxy, serve
+from rabbitproxy.app import serve
+from rabbitproxy.control.supervisor import Supervisor
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,15 +70,15 @@ def service_config(
 
 
 @contextlib.asynccontextmanager
-async def run_proxy(*services: Mapping[str, Any], admin: Mapping[str, Any] | None = None) -> AsyncIterator[Proxy]:
-    """Run ``serve()`` in this loop (uvicorn's ``run_server`` pattern); yields the running :class:`Proxy`."""
+async def run_proxy(*services: Mapping[str, Any], admin: Mapping[str, Any] | None = None) -> AsyncIterator[Supervisor]:
+    """Run ``serve()`` in this loop (uvicorn's ``run_server`` pattern); yields the running :class:`Supervisor`."""
     data: dict[str, Any] = {
         "services": [dict(s) for s in services],
         "admin": dict(admin) if admin is not None else {"enabled": False},
     }
     cfg = config_mod.validate(data, "test")
     stop = asyncio.Event()
-    started: asyncio.Future[Proxy] = asyncio.get_running_loop().create_future()
+    started: asyncio.Future[Supervisor] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(cfg, shutdown_trigger=stop.wait, ready=started.set_result))
     done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
@@ -89,7 +90,7 @@ async def run_proxy(*services: Mapping[str, Any], admin: Mapping[str, Any] | Non
         await asyncio.wait_for(task, 60)
 
 
-def listen_addr(proxy: Proxy, service: str = "amqp") -> tuple[str, int]:
+def listen_addr(proxy: Supervisor, service: str = "amqp") -> tuple[str, int]:
     host, port = proxy.services[service].bound[0]
     return host, port
 

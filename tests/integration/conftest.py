@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
 
 
 @pytest.fixture(scope="session")

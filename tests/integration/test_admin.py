@@ -9,8 +9,8 @@ import aio_pika
 import aiohttp
 import pytest
 
-from rabbitproxy import proxy as reasons
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import free_port, listen_addr, run_proxy, service_config, wait_for
 from tests.integration.conftest import backends_for
 
@@ -94,7 +94,7 @@ async def test_maint_disconnects_the_nodes_clients_and_they_reconnect_elsewhere(
             assert (await resp.json())["closed_connections"] == 1
         await wait_for(lambda: not victim.connected.is_set(), what="rabbit2's client disconnected")
         assert clients[0].connected.is_set() and clients[2].connected.is_set()
-        await wait_for(lambda: service.ended[reasons.BACKEND_MAINT] == 1, what="the close counted")
+        await wait_for(lambda: service.ended[CloseReason.BACKEND_MAINT] == 1, what="the close counted")
         # A reconnecting client lands on a node that is in service, and the halted node stays empty.
         again = await aio_pika.connect(amqp_url)
         channel = await again.channel()

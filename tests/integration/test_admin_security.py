@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from rabbitproxy import admin
-from rabbitproxy.server import Proxy
+from rabbitproxy.admin import api as admin
+from rabbitproxy.control.supervisor import Supervisor
 from tests.helpers import free_port, run_proxy, service_config
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ def svc() -> dict[str, Any]:
     return service_config([{"name": "b1", "address": "127.0.0.1", "port": free_port()}])
 
 
-def mutating_routes(proxy: Proxy) -> list[tuple[str, str]]:
+def mutating_routes(proxy: Supervisor) -> list[tuple[str, str]]:
     """Every non-safe (method, path) the admin app serves, path parameters filled with real names.
 
     Read from the router itself, so an endpoint added later is covered without editing this test.
@@ -41,7 +41,7 @@ def mutating_routes(proxy: Proxy) -> list[tuple[str, str]]:
     return out
 
 
-def state(proxy: Proxy) -> tuple[str, int]:
+def state(proxy: Supervisor) -> tuple[str, int]:
     b = proxy.services["amqp"].pool.by_name["b1"]
     return b.operator_state, b.configured_weight
 

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from rabbitproxy.agentreply import parse_agent_reply
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
+from rabbitproxy.protocols.agent_reply import parse_agent_reply
 from tests.helpers import ProxyProcess, free_port, wait_for, wait_for_sync
 from tests.integration.conftest import backends_for
 

@@ -9,7 +9,7 @@ import os
 import aio_pika
 import pytest
 
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import free_port, listen_addr, run_proxy, service_config, wait_for
 from tests.integration.conftest import backends_for
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "container-smoke"
 

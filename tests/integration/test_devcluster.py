@@ -16,8 +16,8 @@ import aio_pika
 import psutil
 import pytest
 
-from rabbitproxy import devcluster
-from rabbitproxy.devcluster import DevCluster, Node, RabbitMQNotInstalled, rabbitmq_installed
+from rabbitproxy.dev import cluster as devcluster
+from rabbitproxy.dev.cluster import DevCluster, Node, RabbitMQNotInstalled, rabbitmq_installed
 
 pytestmark = pytest.mark.integration
 

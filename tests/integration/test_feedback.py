@@ -11,9 +11,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from rabbitproxy import proxy as reasons
-from rabbitproxy.devcluster import DevCluster
-from rabbitproxy.server import Proxy
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import client_dead, close_all, listen_addr, run_proxy, service_config, wait_for
 from tests.integration.conftest import backends_for
 
@@ -63,7 +63,7 @@ def _service(backends: list[dict[str, Any]]) -> dict[str, Any]:
     return service_config(backends, health_check=CHECK, feedback={"type": "agent", "interval": POLL, "timeout": 1.0})
 
 
-async def _connect(proxy: Proxy) -> aio_pika.abc.AbstractConnection:
+async def _connect(proxy: Supervisor) -> aio_pika.abc.AbstractConnection:
     host, port = listen_addr(proxy)
     return await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=15)
 
@@ -133,7 +133,7 @@ async def test_agent_drain_maint_and_a_vanished_agent(cluster: DevCluster) -> No
             agents[0].line = "maint\n"
             await wait_for(lambda: r1.admin_state == "maint", timeout=5, what="rabbit1 in maint")
             await wait_for(lambda: client_dead(conns[0]), timeout=10, what="rabbit1's client closed")
-            assert service.ended[reasons.BACKEND_MAINT] == 1
+            assert service.ended[CloseReason.BACKEND_MAINT] == 1
             assert not any(client_dead(c) for c in conns[1:])
 
             agents[0].line = "up ready 40%\n"

@@ -12,10 +12,10 @@ import aio_pika
 import pytest
 from aiohttp import web
 
-from rabbitproxy import proxy as reasons
-from rabbitproxy.devcluster import DevCluster
-from rabbitproxy.pool import Backend
-from rabbitproxy.server import Proxy
+from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import (
     client_dead,
     close_all,
@@ -44,12 +44,12 @@ def _check(**extra: Any) -> dict[str, Any]:
     return {"type": "amqp", "interval": INTERVAL, "timeout": TIMEOUT, "rise": RISE, "fall": FALL, **extra}
 
 
-async def _connect(proxy: Proxy, service: str = "amqp") -> aio_pika.abc.AbstractConnection:
+async def _connect(proxy: Supervisor, service: str = "amqp") -> aio_pika.abc.AbstractConnection:
     host, port = listen_addr(proxy, service)
     return await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=15)
 
 
-async def _all_up(proxy: Proxy, service: str = "amqp") -> None:
+async def _all_up(proxy: Supervisor, service: str = "amqp") -> None:
     pool = proxy.services[service].pool
     await wait_for(lambda: all(b.healthy for b in pool.backends), timeout=30, what="every backend up")
 
@@ -82,7 +82,7 @@ async def test_paused_node_is_marked_down_its_clients_closed_and_it_comes_back(c
                 assert paused.health_detail == "timeout"
                 # The two clients relayed through the frozen node are closed by us, not left hanging.
                 await wait_for(lambda: sum(client_dead(c) for c in conns) == 2, timeout=15, what="2 clients closed")
-                assert service.ended[reasons.BACKEND_DOWN] == 2
+                assert service.ended[CloseReason.BACKEND_DOWN] == 2
                 assert paused.active == 0
                 fresh = [await _connect(p) for _ in range(4)]
                 conns.extend(fresh)
@@ -265,7 +265,7 @@ async def test_when_every_backend_is_down_clients_are_closed_and_counted_and_oth
             # Closed at once, without a byte: the client's next read sees the end of the stream.
             assert await asyncio.wait_for(reader.read(), 10) == b""
             writer.close()
-        await wait_for(lambda: p.services["dead"].ended[reasons.NO_BACKEND] == 3, what="3 clients counted")
+        await wait_for(lambda: p.services["dead"].ended[CloseReason.NO_BACKEND] == 3, what="3 clients counted")
         assert gone.connect_errors == 0
         await _all_up(p)
         conn = await _connect(p)

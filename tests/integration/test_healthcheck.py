@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from rabbitproxy.admin.probe import check
 from rabbitproxy.cli import app
-from rabbitproxy.healthcheck import check
 from tests.helpers import echo_handler, free_port, listen_addr, run_proxy, service_config, tcp_server, wait_for
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from rabbitproxy import proxy as reasons
+from rabbitproxy.balancing.reasons import CloseReason
 from tests.helpers import (
     ProxyProcess,
     echo_handler,
@@ -82,7 +82,7 @@ async def test_slowloris_is_closed_after_the_hello_timeout() -> None:
         good_w.write(HELLO)
         assert await good_r.readexactly(8) == HELLO
         assert await asyncio.wait_for(slow_r.read(), 30) == b"AMQ"  # the echo of what it sent, then EOF
-        await wait_for(lambda: service.ended[reasons.HELLO_TIMEOUT] == 1, what="hello timeout counted")
+        await wait_for(lambda: service.ended[CloseReason.HELLO_TIMEOUT] == 1, what="hello timeout counted")
         # Its backend connection is gone with it; only the good client's remains.
         await wait_for(lambda: len(open_backend) == 1, what="slowloris' backend connection closed")
         assert service.pool.by_name["echo"].active == 1
@@ -118,7 +118,7 @@ async def test_backend_max_connections_skips_full_backends_then_closes_and_count
         w4.write(HELLO)
         assert await closed_by_proxy(r4)
         w4.close()
-        await wait_for(lambda: service.ended[reasons.LIMIT] == 1, what="limit counted")
+        await wait_for(lambda: service.ended[CloseReason.LIMIT] == 1, what="limit counted")
         for r, w in held:
             w.write(b"ok")
             assert await r.readexactly(2) == b"ok"

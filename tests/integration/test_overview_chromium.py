@@ -21,7 +21,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import free_port, listen_addr, run_proxy, service_config, wait_for
 from tests.integration.conftest import backends_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import ProxyProcess, fd_targets, free_port, open_fds, tcp_server, wait_for
 from tests.integration.conftest import backends_for
 

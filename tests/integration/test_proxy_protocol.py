@@ -14,9 +14,9 @@ import pytest
 from pamqp import commands
 from pamqp.header import ProtocolHeader
 
-from rabbitproxy import proxy as reasons
-from rabbitproxy.devcluster import DevCluster
-from rabbitproxy.proxyproto import build_v1, build_v2
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.dev.cluster import DevCluster
+from rabbitproxy.protocols.proxy_header import build_v1, build_v2
 from tests.helpers import listen_addr, run_proxy, service_config, wait_for
 from tests.integration.test_slow_consumer import RawConsumer
 
@@ -127,7 +127,7 @@ async def test_a_client_without_a_header_is_closed_and_counted(pp_node: DevClust
         writer.write(ProtocolHeader().marshal())
         assert await asyncio.wait_for(reader.read(), 30) == b""
         writer.close()
-        await wait_for(lambda: service.ended[reasons.BAD_PROXY_HEADER] == 1, what="counted")
+        await wait_for(lambda: service.ended[CloseReason.BAD_PROXY_HEADER] == 1, what="counted")
         assert service.pool.by_name["pp"].total == 0
         # And the service still serves a well-behaved client.
         conn = await amqp_open(*listen_addr(p), CLIENT_IP, build_v1((CLIENT_IP, 40001), listen_addr(p)))

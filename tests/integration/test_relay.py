@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from rabbitproxy import proxy as reasons
+from rabbitproxy.balancing.reasons import CloseReason
 from tests.helpers import (
     echo_handler,
     free_port,
@@ -48,7 +48,7 @@ async def test_half_closed_client_still_gets_the_whole_reply() -> None:
         assert got[32:] == reply
         service = p.services["amqp"]
         await wait_for(lambda: service.active == 0, what="connection closed")
-        assert service.ended[reasons.CLIENT_CLOSED] == 1
+        assert service.ended[CloseReason.CLIENT_CLOSED] == 1
 
 
 @pytest.mark.asyncio
@@ -123,7 +123,7 @@ async def test_every_connect_to_a_silent_backend_ends_at_its_deadline() -> None:
                 assert await asyncio.wait_for(reader.read(), 30) == b""
                 writer.close()
             service = p.services["amqp"]
-            await wait_for(lambda: service.ended[reasons.CONNECT_FAILED] == 5, what="five connects timed out")
+            await wait_for(lambda: service.ended[CloseReason.CONNECT_FAILED] == 5, what="five connects timed out")
             assert service.pool.by_name["silent"].connect_errors == 5
             assert not service.connects and not service.connecting
 
@@ -137,7 +137,7 @@ async def test_no_usable_backend_closes_the_client_and_counts_it() -> None:
         assert await asyncio.wait_for(reader.read(), 30) == b""
         writer.close()
         service = p.services["amqp"]
-        await wait_for(lambda: service.ended[reasons.CONNECT_FAILED] == 1, what="connect failed counted")
+        await wait_for(lambda: service.ended[CloseReason.CONNECT_FAILED] == 1, what="connect failed counted")
 
 
 @pytest.mark.asyncio
@@ -154,7 +154,7 @@ async def test_max_connections_closes_the_extra_client_and_keeps_serving() -> No
         r3, w3 = await asyncio.open_connection(*listen_addr(p))
         assert await asyncio.wait_for(r3.read(), 30) == b""
         w3.close()
-        assert service.ended[reasons.LIMIT] == 1
+        assert service.ended[CloseReason.LIMIT] == 1
         for r, w in held:
             w.write(b"still here")
             assert await r.readexactly(10) == b"still here"
@@ -175,7 +175,7 @@ async def test_idle_client_is_closed_after_client_idle_timeout() -> None:
         assert await asyncio.wait_for(reader.read(), 30) == b""
         writer.close()
         service = p.services["amqp"]
-        await wait_for(lambda: service.ended[reasons.IDLE_TIMEOUT] == 1, what="idle timeout counted")
+        await wait_for(lambda: service.ended[CloseReason.IDLE_TIMEOUT] == 1, what="idle timeout counted")
 
 
 @pytest.mark.asyncio

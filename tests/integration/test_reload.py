@@ -13,7 +13,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import ProxyProcess, free_port, to_toml, wait_for
 from tests.integration.conftest import backends_for
 

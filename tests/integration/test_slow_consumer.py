@@ -10,7 +10,7 @@ import pytest
 from pamqp import commands, frame
 from pamqp.header import ProtocolHeader
 
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import listen_addr, run_proxy, service_config, wait_for
 from tests.integration.conftest import backends_for
 

@@ -13,8 +13,8 @@ import aio_pika
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy import proxy as reasons
-from rabbitproxy.devcluster import DevCluster
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.dev.cluster import DevCluster
 from tests.helpers import (
     ProxyProcess,
     echo_handler,
@@ -150,9 +150,9 @@ async def test_backend_tls_checks_the_ca_and_the_server_name(tmp_path: Path, pki
             writer.write(b"AMQP\x00\x00\x09\x01")
             assert await asyncio.wait_for(reader.read(), 30) == b""
             writer.close()
-            await wait_for(lambda: p.services["wrong"].ended[reasons.CONNECT_FAILED] == 1, what="refused backend")
+            await wait_for(lambda: p.services["wrong"].ended[CloseReason.CONNECT_FAILED] == 1, what="refused backend")
             assert p.services["wrong"].pool.backends[0].connect_errors >= 1
-            await wait_for(lambda: p.services["amqp"].ended[reasons.CLIENT_CLOSED] == 1, what="clean close")
+            await wait_for(lambda: p.services["amqp"].ended[CloseReason.CLIENT_CLOSED] == 1, what="clean close")
     finally:
         srv.close()
         await srv.wait_closed()

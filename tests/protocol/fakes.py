@@ -7,9 +7,9 @@ from collections import Counter
 from typing import Any
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.deadlines import Deadlines
-from rabbitproxy.pool import Pool
-from rabbitproxy.proxy import ClientLeg
+from rabbitproxy.balancing.pool import Pool
+from rabbitproxy.relay.deadlines import Deadlines
+from rabbitproxy.relay.legs import ClientLeg
 
 
 class FakeTransport:
@@ -70,7 +70,7 @@ class HandClientLeg(ClientLeg):
 
 
 class FakeService:
-    """Just enough of :class:`rabbitproxy.service.Service` for one ClientLeg."""
+    """Just enough of :class:`rabbitproxy.relay.service.Service` for one ClientLeg."""
 
     def __init__(self, **service: Any) -> None:
         data = {

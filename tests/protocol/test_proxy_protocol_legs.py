@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from rabbitproxy import proxy
-from rabbitproxy.pool import Backend
-from rabbitproxy.proxy import BackendLeg, ClientLeg
-from rabbitproxy.proxyproto import ProxyHeaderReader, build_v1, build_v2
+from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.protocols.proxy_header import ProxyHeaderReader, build_v1, build_v2
+from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from tests.helpers import wait_for
 from tests.tls_certs import make_ca
 
@@ -147,7 +147,7 @@ async def test_a_connection_without_a_valid_header_is_closed_and_counted(garbage
     client.data_received(garbage)
     assert ct.closing and svc.connects_started == 0
     assert len(svc.bad_headers) == 1 and svc.bad_headers[0].startswith("192.0.2.7:40000: ")
-    await wait_for(lambda: svc.ended[proxy.BAD_PROXY_HEADER] == 1, what="bad header counted")
+    await wait_for(lambda: svc.ended[CloseReason.BAD_PROXY_HEADER] == 1, what="bad header counted")
     assert ct.buffer == b""
 
 
@@ -158,7 +158,7 @@ async def test_eof_inside_the_header_is_a_bad_header() -> None:
     client.data_received(b"PROXY TCP4 ")
     assert client.eof_received() is False
     assert ct.closing
-    await wait_for(lambda: svc.ended[proxy.BAD_PROXY_HEADER] == 1, what="bad header counted")
+    await wait_for(lambda: svc.ended[CloseReason.BAD_PROXY_HEADER] == 1, what="bad header counted")
 
 
 @pytest.mark.asyncio
@@ -166,7 +166,7 @@ async def test_hello_timeout_closes_a_client_that_sends_too_little() -> None:
     svc = Service(client_hello_timeout=0.05)
     client, ct = client_leg(svc)
     client.data_received(b"AMQ")
-    await wait_for(lambda: svc.ended[proxy.HELLO_TIMEOUT] == 1, what="hello timeout")
+    await wait_for(lambda: svc.ended[CloseReason.HELLO_TIMEOUT] == 1, what="hello timeout")
     assert ct.closing
 
 
@@ -196,7 +196,7 @@ async def test_tls_client_eof_closes_both_legs_instead_of_half_closing(tls_files
     _, bt = attach(svc, client)
     assert client.eof_received() is False
     assert ct.closing and bt.closing and not bt.eof_written
-    await wait_for(lambda: svc.ended[proxy.CLIENT_CLOSED] == 1, what="closed as client closed")
+    await wait_for(lambda: svc.ended[CloseReason.CLIENT_CLOSED] == 1, what="closed as client closed")
 
 
 @pytest.mark.asyncio
@@ -207,7 +207,7 @@ async def test_backend_eof_towards_a_tls_client_closes_both(tls_files: dict[str,
     leg.data_received(b"last words")
     assert leg.eof_received() is False
     assert ct.closing and bt.closing and ct.buffer == b"last words"
-    await wait_for(lambda: svc.ended[proxy.BACKEND_CLOSED] == 1, what="closed as backend closed")
+    await wait_for(lambda: svc.ended[CloseReason.BACKEND_CLOSED] == 1, what="closed as backend closed")
 
 
 @pytest.mark.asyncio

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from rabbitproxy import proxy
-from rabbitproxy.proxy import BackendLeg, ClientLeg
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 
 from .fakes import FakeService, FakeTransport, HandClientLeg
 
@@ -70,7 +70,7 @@ async def test_both_eofs_close_both_transports() -> None:
     assert ct.closing and bt.closing
     await settle()
     assert svc.closed == [client]
-    assert client.reason == proxy.CLIENT_CLOSED
+    assert client.reason == CloseReason.CLIENT_CLOSED
 
 
 @pytest.mark.asyncio
@@ -82,7 +82,7 @@ async def test_backend_eof_first_is_reported_as_backend_closed() -> None:
     assert client.eof_received() is False
     assert ct.closing and bt.closing
     await settle()
-    assert client.reason == proxy.BACKEND_CLOSED
+    assert client.reason == CloseReason.BACKEND_CLOSED
     assert svc.pool.backends[0].active == 0
 
 
@@ -119,7 +119,7 @@ async def test_reset_on_one_side_closes_the_other() -> None:
     client.connection_lost(ConnectionResetError())
     assert bt.closing
     await settle()
-    assert client.reason == proxy.CLIENT_RESET
+    assert client.reason == CloseReason.CLIENT_RESET
     assert svc.closed == [client]
 
 
@@ -136,4 +136,4 @@ async def test_limit_closes_new_client_at_once() -> None:
     second.connection_made(t2)  # type: ignore[arg-type]
     assert t2.closing and not t1.closing
     await settle()
-    assert svc.ended[proxy.LIMIT] == 1
+    assert svc.ended[CloseReason.LIMIT] == 1

@@ -6,13 +6,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.admin import _validate_patch, admin_token, backend_view, is_loopback, service_view
+from rabbitproxy.admin.api import _validate_patch, admin_token, backend_view, is_loopback, service_view
+from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError
-from rabbitproxy.metrics import registry_for, render
-from rabbitproxy.pool import Backend
-from rabbitproxy.proxy import BACKEND_MAINT
-from rabbitproxy.server import Proxy
-from rabbitproxy.service import Service
+from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.relay.service import Service
 
 
 class FakeConn:
@@ -44,9 +44,9 @@ def _config() -> config_mod.Config:
     )
 
 
-def _proxy() -> Proxy:
+def _proxy() -> Supervisor:
     cfg = _config()
-    proxy = Proxy(cfg)
+    proxy = Supervisor(cfg)
     proxy.services["amqp"] = Service(cfg.services[0])
     return proxy
 
@@ -123,12 +123,12 @@ def test_maint_closes_connections_and_drain_keeps_them() -> None:
     conns = [FakeConn(backend, 1, 1) for _ in range(3)]
     for c in conns:
         backend.opened(c)
-    assert backend.set_operator_state("drain", BACKEND_MAINT) == 0
+    assert backend.set_operator_state("drain", CloseReason.BACKEND_MAINT) == 0
     assert backend.status == "drain"
     assert all(c.closed_with is None for c in conns)
-    assert backend.set_operator_state("maint", BACKEND_MAINT) == 3
-    assert [c.closed_with for c in conns] == [BACKEND_MAINT] * 3
-    backend.set_operator_state("ready", BACKEND_MAINT)
+    assert backend.set_operator_state("maint", CloseReason.BACKEND_MAINT) == 3
+    assert [c.closed_with for c in conns] == [CloseReason.BACKEND_MAINT] * 3
+    backend.set_operator_state("ready", CloseReason.BACKEND_MAINT)
     assert backend.status == "up"
 
 
@@ -188,7 +188,7 @@ def test_metrics_read_live_state() -> None:
     r2 = service.pool.by_name["rabbit2"]
     r1.opened(FakeConn(r1, 100, 200))
     r1.traffic_in = 5
-    r2.set_operator_state("drain", BACKEND_MAINT)
+    r2.set_operator_state("drain", CloseReason.BACKEND_MAINT)
     r2.set_weight(20)
     r2.agent_percent = 50
     service.ended["connect failed"] = 4

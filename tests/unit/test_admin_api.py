@@ -12,17 +12,17 @@ import aiohttp
 import pytest
 from typer.testing import CliRunner
 
-from rabbitproxy import proxy as reasons
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.cli import app
 from rabbitproxy.config import ConfigError
-from rabbitproxy.server import Proxy
+from rabbitproxy.control.supervisor import Supervisor
 from tests.helpers import echo_handler, free_port, listen_addr, run_proxy, service_config, tcp_server, to_toml, wait_for
 
 TOKEN = "s3cret-token"
 
 
 @contextlib.asynccontextmanager
-async def admin_proxy(token: str | None = None) -> AsyncIterator[tuple[Proxy, str, list[dict[str, Any]]]]:
+async def admin_proxy(token: str | None = None) -> AsyncIterator[tuple[Supervisor, str, list[dict[str, Any]]]]:
     """A proxy with two echo backends and the admin API; yields (proxy, admin URL, service configs)."""
     async with tcp_server(echo_handler) as p1, tcp_server(echo_handler) as p2:
         services = [
@@ -41,7 +41,7 @@ async def admin_proxy(token: str | None = None) -> AsyncIterator[tuple[Proxy, st
             yield proxy, f"http://127.0.0.1:{admin_port}", services
 
 
-async def echo_once(proxy: Proxy, payload: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def echo_once(proxy: Supervisor, payload: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(*listen_addr(proxy))
     writer.write(payload)
     assert await reader.readexactly(len(payload)) == payload
@@ -103,7 +103,7 @@ async def test_drain_keeps_connections_maint_closes_them_ready_restores() -> Non
             body = await resp.json()
         assert body["closed_connections"] == on_echo1
         await wait_for(lambda: backend.active == 0, what="echo1's connections closed")
-        assert proxy.services["amqp"].ended[reasons.BACKEND_MAINT] == on_echo1
+        assert proxy.services["amqp"].ended[CloseReason.BACKEND_MAINT] == on_echo1
         async with http.patch(path, json={"state": "ready"}) as resp:
             assert (await resp.json())["status"] == "up"
         for _, w in conns + more:
@@ -264,7 +264,7 @@ async def test_reload_through_the_api(tmp_path: Path) -> None:
         path = tmp_path / "rabbitproxy.toml"
         proxy.config_path = path
         pool = proxy.services["amqp"].pool
-        pool.by_name["echo1"].set_operator_state("drain", reasons.BACKEND_MAINT)
+        pool.by_name["echo1"].set_operator_state("drain", CloseReason.BACKEND_MAINT)
         _, w = await echo_once(proxy, b"kept")
         live_backend = proxy.services["amqp"].pool.choose()
         assert live_backend is not None

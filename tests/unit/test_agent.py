@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from rabbitproxy.agent import (
+from rabbitproxy.agent.server import (
     Agent,
     IdleWindow,
     RabbitView,
@@ -17,7 +17,7 @@ from rabbitproxy.agent import (
     parse_state_word,
     rabbit_headroom,
 )
-from rabbitproxy.agentreply import parse_agent_reply
+from rabbitproxy.protocols.agent_reply import parse_agent_reply
 
 
 class FakeCpu:

@@ -1,4 +1,4 @@
-"""Unit tests for rabbitproxy.agentreply."""
+"""Unit tests for rabbitproxy.protocols.agent_reply."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabbitproxy.agentreply import (
+from rabbitproxy.protocols.agent_reply import (
     MAX_PERCENT,
     MAX_REPLY_BYTES,
     AgentReply,

@@ -1,4 +1,4 @@
-"""Unit tests for rabbitproxy.amqp (sans-IO AMQP 0-9-1 reading)."""
+"""Unit tests for rabbitproxy.protocols.amqp (sans-IO AMQP 0-9-1 reading)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabbitproxy.amqp import (
+from rabbitproxy.protocols.amqp import (
     FRAME_BODY,
     FRAME_HEARTBEAT,
     FRAME_METHOD,

@@ -1,4 +1,4 @@
-"""Unit tests for rabbitproxy.balancer."""
+"""Unit tests for rabbitproxy.balancing.algorithms."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rabbitproxy.balancer import (
+from rabbitproxy.balancing.algorithms import (
     ALGORITHMS,
     Balancer,
     LeastConnections,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from rabbitproxy.deadlines import Deadlines
+from rabbitproxy.relay.deadlines import Deadlines
 from tests.helpers import wait_for
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from rabbitproxy import proxy as reasons
-from rabbitproxy.agentreply import parse_agent_reply
+from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
-from rabbitproxy.feedback import STATUS_OK, AgentUnavailableError, Poller, apply_reply
-from rabbitproxy.pool import Backend
-from rabbitproxy.service import Service
+from rabbitproxy.control.feedback import STATUS_OK, AgentUnavailableError, Poller, apply_reply
+from rabbitproxy.protocols.agent_reply import parse_agent_reply
+from rabbitproxy.relay.service import Service
 
 
 def _service(weight: int = 100, on_marked_down: str = "close") -> Service:
@@ -138,13 +138,13 @@ async def test_maint_from_the_agent_closes_connections_and_drain_does_not() -> N
     assert conn.reasons == []
     await poller.poll_once()
     assert poller.backend.admin_state == "maint"
-    assert conn.reasons == [reasons.BACKEND_MAINT]
+    assert conn.reasons == [CloseReason.BACKEND_MAINT]
     await poller.poll_once()
     assert poller.backend.admin_state == "ready"
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("policy", "closed"), [("close", [reasons.BACKEND_DOWN]), ("keep", [])])
+@pytest.mark.parametrize(("policy", "closed"), [("close", [CloseReason.BACKEND_DOWN]), ("keep", [])])
 async def test_agent_down_follows_on_marked_down(policy: str, closed: list[str]) -> None:
     service = _service(on_marked_down=policy)
     poller = ScriptedPoller(service, [b"fail #oom\n"])

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from pamqp import commands
 from pamqp import frame as pamqp_frame
 
-from rabbitproxy import amqp, proxyproto
-from rabbitproxy.agentreply import AgentReply, AgentReplyError, parse_agent_reply
+from rabbitproxy.protocols import amqp
+from rabbitproxy.protocols import proxy_header as proxyproto
+from rabbitproxy.protocols.agent_reply import AgentReply, AgentReplyError, parse_agent_reply
 
 # --- corpora: valid inputs the mutations start from -------------------------------------------------------------
 

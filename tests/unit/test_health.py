@@ -1,4 +1,4 @@
-"""Unit tests for the pure parts of rabbitproxy.health: rise/fall counting, HTTP verdicts, applying results."""
+"""Unit tests for the pure parts of rabbitproxy.control.health: rise/fall counting, HTTP verdicts, applying results."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabbitproxy import proxy as reasons
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
-from rabbitproxy.health import ProbeResult, RiseFall, apply_result, classify_http, http_url
-from rabbitproxy.service import Service
+from rabbitproxy.control.health import ProbeResult, RiseFall, apply_result, classify_http, http_url
+from rabbitproxy.relay.service import Service
 
 
 def test_first_verdict_decides_at_once() -> None:
@@ -99,7 +99,7 @@ class FakeConn:
         self.reasons.append(reason)
 
 
-@pytest.mark.parametrize(("policy", "closed"), [("close", [reasons.BACKEND_DOWN]), ("keep", [])])
+@pytest.mark.parametrize(("policy", "closed"), [("close", [CloseReason.BACKEND_DOWN]), ("keep", [])])
 def test_marked_down_closes_connections_only_when_asked(policy: str, closed: list[str]) -> None:
     service = _service(on_marked_down=policy, fall=2)
     backend = service.pool.backends[0]

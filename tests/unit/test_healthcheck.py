@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from rabbitproxy.admin.probe import admin_url
 from rabbitproxy.cli import DEFAULT_CONFIG_PATH, build_config, config_or_env
 from rabbitproxy.config import ConfigError
-from rabbitproxy.healthcheck import admin_url
 
 
 def test_default_is_the_admin_default() -> None:

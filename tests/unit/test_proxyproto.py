@@ -1,4 +1,4 @@
-"""Unit tests for rabbitproxy.proxyproto (PROXY protocol v1/v2)."""
+"""Unit tests for rabbitproxy.protocols.proxy_header (PROXY protocol v1/v2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabbitproxy.proxyproto import (
+from rabbitproxy.protocols.proxy_header import (
     NEED_DATA,
     V1_MAX_LENGTH,
     V2_SIGNATURE,

@@ -6,7 +6,7 @@ import os
 import socket
 import tempfile
 
-from rabbitproxy.sdnotify import notify
+from rabbitproxy.app import sd_notify as notify
 
 
 def test_ready_reaches_the_notify_socket() -> None:

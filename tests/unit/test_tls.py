@@ -11,8 +11,8 @@ import pytest
 
 from rabbitproxy import config as config_mod
 from rabbitproxy.config import ConfigError
-from rabbitproxy.limits import AcceptErrorFilter
-from rabbitproxy.tls import ServiceTLS, backend_context
+from rabbitproxy.relay.listeners import AcceptErrorFilter
+from rabbitproxy.relay.tls import ServiceTLS, backend_context
 from tests.tls_certs import make_ca
 
 

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 import structlog
 
-from rabbitproxy import amqp
-from rabbitproxy.proxy import BACKEND_DOWN
-from rabbitproxy.proxyproto import check_header
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.protocols import amqp
+from rabbitproxy.protocols.proxy_header import check_header
 
 if TYPE_CHECKING:
+    from rabbitproxy.balancing.pool import Backend
     from rabbitproxy.config import HealthCheckConfig
-    from rabbitproxy.pool import Backend
-    from rabbitproxy.service import Service
+    from rabbitproxy.relay.service import Service
 
 log = structlog.get_logger("rabbitproxy.health")
 
@@ -255,7 +255,7 @@ def apply_result(service: Service, backend: Backend, state: RiseFall, result: Pr
         return
     closed = 0
     if service.config.health_check.on_marked_down == "close":
-        closed = backend.close_connections(BACKEND_DOWN)
+        closed = backend.close_connections(CloseReason.BACKEND_DOWN)
     log.warning(
         "backend down", service=service.name, backend=backend.name, reason=result.detail, closed_connections=closed
     )

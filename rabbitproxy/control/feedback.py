@@ -1,8 +1,8 @@
 """Feedback agents: one task per backend polls its agent and scales the backend's weight by the reply.
 
 Two dialects, one grammar: the TCP agent (Loadbalancer.org's port 3333, HAProxy's agent-check) writes one line on
-connect; the HTTP variant serves the same words in the body of a GET. :mod:`rabbitproxy.agentreply` parses the
-line; :func:`apply_reply` (no I/O) turns it into backend state. An agent that cannot be reached or answers garbage
+connect; the HTTP variant serves the same words in the body of a GET. :mod:`rabbitproxy.protocols.agent_reply` parses
+the line; :func:`apply_reply` (no I/O) turns it into backend state. An agent that cannot be reached or answers garbage
 changes nothing: the last good value stays, and ``agent_status`` and the log say that it is stale and why.
 """
 
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import aiohttp
 import structlog
 
-from rabbitproxy.agentreply import MAX_REPLY_BYTES, AgentReply, AgentReplyError, parse_agent_reply
-from rabbitproxy.proxy import BACKEND_DOWN, BACKEND_MAINT
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.protocols.agent_reply import MAX_REPLY_BYTES, AgentReply, AgentReplyError, parse_agent_reply
 
 if TYPE_CHECKING:
+    from rabbitproxy.balancing.pool import AdminState, Backend
     from rabbitproxy.config import FeedbackConfig
-    from rabbitproxy.pool import AdminState, Backend
-    from rabbitproxy.service import Service
+    from rabbitproxy.relay.service import Service
 
 log = structlog.get_logger("rabbitproxy.feedback")
 
@@ -196,7 +196,7 @@ class Poller:
                 reply=text,
             )
         if change.admin_before != change.admin_after:
-            closed = b.close_connections(BACKEND_MAINT) if change.entered_maint else 0
+            closed = b.close_connections(CloseReason.BACKEND_MAINT) if change.entered_maint else 0
             log.info(
                 "backend admin state changed",
                 service=name,
@@ -208,7 +208,7 @@ class Poller:
         if change.went_down:
             closed = 0
             if self.service.config.health_check.on_marked_down == "close":
-                closed = b.close_connections(BACKEND_DOWN)
+                closed = b.close_connections(CloseReason.BACKEND_DOWN)
             log.warning(
                 "backend down",
                 service=name,

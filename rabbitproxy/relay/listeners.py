@@ -1,4 +1,7 @@
-"""Running out of descriptors without drowning the log.
+"""Listening sockets: binding them (all or none), and running out of descriptors without drowning the log.
+
+:func:`bind_all` binds every listener of a start or reload before any serves, so one port conflict fails the
+whole change and nothing is half-applied.
 
 When the process hits its descriptor limit (EMFILE) or the system's (ENFILE), ``accept()`` fails. Both loops
 recover on their own: asyncio stops watching the listener and tries again a second later; uvloop (libuv) accepts
@@ -12,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 import time
 from typing import Any
 
 import structlog
 
-log = structlog.get_logger("rabbitproxy.limits")
+from rabbitproxy.config import ConfigError, ServiceConfig
+
+log = structlog.get_logger("rabbitproxy.listeners")
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # One warning per this many seconds while accept keeps failing.
@@ -65,3 +71,36 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> AcceptErrorFilter:
     handler = AcceptErrorFilter(current)
     loop.set_exception_handler(handler)
     return handler
+
+
+def bind_listener(config: ServiceConfig) -> socket.socket:
+    """Create the service's listening socket (SO_REUSEADDR; IPv6 sockets only IPv6, like nginx's ipv6only)."""
+    host = config.listen_host
+    port = config.listen_port
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(config.backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_all(configs: list[ServiceConfig]) -> dict[str, socket.socket]:
+    """Bind the listeners of ``configs``; on any failure close those already bound and raise ConfigError."""
+    socks: dict[str, socket.socket] = {}
+    for sc in configs:
+        try:
+            socks[sc.name] = bind_listener(sc)
+        except OSError as exc:
+            for s in socks.values():
+                s.close()
+            raise ConfigError([f"services[{sc.name!r}].listen: cannot listen on {sc.listen}: {exc.strerror}"]) from None
+    return socks

@@ -1,18 +1,14 @@
-"""The running proxy: every service's listener, the per-backend monitors, shutdown and reload.
+"""The supervisor: every running service, the monitors that watch its backends, reload and shutdown.
 
-:func:`serve` is the one entry point. It takes an injectable ``shutdown_trigger`` (hypercorn's pattern) so tests
-and embedders decide when to stop; the CLI passes one that waits for SIGTERM/SIGINT. Shutdown order: close every
-listener at once (new connects are refused), let open connections finish for up to each service's
-``shutdown_timeout``, then close what is left.
+It owns what changes while the process runs. The data path (:mod:`rabbitproxy.relay`) knows nothing of it; the
+admin API steers it; :func:`rabbitproxy.app.serve` creates it, starts it and stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,17 +16,16 @@ from typing import Any
 import structlog
 
 from rabbitproxy import config as config_mod
-from rabbitproxy import sdnotify
+from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
-from rabbitproxy.limits import quiet_accept_errors
-from rabbitproxy.pool import Backend, Pool
-from rabbitproxy.service import Service, bind_listener
+from rabbitproxy.control.feedback import feedback_task
+from rabbitproxy.control.health import health_task
+from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
+from rabbitproxy.relay.service import Service
+from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.tasks import OwnedTasks, cancel_and_wait, log_failure
-from rabbitproxy.tls import ServiceTLS
 
-log = structlog.get_logger("rabbitproxy.server")
-
-MonitorFactory = Callable[["Proxy", Service, Backend], list[Awaitable[None]]]
+log = structlog.get_logger("rabbitproxy.supervisor")
 
 
 @dataclass
@@ -51,7 +46,7 @@ class ReloadResult:
         }
 
 
-class Proxy:
+class Supervisor:
     """All services of one process and what runs beside them."""
 
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
@@ -72,7 +67,7 @@ class Proxy:
         # Load every certificate before binding anything: a bad file is a config error, not a half-started proxy.
         tls = {sc.name: ServiceTLS(sc) for sc in self.config.services}
         # Bind every socket before serving any, so a port conflict fails the start as a whole.
-        socks = _bind_all(self.config.services)
+        socks = bind_all(self.config.services)
         for sc in self.config.services:
             service = Service(sc, tls=tls[sc.name])
             self.services[sc.name] = service
@@ -117,8 +112,6 @@ class Proxy:
             self._watch(service, backend)
 
     def _watch(self, service: Service, backend: Backend) -> None:
-        from rabbitproxy.monitors import monitors_for
-
         tasks = [asyncio.ensure_future(c) for c in monitors_for(service, backend)]
         for t in tasks:
             t.add_done_callback(log_failure)
@@ -156,7 +149,7 @@ class Proxy:
         # Phase 1: everything that can fail (binding new or moved listeners) before anything changes.
         # A moved listener that takes a port another (removed or moved) service still holds is refused rather than
         # half-applied: two listeners cannot share a port.
-        fresh_socks = _bind_all(
+        fresh_socks = bind_all(
             [
                 sc
                 for sc in new.services
@@ -240,85 +233,14 @@ class Proxy:
         log.info("service updated", service=sc.name, backends=[b.name for b in backends])
 
 
-def _bind_all(configs: list[ServiceConfig]) -> dict[str, socket.socket]:
-    """Bind the listeners of ``configs``; on any failure close those already bound and raise ConfigError."""
-    socks: dict[str, socket.socket] = {}
-    for sc in configs:
-        try:
-            socks[sc.name] = bind_listener(sc)
-        except OSError as exc:
-            for s in socks.values():
-                s.close()
-            raise ConfigError([f"services[{sc.name!r}].listen: cannot listen on {sc.listen}: {exc.strerror}"]) from None
-    return socks
+def monitors_for(service: Service, backend: Backend) -> list[Awaitable[None]]:
+    """The coroutines to run for ``backend`` (none when neither checks nor agents are configured).
 
-
-def install_signal_handlers(
-    loop: asyncio.AbstractEventLoop, shutdown: asyncio.Event, reload: Callable[[], None] | None
-) -> None:
-    """SIGTERM/SIGINT set the shutdown event; a second one exits at once. SIGHUP reloads."""
-
-    def on_stop(signame: str) -> None:
-        if shutdown.is_set():
-            log.warning("second signal: exiting now", signal=signame)
-            raise SystemExit(1)
-        log.info("signal received, shutting down", signal=signame)
-        shutdown.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig.name)
-    if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload)
-
-
-async def serve(
-    config: Config,
-    *,
-    config_path: Path | None = None,
-    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
-    ready: Callable[[Proxy], None] | None = None,
-) -> None:
-    """Run the proxy until ``shutdown_trigger`` returns (default: SIGTERM or SIGINT), then shut down gracefully."""
-    proxy = Proxy(config, config_path=config_path)
-    admin_runner = None
-    if config.admin.enabled:
-        from rabbitproxy.admin import admin_token, start_admin
-
-        # A missing token on a non-loopback admin address is a config error: refuse before binding anything.
-        admin_token(config.admin)
-    await proxy.start()
-    try:
-        if config.admin.enabled:
-            admin_runner = await start_admin(proxy)
-    except BaseException:
-        # The admin port is taken (or worse): the listeners already bound must not outlive the failed start.
-        await proxy.shutdown()
-        raise
-    if shutdown_trigger is None:
-        # Signal handlers go in before readiness is announced, so a SIGTERM right after READY drains gracefully.
-        stop = asyncio.Event()
-
-        def on_hup() -> None:
-            proxy.spawn(_reload_from_signal(proxy), name="reload")
-
-        install_signal_handlers(asyncio.get_running_loop(), stop, on_hup)
-        shutdown_trigger = stop.wait
-    # Everything allocated so far lives for the whole run; freezing it keeps the collector from rescanning it.
-    gc.freeze()
-    if ready is not None:
-        ready(proxy)
-    sdnotify.notify("READY=1")
-    try:
-        await shutdown_trigger()
-    finally:
-        sdnotify.notify("STOPPING=1")
-        await proxy.shutdown()
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-
-
-async def _reload_from_signal(proxy: Proxy) -> None:
-    try:
-        await proxy.reload()
-    except ConfigError as exc:
-        log.error("reload refused, the running configuration stays", errors=exc.errors)
+    Called again for every backend after a reload, so a task only ever reads the configuration it was started with.
+    """
+    out: list[Awaitable[None]] = []
+    if service.config.health_check.type != "none":
+        out.append(health_task(service, backend))
+    if service.config.feedback.type != "none":
+        out.append(feedback_task(service, backend))
+    return out

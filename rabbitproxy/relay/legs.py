@@ -21,43 +21,13 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from rabbitproxy import logs
-from rabbitproxy.proxyproto import NEED_DATA, ProxyHeaderReader, ProxyProtocolError, header_for
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.protocols.proxy_header import NEED_DATA, ProxyHeaderReader, ProxyProtocolError, header_for
 
 if TYPE_CHECKING:
-    from rabbitproxy.pool import Backend
-    from rabbitproxy.service import Service
+    from rabbitproxy.balancing.pool import Backend
+    from rabbitproxy.relay.service import Service
 
-# Why a connection ended; one of these appears in every connection log event and in the metrics.
-CLIENT_CLOSED = "client closed"
-BACKEND_CLOSED = "backend closed"
-CLIENT_RESET = "client reset"
-BACKEND_RESET = "backend reset"
-CONNECT_FAILED = "connect failed"
-NO_BACKEND = "no backend"
-LIMIT = "limit"
-IDLE_TIMEOUT = "idle timeout"
-SHUTDOWN = "shutdown"
-BACKEND_DOWN = "backend down"
-BACKEND_MAINT = "backend maint"
-SERVICE_REMOVED = "service removed"
-HELLO_TIMEOUT = "hello timeout"
-BAD_PROXY_HEADER = "bad proxy header"
-REASONS = (
-    CLIENT_CLOSED,
-    BACKEND_CLOSED,
-    CLIENT_RESET,
-    BACKEND_RESET,
-    CONNECT_FAILED,
-    NO_BACKEND,
-    LIMIT,
-    IDLE_TIMEOUT,
-    SHUTDOWN,
-    BACKEND_DOWN,
-    BACKEND_MAINT,
-    SERVICE_REMOVED,
-    HELLO_TIMEOUT,
-    BAD_PROXY_HEADER,
-)
 # The AMQP 0-9-1 protocol header ("AMQP" 0 0 9 1) is what every client sends first; client_hello_timeout waits for it.
 HELLO_LENGTH = 8
 
@@ -95,7 +65,7 @@ class BackendLeg(asyncio.Protocol):
             # A TLS transport cannot stay half-open (no write_eof; asyncio ignores a True here and warns), so the
             # backend's end closes both legs once what is buffered has been written.
             conn.backend_eof_seen = True
-            conn._finish_both(BACKEND_CLOSED)
+            conn._finish_both(CloseReason.BACKEND_CLOSED)
             return False
         return conn.backend_eof()
 
@@ -174,7 +144,7 @@ class ClientLeg(asyncio.Protocol):
         self.backend_lost_flag = False
         self.closed = False
         self.reading_paused = False
-        self.reason: str | None = None
+        self.reason: CloseReason | None = None
         # The connect in flight: its task, the leg it will attach, whether its deadline cancelled it.
         self.connect_task: asyncio.Task[Any] | None = None
         self.connect_leg: BackendLeg | None = None
@@ -203,10 +173,10 @@ class ClientLeg(asyncio.Protocol):
         service.connections.add(self)
         service.total += 1
         if not service.accepting:
-            self.close(SHUTDOWN)
+            self.close(CloseReason.SHUTDOWN)
             return
         if len(service.connections) > cfg.max_connections:
-            self.close(LIMIT)
+            self.close(CloseReason.LIMIT)
             return
         transport.set_write_buffer_limits(high=cfg.high_water, low=cfg.low_water)
         if cfg.client_idle_timeout > 0:
@@ -248,21 +218,21 @@ class ClientLeg(asyncio.Protocol):
             self._bad_proxy_header(ProxyProtocolError("connection closed before the PROXY header was complete"))
             return False
         if self.reason is None:
-            self.reason = CLIENT_CLOSED
+            self.reason = CloseReason.CLIENT_CLOSED
         if self.client_tls:
             # TLS cannot be half-closed; end both legs after flushing (the connect, if running, is cancelled).
-            self.close(CLIENT_CLOSED)
+            self.close(CloseReason.CLIENT_CLOSED)
             return False
         if self.backend_transport is None:
             # Not connected yet: the EOF is forwarded after the buffered bytes once the backend answers.
             return True
         if self.backend_eof_seen or self.backend_tls:
-            self._finish_both(CLIENT_CLOSED)
+            self._finish_both(CloseReason.CLIENT_CLOSED)
             return False
         try:
             self.backend_transport.write_eof()
         except (OSError, RuntimeError, NotImplementedError):
-            self._finish_both(CLIENT_CLOSED)
+            self._finish_both(CloseReason.CLIENT_CLOSED)
             return False
         return True
 
@@ -286,7 +256,7 @@ class ClientLeg(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.client_lost = True
         if self.reason is None:
-            self.reason = CLIENT_RESET if exc is not None else CLIENT_CLOSED
+            self.reason = CloseReason.CLIENT_RESET if exc is not None else CloseReason.CLIENT_CLOSED
         self._cancel_connect()
         bt = self.backend_transport
         if bt is not None and not bt.is_closing():
@@ -314,27 +284,27 @@ class ClientLeg(asyncio.Protocol):
     def backend_eof(self) -> bool:
         self.backend_eof_seen = True
         if self.client_eof_seen:
-            self._finish_both(BACKEND_CLOSED)
+            self._finish_both(CloseReason.BACKEND_CLOSED)
             return False
         if self.reason is None:
-            self.reason = BACKEND_CLOSED
+            self.reason = CloseReason.BACKEND_CLOSED
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
         if self.client_tls:
-            self._finish_both(BACKEND_CLOSED)
+            self._finish_both(CloseReason.BACKEND_CLOSED)
             return False
         try:
             transport.write_eof()
         except (OSError, RuntimeError, NotImplementedError):
-            self._finish_both(BACKEND_CLOSED)
+            self._finish_both(CloseReason.BACKEND_CLOSED)
             return False
         return True
 
     def backend_lost(self, exc: Exception | None) -> None:
         self.backend_lost_flag = True
         if self.reason is None:
-            self.reason = BACKEND_RESET if exc is not None else BACKEND_CLOSED
+            self.reason = CloseReason.BACKEND_RESET if exc is not None else CloseReason.BACKEND_CLOSED
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
@@ -359,7 +329,7 @@ class ClientLeg(asyncio.Protocol):
         if len(tried) <= cfg.retries:
             backend = service.pool.choose(self.peer_key, tried + full if full else tried)
         if backend is None:
-            self.close(CONNECT_FAILED if tried else (LIMIT if full else NO_BACKEND))
+            self.close(CloseReason.CONNECT_FAILED if tried else (CloseReason.LIMIT if full else CloseReason.NO_BACKEND))
             return
         tried.append(backend)
         leg = BackendLeg(self)
@@ -420,7 +390,7 @@ class ClientLeg(asyncio.Protocol):
             # Not a network failure: a bug of ours or of the loop. Logged with its traceback, and this
             # connection ends instead of being retried into the same error.
             service.connect_bug(backend, self.client_addr, exc)
-            self.close(CONNECT_FAILED)
+            self.close(CloseReason.CONNECT_FAILED)
             return
         backend.connect_errors += 1
         service.connect_failed(backend, self.client_addr, exc)
@@ -459,7 +429,7 @@ class ClientLeg(asyncio.Protocol):
             transport.write(bytes(pending))
         if self.client_eof_seen:
             if self.backend_tls:
-                self._finish_both(CLIENT_CLOSED)
+                self._finish_both(CloseReason.CLIENT_CLOSED)
                 return
             transport.write_eof()
         self.resume_client_reading()
@@ -489,12 +459,12 @@ class ClientLeg(asyncio.Protocol):
     def _bad_proxy_header(self, exc: ProxyProtocolError) -> None:
         self.pp_reader = None
         self.service.bad_proxy_header(self.client_addr, exc)
-        self.close(BAD_PROXY_HEADER)
+        self.close(CloseReason.BAD_PROXY_HEADER)
 
     def hello_expired(self) -> None:
         """The service's hello deadline: the client has not sent its 8-byte AMQP header in time."""
         if not self.closed:
-            self.close(HELLO_TIMEOUT)
+            self.close(CloseReason.HELLO_TIMEOUT)
 
     # -- ending --------------------------------------------------------------------------------------------------
 
@@ -505,18 +475,18 @@ class ClientLeg(asyncio.Protocol):
         timeout = self.service.config.client_idle_timeout
         idle_for = time.monotonic() - self.last_activity
         if idle_for >= timeout:
-            self.close(IDLE_TIMEOUT)
+            self.close(CloseReason.IDLE_TIMEOUT)
             return
         self.idle_handle = self.service.loop.call_later(timeout - idle_for, self._idle_check)
 
-    def _finish_both(self, reason: str) -> None:
+    def _finish_both(self, reason: CloseReason) -> None:
         if self.reason is None:
             self.reason = reason
         for t in (self.transport, self.backend_transport):
             if t is not None and not t.is_closing():
                 t.close()
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: CloseReason) -> None:
         """End this connection (limit, shutdown, backend down, idle...); buffered bytes are still flushed."""
         self._cancel_connect()
         self._finish_both(reason)
@@ -526,7 +496,7 @@ class ClientLeg(asyncio.Protocol):
         if task is not None and not task.done():
             task.cancel()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: CloseReason) -> None:
         """End this connection now, dropping anything still buffered (the grace period is over)."""
         if self.reason is None:
             self.reason = reason

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
-from rabbitproxy.sansio import NEED_DATA, NeedData
+from rabbitproxy.protocols.sansio import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_V2_LENGTH",

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from rabbitproxy import _nodesetup, _processes
-from rabbitproxy._nodesetup import Node
+from rabbitproxy.dev import nodes, processes
+from rabbitproxy.dev.nodes import Node
 
 __all__ = [
     "INSTALL_HINT",
@@ -227,7 +227,7 @@ class DevCluster:
 
     def beam_pid(self, node: Node) -> int | None:
         """PID of the node's Erlang VM (beam.smp), or None when it is not running."""
-        return _processes.beam_pid(self._tree(self._node(node)))
+        return processes.beam_pid(self._tree(self._node(node)))
 
     # -- rabbitmqctl -------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ class DevCluster:
         node = self._node(node)
         argv = [str(RABBITMQ_BIN_DIR / "rabbitmqctl"), "-n", node.name, *args]
         done = subprocess.run(
-            argv, env=_nodesetup.ctl_env(self._home), capture_output=True, text=True, timeout=timeout, check=False
+            argv, env=nodes.ctl_env(self._home), capture_output=True, text=True, timeout=timeout, check=False
         )
         if done.returncode != 0:
             raise RabbitMQCtlError(done.returncode, argv, done.stdout, done.stderr)
@@ -294,14 +294,14 @@ class DevCluster:
             self.base_dir = Path(tempfile.mkdtemp(prefix="rabbitproxy-devcluster-"))
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._home = self.base_dir / "home"
-        _nodesetup.prepare_home(self._home)
-        self.nodes.extend(_nodesetup.make_nodes(self.base_dir, self.size, management=self.management))
+        nodes.prepare_home(self._home)
+        self.nodes.extend(nodes.make_nodes(self.base_dir, self.size, management=self.management))
         first = self.nodes[0]
         for node in self.nodes:
             self._write_config(node, peer=None if node is first else first)
 
     def _write_config(self, node: Node, peer: Node | None) -> None:
-        lines = _nodesetup.config_lines(
+        lines = nodes.config_lines(
             node,
             peer,
             management=self.management,
@@ -319,7 +319,7 @@ class DevCluster:
             self._down.discard(node.name)
             self._procs[node.name] = subprocess.Popen(
                 [str(RABBITMQ_BIN_DIR / "rabbitmq-server")],
-                env=_nodesetup.node_env(node, self._home),
+                env=nodes.node_env(node, self._home),
                 cwd=node.dir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -348,7 +348,7 @@ class DevCluster:
                 self._log(f"{node.name} is running ({time.monotonic() - began:.1f}s)")
 
         # The running nodes wait alongside the booting ones, so their CLI calls overlap the boots.
-        _processes.run_in_parallel([*watch, *nodes], one)
+        processes.run_in_parallel([*watch, *nodes], one)
 
     def _boot(self, node: Node, peer: Node | None, abort: threading.Event) -> int | None:
         """Boot the node, retrying from wiped data; None when aborted because another node failed.
@@ -463,7 +463,7 @@ class DevCluster:
         if proc.poll() is None:
             if node.name in self._paused:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(_processes.beam_pid(tree) or proc.pid, signal.SIGCONT)
+                    os.kill(processes.beam_pid(tree) or proc.pid, signal.SIGCONT)
             deadline = time.monotonic() + _STOP_GRACE
             try:
                 self.rabbitmqctl(node, "stop", timeout=_STOP_GRACE)
@@ -484,16 +484,16 @@ class DevCluster:
         self._down.add(node.name)
         self._paused.discard(node.name)
         try:
-            _processes.kill_tree(proc, self._tree(node) if tree is None else tree)
+            processes.kill_tree(proc, self._tree(node) if tree is None else tree)
         except subprocess.TimeoutExpired as exc:
             raise DevClusterError(f"{node.name} (pid {proc.pid}) survived SIGKILL") from exc
 
     def _tree(self, node: Node) -> list[Any]:
         """The wrapper shell and everything below it, while they can still be found from the wrapper."""
-        return _processes.process_tree(self._procs.get(node.name))
+        return processes.process_tree(self._procs.get(node.name))
 
     def _await_stopped_state(self, node: Node, pid: int, *, stopped: bool) -> None:
-        if not _processes.await_stopped_state(pid, stopped=stopped, timeout=_STOP_GRACE):
+        if not processes.await_stopped_state(pid, stopped=stopped, timeout=_STOP_GRACE):
             state = "stop" if stopped else "continue"
             raise DevClusterError(f"{node.name} (pid {pid}) did not {state} within {_STOP_GRACE:.0f}s")
 
@@ -524,7 +524,7 @@ class DevCluster:
 
     def _tails(self, node: Node) -> str:
         return "".join(
-            f"\n--- last lines of {path} ---\n{_processes.tail(path, _LOG_TAIL_LINES)}"
+            f"\n--- last lines of {path} ---\n{processes.tail(path, _LOG_TAIL_LINES)}"
             for path in (node.stdout_file, node.log_file)
         )
 

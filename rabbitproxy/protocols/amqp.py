@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
-from rabbitproxy.sansio import NEED_DATA, NeedData
+from rabbitproxy.protocols.sansio import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

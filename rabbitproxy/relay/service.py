@@ -12,12 +12,14 @@ from typing import Any
 import structlog
 
 from rabbitproxy import logs
+from rabbitproxy.balancing.pool import Backend, Pool
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
-from rabbitproxy.deadlines import Deadlines
-from rabbitproxy.pool import Backend, Pool
-from rabbitproxy.proxy import SERVICE_REMOVED, SHUTDOWN, ClientLeg
+from rabbitproxy.relay.deadlines import Deadlines
+from rabbitproxy.relay.legs import ClientLeg
+from rabbitproxy.relay.listeners import bind_listener
+from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.tasks import cancel_and_wait
-from rabbitproxy.tls import ServiceTLS
 
 log = structlog.get_logger("rabbitproxy.connection")
 
@@ -39,13 +41,13 @@ class Service:
         self.connections: set[ClientLeg] = set()
         self.accepting = True
         self.total = 0
-        self.ended: Counter[str] = Counter()
+        self.ended: Counter[CloseReason] = Counter()
         self.server: asyncio.Server | None = None
         # Connect attempts in flight; cancelled when the service stops.
         self.connects: set[asyncio.Task[Any]] = set()
         # Set by start(): the loop the data path schedules on, kept here because asking asyncio for the running
         # loop costs a getpid() system call on Python 3.11, several times per connection; and the connect and
-        # hello deadlines, one timer each for all connections (rabbitproxy.deadlines).
+        # hello deadlines, one timer each for all connections (rabbitproxy.relay.deadlines).
         self.loop: asyncio.AbstractEventLoop
         self.connect_deadlines: Deadlines[ClientLeg]
         self.hello_deadlines: Deadlines[ClientLeg]
@@ -132,7 +134,7 @@ class Service:
         if self.server is not None:
             self.server.close()
 
-    async def drain(self, grace: float, reason: str = SHUTDOWN) -> None:
+    async def drain(self, grace: float, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
         """Wait up to ``grace`` seconds for open connections to end by themselves, then close the rest."""
         self.stop_accepting()
         try:
@@ -146,7 +148,7 @@ class Service:
         except asyncio.CancelledError:
             # The process is stopping while this (removed) service still drains: nothing may outlive it.
             for conn in list(self.connections):
-                conn.abort(SHUTDOWN)
+                conn.abort(CloseReason.SHUTDOWN)
             raise
         finally:
             await cancel_and_wait(self.connects)
@@ -166,7 +168,7 @@ class Service:
         return True
 
     async def remove(self) -> None:
-        await self.drain(self.config.shutdown_timeout, SERVICE_REMOVED)
+        await self.drain(self.config.shutdown_timeout, CloseReason.SERVICE_REMOVED)
 
     def note_checked(self) -> None:
         """A health check answered; once every backend has an answer, ``first_checks`` is set."""
@@ -208,7 +210,8 @@ class Service:
         self.connections.discard(conn)
         if self._empty is not None and not self.connections:
             self._empty.set()
-        reason = conn.reason or "unknown"
+        # Every path that ends a connection names its reason first; a client that vanished is the fallback.
+        reason = conn.reason or CloseReason.CLIENT_RESET
         self.ended[reason] += 1
         if not logs.info_enabled:
             return
@@ -227,23 +230,3 @@ class Service:
     @property
     def active(self) -> int:
         return len(self.connections)
-
-
-def bind_listener(config: ServiceConfig) -> socket.socket:
-    """Create the service's listening socket (SO_REUSEADDR; IPv6 sockets only IPv6, like nginx's ipv6only)."""
-    host = config.listen_host
-    port = config.listen_port
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, socktype, proto, _, addr = infos[0]
-    sock = socket.socket(family, socktype, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
-        sock.listen(config.backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock

@@ -1,8 +1,9 @@
 """The admin API: JSON over HTTP, Prometheus metrics and the System Overview page, inside the proxy's own loop.
 
-It runs on aiohttp's ``AppRunner(handle_signals=False)`` + ``TCPSite`` so that signals stay with ``serve()`` and the
-API sees the live :class:`~rabbitproxy.server.Proxy` without any copying or locking: every handler runs on the same
-event loop as the data path. It changes backends only through :class:`~rabbitproxy.pool.Backend` methods.
+It runs on aiohttp's ``AppRunner(handle_signals=False)`` + ``TCPSite`` so that signals stay with ``serve()`` and
+the API sees the live :class:`~rabbitproxy.control.supervisor.Supervisor` without any copying or locking: every
+handler runs on the same event loop as the data path. It changes backends only through
+:class:`~rabbitproxy.balancing.pool.Backend` methods.
 
 Access: with a token configured (``[admin] token`` or ``RABBITPROXY_ADMIN_TOKEN``) every ``/api`` and ``/metrics``
 request must carry ``Authorization: Bearer <token>``; ``/healthz`` and the page itself do not (the page asks for the
@@ -25,19 +26,19 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
-from rabbitproxy.metrics import registry_for, render
-from rabbitproxy.pool import ADMIN_STATES, AdminState, Backend
-from rabbitproxy.proxy import BACKEND_MAINT
 
 if TYPE_CHECKING:
-    from rabbitproxy.server import Proxy
-    from rabbitproxy.service import Service
+    from rabbitproxy.control.supervisor import Supervisor
+    from rabbitproxy.relay.service import Service
 
 log = structlog.get_logger("rabbitproxy.admin")
 
 TOKEN_ENV = "RABBITPROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
-PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
+PROXY_KEY: web.AppKey[Supervisor] = web.AppKey("proxy")
 TOKEN_KEY: web.AppKey[str | None] = web.AppKey("token", str)
 REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
 # Bodies are a handful of fields; anything bigger is a mistake or an attack.
@@ -77,11 +78,7 @@ def admin_token(cfg: AdminConfig, env: Mapping[str, str] | None = None) -> str |
 
 def backend_view(backend: Backend) -> dict[str, Any]:
     """Everything an operator wants to know about one backend, as JSON-ready data."""
-    # Traffic of finished connections is added at close; the open ones are counted live so bytes never jump.
-    live_in = live_out = 0
-    for conn in backend.connections:
-        live_in += getattr(conn, "bytes_in", 0)
-        live_out += getattr(conn, "bytes_out", 0)
+    traffic_in, traffic_out = backend.traffic()
     return {
         "name": backend.name,
         "address": backend.address,
@@ -96,7 +93,7 @@ def backend_view(backend: Backend) -> dict[str, Any]:
             "status": "up" if backend.healthy else "down",
             "detail": backend.health_detail,
             "time": backend.health_time,
-            "duration": getattr(backend, "check_duration", None),
+            "duration": backend.check_duration,
         },
         "admin_state": backend.admin_state,
         "operator_state": backend.operator_state,
@@ -105,10 +102,10 @@ def backend_view(backend: Backend) -> dict[str, Any]:
             "status": backend.agent_status,
             "percent": backend.agent_percent,
             "reply": backend.agent_reply,
-            "duration": getattr(backend, "agent_duration", None),
+            "duration": backend.agent_duration,
         },
         "connections": {"active": backend.active, "total": backend.total, "connect_errors": backend.connect_errors},
-        "bytes": {"in": backend.traffic_in + live_in, "out": backend.traffic_out + live_out},
+        "bytes": {"in": traffic_in, "out": traffic_out},
     }
 
 
@@ -213,7 +210,7 @@ async def list_services(request: web.Request) -> web.Response:
     return web.json_response({"state": proxy.state, "services": [service_view(s) for s in proxy.services.values()]})
 
 
-def _find(proxy: Proxy, service_name: str, backend_name: str | None = None) -> tuple[Service, Backend | None]:
+def _find(proxy: Supervisor, service_name: str, backend_name: str | None = None) -> tuple[Service, Backend | None]:
     service = proxy.services.get(service_name)
     if service is None:
         raise web.HTTPNotFound(
@@ -283,7 +280,7 @@ async def patch_backend(request: web.Request) -> web.Response:
         )
     if state is not None:
         old_state = backend.operator_state
-        closed = backend.set_operator_state(state, BACKEND_MAINT)
+        closed = backend.set_operator_state(state, CloseReason.BACKEND_MAINT)
         log.info(
             "backend state set",
             service=service.name,
@@ -316,7 +313,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def overview(request: web.Request) -> web.Response:
-    page = resources.files("rabbitproxy").joinpath("static/overview.html").read_bytes()
+    page = resources.files("rabbitproxy").joinpath("admin/static/overview.html").read_bytes()
     return web.Response(
         body=page,
         content_type="text/html",
@@ -335,7 +332,7 @@ async def overview(request: web.Request) -> web.Response:
 # -- application -----------------------------------------------------------------------------------------------------
 
 
-def make_app(proxy: Proxy, token: str | None) -> web.Application:
+def make_app(proxy: Supervisor, token: str | None) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
     app[PROXY_KEY] = proxy
     app[TOKEN_KEY] = token
@@ -366,7 +363,7 @@ class AdminServer:
         await self.runner.cleanup()
 
 
-async def start_admin(proxy: Proxy) -> AdminServer:
+async def start_admin(proxy: Supervisor) -> AdminServer:
     """Start the admin API on ``[admin] listen``; ConfigError if it cannot listen there."""
     cfg = proxy.config.admin
     token = admin_token(cfg)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
-from rabbitproxy.balancer import Balancer, make_balancer
+from rabbitproxy.balancing.algorithms import Balancer, make_balancer
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import BackendConfig, ServiceConfig
 
 AdminState = Literal["ready", "drain", "maint"]
@@ -24,10 +25,18 @@ _STRICTNESS: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
 MAX_WEIGHT = 1000
 
 
-class Closable(Protocol):
-    """What the pool needs of a live connection: a way to end it with a reason."""
+class Connection(Protocol):
+    """What the pool, the control plane and the admin API may know of a live connection.
 
-    def close(self, reason: str) -> None: ...
+    The data path's legs satisfy it; nothing above the relay reads any other field of a leg. ``backend`` is
+    re-pointed by a reload that hands a connection to the new :class:`Backend` object of the same server.
+    """
+
+    backend: Backend | None
+    bytes_in: int
+    bytes_out: int
+
+    def close(self, reason: CloseReason) -> None: ...
 
 
 class Backend:
@@ -84,7 +93,7 @@ class Backend:
         # The agent's reason when it last said down/fail/stopped; None while it says up or nothing about health.
         self.agent_down: str | None = None
         self.agent_duration: float | None = None
-        self.connections: set[Closable] = set()
+        self.connections: set[Connection] = set()
         self.total = 0
         self.connect_errors = 0
         self.traffic_in = 0
@@ -120,6 +129,15 @@ class Backend:
     def active(self) -> int:
         return len(self.connections)
 
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (client to backend, backend to client) so far, the open connections' bytes included."""
+        # Finished connections are added at close; open ones are counted live so the totals never jump.
+        live_in = live_out = 0
+        for conn in self.connections:
+            live_in += conn.bytes_in
+            live_out += conn.bytes_out
+        return self.traffic_in + live_in, self.traffic_out + live_out
+
     @property
     def status(self) -> str:
         """One word for people: maint, drain, down or up (in that order of precedence)."""
@@ -141,16 +159,16 @@ class Backend:
 
     # -- connection accounting -----------------------------------------------------------------------------------
 
-    def opened(self, conn: Closable) -> None:
+    def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.total += 1
 
-    def closed(self, conn: Closable, traffic_in: int, traffic_out: int) -> None:
+    def closed(self, conn: Connection, traffic_in: int, traffic_out: int) -> None:
         self.connections.discard(conn)
         self.traffic_in += traffic_in
         self.traffic_out += traffic_out
 
-    def close_connections(self, reason: str) -> int:
+    def close_connections(self, reason: CloseReason) -> int:
         """End every connection through this backend (marked down, maint); return how many."""
         conns = list(self.connections)
         for conn in conns:
@@ -159,7 +177,7 @@ class Backend:
 
     # -- operator changes (admin API, CLI) -----------------------------------------------------------------------
 
-    def set_operator_state(self, state: AdminState, close_reason: str) -> int:
+    def set_operator_state(self, state: AdminState, close_reason: CloseReason) -> int:
         """Set the operator's admin state; ``maint`` also ends the open connections. Returns how many were closed.
 
         ``drain`` only stops new connections: the clients already here stay until they leave, which is the
@@ -202,8 +220,8 @@ class Backend:
         # The open connections must report their close (and bytes) to this object from now on, or the traffic of
         # every connection older than the reload would be credited to a Backend nobody looks at any more.
         for conn in self.connections:
-            if getattr(conn, "backend", None) is old:
-                conn.backend = self  # type: ignore[attr-defined]
+            if conn.backend is old:
+                conn.backend = self
         self.total = old.total
         self.connect_errors = old.connect_errors
         self.traffic_in = old.traffic_in

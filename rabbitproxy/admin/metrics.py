@@ -14,11 +14,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rabbitproxy.pool import ADMIN_STATES
-from rabbitproxy.proxy import REASONS
+from rabbitproxy.balancing.pool import ADMIN_STATES
+from rabbitproxy.balancing.reasons import CloseReason
 
 if TYPE_CHECKING:
-    from rabbitproxy.server import Proxy
+    from rabbitproxy.control.supervisor import Supervisor
 
 PREFIX = "rabbitproxy"
 STATUSES = ("up", "down", "drain", "maint")
@@ -28,7 +28,7 @@ SB = ["service", "backend"]
 class ProxyCollector(Collector):
     """Yields every rabbitproxy metric from the proxy as it is right now."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Supervisor) -> None:
         self.proxy = proxy
 
     def collect(self) -> Iterator[Metric]:
@@ -67,11 +67,8 @@ class ProxyCollector(Collector):
             s_active.add_metric([sn], service.active)
             s_total.add_metric([sn], service.total)
             # Every reason is reported, zeros included, so rate() works from the first occurrence on.
-            for reason in REASONS:
+            for reason in CloseReason:
                 s_ended.add_metric([sn, reason], service.ended.get(reason, 0))
-            for reason, count in service.ended.items():
-                if reason not in REASONS:
-                    s_ended.add_metric([sn, reason], count)
             s_usable.add_metric([sn], service.pool.usable_count())
             for b in list(service.pool.backends):
                 labels = [sn, b.name]
@@ -88,24 +85,18 @@ class ProxyCollector(Collector):
                     b_agent.add_metric(labels, b.agent_percent)
                 if b.agent_status != "none":
                     b_agent_ok.add_metric([*labels, b.agent_status], 1.0)
-                live_in = live_out = 0
-                for conn in list(b.connections):
-                    live_in += getattr(conn, "bytes_in", 0)
-                    live_out += getattr(conn, "bytes_out", 0)
+                traffic_in, traffic_out = b.traffic()
                 b_active.add_metric(labels, b.active)
                 b_total.add_metric(labels, b.total)
                 b_errors.add_metric(labels, b.connect_errors)
-                b_in.add_metric(labels, b.traffic_in + live_in)
-                b_out.add_metric(labels, b.traffic_out + live_out)
+                b_in.add_metric(labels, traffic_in)
+                b_out.add_metric(labels, traffic_out)
                 if b.health_time is not None:
                     b_check_time.add_metric(labels, b.health_time)
-                # The monitors may record how long their last probe took; report it when they do.
-                duration = getattr(b, "check_duration", None)
-                if isinstance(duration, int | float):
-                    b_check_dur.add_metric(labels, float(duration))
-                duration = getattr(b, "agent_duration", None)
-                if isinstance(duration, int | float):
-                    b_agent_dur.add_metric(labels, float(duration))
+                if b.check_duration is not None:
+                    b_check_dur.add_metric(labels, b.check_duration)
+                if b.agent_duration is not None:
+                    b_agent_dur.add_metric(labels, b.agent_duration)
         yield from (
             s_accepting,
             s_active,
@@ -130,7 +121,7 @@ class ProxyCollector(Collector):
         )
 
 
-def registry_for(proxy: Proxy) -> CollectorRegistry:
+def registry_for(proxy: Supervisor) -> CollectorRegistry:
     """A registry of its own per proxy (tests run several in one process), plus the process metrics."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(proxy))

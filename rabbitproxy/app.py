@@ -1,0 +1,118 @@
+"""The composition root: :func:`serve` builds the supervisor, the admin API and the signal handling, and runs them.
+
+``serve`` takes an injectable ``shutdown_trigger`` (hypercorn's pattern) so tests and embedders decide when to
+stop; the CLI passes none, and then SIGTERM/SIGINT stop it. Shutdown order: close every listener at once (new
+connects are refused), let open connections finish for up to each service's ``shutdown_timeout``, then close what
+is left. A second signal exits at once.
+
+systemd's readiness protocol lives here too: when ``NOTIFY_SOCKET`` names a datagram socket, ``READY=1`` is sent
+once every listener is bound and the admin API is up, and ``STOPPING=1`` when shutdown begins. The test harness
+uses the same signal instead of probing the port, which would itself open a proxied connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rabbitproxy.config import Config, ConfigError
+from rabbitproxy.control.supervisor import Supervisor
+
+log = structlog.get_logger("rabbitproxy.app")
+
+
+def sd_notify(state: str, environ: dict[str, str] | None = None) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to the notify socket; False when there is none or it is gone."""
+    env = os.environ if environ is None else environ
+    path = env.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    # A leading "@" names a socket in Linux's abstract namespace.
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError:
+        # The supervisor went away or never listened; readiness is advisory, never a reason to fail.
+        return False
+    return True
+
+
+def install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, shutdown: asyncio.Event, reload: Callable[[], None] | None
+) -> None:
+    """SIGTERM/SIGINT set the shutdown event; a second one exits at once. SIGHUP reloads."""
+
+    def on_stop(signame: str) -> None:
+        if shutdown.is_set():
+            log.warning("second signal: exiting now", signal=signame)
+            raise SystemExit(1)
+        log.info("signal received, shutting down", signal=signame)
+        shutdown.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+async def serve(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    ready: Callable[[Supervisor], None] | None = None,
+) -> None:
+    """Run the proxy until ``shutdown_trigger`` returns (default: SIGTERM or SIGINT), then shut down gracefully."""
+    proxy = Supervisor(config, config_path=config_path)
+    admin_runner = None
+    if config.admin.enabled:
+        from rabbitproxy.admin.api import admin_token, start_admin
+
+        # A missing token on a non-loopback admin address is a config error: refuse before binding anything.
+        admin_token(config.admin)
+    await proxy.start()
+    try:
+        if config.admin.enabled:
+            admin_runner = await start_admin(proxy)
+    except BaseException:
+        # The admin port is taken (or worse): the listeners already bound must not outlive the failed start.
+        await proxy.shutdown()
+        raise
+    if shutdown_trigger is None:
+        # Signal handlers go in before readiness is announced, so a SIGTERM right after READY drains gracefully.
+        stop = asyncio.Event()
+
+        def on_hup() -> None:
+            proxy.spawn(_reload_from_signal(proxy), name="reload")
+
+        install_signal_handlers(asyncio.get_running_loop(), stop, on_hup)
+        shutdown_trigger = stop.wait
+    # Everything allocated so far lives for the whole run; freezing it keeps the collector from rescanning it.
+    gc.freeze()
+    if ready is not None:
+        ready(proxy)
+    sd_notify("READY=1")
+    try:
+        await shutdown_trigger()
+    finally:
+        sd_notify("STOPPING=1")
+        await proxy.shutdown()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+
+
+async def _reload_from_signal(proxy: Supervisor) -> None:
+    try:
+        await proxy.reload()
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays", errors=exc.errors)

@@ -1,0 +1,29 @@
+"""Why a connection ended: one closed set of words, shared by the data path, the control plane and the metrics.
+
+Every connection log event carries exactly one of these, and ``rabbitproxy_service_connections_ended`` counts by
+them. Keeping them in one ``StrEnum`` here, below every other layer, lets the health checks, the agents and the
+admin API name a reason without importing the data path, and keeps the metric's label values a fixed set.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class CloseReason(StrEnum):
+    """The reason in a ``connection closed`` event; its value is what logs and metrics show."""
+
+    CLIENT_CLOSED = "client closed"
+    BACKEND_CLOSED = "backend closed"
+    CLIENT_RESET = "client reset"
+    BACKEND_RESET = "backend reset"
+    CONNECT_FAILED = "connect failed"
+    NO_BACKEND = "no backend"
+    LIMIT = "limit"
+    IDLE_TIMEOUT = "idle timeout"
+    SHUTDOWN = "shutdown"
+    BACKEND_DOWN = "backend down"
+    BACKEND_MAINT = "backend maint"
+    SERVICE_REMOVED = "service removed"
+    HELLO_TIMEOUT = "hello timeout"
+    BAD_PROXY_HEADER = "bad proxy header"
