@@ -26,8 +26,10 @@ _PLAIN = re.compile(r"[^\s'\"=\\]+\Z").match
 
 
 def _value(value: Any) -> str:
-    if isinstance(value, str) and _PLAIN(value):
-        return value
+    if isinstance(value, str):
+        # str() turns a StrEnum member (a close reason) into its value; a plain str comes back as it is.
+        text = str(value)
+        return text if _PLAIN(text) else repr(text)
     return repr(value)
 
 

@@ -7,6 +7,7 @@ import io
 import structlog
 
 from rabbitproxy import logs
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.logs import ConsoleLine
 
 
@@ -31,6 +32,13 @@ def test_keys_are_sorted_and_values_that_need_it_are_quoted() -> None:
         "2026-11-26T06:00:00.000000Z [info     ] connection closed              bytes_in=3 client=127.0.0.1:5555 "
         "empty='' eq='a=b' none=None quote=\"it's\" reason='client closed'"
     )
+
+
+def test_a_close_reason_is_written_as_its_text() -> None:
+    # Reasons are a StrEnum; the line must read reason='client closed', as the one-string constants did.
+    line = ConsoleLine()(None, "info", {"event": "connection closed", "reason": CloseReason.CLIENT_CLOSED})
+    assert line.endswith("reason='client closed'")
+    assert ConsoleLine()(None, "info", {"event": "x", "reason": CloseReason.LIMIT}).endswith("reason=limit")
 
 
 def test_an_event_without_fields_has_no_padding() -> None:
