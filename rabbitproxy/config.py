@@ -161,6 +161,49 @@ class TLSConfig(_Model):
         return self
 
 
+class RabbitMQConfig(_Model):
+    """``[services.rabbitmq]``: read each node's state from its management API and act on it.
+
+    Without this table nothing below is active and no management API is ever asked.
+    """
+
+    # Each backend's management API is on this port of its address, unless the backend sets management_port.
+    management_port: Port = 15672
+    scheme: Literal["http", "https"] = "http"
+    # CA bundle for an https management API; empty = the system's trust store.
+    ca: str = ""
+    # Reading node state needs the "monitoring" tag; closing other users' connections needs "administrator"
+    # (see docs/configuration.md for the least privilege).
+    username: str = "guest"
+    password: str = "guest"  # noqa: S105 - RabbitMQ's default, only valid from loopback
+    interval: PositiveSeconds = 5.0
+    timeout: PositiveSeconds = 2.0
+    # Percent of its weight a node keeps for new connections while it has a local memory or disk alarm.
+    alarm_weight: Annotated[int, Field(ge=0, le=100)] = 0
+    # At most this many connections per second closed by drains and the rebalancer (through the broker).
+    close_rate: Annotated[float, Field(gt=0)] = 20.0
+    # Refuse drain/maint of a node that quorum queues need for their majority, unless forced.
+    quorum_guard: bool = True
+
+    _ca = field_validator("ca")(_existing_file)
+
+    @model_validator(mode="after")
+    def _ca_needs_https(self) -> RabbitMQConfig:
+        if self.ca and self.scheme != "https":
+            raise ValueError('ca needs scheme = "https"')
+        return self
+
+
+class RebalanceConfig(_Model):
+    """``[services.rebalance]``: close connections on a node holding more than its share, through the broker."""
+
+    enabled: bool = False
+    # Act when a backend holds more than (1 + tolerance) x its fair share of the service's connections ...
+    tolerance: Annotated[float, Field(gt=0)] = 0.25
+    # ... for this many seconds.
+    after: Seconds = 30.0
+
+
 class BackendConfig(_Model):
     name: str = Field(min_length=1, max_length=128)
     address: str = Field(min_length=1)
@@ -173,6 +216,8 @@ class BackendConfig(_Model):
     max_connections: Annotated[int, Field(ge=0)] = 0
     # Overrides the service's send_proxy_protocol for this backend only.
     send_proxy_protocol: ProxyProtocolVersion | None = None
+    # This node's management API port, when it differs from [services.rabbitmq] management_port.
+    management_port: Port | None = None
 
 
 Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
@@ -203,6 +248,10 @@ class ServiceConfig(_Model):
     backend_tls_verify: bool = True
     health_check: HealthCheckConfig = HealthCheckConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    # Seconds over which a backend that becomes usable ramps from about 10 % to its full weight; 0 = off.
+    slow_start: Seconds = 0.0
+    rabbitmq: RabbitMQConfig | None = None
+    rebalance: RebalanceConfig = RebalanceConfig()
     backends: list[BackendConfig] = Field(min_length=1)
 
     @field_validator("listen")
@@ -232,6 +281,8 @@ class ServiceConfig(_Model):
             raise ValueError("send_proxy_protocol cannot be combined with backend_tls")
         if self.low_water > self.high_water:
             raise ValueError(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
+        if self.rebalance.enabled and self.rabbitmq is None:
+            raise ValueError("rebalance.enabled needs [services.rabbitmq]: connections are closed through the broker")
         seen: set[str] = set()
         for b in self.backends:
             if b.name in seen:
@@ -250,6 +301,12 @@ class ServiceConfig(_Model):
     def backend_port(self, backend: BackendConfig) -> int:
         """A backend without a port uses the service's listen port (no port translation)."""
         return backend.port if backend.port is not None else self.listen_port
+
+    def management_port_for(self, backend: BackendConfig) -> int | None:
+        """The port of ``backend``'s management API, or None when [services.rabbitmq] is not configured."""
+        if self.rabbitmq is None:
+            return None
+        return backend.management_port or self.rabbitmq.management_port
 
     def proxy_protocol_for(self, backend: BackendConfig) -> ProxyProtocolVersion:
         """The PROXY protocol version sent to ``backend``: its own setting, else the service's."""

@@ -11,10 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -25,7 +22,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from rabbitproxy.dev import nodes, processes
+from rabbitproxy.dev import ctl, nodes, processes, waits
+from rabbitproxy.dev.ctl import (
+    INSTALL_HINT,
+    RABBITMQ_BIN_DIR,
+    DevClusterError,
+    RabbitMQCtlError,
+    RabbitMQNotInstalled,
+    rabbitmq_installed,
+)
+from rabbitproxy.dev.node_process import STOP_GRACE, NodeProcess
 from rabbitproxy.dev.nodes import Node
 
 __all__ = [
@@ -39,46 +45,11 @@ __all__ = [
     "rabbitmq_installed",
 ]
 
-# The /usr/sbin wrappers switch to the ``rabbitmq`` system user; these scripts run as whoever calls them.
-RABBITMQ_BIN_DIR = Path("/usr/lib/rabbitmq/bin")
-INSTALL_HINT = "sudo apt-get install -y rabbitmq-server"
-
-# How often to look again while waiting for something external to happen. Deadlines, not this interval,
-# decide when to give up, so a slow machine only makes the wait longer.
-_POLL_INTERVAL = 0.25
-_STOP_GRACE = 30.0
-# Longest single rabbitmqctl wait, so a wait notices a crashed peer or a deadline in between.
-_CTL_WAIT_SLICE = 20
 _LOG_TAIL_LINES = 40
 # Boots per node before start() or restart() gives up. A node that crashed while joining (seen on a loaded
 # 2-core machine: schema_integrity_check_failed) boots fine from a wiped data directory, so a few attempts
 # turn a rare crash into a short delay instead of a failed test session.
 _BOOT_ATTEMPTS = 3
-
-
-class RabbitMQNotInstalled(RuntimeError):  # noqa: N818 - name is part of the published API
-    """The RabbitMQ server scripts are not where the Debian package puts them."""
-
-
-class DevClusterError(RuntimeError):
-    """A node failed to start, join the cluster or stop in time."""
-
-
-class _BootFailed(Exception):  # noqa: N818 - an outcome that start() retries, not an error it reports
-    """One boot attempt of one node failed in a way that a fresh attempt from wiped data may fix."""
-
-
-class RabbitMQCtlError(subprocess.CalledProcessError):
-    """``rabbitmqctl`` exited non-zero; ``str()`` includes what it printed."""
-
-    def __str__(self) -> str:
-        detail = (self.stderr or self.stdout or "").strip()
-        return f"{super().__str__()}\n{detail}" if detail else super().__str__()
-
-
-def rabbitmq_installed() -> bool:
-    """Whether the server and CLI scripts this module runs are present (for skip markers)."""
-    return all(os.access(RABBITMQ_BIN_DIR / tool, os.X_OK) for tool in ("rabbitmq-server", "rabbitmqctl"))
 
 
 class DevCluster:
@@ -104,10 +75,7 @@ class DevCluster:
         self.base_dir: Path | None = base_dir
         self._own_base_dir = base_dir is None
         self._log: Callable[[str], None] = log or (lambda _line: None)
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._paused: set[str] = set()
-        # Nodes killed or stopped on purpose: their exit is not a startup failure.
-        self._down: set[str] = set()
+        self._procs: dict[str, NodeProcess] = {}
         self._home = Path()
         # Set by stop(), under the lock _spawn() holds: a boot thread that outlived a failed start() must not
         # start a node after stop() has killed the others.
@@ -124,9 +92,9 @@ class DevCluster:
         """
         if self.nodes:
             raise RuntimeError("DevCluster.start() may only be called once")
-        if not rabbitmq_installed():
+        if not rabbitmq_installed(RABBITMQ_BIN_DIR):
             raise RabbitMQNotInstalled(f"RabbitMQ was not found in {RABBITMQ_BIN_DIR}; install it with: {INSTALL_HINT}")
-        _check_localhost()
+        ctl.check_localhost()
         began = time.monotonic()
         self._prepare()
         # Stopping is registered before anything is spawned: the nodes run in their own sessions, so an
@@ -192,19 +160,11 @@ class DevCluster:
 
     def pause(self, node: Node) -> None:
         """Freeze the node's Erlang VM (SIGSTOP): it keeps its sockets but answers nothing."""
-        node = self._node(node)
-        pid = self._require_beam(node)
-        os.kill(pid, signal.SIGSTOP)
-        self._paused.add(node.name)
-        self._await_stopped_state(node, pid, stopped=True)
+        self._proc(node).pause()
 
     def resume(self, node: Node) -> None:
         """Let a paused node run again (SIGCONT)."""
-        node = self._node(node)
-        pid = self._require_beam(node)
-        os.kill(pid, signal.SIGCONT)
-        self._paused.discard(node.name)
-        self._await_stopped_state(node, pid, stopped=False)
+        self._proc(node).resume()
 
     def kill(self, node: Node) -> None:
         """Kill the node without any shutdown (SIGKILL), like a crash or power loss."""
@@ -227,7 +187,7 @@ class DevCluster:
 
     def beam_pid(self, node: Node) -> int | None:
         """PID of the node's Erlang VM (beam.smp), or None when it is not running."""
-        return processes.beam_pid(self._tree(self._node(node)))
+        return self._proc(node).beam_pid()
 
     # -- rabbitmqctl -------------------------------------------------------------------------------
 
@@ -237,14 +197,7 @@ class DevCluster:
         Raises RabbitMQCtlError (a CalledProcessError carrying stderr) on a non-zero exit and
         subprocess.TimeoutExpired when it takes longer than ``timeout`` seconds.
         """
-        node = self._node(node)
-        argv = [str(RABBITMQ_BIN_DIR / "rabbitmqctl"), "-n", node.name, *args]
-        done = subprocess.run(
-            argv, env=nodes.ctl_env(self._home), capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if done.returncode != 0:
-            raise RabbitMQCtlError(done.returncode, argv, done.stdout, done.stderr)
-        return done.stdout
+        return ctl.rabbitmqctl(RABBITMQ_BIN_DIR, self._home, self._node(node), *args, timeout=timeout)
 
     def list_connections(self, *fields: str) -> list[dict[str, str]]:
         """Client connections of the whole cluster with the given ``list_connections`` columns.
@@ -258,7 +211,7 @@ class DevCluster:
         columns = fields or ("name",)
         out = self.rabbitmqctl(self._any_responsive_node(), "list_connections", "--formatter", "json", "-q", *columns)
         rows: list[dict[str, Any]] = json.loads(out) if out.strip() else []
-        return [{key: _as_text(value) for key, value in row.items()} for row in rows]
+        return [{key: ctl.as_text(value) for key, value in row.items()} for row in rows]
 
     def connection_counts(self) -> dict[str, int]:
         """Client AMQP connections per node, as each broker itself counts them.
@@ -269,7 +222,7 @@ class DevCluster:
         # Each node is asked for its own count. The cluster-wide list_connections would be one CLI
         # run instead of N, but it waits on every member, so one paused node makes it hang, and its
         # JSON pids ("#PID<11016.1213.0>") do not name the node.
-        asked = [node for node in self.nodes if node.name not in self._paused]
+        asked = [node for node in self.nodes if not self._proc(node).paused]
         with ThreadPoolExecutor(max_workers=max(1, len(asked))) as pool:
             counts = list(pool.map(self._local_connection_count, asked))
         return {node.name: count for node, count in zip(asked, counts, strict=True)}
@@ -311,23 +264,11 @@ class DevCluster:
         node.config_file.write_text("".join(f"{line}\n" for line in lines))
 
     def _spawn(self, node: Node) -> None:
-        # A pid file left by the previous run would make _await_booted ask the CLI too early.
-        node.pid_file.unlink(missing_ok=True)
-        with self._spawn_lock, node.stdout_file.open("ab") as out:
+        with self._spawn_lock:
             if self._stopped:
                 raise DevClusterError(f"not starting {node.name}: the cluster was stopped")
-            self._down.discard(node.name)
-            self._procs[node.name] = subprocess.Popen(
-                [str(RABBITMQ_BIN_DIR / "rabbitmq-server")],
-                env=nodes.node_env(node, self._home),
-                cwd=node.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C in the caller's terminal does not reach the brokers, and the
-                # whole process group can be killed at once.
-                start_new_session=True,
-            )
+            running = self._procs.setdefault(node.name, NodeProcess(node))
+            running.spawn(RABBITMQ_BIN_DIR / "rabbitmq-server", self._home)
 
     def _bring_up(self, nodes: Sequence[Node], peer: Node | None, members: int, watch: Sequence[Node] = ()) -> None:
         """Boot ``nodes`` in parallel into ``peer``'s cluster (None: form one) and wait for the members.
@@ -367,10 +308,12 @@ class DevCluster:
                 self._wipe(node, peer)
             self._spawn(node)
             try:
-                if not self._await_booted(node, time.monotonic() + self.startup_timeout, abort):
+                budget = self.startup_timeout
+                running = self._procs[node.name]
+                if not waits.await_booted(self.rabbitmqctl, running, time.monotonic() + budget, abort, budget):
                     return None
-                return self._check_joined(node, peer)
-            except _BootFailed as exc:
+                return waits.check_joined(self.rabbitmqctl, node, peer)
+            except waits.BootFailed as exc:
                 failures.append(str(exc))
         tails = self._tails(node)
         # The last attempt may still run (a boot that timed out); a caller of restart() must not be left
@@ -378,45 +321,6 @@ class DevCluster:
         self._kill(node)
         attempts = "".join(f"\n  attempt {i}: {node.name} {reason}" for i, reason in enumerate(failures, 1))
         raise DevClusterError(f"{node.name} failed to start {_BOOT_ATTEMPTS} times:{attempts}{tails}")
-
-    def _await_booted(self, node: Node, deadline: float, abort: threading.Event) -> bool:
-        """True once the node runs; False when aborted or killed on purpose; _BootFailed on a failure."""
-        while not abort.is_set():
-            proc = self._procs[node.name]
-            if proc.poll() is not None:
-                if node.name in self._down:
-                    return False
-                raise _BootFailed(f"exited with status {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise _BootFailed(f"did not boot within {self.startup_timeout:.0f}s")
-            # The node writes its pid file once it runs; only then is starting a CLI VM worth it.
-            # await_startup fails fast while the node is not registered with epmd yet, and blocks while
-            # it boots.
-            if node.pid_file.exists():
-                try:
-                    self._ctl_wait(node, deadline, "await_startup")
-                    return True
-                except (RabbitMQCtlError, subprocess.TimeoutExpired):
-                    pass
-            time.sleep(_POLL_INTERVAL)
-        return False
-
-    def _check_joined(self, node: Node, peer: Node | None) -> int:
-        """Raise _BootFailed unless the booted node is a member of ``peer``'s cluster; count running nodes."""
-        if peer is None:
-            return 1  # a node forming its own cluster: itself
-        # Peer discovery that gives up boots the node as a cluster of its own; it would never see the
-        # others, so this is a failed boot rather than something to wait out.
-        try:
-            status = json.loads(self.rabbitmqctl(node, "cluster_status", "--formatter", "json"))
-        except (RabbitMQCtlError, subprocess.TimeoutExpired, ValueError) as exc:
-            raise _BootFailed(f"booted but did not report its cluster status: {exc}") from exc
-        if not isinstance(status, dict):
-            raise _BootFailed(f"booted but reported a strange cluster status: {status!r}")
-        members = status.get("disk_nodes", [])
-        if peer.name not in members:
-            raise _BootFailed(f"booted outside the cluster of {peer.name} (members: {members})")
-        return len(status.get("running_nodes", []))
 
     def _wipe(self, node: Node, peer: Node | None) -> None:
         """Kill the node and empty its data, so its next boot joins ``peer``'s cluster afresh."""
@@ -433,82 +337,41 @@ class DevCluster:
                 self._log(f"{peer.name} did not forget {node.name}: {str(exc).splitlines()[-1]}")
 
     def _await_members(self, node: Node, members: int, deadline: float, abort: threading.Event) -> bool:
-        """True once the node counts ``members`` running cluster nodes; False when aborted."""
-        while not abort.is_set():
-            proc = self._procs[node.name]
-            # Only this node's own exit is an error here: a peer that crashed is being booted again.
-            if proc.poll() is not None:
-                raise DevClusterError(f"{node.name} exited with status {proc.returncode}" + self._tails(node))
-            if time.monotonic() > deadline:
-                raise DevClusterError(
-                    f"{node.name} did not see {members} running cluster node(s) in time" + self._tails(node)
-                )
-            try:
-                self._ctl_wait(node, deadline, "await_online_nodes", str(members))
-                return True
-            except (RabbitMQCtlError, subprocess.TimeoutExpired):
-                time.sleep(_POLL_INTERVAL)
-        return False
-
-    def _ctl_wait(self, node: Node, deadline: float, *args: str) -> None:
-        """Run a blocking rabbitmqctl wait command, bounded so the caller can check again in between."""
-        seconds = max(1, min(_CTL_WAIT_SLICE, int(deadline - time.monotonic())))
-        self.rabbitmqctl(node, *args, "--timeout", str(seconds), timeout=seconds + 30)
+        running = self._procs[node.name]
+        return waits.await_members(self.rabbitmqctl, running, members, deadline, abort, lambda: self._tails(node))
 
     def _stop_node(self, node: Node) -> None:
-        proc = self._procs.get(node.name)
-        if proc is None:
-            return
-        tree = self._tree(node)
-        if proc.poll() is None:
-            if node.name in self._paused:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(processes.beam_pid(tree) or proc.pid, signal.SIGCONT)
-            deadline = time.monotonic() + _STOP_GRACE
-            try:
-                self.rabbitmqctl(node, "stop", timeout=_STOP_GRACE)
-            except (RabbitMQCtlError, subprocess.TimeoutExpired) as exc:
-                self._log(f"rabbitmqctl stop failed on {node.name}: {exc}")
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._log(f"{node.name} did not stop within {_STOP_GRACE:.0f}s; killing it")
-        # The tree was taken while the wrapper ran: helpers the VM left behind are found only through it.
-        self._kill(node, tree)
+        running = self._procs.get(node.name)
+        if running is not None:
+            running.stop(lambda: self._ctl_stop(node), self._log)
 
-    def _kill(self, node: Node, tree: list[Any] | None = None) -> None:
-        """SIGKILL everything the node started; ``tree`` is a _tree() snapshot taken while it ran."""
-        proc = self._procs.get(node.name)
-        if proc is None:
-            return
-        self._down.add(node.name)
-        self._paused.discard(node.name)
-        try:
-            processes.kill_tree(proc, self._tree(node) if tree is None else tree)
-        except subprocess.TimeoutExpired as exc:
-            raise DevClusterError(f"{node.name} (pid {proc.pid}) survived SIGKILL") from exc
+    def _ctl_stop(self, node: Node) -> None:
+        self.rabbitmqctl(node, "stop", timeout=STOP_GRACE)
 
-    def _tree(self, node: Node) -> list[Any]:
-        """The wrapper shell and everything below it, while they can still be found from the wrapper."""
-        return processes.process_tree(self._procs.get(node.name))
+    def _kill(self, node: Node) -> None:
+        running = self._procs.get(node.name)
+        if running is not None:
+            running.kill()
 
-    def _await_stopped_state(self, node: Node, pid: int, *, stopped: bool) -> None:
-        if not processes.await_stopped_state(pid, stopped=stopped, timeout=_STOP_GRACE):
-            state = "stop" if stopped else "continue"
-            raise DevClusterError(f"{node.name} (pid {pid}) did not {state} within {_STOP_GRACE:.0f}s")
+    def _proc(self, node: Node) -> NodeProcess:
+        node = self._node(node)
+        running = self._procs.get(node.name)
+        if running is None:
+            raise DevClusterError(f"{node.name} is not running")
+        return running
+
+    def wrapper_pid(self, node: Node) -> int | None:
+        """PID of the node's ``rabbitmq-server`` wrapper script (the top of its process tree)."""
+        proc = self._procs[self._node(node).name].proc
+        return None if proc is None else proc.pid
 
     def _alive(self, node: Node) -> bool:
-        proc = self._procs.get(node.name)
-        return proc is not None and proc.poll() is None
+        running = self._procs.get(node.name)
+        return running is not None and running.alive
 
     def _responsive(self, node: Node) -> bool:
-        return self._alive(node) and node.name not in self._paused
-
-    def _require_beam(self, node: Node) -> int:
-        pid = self.beam_pid(node)
-        if pid is None:
-            raise DevClusterError(f"{node.name} is not running")
-        return pid
+        running = self._procs.get(node.name)
+        return running is not None and running.responsive
 
     def _any_responsive_node(self) -> Node:
         for node in self.nodes:
@@ -527,17 +390,3 @@ class DevCluster:
             f"\n--- last lines of {path} ---\n{processes.tail(path, _LOG_TAIL_LINES)}"
             for path in (node.stdout_file, node.log_file)
         )
-
-
-def _check_localhost() -> None:
-    # Node names end in @localhost; if it does not resolve to loopback, nodes and CLI cannot find each other.
-    try:
-        address = socket.gethostbyname("localhost")
-    except OSError as exc:
-        raise DevClusterError("'localhost' does not resolve; add it to /etc/hosts") from exc
-    if not address.startswith("127."):
-        raise DevClusterError(f"'localhost' resolves to {address}, not to a loopback address")
-
-
-def _as_text(value: object) -> str:
-    return value if isinstance(value, str) else json.dumps(value)

@@ -213,7 +213,7 @@ def test_stop_leaves_no_process_and_removes_its_temp_dir() -> None:
     cluster.start()
     base_dir = cluster.base_dir
     assert base_dir is not None and base_dir.is_dir()
-    wrapper = psutil.Process(cluster._procs[cluster.nodes[0].name].pid)
+    wrapper = psutil.Process(cluster.wrapper_pid(cluster.nodes[0]))
     tree = [wrapper, *wrapper.children(recursive=True)]
     assert any(p.name().startswith("beam") for p in tree)
     cluster.stop()
@@ -238,7 +238,7 @@ def test_a_node_that_never_boots_fails_start_after_three_attempts_with_its_log()
     assert message.count("exited with status") == 3
     assert "failed_to_prepare_configuration" in message  # the tail of the node's own output says why
     assert cluster.base_dir is None  # start() stopped the cluster and removed its directory
-    assert all(proc.poll() is not None for proc in cluster._procs.values())
+    assert not any(cluster._alive(node) for node in cluster.nodes)
 
 
 def test_missing_installation_names_the_apt_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
