@@ -3,7 +3,8 @@
 Two dialects, one grammar: the TCP agent (Loadbalancer.org's port 3333, HAProxy's agent-check) writes one line on
 connect; the HTTP variant serves the same words in the body of a GET. :mod:`rabbitproxy.protocols.agent_reply` parses
 the line; :func:`apply_reply` (no I/O) turns it into backend state. An agent that cannot be reached or answers garbage
-changes nothing: the last good value stays, and ``agent_status`` and the log say that it is stale and why.
+changes nothing: the last good value stays, ``agent_status`` says that it is stale (a word from a fixed set, so it can
+be a metric label) and ``agent_detail`` and the log say why.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import structlog
 
+from rabbitproxy.balancing.pool import AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.agent_reply import MAX_REPLY_BYTES, AgentReply, AgentReplyError, parse_agent_reply
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("rabbitproxy.feedback")
 
-STATUS_OK = "ok"
+STATUS_OK = AgentStatus.OK
 
 
 class AgentUnavailableError(Exception):
@@ -65,14 +67,10 @@ def apply_reply(backend: Backend, reply: AgentReply, raw: str) -> Change:
         backend.agent_down = None
     backend.agent_reply = raw
     backend.agent_status = STATUS_OK
+    backend.agent_detail = None
     return Change(
         admin_before, backend.admin_state, down_before, backend.agent_down, percent_before, backend.agent_percent
     )
-
-
-def stale_status(kind: str, detail: str) -> str:
-    """``agent_status`` while the last good value is kept."""
-    return f"{kind}: {detail}; keeping the last good value"
 
 
 def agent_port(cfg: FeedbackConfig, backend: Backend) -> int:
@@ -155,25 +153,24 @@ class Poller:
                 b.agent_duration = loop.time() - began
             reply = parse_agent_reply(raw)
         except AgentUnavailableError as exc:
-            self._stale("unreachable", str(exc))
+            self._stale(AgentStatus.UNREACHABLE, str(exc))
             return
         except AgentReplyError as exc:
-            self._stale("bad reply", str(exc))
+            self._stale(AgentStatus.BAD_REPLY, str(exc))
             return
-        was_stale = b.agent_status not in (STATUS_OK, "none")
+        was_stale = b.agent_status not in (STATUS_OK, AgentStatus.NONE)
         # The parser only accepted the first line; whatever followed it may be anything.
         text = raw.splitlines()[0].decode("ascii", "replace").strip()
         change = apply_reply(b, reply, text)
         self._report(change, text, was_stale)
 
-    def _stale(self, kind: str, detail: str) -> None:
+    def _stale(self, status: AgentStatus, detail: str) -> None:
         b = self.backend
-        status = stale_status(kind, detail)
-        if b.agent_status != status:
+        if (b.agent_status, b.agent_detail) != (status, detail):
             # Logged once per new problem, not on every poll of an agent that stays away.
             log.warning(
                 "feedback agent unusable, keeping the last good value",
-                problem=kind,
+                problem=str(status),
                 service=self.service.name,
                 backend=b.name,
                 reason=detail,
@@ -181,6 +178,7 @@ class Poller:
                 kept_state=b.agent_state,
             )
         b.agent_status = status
+        b.agent_detail = detail
 
     def _report(self, change: Change, text: str, was_stale: bool) -> None:
         b, name = self.backend, self.service.name

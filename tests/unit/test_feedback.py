@@ -117,14 +117,16 @@ async def test_unreachable_or_garbled_agent_keeps_the_last_good_value() -> None:
     assert (backend.agent_percent, backend.agent_status, backend.agent_reply) == (25, STATUS_OK, "25%")
     await poller.poll_once()
     assert backend.agent_percent == 25
-    assert backend.agent_status == "unreachable: refused; keeping the last good value"
+    assert (backend.agent_status, backend.agent_detail) == ("unreachable", "refused")
     await poller.poll_once()
     assert backend.agent_percent == 25
-    assert backend.agent_status.startswith("bad reply: reply is not ASCII")
+    assert backend.agent_status == "bad reply"
+    assert backend.agent_detail is not None and backend.agent_detail.startswith("reply is not ASCII")
     await poller.poll_once()
-    assert backend.agent_status.startswith("bad reply: unknown word 'hello'")
+    assert backend.agent_detail is not None and backend.agent_detail.startswith("unknown word 'hello'")
     await poller.poll_once()
     assert (backend.agent_percent, backend.agent_status, backend.agent_reply) == (75, STATUS_OK, "up ready 75%")
+    assert backend.agent_detail is None
 
 
 @pytest.mark.asyncio
