@@ -4,7 +4,8 @@ Two dialects, one grammar: the TCP agent (Loadbalancer.org's port 3333, HAProxy'
 connect; the HTTP variant serves the same words in the body of a GET. :mod:`rabbitproxy.protocols.agent_reply` parses
 the line; :func:`apply_reply` (no I/O) turns it into backend state. An agent that cannot be reached or answers garbage
 changes nothing: the last good value stays, ``agent_status`` says that it is stale (a word from a fixed set, so it can
-be a metric label) and ``agent_detail`` and the log say why.
+be a metric label) and ``agent_detail`` and the log say why. A poll that raises anything else is our bug: it is
+logged with its traceback, counts as ``error`` with the same keep-the-last-value rule, and the next poll runs as usual.
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ class Poller:
         return await ask_http(self.session, f"http://{host}:{port}{cfg.path}", cfg.timeout)
 
     async def poll_once(self) -> None:
+        """Ask the agent once and apply the answer; never raises (cancellation aside)."""
+        try:
+            await self._poll()
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback in _failed
+            # House rule 12: a bug of ours (or a library's surprise, such as getaddrinfo raising UnicodeError for
+            # "rabbit1..example.com") must not end the polling, or the backend's agent state freezes for good.
+            await self._failed(exc)
+
+    async def _poll(self) -> None:
         b = self.backend
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -179,6 +189,25 @@ class Poller:
             )
         b.agent_status = status
         b.agent_detail = detail
+
+    async def _failed(self, exc: Exception) -> None:
+        """An unexpected error: logged with its traceback (once per new error), the last good value kept."""
+        b = self.backend
+        detail = f"{type(exc).__name__}: {exc}"
+        if (b.agent_status, b.agent_detail) != (AgentStatus.ERROR, detail):
+            log.error(
+                "feedback agent poll failed unexpectedly, keeping the last good value",
+                service=self.service.name,
+                backend=b.name,
+                reason=detail,
+                kept_percent=b.agent_percent,
+                kept_state=b.agent_state,
+                exc_info=exc,
+            )
+        b.agent_status = AgentStatus.ERROR
+        b.agent_detail = detail
+        # The HTTP session may be what broke; the next poll starts with a new one.
+        await self.close()
 
     def _report(self, change: Change, text: str, was_stale: bool) -> None:
         b, name = self.backend, self.service.name

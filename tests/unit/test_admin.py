@@ -252,6 +252,7 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
         b"up ready 12%\n",
         AgentUnavailableError("timeout"),
         AgentUnavailableError("HTTP 500"),
+        RuntimeError("a bug of ours"),
         b"weight:abc\n",
         b"60%\n",
     ]
@@ -279,10 +280,10 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
         details.append(backend_view(r1)["agent"].get("detail"))
     # The same time series after every poll: none appears or vanishes with the agent's wording.
     assert all(s == series[0] for s in series)
-    assert statuses == {"ok", "unreachable", "bad reply"}
+    assert statuses == {"ok", "unreachable", "bad reply", "error"}
     # The words themselves are in the API.
     assert "'87.5%'" in details[1]
-    assert details[5:7] == ["timeout", "HTTP 500"]
+    assert details[5:8] == ["timeout", "HTTP 500", "RuntimeError: a bug of ours"]
     assert backend_view(r1)["agent"] | {"duration": None} == {
         "state": "ready",
         "status": "ok",
