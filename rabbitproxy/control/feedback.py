@@ -109,9 +109,16 @@ async def ask_http(session: aiohttp.ClientSession, url: str, within: float) -> b
     """GET ``url``; the body of a 2xx answer is the reply."""
     try:
         async with asyncio.timeout(within), session.get(url, allow_redirects=False) as resp:
-            body = await resp.content.read(MAX_REPLY_BYTES + 1)
             if not 200 <= resp.status < 300:
                 raise AgentUnavailableError(f"HTTP {resp.status}")
+            # read(n) returns whatever has arrived, which may be the first part of the body only: read until EOF
+            # or one byte past the limit (enough for the parser to call the reply too long), never more.
+            body = bytearray()
+            while len(body) <= MAX_REPLY_BYTES:
+                chunk = await resp.content.read(MAX_REPLY_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
     except TimeoutError:
         raise AgentUnavailableError("timeout") from None
     except aiohttp.ClientConnectorError as exc:
@@ -121,7 +128,7 @@ async def ask_http(session: aiohttp.ClientSession, url: str, within: float) -> b
         ) from None
     except aiohttp.ClientError as exc:
         raise AgentUnavailableError(f"HTTP error: {exc or type(exc).__name__}") from None
-    return body
+    return bytes(body)
 
 
 class Poller:

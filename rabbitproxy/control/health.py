@@ -34,6 +34,9 @@ log = structlog.get_logger("rabbitproxy.health")
 # or shutdown). That is a request to stop sending clients, not a failure, so it maps to drain.
 READINESS_ENDPOINT = "ready-to-serve-clients"
 _READ_CHUNK = 4096
+# An HTTP check only needs the status; the body is read (up to this much) just so a small one lets the connection
+# be reused. A backend that sends more, or never stops, must not make the check hold it all in memory.
+MAX_HTTP_BODY = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +171,16 @@ async def probe_http(session: aiohttp.ClientSession, url: str, headers: dict[str
     try:
         async with asyncio.timeout(within), session.get(url, headers=headers, allow_redirects=False) as resp:
             status = resp.status
-            # Read the body so the connection can be reused for the next check.
-            await resp.read()
+            # Read a small body to its end so the connection can be reused for the next check; past the cap,
+            # stop reading and close the connection instead (what is left of the body is never read).
+            read = 0
+            while read < MAX_HTTP_BODY:
+                chunk = await resp.content.read(MAX_HTTP_BODY - read)
+                if not chunk:
+                    break
+                read += len(chunk)
+            if not resp.content.at_eof():
+                resp.close()
     except TimeoutError:
         return ProbeResult(False, "timeout")
     except aiohttp.ClientConnectorError as exc:
