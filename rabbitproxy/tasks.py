@@ -2,13 +2,14 @@
 
 House rule 4 (hypercorn's task group): no fire-and-forget. The proxy owns its drains and reloads, each service its
 connect attempts, and the per-backend monitors are cancelled through :func:`cancel_and_wait` when a reload or the
-shutdown replaces them.
+shutdown replaces them. A task that must run for as long as its owner does (a backend's health checks, its agent)
+runs under :func:`run_restarting`, which starts it again with back-off if it ever ends (house rule 12).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import structlog
@@ -56,3 +57,57 @@ class OwnedTasks:
 
     async def cancel_all(self) -> None:
         await cancel_and_wait(self._tasks)
+
+
+class Backoff:
+    """Delays between restarts: ``first``, doubling up to ``most``; back to ``first`` after a run of ``reset_after``."""
+
+    __slots__ = ("delay", "first", "most", "reset_after")
+
+    def __init__(self, first: float = 1.0, most: float = 30.0, reset_after: float = 60.0) -> None:
+        self.first = first
+        self.most = most
+        self.reset_after = reset_after
+        self.delay = first
+
+    def next(self, ran_for: float) -> float:
+        """The delay before the next start, given how long the last run lasted."""
+        if ran_for >= self.reset_after:
+            # It ran fine for a while: this is a new failure, not the same one again.
+            self.delay = self.first
+        delay = self.delay
+        self.delay = min(self.delay * 2, self.most)
+        return delay
+
+
+async def run_restarting(
+    factory: Callable[[], Awaitable[None]], name: str, backoff: Backoff | None = None, **fields: Any
+) -> None:
+    """Run ``factory()`` until cancelled; start it again, after a back-off delay, whenever it ends or raises.
+
+    Only a cancellation of the task running this ends it, so a reload or the shutdown stops it promptly (also during
+    the back-off sleep); a ``CancelledError`` that was not aimed at this task is a death like any other.
+    """
+    backoff = backoff or Backoff()
+    loop = asyncio.get_running_loop()
+    while True:
+        began = loop.time()
+        error: BaseException | None = None
+        try:
+            await factory()
+        except asyncio.CancelledError as exc:
+            me = asyncio.current_task()
+            if me is None or me.cancelling():
+                raise
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback below, then restarted
+            error = exc
+        delay = backoff.next(loop.time() - began)
+        log.error(
+            "task died, restarting" if error is not None else "task ended, restarting",
+            task=name,
+            restart_in=delay,
+            exc_info=error,
+            **fields,
+        )
+        await asyncio.sleep(delay)

@@ -100,6 +100,7 @@ def backend_view(backend: Backend) -> dict[str, Any]:
         "agent": {
             "state": backend.agent_state,
             "status": backend.agent_status,
+            "detail": backend.agent_detail,
             "percent": backend.agent_percent,
             "reply": backend.agent_reply,
             "duration": backend.agent_duration,

@@ -108,6 +108,7 @@ _STATUS_STYLE = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
 def print_status(data: dict[str, Any]) -> None:
     """Print ``GET /api/services`` as one table per service (plain text when stdout is not a terminal)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
@@ -128,6 +129,8 @@ def print_status(data: dict[str, Any]) -> None:
         for b in svc["backends"]:
             agent = b["agent"]
             agent_text = "-" if agent["status"] == "none" else f"{agent['status']} {agent['reply'] or ''}".strip()
+            if agent.get("detail"):
+                agent_text += f" ({agent['detail']})"
             weight = f"{b['weight']}*" if b["weight_overridden"] else str(b["weight"])
             table.add_row(
                 b["name"] + (" (backup)" if b["backup"] else ""),
@@ -136,7 +139,8 @@ def print_status(data: dict[str, Any]) -> None:
                 b["health"]["detail"] or b["health"]["status"],
                 weight,
                 str(b["effective_weight"]),
-                agent_text,
+                # The agent's words and the reason it is stale are text from outside: never rich markup.
+                escape(agent_text),
                 str(b["connections"]["active"]),
                 str(b["connections"]["total"]),
                 _bytes(b["bytes"]["in"]),

@@ -3,6 +3,10 @@
 Nothing here runs on the data path: a custom collector walks the services and backends when Prometheus scrapes,
 so a connection costs no extra work for metrics and a reload cannot leave stale label sets behind (a removed
 backend simply stops being reported).
+
+Every label value comes from a fixed set: service and backend names from the config, statuses, admin states, close
+reasons and agent statuses from closed enumerations. Text from outside (an agent's reply, a check's detail) goes to
+the admin API and the log only; as a label it would start a new time series with every new wording.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rabbitproxy.balancing.pool import ADMIN_STATES
+from rabbitproxy.balancing.pool import ADMIN_STATES, AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
 
 if TYPE_CHECKING:
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
 
 PREFIX = "rabbitproxy"
 STATUSES = ("up", "down", "drain", "maint")
+# Every agent status but "none" (not polled yet), each reported as 0 or 1 like backend_status.
+AGENT_STATUSES = tuple(s for s in AgentStatus if s is not AgentStatus.NONE)
 SB = ["service", "backend"]
 
 
@@ -51,7 +57,11 @@ class ProxyCollector(Collector):
         b_weight = gauge("backend_weight", "Configured weight (or the weight set through the admin API).", SB)
         b_eweight = gauge("backend_effective_weight", "Weight after the feedback agent's percentage.", SB)
         b_agent = gauge("backend_agent_percent", "Last capacity percentage the feedback agent reported.", SB)
-        b_agent_ok = gauge("backend_agent_status", "1 for the feedback agent's last result.", [*SB, "status"])
+        b_agent_ok = gauge(
+            "backend_agent_status",
+            "1 for the feedback agent's last result: ok, unreachable, bad reply or error.",
+            [*SB, "status"],
+        )
         b_active = gauge("backend_active_connections", "Connections open through this backend now.", SB)
         b_total = counter("backend_connections", "Connections made through this backend.", SB)
         b_errors = counter("backend_connect_errors", "Failed connection attempts to this backend.", SB)
@@ -83,8 +93,10 @@ class ProxyCollector(Collector):
                 b_eweight.add_metric(labels, b.effective_weight)
                 if b.agent_percent is not None:
                     b_agent.add_metric(labels, b.agent_percent)
-                if b.agent_status != "none":
-                    b_agent_ok.add_metric([*labels, b.agent_status], 1.0)
+                agent_status = b.agent_status
+                if agent_status is not AgentStatus.NONE:
+                    for st in AGENT_STATUSES:
+                        b_agent_ok.add_metric([*labels, st], 1.0 if st is agent_status else 0.0)
                 traffic_in, traffic_out = b.traffic()
                 b_active.add_metric(labels, b.active)
                 b_total.add_metric(labels, b.total)

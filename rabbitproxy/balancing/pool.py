@@ -12,6 +12,7 @@ stricter of the two wins, so an agent saying ``ready`` cannot undo an operator's
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from enum import StrEnum
 from typing import Literal, Protocol
 
 from rabbitproxy.balancing.algorithms import Balancer, make_balancer
@@ -21,6 +22,22 @@ from rabbitproxy.config import BackendConfig, ServiceConfig
 AdminState = Literal["ready", "drain", "maint"]
 ADMIN_STATES: tuple[AdminState, ...] = ("ready", "drain", "maint")
 _STRICTNESS: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
+
+
+class AgentStatus(StrEnum):
+    """The outcome of a backend's last feedback-agent poll: a closed set, so it can be a metric label.
+
+    The agent's own words and the reason a poll failed are free text; they go to ``Backend.agent_detail`` (the admin
+    API and the log), never into a label, or every new reply would start a new time series.
+    """
+
+    NONE = "none"  # no agent configured, or not polled yet
+    OK = "ok"
+    UNREACHABLE = "unreachable"  # refused, timeout, HTTP error: the last good value is kept
+    BAD_REPLY = "bad reply"  # the agent answered something the parser rejects: the last good value is kept
+    ERROR = "error"  # the poll raised unexpectedly (our bug): the last good value is kept
+
+
 # The largest weight the configuration accepts; an agent's percentage cannot push a backend beyond it.
 MAX_WEIGHT = 1000
 
@@ -44,6 +61,7 @@ class Backend:
 
     __slots__ = (
         "address",
+        "agent_detail",
         "agent_down",
         "agent_duration",
         "agent_percent",
@@ -89,7 +107,9 @@ class Backend:
         self.agent_state: AdminState = "ready"
         self.agent_percent: int | None = None
         self.agent_reply: str | None = None
-        self.agent_status = "none"
+        self.agent_status = AgentStatus.NONE
+        # Why the last poll was not ``ok`` (e.g. "refused", the parser's complaint); None while it is.
+        self.agent_detail: str | None = None
         # The agent's reason when it last said down/fail/stopped; None while it says up or nothing about health.
         self.agent_down: str | None = None
         self.agent_duration: float | None = None
@@ -212,6 +232,7 @@ class Backend:
         self.agent_percent = old.agent_percent
         self.agent_reply = old.agent_reply
         self.agent_status = old.agent_status
+        self.agent_detail = old.agent_detail
         self.agent_down = old.agent_down
         self.agent_duration = old.agent_duration
         self.check_drain = old.check_drain

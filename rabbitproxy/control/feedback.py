@@ -3,7 +3,9 @@
 Two dialects, one grammar: the TCP agent (Loadbalancer.org's port 3333, HAProxy's agent-check) writes one line on
 connect; the HTTP variant serves the same words in the body of a GET. :mod:`rabbitproxy.protocols.agent_reply` parses
 the line; :func:`apply_reply` (no I/O) turns it into backend state. An agent that cannot be reached or answers garbage
-changes nothing: the last good value stays, and ``agent_status`` and the log say that it is stale and why.
+changes nothing: the last good value stays, ``agent_status`` says that it is stale (a word from a fixed set, so it can
+be a metric label) and ``agent_detail`` and the log say why. A poll that raises anything else is our bug: it is
+logged with its traceback, counts as ``error`` with the same keep-the-last-value rule, and the next poll runs as usual.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import structlog
 
+from rabbitproxy.balancing.pool import AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.agent_reply import MAX_REPLY_BYTES, AgentReply, AgentReplyError, parse_agent_reply
 
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("rabbitproxy.feedback")
 
-STATUS_OK = "ok"
+STATUS_OK = AgentStatus.OK
 
 
 class AgentUnavailableError(Exception):
@@ -65,14 +68,10 @@ def apply_reply(backend: Backend, reply: AgentReply, raw: str) -> Change:
         backend.agent_down = None
     backend.agent_reply = raw
     backend.agent_status = STATUS_OK
+    backend.agent_detail = None
     return Change(
         admin_before, backend.admin_state, down_before, backend.agent_down, percent_before, backend.agent_percent
     )
-
-
-def stale_status(kind: str, detail: str) -> str:
-    """``agent_status`` while the last good value is kept."""
-    return f"{kind}: {detail}; keeping the last good value"
 
 
 def agent_port(cfg: FeedbackConfig, backend: Backend) -> int:
@@ -110,9 +109,16 @@ async def ask_http(session: aiohttp.ClientSession, url: str, within: float) -> b
     """GET ``url``; the body of a 2xx answer is the reply."""
     try:
         async with asyncio.timeout(within), session.get(url, allow_redirects=False) as resp:
-            body = await resp.content.read(MAX_REPLY_BYTES + 1)
             if not 200 <= resp.status < 300:
                 raise AgentUnavailableError(f"HTTP {resp.status}")
+            # read(n) returns whatever has arrived, which may be the first part of the body only: read until EOF
+            # or one byte past the limit (enough for the parser to call the reply too long), never more.
+            body = bytearray()
+            while len(body) <= MAX_REPLY_BYTES:
+                chunk = await resp.content.read(MAX_REPLY_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
     except TimeoutError:
         raise AgentUnavailableError("timeout") from None
     except aiohttp.ClientConnectorError as exc:
@@ -122,7 +128,7 @@ async def ask_http(session: aiohttp.ClientSession, url: str, within: float) -> b
         ) from None
     except aiohttp.ClientError as exc:
         raise AgentUnavailableError(f"HTTP error: {exc or type(exc).__name__}") from None
-    return body
+    return bytes(body)
 
 
 class Poller:
@@ -145,6 +151,15 @@ class Poller:
         return await ask_http(self.session, f"http://{host}:{port}{cfg.path}", cfg.timeout)
 
     async def poll_once(self) -> None:
+        """Ask the agent once and apply the answer; never raises (cancellation aside)."""
+        try:
+            await self._poll()
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback in _failed
+            # House rule 12: a bug of ours (or a library's surprise, such as getaddrinfo raising UnicodeError for
+            # "rabbit1..example.com") must not end the polling, or the backend's agent state freezes for good.
+            await self._failed(exc)
+
+    async def _poll(self) -> None:
         b = self.backend
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -155,25 +170,24 @@ class Poller:
                 b.agent_duration = loop.time() - began
             reply = parse_agent_reply(raw)
         except AgentUnavailableError as exc:
-            self._stale("unreachable", str(exc))
+            self._stale(AgentStatus.UNREACHABLE, str(exc))
             return
         except AgentReplyError as exc:
-            self._stale("bad reply", str(exc))
+            self._stale(AgentStatus.BAD_REPLY, str(exc))
             return
-        was_stale = b.agent_status not in (STATUS_OK, "none")
+        was_stale = b.agent_status not in (STATUS_OK, AgentStatus.NONE)
         # The parser only accepted the first line; whatever followed it may be anything.
         text = raw.splitlines()[0].decode("ascii", "replace").strip()
         change = apply_reply(b, reply, text)
         self._report(change, text, was_stale)
 
-    def _stale(self, kind: str, detail: str) -> None:
+    def _stale(self, status: AgentStatus, detail: str) -> None:
         b = self.backend
-        status = stale_status(kind, detail)
-        if b.agent_status != status:
+        if (b.agent_status, b.agent_detail) != (status, detail):
             # Logged once per new problem, not on every poll of an agent that stays away.
             log.warning(
                 "feedback agent unusable, keeping the last good value",
-                problem=kind,
+                problem=str(status),
                 service=self.service.name,
                 backend=b.name,
                 reason=detail,
@@ -181,6 +195,26 @@ class Poller:
                 kept_state=b.agent_state,
             )
         b.agent_status = status
+        b.agent_detail = detail
+
+    async def _failed(self, exc: Exception) -> None:
+        """An unexpected error: logged with its traceback (once per new error), the last good value kept."""
+        b = self.backend
+        detail = f"{type(exc).__name__}: {exc}"
+        if (b.agent_status, b.agent_detail) != (AgentStatus.ERROR, detail):
+            log.error(
+                "feedback agent poll failed unexpectedly, keeping the last good value",
+                service=self.service.name,
+                backend=b.name,
+                reason=detail,
+                kept_percent=b.agent_percent,
+                kept_state=b.agent_state,
+                exc_info=exc,
+            )
+        b.agent_status = AgentStatus.ERROR
+        b.agent_detail = detail
+        # The HTTP session may be what broke; the next poll starts with a new one.
+        await self.close()
 
     def _report(self, change: Change, text: str, was_stale: bool) -> None:
         b, name = self.backend, self.service.name

@@ -4,6 +4,8 @@ A probe answers one question (does this backend serve?) and says why not: ``refu
 ``bad reply: ...`` or ``HTTP 503``. :class:`RiseFall` turns a stream of verdicts into transitions, and
 :func:`health_task` applies them to the pool: a backend marked down stops getting new clients and, with
 ``on_marked_down = "close"``, loses the ones it has. While a backend is in ``maint`` its checks are paused.
+A probe that raises anything unexpected (our bug, or a library's surprise) is logged with its traceback and counts as
+a failed check, ``check error: ...``: a health state that freezes is worse than a wrong one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ log = structlog.get_logger("rabbitproxy.health")
 # or shutdown). That is a request to stop sending clients, not a failure, so it maps to drain.
 READINESS_ENDPOINT = "ready-to-serve-clients"
 _READ_CHUNK = 4096
+# An HTTP check only needs the status; the body is read (up to this much) just so a small one lets the connection
+# be reused. A backend that sends more, or never stops, must not make the check hold it all in memory.
+MAX_HTTP_BODY = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +171,16 @@ async def probe_http(session: aiohttp.ClientSession, url: str, headers: dict[str
     try:
         async with asyncio.timeout(within), session.get(url, headers=headers, allow_redirects=False) as resp:
             status = resp.status
-            # Read the body so the connection can be reused for the next check.
-            await resp.read()
+            # Read a small body to its end so the connection can be reused for the next check; past the cap,
+            # stop reading and close the connection instead (what is left of the body is never read).
+            read = 0
+            while read < MAX_HTTP_BODY:
+                chunk = await resp.content.read(MAX_HTTP_BODY - read)
+                if not chunk:
+                    break
+                read += len(chunk)
+            if not resp.content.at_eof():
+                resp.close()
     except TimeoutError:
         return ProbeResult(False, "timeout")
     except aiohttp.ClientConnectorError as exc:
@@ -276,11 +289,32 @@ async def health_task(service: Service, backend: Backend) -> None:
     # Checks start on a fixed schedule rather than an interval after the previous one ended, so a backend that
     # times out is declared down within fall x interval + timeout, not fall x (interval + timeout).
     next_at = loop.time()
+    # The last unexpected error, so a probe that keeps raising the same thing logs its traceback once, not on
+    # every interval (the backend's health detail keeps saying it meanwhile).
+    last_error: str | None = None
     try:
         while True:
             if backend.admin_state != "maint":
                 began = loop.time()
-                result = await checker.probe()
+                try:
+                    result = await checker.probe()
+                    last_error = None
+                except Exception as exc:
+                    # House rule 12: our bug, or a library's surprise (getaddrinfo raises UnicodeError, not
+                    # OSError, for "rabbit1..example.com"), is a failed check, so rise/fall carry on and a backend
+                    # that cannot be checked goes down after `fall` of them instead of freezing in its last state.
+                    result = ProbeResult(False, f"check error: {type(exc).__name__}: {exc}")
+                    if result.detail != last_error:
+                        log.error(
+                            "health check failed unexpectedly",
+                            service=service.name,
+                            backend=backend.name,
+                            reason=result.detail,
+                            exc_info=exc,
+                        )
+                    last_error = result.detail
+                    # The HTTP session may be what broke; the next check starts with a new one.
+                    await checker.close()
                 apply_result(service, backend, state, result, loop.time() - began)
                 service.note_checked()
             next_at = max(next_at + cfg.interval, loop.time())

@@ -7,8 +7,9 @@ admin API steers it; :func:`rabbitproxy.app.serve` creates it, starts it and sto
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from rabbitproxy.control.health import health_task
 from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
 from rabbitproxy.relay.service import Service
 from rabbitproxy.relay.tls import ServiceTLS
-from rabbitproxy.tasks import OwnedTasks, cancel_and_wait, log_failure
+from rabbitproxy.tasks import Backoff, OwnedTasks, cancel_and_wait, log_failure, run_restarting
 
 log = structlog.get_logger("rabbitproxy.supervisor")
 
@@ -112,9 +113,16 @@ class Supervisor:
             self._watch(service, backend)
 
     def _watch(self, service: Service, backend: Backend) -> None:
-        tasks = [asyncio.ensure_future(c) for c in monitors_for(service, backend)]
-        for t in tasks:
-            t.add_done_callback(log_failure)
+        # A monitor that dies would freeze the backend's state (up for a dead node, say), so each runs under
+        # run_restarting: started again with back-off until a reload or the shutdown cancels it.
+        loop = asyncio.get_running_loop()
+        tasks = []
+        for kind, factory in monitors_for(service, backend):
+            name = f"{kind} {service.name}/{backend.name}"
+            coro = run_restarting(factory, name, Backoff(), service=service.name, backend=backend.name)
+            task = loop.create_task(coro, name=name)
+            task.add_done_callback(log_failure)
+            tasks.append(task)
         self.monitors[id(backend)] = tasks
 
     async def _unwatch(self, backend: Backend) -> None:
@@ -233,14 +241,18 @@ class Supervisor:
         log.info("service updated", service=sc.name, backends=[b.name for b in backends])
 
 
-def monitors_for(service: Service, backend: Backend) -> list[Awaitable[None]]:
-    """The coroutines to run for ``backend`` (none when neither checks nor agents are configured).
+Monitor = tuple[str, Callable[[], Awaitable[None]]]
 
-    Called again for every backend after a reload, so a task only ever reads the configuration it was started with.
+
+def monitors_for(service: Service, backend: Backend) -> list[Monitor]:
+    """What to run for ``backend``: (kind, coroutine factory) pairs, none when neither checks nor agents are set.
+
+    Factories rather than coroutines, so a monitor that dies can be started again. Called again for every backend
+    after a reload, so a task only ever reads the configuration it was started with.
     """
-    out: list[Awaitable[None]] = []
+    out: list[Monitor] = []
     if service.config.health_check.type != "none":
-        out.append(health_task(service, backend))
+        out.append(("health check", functools.partial(health_task, service, backend)))
     if service.config.feedback.type != "none":
-        out.append(feedback_task(service, backend))
+        out.append(("feedback agent", functools.partial(feedback_task, service, backend)))
     return out

@@ -142,7 +142,9 @@ async def test_agent_drain_maint_and_a_vanished_agent(cluster: DevCluster) -> No
 
             # The agent goes away: the last good figure stays, and the state says it is stale.
             await agents[0].stop()
-            await wait_for(lambda: r1.agent_status.startswith("unreachable: refused"), timeout=5, what="stale")
+            await wait_for(
+                lambda: (r1.agent_status, r1.agent_detail) == ("unreachable", "refused"), timeout=5, what="stale"
+            )
             assert (r1.agent_percent, r1.effective_weight, r1.agent_reply) == (40, 40, "up ready 40%")
             assert r1.status == "up"
             assert r1.weight == 40
