@@ -67,6 +67,45 @@ def split_host_port(value: str, default_port: int | None = None) -> tuple[str, i
     return host, int(port_text)
 
 
+# Letters, digits and hyphens per label (RFC 1123), plus the underscore: Docker Compose v1 container names and
+# other local names carry one, and the system resolver looks them up without complaint.
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def check_host(host: str) -> str:
+    """Return ``host`` if it is an IP literal or could be a DNS name, else raise ``ValueError`` saying why.
+
+    Only the shape is checked, nothing is looked up. A name that fails here would fail every connect and every
+    check (getaddrinfo raises ``UnicodeError`` for an empty or over-long label, before any lookup), so it is
+    refused when the configuration is read. Non-ASCII names are refused too: write them in their ``xn--`` form.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    # One trailing dot is the fully qualified form of the same name.
+    name = host.removesuffix(".")
+    if not name:
+        raise ValueError(f"{host!r} is not a host name or IP address")
+    if len(name) > 253:
+        raise ValueError(f"{host[:40]!r}...: a host name has at most 253 characters, this one {len(name)}")
+    for label in name.split("."):
+        if not label:
+            raise ValueError(f"{host!r} is not a valid host name: empty label (two dots in a row, or a leading dot)")
+        if len(label) > 63:
+            raise ValueError(f"{host!r} is not a valid host name: label {label[:20]!r}... is longer than 63 characters")
+        if not _LABEL_CHARS.issuperset(label):
+            bad = next(c for c in label if c not in _LABEL_CHARS)
+            raise ValueError(
+                f"{host!r} is not a valid host name: {bad!r} (only letters, digits, '-', '_' and '.' are allowed;"
+                " write an international name in its xn-- form)"
+            )
+        if label.startswith("-") or label.endswith("-"):
+            raise ValueError(f"{host!r} is not a valid host name: label {label!r} starts or ends with '-'")
+    return host
+
+
 def format_host_port(host: str, port: int) -> str:
     """Inverse of :func:`split_host_port`: brackets around IPv6 literals."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -95,7 +134,7 @@ class AdminConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        split_host_port(v)
+        check_host(split_host_port(v)[0])
         return v
 
 
@@ -174,6 +213,8 @@ class BackendConfig(_Model):
     # Overrides the service's send_proxy_protocol for this backend only.
     send_proxy_protocol: ProxyProtocolVersion | None = None
 
+    _address = field_validator("address")(check_host)
+
 
 Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
 
@@ -208,7 +249,7 @@ class ServiceConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        split_host_port(v, DEFAULT_PORT)
+        check_host(split_host_port(v, DEFAULT_PORT)[0])
         return v
 
     @field_validator("source_address")
@@ -222,6 +263,11 @@ class ServiceConfig(_Model):
         return v
 
     _backend_ca = field_validator("backend_tls_ca")(_existing_file)
+
+    @field_validator("backend_tls_server_name")
+    @classmethod
+    def _server_name(cls, v: str) -> str:
+        return check_host(v) if v else v
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceConfig:

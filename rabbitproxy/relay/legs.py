@@ -386,12 +386,10 @@ class ClientLeg(asyncio.Protocol):
                 return
             self._attach(backend, leg, transport)
             return
-        if not isinstance(exc, OSError | TimeoutError):
-            # Not a network failure: a bug of ours or of the loop. Logged with its traceback, and this
-            # connection ends instead of being retried into the same error.
-            service.connect_bug(backend, self.client_addr, exc)
-            self.close(CloseReason.CONNECT_FAILED)
-            return
+        # Anything else a connect raises is still this backend's failure, not the client's: getaddrinfo raises
+        # UnicodeError, not OSError, for a name IDNA cannot encode ("rabbit1..example.com"), and a resolver or
+        # loop may raise what it likes. The client tries the next backend either way; the service logs an
+        # unexpected kind of error with its traceback once per backend and kind, then like any failed connect.
         backend.connect_errors += 1
         service.connect_failed(backend, self.client_addr, exc)
         if not self._ending():

@@ -58,6 +58,8 @@ class Service:
         self.first_checks = asyncio.Event()
         if config.health_check.type == "none":
             self.first_checks.set()
+        # (backend name, exception type) of unexpected connect errors already logged with a traceback.
+        self._unexpected_errors: set[tuple[str, type[BaseException]]] = set()
         # Set while a drain waits for the last connection to end.
         self._empty: asyncio.Event | None = None
 
@@ -186,21 +188,27 @@ class Service:
         self.connect_deadlines.discard(conn)
 
     def connect_failed(self, backend: Any, client: str, exc: BaseException) -> None:
+        if not isinstance(exc, OSError | TimeoutError):
+            # Not a network error: a bad name the resolver cannot even encode, or a bug of ours or of the loop.
+            # Its traceback is logged once per backend and kind of error, so a misconfigured backend that every
+            # client tries does not write one per connect; later ones are logged like any failed connect.
+            key = (backend.name, type(exc))
+            if key not in self._unexpected_errors:
+                self._unexpected_errors.add(key)
+                log.error(
+                    "backend connect raised an unexpected error",
+                    service=self.name,
+                    backend=backend.name,
+                    client=client,
+                    exc_info=exc,
+                )
+                return
         log.warning(
             "backend connect failed",
             service=self.name,
             backend=backend.name,
             client=client,
             error=str(exc) or type(exc).__name__,
-        )
-
-    def connect_bug(self, backend: Any, client: str, exc: BaseException) -> None:
-        log.error(
-            "backend connect raised an unexpected error",
-            service=self.name,
-            backend=backend.name,
-            client=client,
-            exc_info=exc,
         )
 
     def bad_proxy_header(self, client: str, exc: BaseException) -> None:
