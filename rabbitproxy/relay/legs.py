@@ -76,7 +76,12 @@ class BackendLeg(asyncio.Protocol):
         self.conn.resume_client_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.backend_lost(exc)
+        conn = self.conn
+        # Only the attached leg speaks for the backend side. A leg whose connect was abandoned after its transport
+        # existed (deadline, cancelled for maint, re-check at attach failed) is closed by the loop or by us; its
+        # loss must not end a client that has moved on to another backend.
+        if conn.backend_leg is self:
+            conn.backend_lost(exc)
 
 
 class ClientLeg(asyncio.Protocol):
@@ -102,6 +107,7 @@ class ClientLeg(asyncio.Protocol):
         "closed",
         "connect_expired",
         "connect_leg",
+        "connect_redirected",
         "connect_task",
         "hello_left",
         "idle_handle",
@@ -145,10 +151,12 @@ class ClientLeg(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.reason: CloseReason | None = None
-        # The connect in flight: its task, the leg it will attach, whether its deadline cancelled it.
+        # The connect in flight: its task, the leg it will attach, whether its deadline cancelled it, and whether
+        # it was cancelled to send the client elsewhere (its backend went into maint or out of the config).
         self.connect_task: asyncio.Task[Any] | None = None
         self.connect_leg: BackendLeg | None = None
         self.connect_expired = False
+        self.connect_redirected = False
         # Backends tried so far, the last one being the connect in flight.
         self.tried: list[Backend] = []
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -359,6 +367,19 @@ class ClientLeg(asyncio.Protocol):
             self.connect_expired = True
             task.cancel()
 
+    def redirect_connect(self) -> bool:
+        """Cancel the connect in flight and try the next backend instead; False when no connect is in flight.
+
+        Called by the service when the backend being connected to is put in maint or removed: the client should
+        not wait out a connect (possibly the whole connect_timeout) to a backend it may no longer use.
+        """
+        task = self.connect_task
+        if task is None or task.done():
+            return False
+        self.connect_redirected = True
+        task.cancel()
+        return True
+
     def _connect_done(self, task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
         self.connect_task = None
         service = self.service
@@ -373,6 +394,12 @@ class ClientLeg(asyncio.Protocol):
             del service.connecting[backend]
         exc: BaseException | None
         if task.cancelled():
+            if self.connect_redirected:
+                # Not this backend's failure: it stopped taking connections while we connected.
+                self.connect_redirected = self.connect_expired = False
+                if not self._ending():
+                    self._connect_next()
+                return
             if not self.connect_expired:
                 return  # cancelled by close(): the connection is over already
             self.connect_expired = False
@@ -384,8 +411,25 @@ class ClientLeg(asyncio.Protocol):
             if self._ending() or leg is None:
                 transport.close()
                 return
-            self._attach(backend, leg, transport)
-            return
+            current = service.pool.by_name.get(backend.name)
+            if current is not None and current is not backend and (current.address, current.port) == (
+                backend.address,
+                backend.port,
+            ):
+                # A reload replaced the Backend object of the same server while we connected: count it there.
+                backend = current
+            if current is not backend or backend.weight <= 0:
+                # The state this connect relied on is gone (house rule 13): the backend went down, into maint or
+                # drain (a connect in flight is a new connection), its weight to 0, or out of the config. Not a
+                # connect error of that backend; the client tries the next one, retry budget permitting.
+                transport.close()
+                self._connect_next()
+                return
+            if not transport.is_closing():
+                self._attach(backend, leg, transport)
+                return
+            # The backend accepted and closed before we could use the connection: a failed connect like any other.
+            exc = ConnectionResetError("the backend closed the connection before it was used")
         # Anything else a connect raises is still this backend's failure, not the client's: getaddrinfo raises
         # UnicodeError, not OSError, for a name IDNA cannot encode ("rabbit1..example.com"), and a resolver or
         # loop may raise what it likes. The client tries the next backend either way; the service logs an

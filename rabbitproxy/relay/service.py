@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -176,6 +177,41 @@ class Service:
         """A health check answered; once every backend has an answer, ``first_checks`` is set."""
         if not self.first_checks.is_set() and all(b.health_time is not None for b in self.pool.backends):
             self.first_checks.set()
+
+    def cancel_connects_to(self, backend: Backend) -> int:
+        """Send every client still connecting to ``backend`` on to another backend; return how many.
+
+        For the control plane and the admin API when a backend goes into maint (or drain) or down with
+        ``on_marked_down = "close"``: :meth:`Backend.close_connections` only sees attached connections, and a
+        connect in flight would otherwise wait out its connect_timeout, or attach to a backend it may no longer use.
+        Backends are matched by name and address, so a connect begun before a reload (which made new Backend
+        objects for the same servers) is found too.
+        """
+        server = (backend.name, backend.address, backend.port)
+        return self._redirect(lambda b: (b.name, b.address, b.port) == server)
+
+    def cancel_connects_to_removed(self) -> int:
+        """Send every client still connecting to a backend that is no longer in the pool on; return how many.
+
+        A reload calls this after swapping in the new pool.
+        """
+        by_name = self.pool.by_name
+
+        def removed(b: Backend) -> bool:
+            current = by_name.get(b.name)
+            return current is None or (current.address, current.port) != (b.address, b.port)
+
+        return self._redirect(removed)
+
+    def _redirect(self, match: Callable[[Backend], bool]) -> int:
+        if not self._started:
+            return 0
+        # The connect deadlines hold exactly the connects in flight: scanning them here costs nothing per connect.
+        moved = 0
+        for conn in list(self.connect_deadlines):
+            if conn.tried and match(conn.tried[-1]) and conn.redirect_connect():
+                moved += 1
+        return moved
 
     # -- events from the data path -------------------------------------------------------------------------------
 
