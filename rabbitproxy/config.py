@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_PORT = 5672
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9080"
@@ -237,6 +237,8 @@ class ServiceConfig(_Model):
     client_hello_timeout: Seconds = 10.0
     send_proxy_protocol: ProxyProtocolVersion = "off"
     accept_proxy_protocol: bool = False
+    # The sources (CIDRs or addresses) whose PROXY headers are believed: the load balancers in front of us.
+    proxy_protocol_from: list[str] = Field(default_factory=list, validate_default=True)
     tls: TLSConfig | None = None
     backend_tls: bool = False
     backend_tls_ca: str = ""
@@ -263,6 +265,24 @@ class ServiceConfig(_Model):
         return v
 
     _backend_ca = field_validator("backend_tls_ca")(_existing_file)
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _proxy_from(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for text in v:
+            try:
+                ipaddress.ip_network(text, strict=True)
+            except ValueError as exc:
+                # ip_network's own words say what is wrong ("has host bits set", "does not appear to be ...").
+                raise ValueError(f"{text!r} is not a network (CIDR) or IP address: {exc}") from None
+        if info.data.get("accept_proxy_protocol") and not v:
+            # Without it anyone who reaches the port could send a header and pick the address we log, hash and
+            # pass on to RabbitMQ.
+            raise ValueError(
+                "required with accept_proxy_protocol = true: the addresses or CIDRs of the load balancers whose"
+                ' PROXY headers are trusted, e.g. ["10.0.0.0/8"]'
+            )
+        return v
 
     @field_validator("backend_tls_server_name")
     @classmethod
@@ -292,6 +312,11 @@ class ServiceConfig(_Model):
     @property
     def listen_port(self) -> int:
         return split_host_port(self.listen, DEFAULT_PORT)[1]
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``proxy_protocol_from`` parsed (parsed on every call: the running service keeps its own copy)."""
+        return tuple(ipaddress.ip_network(text) for text in self.proxy_protocol_from)
 
     def backend_port(self, backend: BackendConfig) -> int:
         """A backend without a port uses the service's listen port (no port translation)."""

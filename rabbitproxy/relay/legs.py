@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from rabbitproxy import logs
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.protocols.proxy_header import NEED_DATA, ProxyHeaderReader, ProxyProtocolError, header_for
+from rabbitproxy.protocols.proxy_header import (
+    NEED_DATA,
+    ProxyHeaderReader,
+    ProxyProtocolError,
+    header_for,
+    looks_like_header,
+)
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.pool import Backend
@@ -30,6 +36,10 @@ if TYPE_CHECKING:
 
 # The AMQP 0-9-1 protocol header ("AMQP" 0 0 9 1) is what every client sends first; client_hello_timeout waits for it.
 HELLO_LENGTH = 8
+
+# Stands in for the PROXY reader of a client outside proxy_protocol_from: it is a plain client, but its first bytes
+# are looked at (never fed to a parser) so that a forged header is refused instead of passed on to the backend.
+UNTRUSTED = ProxyHeaderReader()
 
 
 def _addr(peer: Any) -> str:
@@ -194,8 +204,15 @@ class ClientLeg(asyncio.Protocol):
             self.hello_left = HELLO_LENGTH
             service.hello_deadlines.add(self)
         if cfg.accept_proxy_protocol:
-            # The backend is chosen (source hash) and connected only once the header says who the client is.
-            self.pp_reader = ProxyHeaderReader()
+            # The backend is chosen (source hash) and connected only once the header says who the client is, or,
+            # for a source outside proxy_protocol_from, once its first bytes show it sends no header. Like HAProxy's
+            # "expect-proxy layer4 if { src -f trusted }": untrusted sources are plain clients.
+            src = self.client_src
+            trusted = src is not None and service.proxy_trusted(src[0])
+            self.pp_reader = ProxyHeaderReader() if trusted else UNTRUSTED
+            if not self.hello_left:
+                # Without a hello deadline the header still gets one, or a silent peer would hold its socket forever.
+                service.header_deadlines.add(self)
             return
         self._connect_next()
 
@@ -222,6 +239,11 @@ class ClientLeg(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof_seen = True
+        if self.pp_reader is UNTRUSTED:
+            # A plain client that left before saying anything that tells a header from AMQP.
+            self._header_done()
+            self.close(CloseReason.CLIENT_CLOSED)
+            return False
         if self.pp_reader is not None:
             self._bad_proxy_header(ProxyProtocolError("connection closed before the PROXY header was complete"))
             return False
@@ -482,6 +504,8 @@ class ClientLeg(asyncio.Protocol):
         """Feed the PROXY reader; return the stream bytes after the header once it is complete, else b""."""
         reader = self.pp_reader
         assert reader is not None
+        if reader is UNTRUSTED:
+            return self._check_untrusted(data)
         try:
             reader.receive_data(data)
             event = reader.next_event()
@@ -490,7 +514,7 @@ class ClientLeg(asyncio.Protocol):
             return b""
         if event is NEED_DATA:
             return b""
-        self.pp_reader = None
+        self._header_done()
         if event.src is not None:
             # LOCAL and UNKNOWN headers carry no client; the socket's own addresses stand.
             self.client_src = event.src
@@ -498,10 +522,41 @@ class ClientLeg(asyncio.Protocol):
         self._connect_next()
         return event.rest
 
-    def _bad_proxy_header(self, exc: ProxyProtocolError) -> None:
+    def _check_untrusted(self, data: bytes) -> bytes:
+        """A source outside proxy_protocol_from: refuse a PROXY header, else return its bytes so far."""
+        pending = self.pending
+        assert pending is not None
+        # The bytes that were too few to decide on wait in pending (nothing is connected yet).
+        start = pending + data if pending else data
+        verdict = looks_like_header(start)
+        if verdict is None:
+            pending += data
+            return b""
+        self._header_done()
+        if verdict:
+            self.service.untrusted_proxy_header(self.client_addr)
+            self.close(CloseReason.UNTRUSTED_PROXY_HEADER)
+            return b""
+        if pending:
+            data = bytes(start)
+            pending.clear()
+        self._connect_next()
+        return data
+
+    def _header_done(self) -> None:
         self.pp_reader = None
+        self.service.header_deadlines.discard(self)
+
+    def _bad_proxy_header(self, exc: ProxyProtocolError) -> None:
+        self._header_done()
         self.service.bad_proxy_header(self.client_addr, exc)
         self.close(CloseReason.BAD_PROXY_HEADER)
+
+    def header_expired(self) -> None:
+        """The PROXY header deadline (used when client_hello_timeout is 0): the header is not complete in time."""
+        if not self.closed and self.pp_reader is not None:
+            self.pp_reader = None
+            self.close(CloseReason.HELLO_TIMEOUT)
 
     def hello_expired(self) -> None:
         """The service's hello deadline: the client has not sent its 8-byte AMQP header in time."""
@@ -560,6 +615,8 @@ class ClientLeg(asyncio.Protocol):
             self.idle_handle = None
         if self.hello_left > 0:
             self.service.hello_deadlines.discard(self)
+        if self.pp_reader is not None:
+            self.service.header_deadlines.discard(self)
         backend = self.backend
         if backend is not None:
             backend.closed(self, self.bytes_in, self.bytes_out)

@@ -16,6 +16,7 @@ from rabbitproxy import logs
 from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
+from rabbitproxy.protocols.proxy_header import source_trusted
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.listeners import bind_listener
@@ -23,6 +24,10 @@ from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.tasks import cancel_and_wait
 
 log = structlog.get_logger("rabbitproxy.connection")
+
+# Seconds a client of a service with accept_proxy_protocol has to complete its PROXY header when
+# client_hello_timeout is 0 (otherwise the hello deadline, which starts at accept, covers the header too).
+PROXY_HEADER_TIMEOUT = 10.0
 
 
 class Service:
@@ -37,6 +42,8 @@ class Service:
         # Connects in flight per backend, so a backend's max_connections also holds while clients arrive at once.
         self.connecting: Counter[Backend] = Counter()
         self.name = config.name
+        # The parsed proxy_protocol_from, asked once per connection of a service that accepts PROXY headers.
+        self.proxy_networks = config.proxy_networks
         # Without a health check a backend is trusted from the start; with one it must pass a check first.
         self.pool = pool or Pool.from_config(config, healthy=config.health_check.type == "none")
         self.connections: set[ClientLeg] = set()
@@ -52,6 +59,7 @@ class Service:
         self.loop: asyncio.AbstractEventLoop
         self.connect_deadlines: Deadlines[ClientLeg]
         self.hello_deadlines: Deadlines[ClientLeg]
+        self.header_deadlines: Deadlines[ClientLeg]
         self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -77,6 +85,7 @@ class Service:
             self.conn_log = log.bind(service=self.name)
             self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
             self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
+            self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, ClientLeg.header_expired)
         loop = self.loop
         if sock is None:
             sock = bind_listener(self.config)
@@ -127,6 +136,7 @@ class Service:
         # A reload hands the running service its new config.
         self._config = config
         self.limited = any(b.max_connections for b in config.backends)
+        self.proxy_networks = config.proxy_networks
         if self._started:
             self.connect_deadlines.delay = config.connect_timeout
             self.hello_deadlines.delay = config.client_hello_timeout
@@ -249,6 +259,15 @@ class Service:
 
     def bad_proxy_header(self, client: str, exc: BaseException) -> None:
         log.warning("bad PROXY header, connection closed", service=self.name, client=client, error=str(exc))
+
+    def proxy_trusted(self, host: str) -> bool:
+        """Whether a PROXY header from ``host`` is believed (``proxy_protocol_from``)."""
+        return source_trusted(host, self.proxy_networks)
+
+    def untrusted_proxy_header(self, client: str) -> None:
+        log.warning(
+            "PROXY header from a source not in proxy_protocol_from, connection closed", service=self.name, client=client
+        )
 
     def connection_closed(self, conn: ClientLeg) -> None:
         self.connections.discard(conn)

@@ -203,3 +203,28 @@ def test_other_host_fields_are_checked_too(tmp_path: Path, old: str, new: str, k
     errors = errors_of(tmp_path, GOOD.replace(old, new, 1))
     assert len(errors) == 1 and errors[0].startswith(f"{key}: "), errors
     assert "empty label" in errors[0]
+
+
+def test_accept_proxy_protocol_needs_proxy_protocol_from(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, GOOD.replace('balance = "least-connections"', "accept_proxy_protocol = true", 1))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("services['amqp'].proxy_protocol_from: required with accept_proxy_protocol = true")
+    cfg = config_mod.load(
+        write(
+            tmp_path,
+            GOOD.replace(
+                'balance = "least-connections"',
+                'accept_proxy_protocol = true\nproxy_protocol_from = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]',
+                1,
+            ),
+        )
+    )
+    assert [str(n) for n in cfg.service("amqp").proxy_networks] == ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.5/8", "10.0.0.0/33", "lb.example.com", ""])
+def test_proxy_protocol_from_entries_must_be_networks(tmp_path: Path, entry: str) -> None:
+    fragment = f'accept_proxy_protocol = true\nproxy_protocol_from = ["10.0.0.0/8", "{entry}"]'
+    errors = errors_of(tmp_path, GOOD.replace('balance = "least-connections"', fragment, 1))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"services['amqp'].proxy_protocol_from: {entry!r} is not a network (CIDR)"), errors
