@@ -17,6 +17,9 @@ import pytest
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.control.feedback import Poller, apply_reply
+from rabbitproxy.control.health import ProbeResult, RiseFall, apply_result
+from rabbitproxy.protocols.agent_reply import parse_agent_reply
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from rabbitproxy.relay.service import Service
 from tests.helpers import (
@@ -226,3 +229,32 @@ async def test_a_connect_hanging_on_a_backend_put_in_maint_moves_to_the_next_one
                     assert service.pool.by_name["b2"].total == 1
                 finally:
                     writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("verdict", ["health down", "agent maint", "agent drain", "agent down"])
+async def test_the_control_plane_moves_a_connect_in_flight(verdict: str) -> None:
+    # The same hanging connect as above, ended by a health verdict or an agent reply instead of the admin API.
+    with silent_backend() as dead_port:
+        async with (
+            tcp_server(echo_handler) as port,
+            running(
+                [
+                    {"name": "b1", "address": "127.0.0.1", "port": dead_port, "weight": 1000},
+                    {"name": "b2", "address": "127.0.0.1", "port": port, "weight": 1},
+                ],
+                connect_timeout=60.0,
+            ) as service,
+        ):
+            b1 = service.pool.by_name["b1"]
+            reply = asyncio.ensure_future(echo_through(service))
+            await wait_for(lambda: service.connecting[b1] == 1, what="b1 connect in flight")
+            if verdict == "health down":
+                state = RiseFall(1, 1, healthy=True, checked=True)
+                apply_result(service, b1, state, ProbeResult(False, "timeout"), 1.0)
+            else:
+                word = verdict.split()[1]
+                change = apply_reply(b1, parse_agent_reply(word), word)
+                Poller(service, b1)._report(change, word, was_stale=False)
+            assert await reply == HELLO
+            assert service.pool.by_name["b2"].total == 1 and b1.connect_errors == 0
