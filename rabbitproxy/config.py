@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_PORT = 5672
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9080"
@@ -67,6 +67,45 @@ def split_host_port(value: str, default_port: int | None = None) -> tuple[str, i
     return host, int(port_text)
 
 
+# Letters, digits and hyphens per label (RFC 1123), plus the underscore: Docker Compose v1 container names and
+# other local names carry one, and the system resolver looks them up without complaint.
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def check_host(host: str) -> str:
+    """Return ``host`` if it is an IP literal or could be a DNS name, else raise ``ValueError`` saying why.
+
+    Only the shape is checked, nothing is looked up. A name that fails here would fail every connect and every
+    check (getaddrinfo raises ``UnicodeError`` for an empty or over-long label, before any lookup), so it is
+    refused when the configuration is read. Non-ASCII names are refused too: write them in their ``xn--`` form.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    # One trailing dot is the fully qualified form of the same name.
+    name = host.removesuffix(".")
+    if not name:
+        raise ValueError(f"{host!r} is not a host name or IP address")
+    if len(name) > 253:
+        raise ValueError(f"{host[:40]!r}...: a host name has at most 253 characters, this one {len(name)}")
+    for label in name.split("."):
+        if not label:
+            raise ValueError(f"{host!r} is not a valid host name: empty label (two dots in a row, or a leading dot)")
+        if len(label) > 63:
+            raise ValueError(f"{host!r} is not a valid host name: label {label[:20]!r}... is longer than 63 characters")
+        if not _LABEL_CHARS.issuperset(label):
+            bad = next(c for c in label if c not in _LABEL_CHARS)
+            raise ValueError(
+                f"{host!r} is not a valid host name: {bad!r} (only letters, digits, '-', '_' and '.' are allowed;"
+                " write an international name in its xn-- form)"
+            )
+        if label.startswith("-") or label.endswith("-"):
+            raise ValueError(f"{host!r} is not a valid host name: label {label!r} starts or ends with '-'")
+    return host
+
+
 def format_host_port(host: str, port: int) -> str:
     """Inverse of :func:`split_host_port`: brackets around IPv6 literals."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -95,7 +134,7 @@ class AdminConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        split_host_port(v)
+        check_host(split_host_port(v)[0])
         return v
 
 
@@ -219,6 +258,8 @@ class BackendConfig(_Model):
     # This node's management API port, when it differs from [services.rabbitmq] management_port.
     management_port: Port | None = None
 
+    _address = field_validator("address")(check_host)
+
 
 Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
 
@@ -241,6 +282,8 @@ class ServiceConfig(_Model):
     client_hello_timeout: Seconds = 10.0
     send_proxy_protocol: ProxyProtocolVersion = "off"
     accept_proxy_protocol: bool = False
+    # The sources (CIDRs or addresses) whose PROXY headers are believed: the load balancers in front of us.
+    proxy_protocol_from: list[str] = Field(default_factory=list, validate_default=True)
     tls: TLSConfig | None = None
     backend_tls: bool = False
     backend_tls_ca: str = ""
@@ -257,7 +300,7 @@ class ServiceConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        split_host_port(v, DEFAULT_PORT)
+        check_host(split_host_port(v, DEFAULT_PORT)[0])
         return v
 
     @field_validator("source_address")
@@ -271,6 +314,29 @@ class ServiceConfig(_Model):
         return v
 
     _backend_ca = field_validator("backend_tls_ca")(_existing_file)
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _proxy_from(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for text in v:
+            try:
+                ipaddress.ip_network(text, strict=True)
+            except ValueError as exc:
+                # ip_network's own words say what is wrong ("has host bits set", "does not appear to be ...").
+                raise ValueError(f"{text!r} is not a network (CIDR) or IP address: {exc}") from None
+        if info.data.get("accept_proxy_protocol") and not v:
+            # Without it anyone who reaches the port could send a header and pick the address we log, hash and
+            # pass on to RabbitMQ.
+            raise ValueError(
+                "required with accept_proxy_protocol = true: the addresses or CIDRs of the load balancers whose"
+                ' PROXY headers are trusted, e.g. ["10.0.0.0/8"]'
+            )
+        return v
+
+    @field_validator("backend_tls_server_name")
+    @classmethod
+    def _server_name(cls, v: str) -> str:
+        return check_host(v) if v else v
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceConfig:
@@ -297,6 +363,11 @@ class ServiceConfig(_Model):
     @property
     def listen_port(self) -> int:
         return split_host_port(self.listen, DEFAULT_PORT)[1]
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``proxy_protocol_from`` parsed (parsed on every call: the running service keeps its own copy)."""
+        return tuple(ipaddress.ip_network(text) for text in self.proxy_protocol_from)
 
     def backend_port(self, backend: BackendConfig) -> int:
         """A backend without a port uses the service's listen port (no port translation)."""

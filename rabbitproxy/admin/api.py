@@ -282,6 +282,9 @@ async def patch_backend(request: web.Request) -> web.Response:
     if state is not None:
         old_state = backend.operator_state
         closed = backend.set_operator_state(state, CloseReason.BACKEND_MAINT)
+        if state != "ready":
+            # Clients still connecting to it go to another backend now; `closed` counts the attached ones.
+            service.cancel_connects_to(backend)
         log.info(
             "backend state set",
             service=service.name,

@@ -27,3 +27,5 @@ class CloseReason(StrEnum):
     SERVICE_REMOVED = "service removed"
     HELLO_TIMEOUT = "hello timeout"
     BAD_PROXY_HEADER = "bad proxy header"
+    # A PROXY header from a source not in proxy_protocol_from: someone trying to choose their own address.
+    UNTRUSTED_PROXY_HEADER = "untrusted proxy header"

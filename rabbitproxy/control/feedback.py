@@ -231,6 +231,8 @@ class Poller:
             )
         if change.admin_before != change.admin_after:
             closed = b.close_connections(CloseReason.BACKEND_MAINT) if change.entered_maint else 0
+            if change.admin_after != "ready":
+                self.service.cancel_connects_to(b)
             log.info(
                 "backend admin state changed",
                 service=name,
@@ -243,6 +245,7 @@ class Poller:
             closed = 0
             if self.service.config.health_check.on_marked_down == "close":
                 closed = b.close_connections(CloseReason.BACKEND_DOWN)
+                self.service.cancel_connects_to(b)
             log.warning(
                 "backend down",
                 service=name,

@@ -269,6 +269,7 @@ def apply_result(service: Service, backend: Backend, state: RiseFall, result: Pr
     closed = 0
     if service.config.health_check.on_marked_down == "close":
         closed = backend.close_connections(CloseReason.BACKEND_DOWN)
+        service.cancel_connects_to(backend)
     log.warning(
         "backend down", service=service.name, backend=backend.name, reason=result.detail, closed_connections=closed
     )

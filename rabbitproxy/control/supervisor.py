@@ -223,6 +223,7 @@ class Supervisor:
             await self._unwatch(b)
         service.pool = pool
         service.config = sc
+        service.cancel_connects_to_removed()
         if sock is not None:
             # The new listener is already bound; only now is the old one closed.
             old_server = service.server

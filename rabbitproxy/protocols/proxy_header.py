@@ -28,6 +28,8 @@ __all__ = [
     "build_v2_local",
     "check_header",
     "header_for",
+    "looks_like_header",
+    "source_trusted",
 ]
 
 Address: TypeAlias = tuple[str, int]
@@ -168,6 +170,39 @@ def check_header(version: Literal["v1", "v2"], local: Address, peer: Address) ->
 
 
 # --- reading -------------------------------------------------------------------------------------------
+
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def source_trusted(host: str, networks: tuple[Network, ...]) -> bool:
+    """True when ``host`` (a peer's IP address as text) lies in one of ``networks``.
+
+    An IPv4-mapped IPv6 peer (``::ffff:10.0.0.5``, what a dual-stack listener reports for an IPv4 client) is
+    matched as the IPv4 address it is, so ``10.0.0.0/8`` covers it. Anything that is not an IP address is not
+    trusted.
+    """
+    try:
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    # An address is never "in" a network of the other version (False, not an error).
+    return any(addr in net for net in networks)
+
+
+def looks_like_header(data: bytes | bytearray) -> bool | None:
+    """Whether a stream starting with ``data`` starts with a PROXY header: True, False, or None (too early to say).
+
+    Only the fixed start is compared ("PROXY " or the 12-byte v2 signature), so the answer for an AMQP client
+    ("AMQP...") is False from its first byte.
+    """
+    for start in (V1_PREFIX, V2_SIGNATURE):
+        n = min(len(data), len(start))
+        if data[:n] == start[:n]:
+            return True if n == len(start) else None
+    return False
 
 
 def _short(data: bytes | bytearray, limit: int = 40) -> str:

@@ -10,7 +10,7 @@ a delete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -50,6 +50,10 @@ class Deadlines(Generic[K]):
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    def __iter__(self) -> Iterator[K]:
+        """The waiting keys, oldest first; copy them before changing the set while iterating."""
+        return iter(self._waiting)
 
     def close(self) -> None:
         """Drop every deadline and the timer (the owner stops); nothing expires afterwards."""

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from rabbitproxy import logs
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.protocols.proxy_header import NEED_DATA, ProxyHeaderReader, ProxyProtocolError, header_for
+from rabbitproxy.protocols.proxy_header import (
+    NEED_DATA,
+    ProxyHeaderReader,
+    ProxyProtocolError,
+    header_for,
+    looks_like_header,
+)
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.pool import Backend
@@ -30,6 +36,10 @@ if TYPE_CHECKING:
 
 # The AMQP 0-9-1 protocol header ("AMQP" 0 0 9 1) is what every client sends first; client_hello_timeout waits for it.
 HELLO_LENGTH = 8
+
+# Stands in for the PROXY reader of a client outside proxy_protocol_from: it is a plain client, but its first bytes
+# are looked at (never fed to a parser) so that a forged header is refused instead of passed on to the backend.
+UNTRUSTED = ProxyHeaderReader()
 
 
 def _addr(peer: Any) -> str:
@@ -76,7 +86,12 @@ class BackendLeg(asyncio.Protocol):
         self.conn.resume_client_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.backend_lost(exc)
+        conn = self.conn
+        # Only the attached leg speaks for the backend side. A leg whose connect was abandoned after its transport
+        # existed (deadline, cancelled for maint, re-check at attach failed) is closed by the loop or by us; its
+        # loss must not end a client that has moved on to another backend.
+        if conn.backend_leg is self:
+            conn.backend_lost(exc)
 
 
 class ClientLeg(asyncio.Protocol):
@@ -102,6 +117,7 @@ class ClientLeg(asyncio.Protocol):
         "closed",
         "connect_expired",
         "connect_leg",
+        "connect_redirected",
         "connect_task",
         "hello_left",
         "idle_handle",
@@ -145,10 +161,12 @@ class ClientLeg(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.reason: CloseReason | None = None
-        # The connect in flight: its task, the leg it will attach, whether its deadline cancelled it.
+        # The connect in flight: its task, the leg it will attach, whether its deadline cancelled it, and whether
+        # it was cancelled to send the client elsewhere (its backend went into maint or out of the config).
         self.connect_task: asyncio.Task[Any] | None = None
         self.connect_leg: BackendLeg | None = None
         self.connect_expired = False
+        self.connect_redirected = False
         # Backends tried so far, the last one being the connect in flight.
         self.tried: list[Backend] = []
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -186,8 +204,15 @@ class ClientLeg(asyncio.Protocol):
             self.hello_left = HELLO_LENGTH
             service.hello_deadlines.add(self)
         if cfg.accept_proxy_protocol:
-            # The backend is chosen (source hash) and connected only once the header says who the client is.
-            self.pp_reader = ProxyHeaderReader()
+            # The backend is chosen (source hash) and connected only once the header says who the client is, or,
+            # for a source outside proxy_protocol_from, once its first bytes show it sends no header. Like HAProxy's
+            # "expect-proxy layer4 if { src -f trusted }": untrusted sources are plain clients.
+            src = self.client_src
+            trusted = src is not None and service.proxy_trusted(src[0])
+            self.pp_reader = ProxyHeaderReader() if trusted else UNTRUSTED
+            if not self.hello_left:
+                # Without a hello deadline the header still gets one, or a silent peer would hold its socket forever.
+                service.header_deadlines.add(self)
             return
         self._connect_next()
 
@@ -214,6 +239,11 @@ class ClientLeg(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof_seen = True
+        if self.pp_reader is UNTRUSTED:
+            # A plain client that left before saying anything that tells a header from AMQP.
+            self._header_done()
+            self.close(CloseReason.CLIENT_CLOSED)
+            return False
         if self.pp_reader is not None:
             self._bad_proxy_header(ProxyProtocolError("connection closed before the PROXY header was complete"))
             return False
@@ -359,6 +389,19 @@ class ClientLeg(asyncio.Protocol):
             self.connect_expired = True
             task.cancel()
 
+    def redirect_connect(self) -> bool:
+        """Cancel the connect in flight and try the next backend instead; False when no connect is in flight.
+
+        Called by the service when the backend being connected to is put in maint or removed: the client should
+        not wait out a connect (possibly the whole connect_timeout) to a backend it may no longer use.
+        """
+        task = self.connect_task
+        if task is None or task.done():
+            return False
+        self.connect_redirected = True
+        task.cancel()
+        return True
+
     def _connect_done(self, task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
         self.connect_task = None
         service = self.service
@@ -373,6 +416,12 @@ class ClientLeg(asyncio.Protocol):
             del service.connecting[backend]
         exc: BaseException | None
         if task.cancelled():
+            if self.connect_redirected:
+                # Not this backend's failure: it stopped taking connections while we connected.
+                self.connect_redirected = self.connect_expired = False
+                if not self._ending():
+                    self._connect_next()
+                return
             if not self.connect_expired:
                 return  # cancelled by close(): the connection is over already
             self.connect_expired = False
@@ -384,14 +433,29 @@ class ClientLeg(asyncio.Protocol):
             if self._ending() or leg is None:
                 transport.close()
                 return
-            self._attach(backend, leg, transport)
-            return
-        if not isinstance(exc, OSError | TimeoutError):
-            # Not a network failure: a bug of ours or of the loop. Logged with its traceback, and this
-            # connection ends instead of being retried into the same error.
-            service.connect_bug(backend, self.client_addr, exc)
-            self.close(CloseReason.CONNECT_FAILED)
-            return
+            current = service.pool.by_name.get(backend.name)
+            if current is not None and current is not backend and (current.address, current.port) == (
+                backend.address,
+                backend.port,
+            ):
+                # A reload replaced the Backend object of the same server while we connected: count it there.
+                backend = current
+            if current is not backend or backend.weight <= 0:
+                # The state this connect relied on is gone (house rule 13): the backend went down, into maint or
+                # drain (a connect in flight is a new connection), its weight to 0, or out of the config. Not a
+                # connect error of that backend; the client tries the next one, retry budget permitting.
+                transport.close()
+                self._connect_next()
+                return
+            if not transport.is_closing():
+                self._attach(backend, leg, transport)
+                return
+            # The backend accepted and closed before we could use the connection: a failed connect like any other.
+            exc = ConnectionResetError("the backend closed the connection before it was used")
+        # Anything else a connect raises is still this backend's failure, not the client's: getaddrinfo raises
+        # UnicodeError, not OSError, for a name IDNA cannot encode ("rabbit1..example.com"), and a resolver or
+        # loop may raise what it likes. The client tries the next backend either way; the service logs an
+        # unexpected kind of error with its traceback once per backend and kind, then like any failed connect.
         backend.connect_errors += 1
         service.connect_failed(backend, self.client_addr, exc)
         if not self._ending():
@@ -440,6 +504,8 @@ class ClientLeg(asyncio.Protocol):
         """Feed the PROXY reader; return the stream bytes after the header once it is complete, else b""."""
         reader = self.pp_reader
         assert reader is not None
+        if reader is UNTRUSTED:
+            return self._check_untrusted(data)
         try:
             reader.receive_data(data)
             event = reader.next_event()
@@ -448,7 +514,7 @@ class ClientLeg(asyncio.Protocol):
             return b""
         if event is NEED_DATA:
             return b""
-        self.pp_reader = None
+        self._header_done()
         if event.src is not None:
             # LOCAL and UNKNOWN headers carry no client; the socket's own addresses stand.
             self.client_src = event.src
@@ -456,10 +522,41 @@ class ClientLeg(asyncio.Protocol):
         self._connect_next()
         return event.rest
 
-    def _bad_proxy_header(self, exc: ProxyProtocolError) -> None:
+    def _check_untrusted(self, data: bytes) -> bytes:
+        """A source outside proxy_protocol_from: refuse a PROXY header, else return its bytes so far."""
+        pending = self.pending
+        assert pending is not None
+        # The bytes that were too few to decide on wait in pending (nothing is connected yet).
+        start = pending + data if pending else data
+        verdict = looks_like_header(start)
+        if verdict is None:
+            pending += data
+            return b""
+        self._header_done()
+        if verdict:
+            self.service.untrusted_proxy_header(self.client_addr)
+            self.close(CloseReason.UNTRUSTED_PROXY_HEADER)
+            return b""
+        if pending:
+            data = bytes(start)
+            pending.clear()
+        self._connect_next()
+        return data
+
+    def _header_done(self) -> None:
         self.pp_reader = None
+        self.service.header_deadlines.discard(self)
+
+    def _bad_proxy_header(self, exc: ProxyProtocolError) -> None:
+        self._header_done()
         self.service.bad_proxy_header(self.client_addr, exc)
         self.close(CloseReason.BAD_PROXY_HEADER)
+
+    def header_expired(self) -> None:
+        """The PROXY header deadline (used when client_hello_timeout is 0): the header is not complete in time."""
+        if not self.closed and self.pp_reader is not None:
+            self.pp_reader = None
+            self.close(CloseReason.HELLO_TIMEOUT)
 
     def hello_expired(self) -> None:
         """The service's hello deadline: the client has not sent its 8-byte AMQP header in time."""
@@ -518,6 +615,8 @@ class ClientLeg(asyncio.Protocol):
             self.idle_handle = None
         if self.hello_left > 0:
             self.service.hello_deadlines.discard(self)
+        if self.pp_reader is not None:
+            self.service.header_deadlines.discard(self)
         backend = self.backend
         if backend is not None:
             backend.closed(self, self.bytes_in, self.bytes_out)

@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -15,6 +16,7 @@ from rabbitproxy import logs
 from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
+from rabbitproxy.protocols.proxy_header import source_trusted
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.listeners import bind_listener
@@ -22,6 +24,10 @@ from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.tasks import cancel_and_wait
 
 log = structlog.get_logger("rabbitproxy.connection")
+
+# Seconds a client of a service with accept_proxy_protocol has to complete its PROXY header when
+# client_hello_timeout is 0 (otherwise the hello deadline, which starts at accept, covers the header too).
+PROXY_HEADER_TIMEOUT = 10.0
 
 
 class Service:
@@ -36,6 +42,8 @@ class Service:
         # Connects in flight per backend, so a backend's max_connections also holds while clients arrive at once.
         self.connecting: Counter[Backend] = Counter()
         self.name = config.name
+        # The parsed proxy_protocol_from, asked once per connection of a service that accepts PROXY headers.
+        self.proxy_networks = config.proxy_networks
         # Without a health check a backend is trusted from the start; with one it must pass a check first.
         self.pool = pool or Pool.from_config(config, healthy=config.health_check.type == "none")
         self.connections: set[ClientLeg] = set()
@@ -51,6 +59,7 @@ class Service:
         self.loop: asyncio.AbstractEventLoop
         self.connect_deadlines: Deadlines[ClientLeg]
         self.hello_deadlines: Deadlines[ClientLeg]
+        self.header_deadlines: Deadlines[ClientLeg]
         self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -58,6 +67,8 @@ class Service:
         self.first_checks = asyncio.Event()
         if config.health_check.type == "none":
             self.first_checks.set()
+        # (backend name, exception type) of unexpected connect errors already logged with a traceback.
+        self._unexpected_errors: set[tuple[str, type[BaseException]]] = set()
         # Set while a drain waits for the last connection to end.
         self._empty: asyncio.Event | None = None
 
@@ -74,6 +85,7 @@ class Service:
             self.conn_log = log.bind(service=self.name)
             self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
             self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
+            self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, ClientLeg.header_expired)
         loop = self.loop
         if sock is None:
             sock = bind_listener(self.config)
@@ -124,6 +136,7 @@ class Service:
         # A reload hands the running service its new config.
         self._config = config
         self.limited = any(b.max_connections for b in config.backends)
+        self.proxy_networks = config.proxy_networks
         if self._started:
             self.connect_deadlines.delay = config.connect_timeout
             self.hello_deadlines.delay = config.client_hello_timeout
@@ -175,6 +188,41 @@ class Service:
         if not self.first_checks.is_set() and all(b.health_time is not None for b in self.pool.backends):
             self.first_checks.set()
 
+    def cancel_connects_to(self, backend: Backend) -> int:
+        """Send every client still connecting to ``backend`` on to another backend; return how many.
+
+        For the control plane and the admin API when a backend goes into maint (or drain) or down with
+        ``on_marked_down = "close"``: :meth:`Backend.close_connections` only sees attached connections, and a
+        connect in flight would otherwise wait out its connect_timeout, or attach to a backend it may no longer use.
+        Backends are matched by name and address, so a connect begun before a reload (which made new Backend
+        objects for the same servers) is found too.
+        """
+        server = (backend.name, backend.address, backend.port)
+        return self._redirect(lambda b: (b.name, b.address, b.port) == server)
+
+    def cancel_connects_to_removed(self) -> int:
+        """Send every client still connecting to a backend that is no longer in the pool on; return how many.
+
+        A reload calls this after swapping in the new pool.
+        """
+        by_name = self.pool.by_name
+
+        def removed(b: Backend) -> bool:
+            current = by_name.get(b.name)
+            return current is None or (current.address, current.port) != (b.address, b.port)
+
+        return self._redirect(removed)
+
+    def _redirect(self, match: Callable[[Backend], bool]) -> int:
+        if not self._started:
+            return 0
+        # The connect deadlines hold exactly the connects in flight: scanning them here costs nothing per connect.
+        moved = 0
+        for conn in list(self.connect_deadlines):
+            if conn.tried and match(conn.tried[-1]) and conn.redirect_connect():
+                moved += 1
+        return moved
+
     # -- events from the data path -------------------------------------------------------------------------------
 
     def connect_started(self, conn: ClientLeg, task: asyncio.Task[Any]) -> None:
@@ -186,6 +234,21 @@ class Service:
         self.connect_deadlines.discard(conn)
 
     def connect_failed(self, backend: Any, client: str, exc: BaseException) -> None:
+        if not isinstance(exc, OSError | TimeoutError):
+            # Not a network error: a bad name the resolver cannot even encode, or a bug of ours or of the loop.
+            # Its traceback is logged once per backend and kind of error, so a misconfigured backend that every
+            # client tries does not write one per connect; later ones are logged like any failed connect.
+            key = (backend.name, type(exc))
+            if key not in self._unexpected_errors:
+                self._unexpected_errors.add(key)
+                log.error(
+                    "backend connect raised an unexpected error",
+                    service=self.name,
+                    backend=backend.name,
+                    client=client,
+                    exc_info=exc,
+                )
+                return
         log.warning(
             "backend connect failed",
             service=self.name,
@@ -194,17 +257,17 @@ class Service:
             error=str(exc) or type(exc).__name__,
         )
 
-    def connect_bug(self, backend: Any, client: str, exc: BaseException) -> None:
-        log.error(
-            "backend connect raised an unexpected error",
-            service=self.name,
-            backend=backend.name,
-            client=client,
-            exc_info=exc,
-        )
-
     def bad_proxy_header(self, client: str, exc: BaseException) -> None:
         log.warning("bad PROXY header, connection closed", service=self.name, client=client, error=str(exc))
+
+    def proxy_trusted(self, host: str) -> bool:
+        """Whether a PROXY header from ``host`` is believed (``proxy_protocol_from``)."""
+        return source_trusted(host, self.proxy_networks)
+
+    def untrusted_proxy_header(self, client: str) -> None:
+        log.warning(
+            "PROXY header from a source not in proxy_protocol_from, connection closed", service=self.name, client=client
+        )
 
     def connection_closed(self, conn: ClientLeg) -> None:
         self.connections.discard(conn)

@@ -105,7 +105,9 @@ async def test_a_check_without_the_header_is_refused_by_such_a_node(pp_node: Dev
 @pytest.mark.parametrize("upstream", [build_v1, build_v2])
 async def test_an_upstream_header_is_accepted_and_passed_on(pp_node: DevCluster, upstream: object) -> None:
     # A load balancer in front of us says the client is 127.0.0.3 (guest may only log in from loopback).
-    svc = service_config([backend(pp_node)], accept_proxy_protocol=True, send_proxy_protocol="v2")
+    svc = service_config(
+        [backend(pp_node)], accept_proxy_protocol=True, proxy_protocol_from=["127.0.0.0/8"], send_proxy_protocol="v2"
+    )
     async with run_proxy(svc) as p:
         host, port = listen_addr(p)
         assert callable(upstream)
@@ -120,7 +122,9 @@ async def test_an_upstream_header_is_accepted_and_passed_on(pp_node: DevCluster,
 
 @pytest.mark.asyncio
 async def test_a_client_without_a_header_is_closed_and_counted(pp_node: DevCluster) -> None:
-    svc = service_config([backend(pp_node)], accept_proxy_protocol=True, send_proxy_protocol="v1")
+    svc = service_config(
+        [backend(pp_node)], accept_proxy_protocol=True, proxy_protocol_from=["127.0.0.0/8"], send_proxy_protocol="v1"
+    )
     async with run_proxy(svc) as p:
         service = p.services["amqp"]
         reader, writer = await asyncio.open_connection(*listen_addr(p))
@@ -132,3 +136,27 @@ async def test_a_client_without_a_header_is_closed_and_counted(pp_node: DevClust
         # And the service still serves a well-behaved client.
         conn = await amqp_open(*listen_addr(p), CLIENT_IP, build_v1((CLIENT_IP, 40001), listen_addr(p)))
         conn.writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_header_from_outside_proxy_protocol_from_is_refused(pp_node: DevCluster) -> None:
+    # Only 10.0.0.0/8 may speak for its clients; our loopback client is not in it.
+    svc = service_config(
+        [backend(pp_node)], accept_proxy_protocol=True, proxy_protocol_from=["10.0.0.0/8"], send_proxy_protocol="v2"
+    )
+    async with run_proxy(svc) as p:
+        service = p.services["amqp"]
+        host, port = listen_addr(p)
+        reader, writer = await asyncio.open_connection(host, port, local_addr=(CLIENT_IP, 0))
+        writer.write(build_v1(("127.0.0.3", 41234), (host, port)) + ProtocolHeader().marshal())
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        await wait_for(lambda: service.ended[CloseReason.UNTRUSTED_PROXY_HEADER] == 1, what="counted")
+        assert service.pool.by_name["pp"].total == 0
+        # Without a header the same source is a plain client, and RabbitMQ sees its real address.
+        conn = await amqp_open(host, port, CLIENT_IP)
+        try:
+            peers = await wait_for(lambda: broker_peers(pp_node), what="connection listed")
+            assert CLIENT_IP in {h for h, _ in peers} and "127.0.0.3" not in {h for h, _ in peers}
+        finally:
+            conn.writer.close()

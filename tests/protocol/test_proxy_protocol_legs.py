@@ -10,7 +10,8 @@ import pytest
 
 from rabbitproxy.balancing.pool import Backend
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.protocols.proxy_header import ProxyHeaderReader, build_v1, build_v2
+from rabbitproxy.protocols.proxy_header import ProxyHeaderReader, build_v1, build_v2, source_trusted
+from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from tests.helpers import wait_for
 from tests.tls_certs import make_ca
@@ -24,15 +25,27 @@ LISTENER = ("127.0.0.1", 5672)
 class Service(FakeService):
     """The fake service plus what the PROXY and limit code paths ask of a service."""
 
-    def __init__(self, **service: Any) -> None:
+    def __init__(self, header_timeout: float = 30.0, **service: Any) -> None:
         service.setdefault("client_hello_timeout", 0)
+        if service.get("accept_proxy_protocol"):
+            # CLIENT's network: the load balancer in front of us.
+            service.setdefault("proxy_protocol_from", ["192.0.2.0/24"])
         super().__init__(**service)
         self.bad_headers: list[str] = []
+        self.untrusted: list[str] = []
         self.connecting: Counter[Backend] = Counter()
         self.backend_ssl = None
+        self.proxy_networks = self.config.proxy_networks
+        self.header_deadlines = Deadlines(self.loop, header_timeout, ClientLeg.header_expired)
 
     def bad_proxy_header(self, client: str, exc: BaseException) -> None:
         self.bad_headers.append(f"{client}: {exc}")
+
+    def proxy_trusted(self, host: str) -> bool:
+        return source_trusted(host, self.proxy_networks)
+
+    def untrusted_proxy_header(self, client: str) -> None:
+        self.untrusted.append(client)
 
     def full_backends(self) -> list[Backend]:
         return []
@@ -48,10 +61,12 @@ class NoEofTransport(FakeTransport):
         raise NotImplementedError("SSL transports cannot write EOF")
 
 
-def client_leg(svc: Service, transport: FakeTransport | None = None) -> tuple[ClientLeg, FakeTransport]:
+def client_leg(
+    svc: Service, transport: FakeTransport | None = None, peer: tuple[str, int] = CLIENT
+) -> tuple[ClientLeg, FakeTransport]:
     client = HandClientLeg(svc)  # type: ignore[arg-type]
-    ct = transport or FakeTransport(CLIENT)
-    ct.extra["peername"] = CLIENT
+    ct = transport or FakeTransport(peer)
+    ct.extra["peername"] = peer
     ct.extra["sockname"] = LISTENER
     ct.protocol = client
     client.connection_made(ct)  # type: ignore[arg-type]
@@ -224,3 +239,76 @@ async def test_tls_backend_eof_closes_both_and_never_calls_write_eof(tls_files: 
     assert client2.eof_received() is True  # not connected yet: forwarded after the buffer
     _, bt2 = attach(svc2, client2, NoEofTransport(("127.0.0.1", 1)))
     assert bt2.buffer == b"x" and bt2.closing and ct2.closing
+
+
+# -- proxy_protocol_from: whose headers are believed ---------------------------------------------------------------
+
+UNTRUSTED_PEER = ("198.51.100.20", 41000)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [build_v1(("203.0.113.9", 5555), ("198.51.100.1", 5672)) + b"AMQP"],
+        [build_v2(("203.0.113.9", 5555), ("198.51.100.1", 5672)) + b"AMQP"],
+        # Split before the start is recognisable: nothing is passed on or connected while undecided.
+        [b"PRO", b"XY TCP4 203.0.113.9 198.51.100.1 5555 5672\r\n"],
+        [b"\r\n\r\n", b"\x00\r\nQUIT\n\x21\x11\x00\x0c"],
+    ],
+)
+async def test_a_header_from_an_untrusted_source_is_refused(chunks: list[bytes]) -> None:
+    svc = Service(accept_proxy_protocol=True)
+    client, ct = client_leg(svc, peer=UNTRUSTED_PEER)
+    for chunk in chunks:
+        client.data_received(chunk)
+    assert ct.closing and svc.connects_started == 0
+    assert svc.untrusted == ["198.51.100.20:41000"]
+    assert client.client_addr == "198.51.100.20:41000"  # the forged address was never taken
+    await wait_for(lambda: svc.ended[CloseReason.UNTRUSTED_PROXY_HEADER] == 1, what="untrusted header counted")
+    assert client not in svc.header_deadlines
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("chunks", [[b"AMQP\x00\x00\x09\x01"], [b"P", b"ING"], [b"\r\n", b"hello"]])
+async def test_an_untrusted_source_without_a_header_is_a_plain_client(chunks: list[bytes]) -> None:
+    svc = Service(accept_proxy_protocol=True)
+    client, ct = client_leg(svc, peer=UNTRUSTED_PEER)
+    assert svc.connects_started == 0
+    for chunk in chunks:
+        client.data_received(chunk)
+    sent = b"".join(chunks)
+    assert svc.connects_started == 1 and not ct.closing
+    assert client.client_addr == "198.51.100.20:41000" and client.pp_reader is None
+    assert client not in svc.header_deadlines
+    _, bt = attach(svc, client)
+    assert bt.buffer == sent and client.bytes_in == len(sent)
+
+
+@pytest.mark.asyncio
+async def test_an_ipv4_mapped_peer_matches_an_ipv4_network() -> None:
+    svc = Service(accept_proxy_protocol=True)
+    client, _ = client_leg(svc, peer=("::ffff:192.0.2.7", 40000))
+    client.data_received(build_v1(("203.0.113.9", 5555), ("198.51.100.1", 5672)))
+    assert svc.connects_started == 1 and client.client_addr == "203.0.113.9:5555"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("peer", [CLIENT, UNTRUSTED_PEER])
+async def test_the_header_has_a_deadline_without_a_hello_timeout(peer: tuple[str, int]) -> None:
+    svc = Service(accept_proxy_protocol=True, client_hello_timeout=0, header_timeout=0.05)
+    client, ct = client_leg(svc, peer=peer)
+    client.data_received(b"PROX")  # and nothing more: a slowloris on the header (or on telling it from AMQP)
+    await wait_for(lambda: svc.ended[CloseReason.HELLO_TIMEOUT] == 1, what="header deadline")
+    assert ct.closing and svc.connects_started == 0
+
+
+@pytest.mark.asyncio
+async def test_a_complete_header_stops_its_deadline() -> None:
+    svc = Service(accept_proxy_protocol=True, client_hello_timeout=0, header_timeout=0.05)
+    client, ct = client_leg(svc)
+    client.data_received(build_v1(("203.0.113.9", 5555), ("198.51.100.1", 5672)))
+    # Off the deadline list, so its timer can no longer fire for this connection.
+    assert client not in svc.header_deadlines
+    attach(svc, client)
+    assert not ct.closing and not svc.closed

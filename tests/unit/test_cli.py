@@ -74,3 +74,13 @@ def test_serve_with_a_bad_flag_exits_2() -> None:
     result = runner.invoke(app, ["serve", "--backend", "h=heavy"])
     assert result.exit_code == 2
     assert "--backend" in result.stderr
+
+
+def test_check_config_refuses_a_backend_address_that_cannot_be_a_host_name(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(CONFIG.replace('address = "10.0.0.10"', 'address = "rabbit1..example.com"'))
+    result = runner.invoke(app, ["check-config", str(p)])
+    assert result.exit_code == 2
+    assert "services['amqp'].backends['rabbit1'].address: 'rabbit1..example.com' is not a valid host name" in (
+        result.stderr
+    )

@@ -156,3 +156,75 @@ def test_environment_builds_a_one_service_config() -> None:
     cfg = config_mod.validate(data)
     assert [b.address for b in cfg.services[0].backends] == ["rabbit1", "rabbit2", "rabbit3"]
     assert config_mod.from_env({}) is None
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("rabbit1..example.com", "empty label"),
+        (".rabbit1", "empty label"),
+        ("a" * 64 + ".example.com", "longer than 63 characters"),
+        (".".join(["a" * 60] * 5), "at most 253 characters"),
+        ("rabbit 1", "' '"),
+        ("rabbit1:5672:x", "':'"),
+        ("räbbit1", "xn--"),
+        ("-rabbit1", "starts or ends with '-'"),
+    ],
+)
+def test_backend_addresses_that_cannot_be_host_names_are_refused(tmp_path: Path, address: str, why: str) -> None:
+    errors = errors_of(tmp_path, GOOD.replace('address = "10.0.0.11"', f'address = "{address}"'))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("services['amqp'].backends['rabbit2'].address: "), errors
+    assert why in errors[0]
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["rabbit1", "rabbit1.example.com", "rabbit1.example.com.", "rabbit_1", "10.0.0.1", "2001:db8::1", "xn--rbbit1-cua"],
+)
+def test_host_names_and_ip_literals_are_accepted(tmp_path: Path, address: str) -> None:
+    cfg = config_mod.load(write(tmp_path, GOOD.replace('address = "10.0.0.11"', f'address = "{address}"')))
+    assert cfg.service("amqp").backends[1].address == address
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ('listen = "0.0.0.0:5672"', 'listen = "proxy..local:5672"', "services['amqp'].listen"),
+        ('listen = "127.0.0.1:9080"', 'listen = "admin..local:9080"', "admin.listen"),
+        (
+            'balance = "least-connections"',
+            'backend_tls = true\nbackend_tls_server_name = "rabbit..example.com"',
+            "services['amqp'].backend_tls_server_name",
+        ),
+    ],
+)
+def test_other_host_fields_are_checked_too(tmp_path: Path, old: str, new: str, key: str) -> None:
+    errors = errors_of(tmp_path, GOOD.replace(old, new, 1))
+    assert len(errors) == 1 and errors[0].startswith(f"{key}: "), errors
+    assert "empty label" in errors[0]
+
+
+def test_accept_proxy_protocol_needs_proxy_protocol_from(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, GOOD.replace('balance = "least-connections"', "accept_proxy_protocol = true", 1))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("services['amqp'].proxy_protocol_from: required with accept_proxy_protocol = true")
+    cfg = config_mod.load(
+        write(
+            tmp_path,
+            GOOD.replace(
+                'balance = "least-connections"',
+                'accept_proxy_protocol = true\nproxy_protocol_from = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]',
+                1,
+            ),
+        )
+    )
+    assert [str(n) for n in cfg.service("amqp").proxy_networks] == ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.5/8", "10.0.0.0/33", "lb.example.com", ""])
+def test_proxy_protocol_from_entries_must_be_networks(tmp_path: Path, entry: str) -> None:
+    fragment = f'accept_proxy_protocol = true\nproxy_protocol_from = ["10.0.0.0/8", "{entry}"]'
+    errors = errors_of(tmp_path, GOOD.replace('balance = "least-connections"', fragment, 1))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"services['amqp'].proxy_protocol_from: {entry!r} is not a network (CIDR)"), errors

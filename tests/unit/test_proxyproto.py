@@ -21,6 +21,8 @@ from rabbitproxy.protocols.proxy_header import (
     build_v1,
     build_v2,
     build_v2_local,
+    looks_like_header,
+    source_trusted,
 )
 
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -433,3 +435,39 @@ def test_round_trip_property(
             assert event.rest + data[b:] == tail
             return
     raise AssertionError("header never completed")
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [
+        (b"AMQP\x00\x00\x09\x01", False),
+        (b"A", False),
+        (b"P", None),
+        (b"PROXY", None),
+        (b"PROXY ", True),
+        (b"PROXY TCP4 1.2.3.4", True),
+        (b"PING", False),
+        (b"\r\n\r\n\x00\r\nQUI", None),
+        (b"\r\n\r\n\x00\r\nQUIT\n", True),
+        (b"\r\n\r\n\x00\r\nQUIX", False),
+    ],
+)
+def test_looks_like_header(data: bytes, verdict: bool | None) -> None:
+    assert looks_like_header(data) is verdict
+
+
+@pytest.mark.parametrize(
+    ("host", "trusted"),
+    [
+        ("10.1.2.3", True),
+        ("::ffff:10.1.2.3", True),  # an IPv4 client on a dual-stack listener
+        ("11.0.0.1", False),
+        ("2001:db8::7", True),
+        ("2001:db9::7", False),
+        ("::1", False),
+        ("unknown", False),
+    ],
+)
+def test_source_trusted(host: str, trusted: bool) -> None:
+    networks = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+    assert source_trusted(host, networks) is trusted
