@@ -70,10 +70,14 @@ class BackendLeg(asyncio.Protocol):
         return conn.backend_eof()
 
     def pause_writing(self) -> None:
-        self.conn.pause_client_reading()
+        conn = self.conn
+        conn.backend_full = True
+        conn.pause_client_reading()
 
     def resume_writing(self) -> None:
-        self.conn.resume_client_reading()
+        conn = self.conn
+        conn.backend_full = False
+        conn.resume_client_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.backend_lost(exc)
@@ -85,6 +89,7 @@ class ClientLeg(asyncio.Protocol):
     __slots__ = (
         "backend",
         "backend_eof_seen",
+        "backend_full",
         "backend_leg",
         "backend_local",
         "backend_lost_flag",
@@ -144,6 +149,8 @@ class ClientLeg(asyncio.Protocol):
         self.backend_lost_flag = False
         self.closed = False
         self.reading_paused = False
+        # The backend transport's buffer is past high_water (between its pause_writing and resume_writing).
+        self.backend_full = False
         self.reason: CloseReason | None = None
         # The connect in flight: its task, the leg it will attach, whether its deadline cancelled it.
         self.connect_task: asyncio.Task[Any] | None = None
@@ -432,7 +439,11 @@ class ClientLeg(asyncio.Protocol):
                 self._finish_both(CloseReason.CLIENT_CLOSED)
                 return
             transport.write_eof()
-        self.resume_client_reading()
+        # The bytes buffered while connecting may have filled the backend's buffer just now: its pause_writing
+        # then stopped the client, and resuming here would undo that with no second pause_writing to come
+        # until the buffer drains, so a slow backend would let the client fill our memory.
+        if not self.backend_full:
+            self.resume_client_reading()
 
     # -- PROXY header and hello ----------------------------------------------------------------------------------
 
