@@ -16,6 +16,7 @@ from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.relay.deadlines import Deadlines
+from rabbitproxy.relay.keepalive import set_keepalive
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.listeners import bind_listener
 from rabbitproxy.relay.tls import ServiceTLS
@@ -42,15 +43,18 @@ class Service:
         self.accepting = True
         self.total = 0
         self.ended: Counter[CloseReason] = Counter()
+        # Closes whose flush did not finish within close_timeout and were aborted (their reason is counted too).
+        self.close_timeouts = 0
         self.server: asyncio.Server | None = None
         # Connect attempts in flight; cancelled when the service stops.
         self.connects: set[asyncio.Task[Any]] = set()
         # Set by start(): the loop the data path schedules on, kept here because asking asyncio for the running
-        # loop costs a getpid() system call on Python 3.11, several times per connection; and the connect and
-        # hello deadlines, one timer each for all connections (rabbitproxy.relay.deadlines).
+        # loop costs a getpid() system call on Python 3.11, several times per connection; and the connect, hello
+        # and close deadlines, one timer each for all connections (rabbitproxy.relay.deadlines).
         self.loop: asyncio.AbstractEventLoop
         self.connect_deadlines: Deadlines[ClientLeg]
         self.hello_deadlines: Deadlines[ClientLeg]
+        self.close_deadlines: Deadlines[ClientLeg]
         self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -74,9 +78,12 @@ class Service:
             self.conn_log = log.bind(service=self.name)
             self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
             self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
+            self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, ClientLeg.close_expired)
         loop = self.loop
         if sock is None:
             sock = bind_listener(self.config)
+        # Accepted sockets inherit keepalive from the listener (rabbitproxy.relay.keepalive): no cost per client.
+        set_keepalive(sock, self.config.tcp_keepalive)
         server_tls = self.tls.server
         self.server = await loop.create_server(
             lambda: ClientLeg(self),
@@ -127,6 +134,11 @@ class Service:
         if self._started:
             self.connect_deadlines.delay = config.connect_timeout
             self.hello_deadlines.delay = config.client_hello_timeout
+            self.close_deadlines.delay = config.close_timeout
+            if self.server is not None:
+                # Clients accepted from now on get the new keepalive settings; open connections keep theirs.
+                for listener in self.server.sockets:
+                    set_keepalive(listener, config.tcp_keepalive)
 
     def stop_accepting(self) -> None:
         """Close the listening socket at once; new connects are refused by the kernel from now on."""
@@ -215,6 +227,8 @@ class Service:
         self.ended[reason] += 1
         if not logs.info_enabled:
             return
+        # Only an aborted close adds a field: the usual event stays as it was.
+        extra = {"close_timeout_expired": True} if conn.close_aborted else {}
         self.conn_log.info(
             "connection closed",
             client=conn.client_addr,
@@ -225,6 +239,7 @@ class Service:
             bytes_out=conn.bytes_out,
             duration=round(conn.duration, 3),
             reason=reason,
+            **extra,
         )
 
     @property

@@ -1,4 +1,5 @@
-"""Peers that stop reading, over real loopback sockets: buffers keep their bound (issue 12, defect 2)."""
+"""Peers that stop reading, over real loopback sockets: closes end at close_timeout, buffers keep their bound,
+and both legs have TCP keepalive (issue 12, defects 1 and 2)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.relay.legs import ClientLeg
 from tests.helpers import (
+    echo_handler,
     listen_addr,
+    open_fds,
     run_proxy,
     service_config,
     silent_backend,
+    tcp_server,
     wait_for,
 )
 
@@ -85,6 +91,7 @@ async def test_bytes_buffered_during_a_slow_connect_do_not_undo_backpressure() -
                 high_water=high,
                 low_water=high // 4,
                 shutdown_timeout=0,
+                close_timeout=1.0,
             )
         ) as p:
             service = p.services["amqp"]
@@ -107,3 +114,102 @@ async def test_bytes_buffered_during_a_slow_connect_do_not_undo_backpressure() -
                 pusher.cancel()
                 await asyncio.gather(pusher, return_exceptions=True)
                 writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_close_towards_a_backend_that_stopped_reading_ends_at_close_timeout() -> None:
+    # Issue 12, defect 1: the backend's buffer is full and the backend is put in maint; the flushing close used to
+    # wait for ever, holding both descriptors and a place in max_connections.
+    high = 64 * 1024
+    close_timeout = 1.0
+    with sink_backend() as sink:
+        async with run_proxy(
+            service_config(
+                [{"name": "sink", "address": "127.0.0.1", "port": sink}],
+                high_water=high,
+                low_water=high // 4,
+                close_timeout=close_timeout,
+            )
+        ) as p:
+            service = p.services["amqp"]
+            baseline = open_fds()
+            _reader, writer = await asyncio.open_connection(*listen_addr(p))
+            pusher = asyncio.create_task(push(writer, 64 * 1024 * 1024))
+            try:
+                conn = await wait_for(lambda: next(iter(service.connections), None), what="the connection")
+                await wait_for(lambda: conn.backend_transport is not None, what="attached to the sink")
+                bt = conn.backend_transport
+                # Paused past high_water; the kernel may take a little more afterwards, but never all of it.
+                await wait_for(
+                    lambda: conn.backend_full and bt.get_write_buffer_size() > 0, what="the backend side buffer full"
+                )
+                assert service.pool.by_name["sink"].set_operator_state("maint", CloseReason.BACKEND_MAINT) == 1
+                await wait_for(lambda: service.active == 0, timeout=close_timeout + 10, what="the connection ended")
+                assert service.ended == {CloseReason.BACKEND_MAINT: 1}
+                assert service.close_timeouts == 1
+                assert len(service.close_deadlines) == 0
+                await asyncio.wait_for(pusher, 30)
+            finally:
+                pusher.cancel()
+                await asyncio.gather(pusher, return_exceptions=True)
+                writer.close()
+            await wait_for(lambda: open_fds() <= baseline, what=f"descriptors back to {baseline}")
+
+
+def _keepalive_of(sock: Any) -> tuple[int, int, int, int]:
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (None, (1, 60, 10, 6)),  # the default
+        ({"idle": 30, "interval": 5, "count": 3}, (1, 30, 5, 3)),
+        (False, None),
+    ],
+)
+async def test_both_legs_have_tcp_keepalive_as_configured(setting: Any, expected: Any) -> None:
+    extra = {} if setting is None else {"tcp_keepalive": setting}
+    async with (
+        tcp_server(echo_handler) as port,
+        run_proxy(service_config([{"name": "echo", "address": "127.0.0.1", "port": port}], **extra)) as p,
+    ):
+        reader, writer = await asyncio.open_connection(*listen_addr(p))
+        try:
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), 30) == b"x"
+            conn = next(iter(p.services["amqp"].connections))
+            for leg, transport in (("client", conn.transport), ("backend", conn.backend_transport)):
+                got = _keepalive_of(transport.get_extra_info("socket"))
+                if expected is None:
+                    assert got[0] == 0, f"{leg} leg has SO_KEEPALIVE"
+                else:
+                    assert got == expected, f"{leg} leg keepalive {got}"
+        finally:
+            writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_reload_changes_keepalive_for_clients_accepted_afterwards() -> None:
+    async with (
+        tcp_server(echo_handler) as port,
+        run_proxy(service_config([{"name": "echo", "address": "127.0.0.1", "port": port}])) as p,
+    ):
+        service = p.services["amqp"]
+        # What a reload does to a service whose listener stays: it hands over the new config.
+        service.config = service.config.model_copy(update={"tcp_keepalive": None})
+        reader, writer = await asyncio.open_connection(*listen_addr(p))
+        try:
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), 30) == b"x"
+            conn = next(iter(service.connections))
+            for transport in (conn.transport, conn.backend_transport):
+                assert _keepalive_of(transport.get_extra_info("socket"))[0] == 0
+        finally:
+            writer.close()
