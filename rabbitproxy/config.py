@@ -264,6 +264,15 @@ class BackendConfig(_Model):
 Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
 
 
+class KeepaliveConfig(_Model):
+    """TCP keepalive probes on both legs of every connection (``tcp_keepalive = { idle, interval, count }``)."""
+
+    # Linux takes whole seconds for TCP_KEEPIDLE/TCP_KEEPINTVL (at most 32767) and at most 127 probes.
+    idle: Annotated[int, Field(ge=1, le=32767)] = 60
+    interval: Annotated[int, Field(ge=1, le=32767)] = 10
+    count: Annotated[int, Field(ge=1, le=127)] = 6
+
+
 class ServiceConfig(_Model):
     name: str = Field(min_length=1, max_length=128)
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
@@ -274,6 +283,11 @@ class ServiceConfig(_Model):
     client_idle_timeout: Seconds = 0.0
     source_address: str = ""
     shutdown_timeout: Seconds = 30.0
+    # Seconds a close may spend flushing to a peer that does not read before both legs are aborted. Not 0: a
+    # close that drops what is buffered at once would cut every AMQP Connection.Close in flight.
+    close_timeout: PositiveSeconds = 10.0
+    # None (written ``tcp_keepalive = false``) turns keepalive off; ``true`` means the defaults.
+    tcp_keepalive: KeepaliveConfig | None = KeepaliveConfig()
     # Write-buffer limits per leg: above high_water the other leg stops reading until we drop below low_water.
     high_water: Annotated[int, Field(ge=1024)] = 256 * 1024
     low_water: Annotated[int, Field(ge=0)] = 64 * 1024
@@ -337,6 +351,18 @@ class ServiceConfig(_Model):
     @classmethod
     def _server_name(cls, v: str) -> str:
         return check_host(v) if v else v
+
+    @field_validator("tcp_keepalive", mode="before")
+    @classmethod
+    def _keepalive(cls, v: Any) -> Any:
+        # TOML has no null: the switch is a boolean, the settings a table.
+        if v is False:
+            return None
+        if v is True:
+            return {}
+        if v is None:
+            raise ValueError("must be false, true or a table { idle, interval, count }")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceConfig:

@@ -50,6 +50,11 @@ class ProxyCollector(Collector):
         s_ended = counter(
             "service_connections_ended", "Client connections ended, by reason (errors included).", ["service", "reason"]
         )
+        s_close_timeouts = counter(
+            "service_close_timeouts",
+            "Closes aborted because the peer did not take the buffered bytes within close_timeout.",
+            ["service"],
+        )
         s_usable = gauge("service_usable_backends", "Backends that may take a new connection now.", ["service"])
         b_up = gauge("backend_up", "1 when the last health verdict is up.", SB)
         b_status = gauge("backend_status", "1 for the backend's status: up, down, drain or maint.", [*SB, "status"])
@@ -79,6 +84,7 @@ class ProxyCollector(Collector):
             # Every reason is reported, zeros included, so rate() works from the first occurrence on.
             for reason in CloseReason:
                 s_ended.add_metric([sn, reason], service.ended.get(reason, 0))
+            s_close_timeouts.add_metric([sn], service.close_timeouts)
             s_usable.add_metric([sn], service.pool.usable_count())
             for b in list(service.pool.backends):
                 labels = [sn, b.name]
@@ -114,6 +120,7 @@ class ProxyCollector(Collector):
             s_active,
             s_total,
             s_ended,
+            s_close_timeouts,
             s_usable,
             b_up,
             b_status,

@@ -12,6 +12,10 @@ Flow control is the transports' own: when a leg's write buffer passes its high-w
 ``pause_writing`` and we stop reading from the *other* side until ``resume_writing``. Half-closes are forwarded
 with ``write_eof``; once both directions have ended, both transports are closed. Keeping both legs half-open after
 both EOFs is what makes uvloop 0.21 to 0.23 abort the process ("double free or corruption"), so we never do that.
+
+A transport's ``close()`` waits until its buffer is written, which is forever when the peer stopped reading (a
+frozen broker, a stalled client). So every close starts the service's close deadline (``close_timeout``, one
+timer for all connections, see :mod:`rabbitproxy.relay.deadlines`); when it expires both transports are aborted.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from rabbitproxy.protocols.proxy_header import (
     header_for,
     looks_like_header,
 )
+from rabbitproxy.relay.keepalive import set_keepalive
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.pool import Backend
@@ -80,10 +85,14 @@ class BackendLeg(asyncio.Protocol):
         return conn.backend_eof()
 
     def pause_writing(self) -> None:
-        self.conn.pause_client_reading()
+        conn = self.conn
+        conn.backend_full = True
+        conn.pause_client_reading()
 
     def resume_writing(self) -> None:
-        self.conn.resume_client_reading()
+        conn = self.conn
+        conn.backend_full = False
+        conn.resume_client_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         conn = self.conn
@@ -100,6 +109,7 @@ class ClientLeg(asyncio.Protocol):
     __slots__ = (
         "backend",
         "backend_eof_seen",
+        "backend_full",
         "backend_leg",
         "backend_local",
         "backend_lost_flag",
@@ -114,6 +124,8 @@ class ClientLeg(asyncio.Protocol):
         "client_src",
         "client_tls",
         "client_write",
+        "close_aborted",
+        "close_started",
         "closed",
         "connect_expired",
         "connect_leg",
@@ -159,7 +171,12 @@ class ClientLeg(asyncio.Protocol):
         self.client_lost = False
         self.backend_lost_flag = False
         self.closed = False
+        # A close has begun (its deadline runs), and whether that deadline expired and aborted both legs.
+        self.close_started = False
+        self.close_aborted = False
         self.reading_paused = False
+        # The backend transport's buffer is past high_water (between its pause_writing and resume_writing).
+        self.backend_full = False
         self.reason: CloseReason | None = None
         # The connect in flight: its task, the leg it will attach, whether its deadline cancelled it, and whether
         # it was cancelled to send the client elsewhere (its backend went into maint or out of the config).
@@ -291,6 +308,7 @@ class ClientLeg(asyncio.Protocol):
         bt = self.backend_transport
         if bt is not None and not bt.is_closing():
             bt.close()
+            self._close_deadline()
         self._maybe_done()
 
     # -- backend side (called by BackendLeg) ---------------------------------------------------------------------
@@ -338,6 +356,7 @@ class ClientLeg(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
+            self._close_deadline()
         self._maybe_done()
 
     # -- connecting ----------------------------------------------------------------------------------------------
@@ -475,6 +494,9 @@ class ClientLeg(asyncio.Protocol):
         backend.opened(self)
         cfg = self.service.config
         transport.set_write_buffer_limits(high=cfg.high_water, low=cfg.low_water)
+        # The client socket inherited keepalive from the listener; this one has to be told (see keepalive.py).
+        if cfg.tcp_keepalive is not None:
+            set_keepalive(transport.get_extra_info("socket"), cfg.tcp_keepalive)
         if logs.info_enabled:
             # Only the connection log shows the proxy's own address; skip the system call when nothing logs it.
             self.backend_local = _addr(transport.get_extra_info("sockname"))
@@ -496,7 +518,11 @@ class ClientLeg(asyncio.Protocol):
                 self._finish_both(CloseReason.CLIENT_CLOSED)
                 return
             transport.write_eof()
-        self.resume_client_reading()
+        # The bytes buffered while connecting may have filled the backend's buffer just now: its pause_writing
+        # then stopped the client, and resuming here would undo that with no second pause_writing to come
+        # until the buffer drains, so a slow backend would let the client fill our memory.
+        if not self.backend_full:
+            self.resume_client_reading()
 
     # -- PROXY header and hello ----------------------------------------------------------------------------------
 
@@ -582,6 +608,26 @@ class ClientLeg(asyncio.Protocol):
         for t in (self.transport, self.backend_transport):
             if t is not None and not t.is_closing():
                 t.close()
+        self._close_deadline()
+
+    def _close_deadline(self) -> None:
+        """A flushing close has begun: start the close deadline, once (a second close must not extend it)."""
+        if not self.close_started and not self.closed:
+            self.close_started = True
+            self.service.close_deadlines.add(self)
+
+    def close_expired(self) -> None:
+        """The service's close deadline: the flush did not finish within close_timeout, so drop what is left.
+
+        The connection keeps the reason that started the close; the abort is counted apart (``close_timeouts``).
+        """
+        if self.closed:
+            return
+        self.close_aborted = True
+        self.service.close_timeouts += 1
+        for t in (self.transport, self.backend_transport):
+            if t is not None:
+                t.abort()
 
     def close(self, reason: CloseReason) -> None:
         """End this connection (limit, shutdown, backend down, idle...); buffered bytes are still flushed."""
@@ -617,6 +663,8 @@ class ClientLeg(asyncio.Protocol):
             self.service.hello_deadlines.discard(self)
         if self.pp_reader is not None:
             self.service.header_deadlines.discard(self)
+        if self.close_started:
+            self.service.close_deadlines.discard(self)
         backend = self.backend
         if backend is not None:
             backend.closed(self, self.bytes_in, self.bytes_out)

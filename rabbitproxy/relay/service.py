@@ -18,6 +18,7 @@ from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.protocols.proxy_header import source_trusted
 from rabbitproxy.relay.deadlines import Deadlines
+from rabbitproxy.relay.keepalive import set_keepalive
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.listeners import bind_listener
 from rabbitproxy.relay.tls import ServiceTLS
@@ -50,16 +51,19 @@ class Service:
         self.accepting = True
         self.total = 0
         self.ended: Counter[CloseReason] = Counter()
+        # Closes whose flush did not finish within close_timeout and were aborted (their reason is counted too).
+        self.close_timeouts = 0
         self.server: asyncio.Server | None = None
         # Connect attempts in flight; cancelled when the service stops.
         self.connects: set[asyncio.Task[Any]] = set()
         # Set by start(): the loop the data path schedules on, kept here because asking asyncio for the running
-        # loop costs a getpid() system call on Python 3.11, several times per connection; and the connect and
-        # hello deadlines, one timer each for all connections (rabbitproxy.relay.deadlines).
+        # loop costs a getpid() system call on Python 3.11, several times per connection; and the connect, hello
+        # and close deadlines, one timer each for all connections (rabbitproxy.relay.deadlines).
         self.loop: asyncio.AbstractEventLoop
         self.connect_deadlines: Deadlines[ClientLeg]
         self.hello_deadlines: Deadlines[ClientLeg]
         self.header_deadlines: Deadlines[ClientLeg]
+        self.close_deadlines: Deadlines[ClientLeg]
         self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -86,9 +90,12 @@ class Service:
             self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
             self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
             self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, ClientLeg.header_expired)
+            self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, ClientLeg.close_expired)
         loop = self.loop
         if sock is None:
             sock = bind_listener(self.config)
+        # Accepted sockets inherit keepalive from the listener (rabbitproxy.relay.keepalive): no cost per client.
+        set_keepalive(sock, self.config.tcp_keepalive)
         server_tls = self.tls.server
         self.server = await loop.create_server(
             lambda: ClientLeg(self),
@@ -140,6 +147,11 @@ class Service:
         if self._started:
             self.connect_deadlines.delay = config.connect_timeout
             self.hello_deadlines.delay = config.client_hello_timeout
+            self.close_deadlines.delay = config.close_timeout
+            if self.server is not None:
+                # Clients accepted from now on get the new keepalive settings; open connections keep theirs.
+                for listener in self.server.sockets:
+                    set_keepalive(listener, config.tcp_keepalive)
 
     def stop_accepting(self) -> None:
         """Close the listening socket at once; new connects are refused by the kernel from now on."""
@@ -278,6 +290,8 @@ class Service:
         self.ended[reason] += 1
         if not logs.info_enabled:
             return
+        # Only an aborted close adds a field: the usual event stays as it was.
+        extra = {"close_timeout_expired": True} if conn.close_aborted else {}
         self.conn_log.info(
             "connection closed",
             client=conn.client_addr,
@@ -288,6 +302,7 @@ class Service:
             bytes_out=conn.bytes_out,
             duration=round(conn.duration, 3),
             reason=reason,
+            **extra,
         )
 
     @property

@@ -93,6 +93,8 @@ class FakeService:
         self.loop = asyncio.get_running_loop()
         self.connect_deadlines = Deadlines(self.loop, self.config.connect_timeout, ClientLeg.connect_timed_out)
         self.hello_deadlines = Deadlines(self.loop, self.config.client_hello_timeout, ClientLeg.hello_expired)
+        self.close_deadlines = Deadlines(self.loop, self.config.close_timeout, ClientLeg.close_expired)
+        self.close_timeouts = 0
 
     def connect_failed(self, *args: Any) -> None:
         pass

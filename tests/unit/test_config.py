@@ -75,12 +75,33 @@ def test_good_file_loads_with_defaults_and_port_inheritance(tmp_path: Path) -> N
         ("backlog = 0", "services['amqp'].backlog: Input should be greater than or equal to 1"),
         ('source_address = "not-an-ip"', "services['amqp'].source_address: 'not-an-ip' is not an IP address"),
         ("colour = 3", "services['amqp'].colour: unknown key"),
+        ("close_timeout = 0", "services['amqp'].close_timeout: Input should be greater than 0"),
+        ("tcp_keepalive = { idle = 0 }", "services['amqp'].tcp_keepalive.idle: Input should be greater than or equal"),
+        ("tcp_keepalive = { count = 200 }", "services['amqp'].tcp_keepalive.count: Input should be less than or equal"),
+        ("tcp_keepalive = { idel = 5 }", "services['amqp'].tcp_keepalive.idel: unknown key"),
+        ("tcp_keepalive = 3", "services['amqp'].tcp_keepalive: Input should be a valid dictionary"),
     ],
 )
 def test_service_errors_name_the_key(tmp_path: Path, fragment: str, expected: str) -> None:
     text = GOOD.replace('balance = "least-connections"', fragment, 1)
     errors = errors_of(tmp_path, text)
     assert any(e.startswith(expected) for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("fragment", "expected"),
+    [
+        ("", (60, 10, 6)),
+        ("tcp_keepalive = true", (60, 10, 6)),
+        ("tcp_keepalive = { idle = 30, count = 3 }", (30, 10, 3)),
+        ("tcp_keepalive = false", None),
+    ],
+)
+def test_close_timeout_and_tcp_keepalive(tmp_path: Path, fragment: str, expected: tuple[int, int, int] | None) -> None:
+    amqp = config_mod.load(write(tmp_path, GOOD.replace('balance = "least-connections"', fragment, 1))).service("amqp")
+    assert amqp.close_timeout == 10.0
+    ka = amqp.tcp_keepalive
+    assert (ka and (ka.idle, ka.interval, ka.count)) == expected
 
 
 def test_backend_errors_name_service_and_backend(tmp_path: Path) -> None:
