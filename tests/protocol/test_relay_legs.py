@@ -9,8 +9,7 @@ import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
-
-from .fakes import FakeService, FakeTransport, HandClientLeg
+from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
 
 
 def make_pair(**service: Any) -> tuple[FakeService, ClientLeg, FakeTransport, BackendLeg, FakeTransport]:

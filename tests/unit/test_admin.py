@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitproxy import config as config_mod
 from rabbitproxy.admin.api import _validate_patch, admin_token, backend_view, is_loopback, service_view
@@ -13,35 +12,17 @@ from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.relay.service import Service
-
-
-class FakeConn:
-    def __init__(self, backend: Backend, bytes_in: int, bytes_out: int) -> None:
-        self.backend = backend
-        self.bytes_in = bytes_in
-        self.bytes_out = bytes_out
-        self.closed_with: str | None = None
-
-    def close(self, reason: str) -> None:
-        self.closed_with = reason
+from tests.support.fakes import FakeConn
+from tests.support.metrics import metric
+from tests.support.proxy import proxy_config, service_config
 
 
 def _config() -> config_mod.Config:
-    return config_mod.validate(
-        {
-            "services": [
-                {
-                    "name": "amqp",
-                    "listen": "127.0.0.1:5673",
-                    "health_check": {"type": "none"},
-                    "backends": [
-                        {"name": "rabbit1", "address": "10.0.0.1", "port": 5672, "weight": 100},
-                        {"name": "rabbit2", "address": "10.0.0.2", "port": 5672, "weight": 50},
-                    ],
-                }
-            ]
-        }
-    )
+    backends = [
+        {"name": "rabbit1", "address": "10.0.0.1", "port": 5672, "weight": 100},
+        {"name": "rabbit2", "address": "10.0.0.2", "port": 5672, "weight": 50},
+    ]
+    return config_mod.validate(proxy_config(service_config(backends, listen="127.0.0.1:5673")))
 
 
 def _proxy() -> Supervisor:
@@ -125,9 +106,9 @@ def test_maint_closes_connections_and_drain_keeps_them() -> None:
         backend.opened(c)
     assert backend.set_operator_state("drain", CloseReason.BACKEND_MAINT) == 0
     assert backend.status == "drain"
-    assert all(c.closed_with is None for c in conns)
+    assert all(c.reasons == [] for c in conns)
     assert backend.set_operator_state("maint", CloseReason.BACKEND_MAINT) == 3
-    assert [c.closed_with for c in conns] == [CloseReason.BACKEND_MAINT] * 3
+    assert [c.reasons for c in conns] == [[CloseReason.BACKEND_MAINT]] * 3
     backend.set_operator_state("ready", CloseReason.BACKEND_MAINT)
     assert backend.status == "up"
 
@@ -173,14 +154,6 @@ def test_reload_keeps_live_connections_counted_on_the_new_backend_object() -> No
     assert (new.active, new.traffic_in, new.traffic_out) == (0, 5, 6)
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def test_metrics_read_live_state() -> None:
     proxy = _proxy()
     service = proxy.services["amqp"]
@@ -194,10 +167,10 @@ def test_metrics_read_live_state() -> None:
     service.ended["connect failed"] = 4
     body, content_type = render(registry_for(proxy))
     assert content_type.startswith("text/plain")
-    got = _samples(body.decode())
+    text = body.decode()
 
     def value(name: str, **labels: str) -> float:
-        return got[(f"rabbitproxy_{name}", tuple(sorted(labels.items())))]
+        return metric(text, f"rabbitproxy_{name}", **labels)
 
     assert value("backend_up", service="amqp", backend="rabbit1") == 1
     assert value("backend_active_connections", service="amqp", backend="rabbit1") == 1

@@ -7,9 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.config import ServiceConfig
 from rabbitproxy.control.health import ProbeResult, RiseFall, apply_result, classify_http, http_url
 from rabbitproxy.relay.service import Service
+from tests.support.fakes import FakeConn
+from tests.support.proxy import make_service
 
 
 def test_first_verdict_decides_at_once() -> None:
@@ -70,18 +71,11 @@ def test_http_status_verdicts(status: int, url: str, expected: ProbeResult) -> N
 
 
 def _service(**check: object) -> Service:
-    cfg = ServiceConfig.model_validate(
-        {
-            "name": "amqp",
-            "listen": "127.0.0.1:5999",
-            "health_check": {"type": "http", **check},
-            "backends": [
-                {"name": "a", "address": "10.0.0.1", "port": 5672, "check_port": 15672},
-                {"name": "b", "address": "fd00::1", "port": 5672},
-            ],
-        }
-    )
-    return Service(cfg)
+    backends = [
+        {"name": "a", "address": "10.0.0.1", "port": 5672, "check_port": 15672},
+        {"name": "b", "address": "fd00::1", "port": 5672},
+    ]
+    return make_service(backends, health_check={"type": "http", **check})
 
 
 def test_http_url_fills_address_and_check_port() -> None:
@@ -89,14 +83,6 @@ def test_http_url_fills_address_and_check_port() -> None:
     a, b = service.pool.backends
     assert http_url("http://{address}:{port}/x", a) == "http://10.0.0.1:15672/x"
     assert http_url("http://{address}:{port}/x", b) == "http://[fd00::1]:5672/x"
-
-
-class FakeConn:
-    def __init__(self) -> None:
-        self.reasons: list[str] = []
-
-    def close(self, reason: str) -> None:
-        self.reasons.append(reason)
 
 
 @pytest.mark.parametrize(("policy", "closed"), [("close", [CloseReason.BACKEND_DOWN]), ("keep", [])])
