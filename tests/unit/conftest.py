@@ -5,15 +5,17 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+UNIT = Path(__file__).parent
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Only the items of this directory reach this hook's checks below: conftest hooks see the whole session's items.
-    here = __file__.rsplit("/", 1)[0] + "/"
+    # A conftest's collection hook sees the whole session's items, so check only those under this directory.
     for item in items:
-        if str(item.path).startswith(here) and item.get_closest_marker("asyncio") is not None:
+        if item.path.is_relative_to(UNIT) and item.get_closest_marker("asyncio") is not None:
             raise pytest.UsageError(f"{item.nodeid}: an async test runs a loop; it belongs in tests/protocol")
 
 
