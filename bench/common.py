@@ -1,7 +1,8 @@
 """Shared parts of the benchmarks: statistics, config generators, subprocess proxies, CPU/RSS accounting.
 
 The pure parts (statistics, the HAProxy/nginx/rabbitproxy config text) are unit-tested in
-``tests/unit/test_bench.py``; everything else starts and measures real processes.
+``tests/unit/test_bench.py``, and ``tests/integration/test_bench_configs.py`` runs HAProxy's and nginx's own checks
+on the configs; everything else starts and measures real processes.
 """
 
 from __future__ import annotations

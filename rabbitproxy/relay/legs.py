@@ -6,7 +6,7 @@ leg's transport. Nothing is copied or parsed on that path.
 
 TCP_NODELAY is on for both legs without a call of ours: uvloop and asyncio both set it on every TCP transport they
 create (accepted or connected), and asking a uvloop transport for its socket to set it again costs a socket object
-per leg, a measurable share of a short connection's CPU. tests/integration/test_relay.py checks it stays so.
+per leg, a measurable share of a short connection's CPU. tests/protocol/test_relay.py checks it stays so.
 
 Flow control is the transports' own: when a leg's write buffer passes its high-water mark the transport calls our
 ``pause_writing`` and we stop reading from the *other* side until ``resume_writing``. Half-closes are forwarded

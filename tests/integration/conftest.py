@@ -8,6 +8,9 @@ import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
 
+# TEMPORARY: tests written before tests/support/ import backends_for from here; it goes after merging.
+from tests.support.cluster import backends_for as backends_for
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[DevCluster]:
@@ -21,14 +24,3 @@ def cluster() -> Iterator[DevCluster]:
         yield c
     finally:
         c.stop()
-
-
-def backends_for(cluster: DevCluster, weights: list[int] | None = None) -> list[dict[str, object]]:
-    """Backend config entries for the cluster's nodes (names rabbit1..N)."""
-    out: list[dict[str, object]] = []
-    for i, node in enumerate(cluster.nodes):
-        entry: dict[str, object] = {"name": f"rabbit{i + 1}", "address": "127.0.0.1", "port": node.amqp_port}
-        if weights is not None:
-            entry["weight"] = weights[i]
-        out.append(entry)
-    return out

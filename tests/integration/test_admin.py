@@ -11,17 +11,11 @@ import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import free_port, listen_addr, run_proxy, service_config, wait_for
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
-
-
-def metric(text: str, line_start: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {line_start} in the metrics")
+from tests.support.cluster import backends_for
+from tests.support.metrics import metric
+from tests.support.net import free_port
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.asyncio
@@ -64,9 +58,9 @@ async def test_drain_a_node_for_maintenance_then_bring_it_back(cluster: DevClust
         await wait_for(lambda: pool.by_name["rabbit1"].active == 0, what="rabbit1 empty")
         async with http.get(f"{url}/metrics") as resp:
             text = await resp.text()
-        assert metric(text, 'rabbitproxy_backend_active_connections{backend="rabbit1",service="amqp"}') == 0
-        assert metric(text, 'rabbitproxy_backend_status{backend="rabbit1",service="amqp",status="drain"}') == 1
-        assert metric(text, 'rabbitproxy_backend_active_connections{backend="rabbit2",service="amqp"}') == 4
+        assert metric(text, "rabbitproxy_backend_active_connections", backend="rabbit1", service="amqp") == 0
+        assert metric(text, "rabbitproxy_backend_status", backend="rabbit1", service="amqp", status="drain") == 1
+        assert metric(text, "rabbitproxy_backend_active_connections", backend="rabbit2", service="amqp") == 4
 
         # 3. Back in service: new clients reach rabbit1 again.
         assert (await patch({"state": "ready"}))["status"] == "up"
@@ -104,5 +98,7 @@ async def test_maint_disconnects_the_nodes_clients_and_they_reconnect_elsewhere(
             await c.close()
         async with http.get(f"{url}/metrics") as resp:
             text = await resp.text()
-        assert metric(text, 'rabbitproxy_service_connections_ended_total{reason="backend maint",service="amqp"}') == 1
-        assert metric(text, 'rabbitproxy_backend_status{backend="rabbit2",service="amqp",status="maint"}') == 1
+        assert metric(
+            text, "rabbitproxy_service_connections_ended_total", reason="backend maint", service="amqp"
+        ) == 1
+        assert metric(text, "rabbitproxy_backend_status", backend="rabbit2", service="amqp", status="maint") == 1

@@ -17,10 +17,11 @@ import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.protocols.agent_reply import parse_agent_reply
-from tests.helpers import ProxyProcess, free_port, wait_for, wait_for_sync
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
+from tests.support.cluster import backends_for
+from tests.support.net import free_port
+from tests.support.process import ProxyProcess
+from tests.support.proxy import proxy_config, service_config
+from tests.support.waiting import wait_for, wait_for_sync
 
 POLL = 0.5
 POLL_TIMEOUT = 1.0
@@ -69,18 +70,13 @@ async def _tcp_reply(addr: tuple[str, int]) -> bytes:
 
 def _proxy_config(cluster: DevCluster, agent_port: int, feedback_type: str) -> dict[str, Any]:
     backend = backends_for(cluster)[0] | {"agent_port": agent_port}
-    return {
-        "admin": {"listen": f"127.0.0.1:{free_port()}"},
-        "services": [
-            {
-                "name": "amqp",
-                "listen": f"127.0.0.1:{free_port()}",
-                "health_check": {"type": "amqp", "interval": 0.5, "timeout": 1.0, "rise": 1},
-                "feedback": {"type": feedback_type, "interval": POLL, "timeout": POLL_TIMEOUT},
-                "backends": [backend],
-            }
-        ],
-    }
+    service = service_config(
+        [backend],
+        health_check={"type": "amqp", "interval": 0.5, "timeout": 1.0, "rise": 1},
+        feedback={"type": feedback_type, "interval": POLL, "timeout": POLL_TIMEOUT},
+        shutdown_timeout=30.0,
+    )
+    return proxy_config(service, admin={"listen": f"127.0.0.1:{free_port()}"})
 
 
 async def _backend_view(http: aiohttp.ClientSession, config: dict[str, Any]) -> dict[str, Any]:

@@ -10,10 +10,10 @@ import aio_pika
 import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import free_port, listen_addr, run_proxy, service_config, wait_for
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
+from tests.support.cluster import backends_for
+from tests.support.net import free_port
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 
 def url(addr: tuple[str, int]) -> str:

@@ -19,7 +19,6 @@ from rabbitproxy.dev.cluster import DevCluster
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "container-smoke"
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_image_builds_and_proxies_amqp_as_non_root(cluster: DevCluster) -> None:
     backends = ",".join(f"127.0.0.1:{n.amqp_port}" for n in cluster.nodes)

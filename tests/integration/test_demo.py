@@ -14,9 +14,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.helpers import free_port, wait_for, wait_for_sync
-
-pytestmark = pytest.mark.integration
+from tests.support.net import free_port
+from tests.support.waiting import wait_for, wait_for_sync
 
 
 def port_open(port: int) -> bool:

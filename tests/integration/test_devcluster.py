@@ -9,7 +9,6 @@ import shutil
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
@@ -18,23 +17,13 @@ import pytest
 
 from rabbitproxy.dev import cluster as devcluster
 from rabbitproxy.dev.cluster import DevCluster, Node, RabbitMQNotInstalled, rabbitmq_installed
-
-pytestmark = pytest.mark.integration
+from tests.support.waiting import wait_for
 
 needs_rabbitmq = pytest.mark.skipif(not rabbitmq_installed(), reason="rabbitmq-server is not installed")
 
 
 # The `cluster` fixture is the session-wide three-node cluster from tests/integration/conftest.py. Tests here
 # pause, kill and restart its nodes and must leave all of them running.
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll a blocking predicate off the event loop until it holds or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition still false after {timeout}s")
-        await asyncio.sleep(0.2)
 
 
 def running_nodes(cluster: DevCluster, node: Node) -> set[str]:
@@ -102,14 +91,22 @@ async def test_connection_counts_attribute_connections_to_their_node(cluster: De
     connections = [await aio_pika.connect(cluster.amqp_url(target)) for _ in range(2)]
     try:
         expected = {**before, target.name: before[target.name] + 2}
-        await wait_for(lambda: cluster.connection_counts() == expected)
+        await wait_for(
+            lambda: asyncio.to_thread(lambda: cluster.connection_counts() == expected),
+            interval=0.2,
+            what=f"broker-side counts {expected}",
+        )
         rows = await asyncio.to_thread(cluster.list_connections, "port", "user")
         assert sum(row["port"] == str(target.amqp_port) for row in rows) == expected[target.name]
         assert all(row["user"] == "guest" for row in rows)
     finally:
         for connection in connections:
             await connection.close()
-    await wait_for(lambda: cluster.connection_counts() == before)
+    await wait_for(
+        lambda: asyncio.to_thread(lambda: cluster.connection_counts() == before),
+        interval=0.2,
+        what=f"broker-side counts back to {before}",
+    )
 
 
 AMQP_0_9_1_HEADER = b"AMQP\x00\x00\x09\x01"

@@ -12,12 +12,11 @@ import aio_pika
 import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import client_dead, close_all, listen_addr, run_proxy, service_config, wait_for
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
+from tests.support.amqp import client_dead, close_all, connect_through
+from tests.support.cluster import backends_for
+from tests.support.proxy import run_proxy, service_config
+from tests.support.waiting import wait_for
 
 CHECK = {"type": "amqp", "interval": 0.3, "timeout": 1.0, "rise": 1, "fall": 2}
 POLL = 0.3
@@ -63,11 +62,6 @@ def _service(backends: list[dict[str, Any]]) -> dict[str, Any]:
     return service_config(backends, health_check=CHECK, feedback={"type": "agent", "interval": POLL, "timeout": 1.0})
 
 
-async def _connect(proxy: Supervisor) -> aio_pika.abc.AbstractConnection:
-    host, port = listen_addr(proxy)
-    return await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=15)
-
-
 async def _round_trip(conn: aio_pika.abc.AbstractConnection, body: bytes) -> bytes:
     channel = await conn.channel()
     queue = await channel.declare_queue("", exclusive=True)
@@ -90,7 +84,7 @@ async def test_agent_percentages_split_new_connections_one_to_four(cluster: DevC
             )
             assert [b.effective_weight for b in pool.backends] == [25, 100]
             for _ in range(50):
-                conns.append(await _connect(p))
+                conns.append(await connect_through(p))
             assert [b.active for b in pool.backends] == [10, 40]
             node1, node2, node3 = (n.name for n in cluster.nodes)
             # The brokers themselves must see the same split (their registry can lag a moment behind).
@@ -116,7 +110,7 @@ async def test_agent_drain_maint_and_a_vanished_agent(cluster: DevCluster) -> No
             r1, r2 = service.pool.backends
             await wait_for(lambda: r1.healthy and r2.healthy and r1.agent_percent == 100, what="both up")
             # Equal weights and a fresh round robin: the first client goes to rabbit1, the second to rabbit2.
-            conns = [await _connect(p), await _connect(p)]
+            conns = [await connect_through(p), await connect_through(p)]
             assert (r1.active, r2.active) == (1, 1)
 
             agents[0].line = "drain\n"
@@ -126,7 +120,7 @@ async def test_agent_drain_maint_and_a_vanished_agent(cluster: DevCluster) -> No
             assert await _round_trip(conns[0], b"drained but alive") == b"drained but alive"
             total = r1.total
             for _ in range(4):
-                conns.append(await _connect(p))
+                conns.append(await connect_through(p))
             assert r1.total == total
             assert (r1.active, r2.active) == (1, 5)
 

@@ -16,20 +16,11 @@ from rabbitproxy.balancing.pool import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import (
-    client_dead,
-    close_all,
-    echo_handler,
-    free_port,
-    listen_addr,
-    run_proxy,
-    service_config,
-    tcp_server,
-    wait_for,
-)
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
+from tests.support.amqp import client_dead, close_all, connect_through
+from tests.support.cluster import backends_for
+from tests.support.net import echo_handler, free_port, tcp_server
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 INTERVAL = 0.5
 TIMEOUT = 0.4
@@ -42,11 +33,6 @@ SCHEDULING_SLACK = 2.0
 
 def _check(**extra: Any) -> dict[str, Any]:
     return {"type": "amqp", "interval": INTERVAL, "timeout": TIMEOUT, "rise": RISE, "fall": FALL, **extra}
-
-
-async def _connect(proxy: Supervisor, service: str = "amqp") -> aio_pika.abc.AbstractConnection:
-    host, port = listen_addr(proxy, service)
-    return await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=15)
 
 
 async def _all_up(proxy: Supervisor, service: str = "amqp") -> None:
@@ -69,7 +55,7 @@ async def test_paused_node_is_marked_down_its_clients_closed_and_it_comes_back(c
         await _all_up(p)
         service = p.services["amqp"]
         pool = service.pool
-        conns = [await _connect(p) for _ in range(6)]
+        conns = [await connect_through(p) for _ in range(6)]
         try:
             # Equal weights: two clients per node.
             assert [b.active for b in pool.backends] == [2, 2, 2]
@@ -84,7 +70,7 @@ async def test_paused_node_is_marked_down_its_clients_closed_and_it_comes_back(c
                 await wait_for(lambda: sum(client_dead(c) for c in conns) == 2, timeout=15, what="2 clients closed")
                 assert service.ended[CloseReason.BACKEND_DOWN] == 2
                 assert paused.active == 0
-                fresh = [await _connect(p) for _ in range(4)]
+                fresh = [await connect_through(p) for _ in range(4)]
                 conns.extend(fresh)
                 assert paused.total == total_before
                 assert [pool.by_name[n].active for n in ("rabbit1", "rabbit3")] == [4, 4]
@@ -94,7 +80,7 @@ async def test_paused_node_is_marked_down_its_clients_closed_and_it_comes_back(c
             assert paused.health_detail.startswith("RabbitMQ 3.")
             # The round robin resumes where rabbit2's turn stood, so it gets a client within two rounds of three.
             for _ in range(6):
-                conns.append(await _connect(p))
+                conns.append(await connect_through(p))
                 if paused.active:
                     break
             assert paused.active == 1
@@ -115,7 +101,7 @@ async def test_killed_node_is_marked_down_avoided_and_back_after_restart(cluster
                 took = await _marked_down(killed)
                 print(f"killed node marked down after {took:.2f}s (bound {DOWN_WITHIN:.2f}s)")
                 assert killed.health_detail == "refused"
-                conns = [await _connect(p) for _ in range(4)]
+                conns = [await connect_through(p) for _ in range(4)]
                 assert killed.total == 0
                 assert [pool.by_name[n].total for n in ("rabbit1", "rabbit2")] == [2, 2]
             finally:
@@ -229,7 +215,7 @@ async def test_http_readiness_503_drains_a_backend_without_closing_its_clients(c
         async with run_proxy(service_config(backends_for(cluster)[:1], health_check=_check(type="http", url=url))) as p:
             b = p.services["amqp"].pool.by_name["rabbit1"]
             await wait_for(lambda: b.healthy, what="rabbit1 up")
-            client = await _connect(p)
+            client = await connect_through(p)
             try:
                 answer[0] = 503
                 await wait_for(lambda: b.admin_state == "drain", timeout=10, what="rabbit1 drained")
@@ -268,7 +254,7 @@ async def test_when_every_backend_is_down_clients_are_closed_and_counted_and_oth
         await wait_for(lambda: p.services["dead"].ended[CloseReason.NO_BACKEND] == 3, what="3 clients counted")
         assert gone.connect_errors == 0
         await _all_up(p)
-        conn = await _connect(p)
+        conn = await connect_through(p)
         try:
             channel = await conn.channel()
             assert not channel.is_closed

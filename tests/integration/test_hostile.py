@@ -16,24 +16,12 @@ from typing import Any
 import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
-from tests.helpers import (
-    ProxyProcess,
-    echo_handler,
-    listen_addr,
-    open_fds,
-    run_proxy,
-    service_config,
-    tcp_server,
-    wait_for,
-)
-
-pytestmark = pytest.mark.integration
+from tests.support.net import echo_handler, tcp_server
+from tests.support.process import ProxyProcess, open_fds, running_loop_name
+from tests.support.proxy import listen_addr, proxy_config, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 HELLO = b"AMQP\x00\x00\x09\x01"
-
-
-def loop_name() -> str:
-    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def rss_kib(pid: int) -> int:
@@ -158,11 +146,8 @@ async def echoes(addr: tuple[str, int]) -> bool:
 @pytest.mark.asyncio
 async def test_running_out_of_descriptors_does_not_stop_the_listener(tmp_path: Path) -> None:
     async with tcp_server(echo_handler) as echo:
-        cfg = {
-            "admin": {"enabled": False},
-            "services": [service_config([{"name": "echo", "address": "127.0.0.1", "port": echo}])],
-        }
-        with LimitedProxy(cfg, tmp_path, loop_name(), nofile=64) as proc:
+        cfg = proxy_config(service_config([{"name": "echo", "address": "127.0.0.1", "port": echo}]))
+        with LimitedProxy(cfg, tmp_path, running_loop_name(), nofile=64) as proc:
             assert await echoes(proc.addr)
             await wait_for(lambda: open_fds(proc.pid) < 30, what="proxy settled")
             baseline = open_fds(proc.pid)
@@ -210,14 +195,11 @@ async def test_floods_of_resets_and_vanishing_peers_leak_nothing(tmp_path: Path)
         writer.transport.abort()
 
     async with tcp_server(streamer) as stream_port, tcp_server(resetter) as reset_port:
-        cfg = {
-            "admin": {"enabled": False},
-            "services": [
-                service_config([{"name": "s", "address": "127.0.0.1", "port": stream_port}], name="stream"),
-                service_config([{"name": "r", "address": "127.0.0.1", "port": reset_port}], name="reset"),
-            ],
-        }
-        with ProxyProcess(cfg, tmp_path, loop=loop_name()) as proc:
+        cfg = proxy_config(
+            service_config([{"name": "s", "address": "127.0.0.1", "port": stream_port}], name="stream"),
+            service_config([{"name": "r", "address": "127.0.0.1", "port": reset_port}], name="reset"),
+        )
+        with ProxyProcess(cfg, tmp_path, loop=running_loop_name()) as proc:
             stream_addr = proc.addr
             reset_addr = (stream_addr[0], int(cfg["services"][1]["listen"].rsplit(":", 1)[1]))
             assert await echoes(reset_addr) is False  # the backend resets: no echo, and no crash

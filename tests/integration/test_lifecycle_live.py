@@ -21,8 +21,10 @@ from rabbitproxy.app import serve
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import client_dead, close_all, listen_addr, run_proxy, service_config, wait_for
-from tests.integration.conftest import backends_for
+from tests.support.amqp import client_dead, close_all
+from tests.support.cluster import backends_for
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

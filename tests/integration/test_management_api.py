@@ -12,7 +12,8 @@ from rabbitproxy.config import RabbitMQConfig
 from rabbitproxy.control.management import ManagementAPI, ManagementUnavailable, session_for
 from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.protocols.management import connection_name
-from tests.helpers import free_port, wait_for
+from tests.support.net import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 

@@ -11,23 +11,13 @@ import aio_pika
 import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import ProxyProcess, fd_targets, free_port, open_fds, tcp_server, wait_for
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
+from tests.support.cluster import backends_for
+from tests.support.net import tcp_server
+from tests.support.process import ProxyProcess, fd_targets, open_fds
+from tests.support.proxy import proxy_config, service_config
+from tests.support.waiting import wait_for
 
 LOOPS = ["uvloop", "asyncio"]
-
-
-def proxy_config(backends: list[dict[str, object]], **extra: object) -> dict[str, object]:
-    service: dict[str, object] = {
-        "name": "amqp",
-        "listen": f"127.0.0.1:{free_port()}",
-        "health_check": {"type": "none"},
-        "backends": backends,
-    }
-    service.update(extra)
-    return {"admin": {"enabled": False}, "services": [service]}
 
 
 def refused(addr: tuple[str, int]) -> bool:
@@ -43,7 +33,9 @@ def refused(addr: tuple[str, int]) -> bool:
 async def test_sigterm_refuses_new_connections_and_lets_open_ones_finish(
     cluster: DevCluster, tmp_path: Path, loop: str
 ) -> None:
-    with ProxyProcess(proxy_config(backends_for(cluster), shutdown_timeout=120), tmp_path, loop, "info") as proxy:
+    with ProxyProcess(
+        proxy_config(service_config(backends_for(cluster), shutdown_timeout=120)), tmp_path, loop, "info"
+    ) as proxy:
         host, port = proxy.addr
         conn = await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=30)
         try:
@@ -70,7 +62,9 @@ async def test_sigterm_refuses_new_connections_and_lets_open_ones_finish(
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
 async def test_second_signal_exits_at_once(cluster: DevCluster, tmp_path: Path) -> None:
-    with ProxyProcess(proxy_config(backends_for(cluster), shutdown_timeout=300), tmp_path, "uvloop", "info") as proxy:
+    with ProxyProcess(
+        proxy_config(service_config(backends_for(cluster), shutdown_timeout=300)), tmp_path, "uvloop", "info"
+    ) as proxy:
         host, port = proxy.addr
         conn = await aio_pika.connect(f"amqp://guest:guest@{host}:{port}/", timeout=30)
         try:
@@ -121,7 +115,11 @@ async def one_connection(addr: tuple[str, int], cmd: bytes) -> None:
 async def test_churn_twenty_thousand_short_connections(tmp_path: Path, loop: str) -> None:
     total = 20_000
     async with tcp_server(churn_backend) as port:
-        config = proxy_config([{"name": "sink", "address": "127.0.0.1", "port": port}], backlog=4096)
+        config = proxy_config(
+            service_config(
+                [{"name": "sink", "address": "127.0.0.1", "port": port}], backlog=4096, shutdown_timeout=30.0
+            )
+        )
         with ProxyProcess(config, tmp_path, loop, "warning") as proxy:
             # Descriptors of an idle proxy (listener, loop internals); a warm-up connection must give them back.
             baseline = open_fds(proxy.pid)

@@ -17,10 +17,9 @@ from pamqp.header import ProtocolHeader
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.protocols.proxy_header import build_v1, build_v2
-from tests.helpers import listen_addr, run_proxy, service_config, wait_for
-from tests.integration.test_slow_consumer import RawConsumer
-
-pytestmark = pytest.mark.integration
+from tests.support.amqp import RawConsumer
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 CLIENT_IP = "127.0.0.2"
 

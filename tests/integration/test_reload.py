@@ -14,10 +14,11 @@ import aiohttp
 import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import ProxyProcess, free_port, to_toml, wait_for
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
+from tests.support.cluster import backends_for
+from tests.support.net import free_port
+from tests.support.process import ProxyProcess, running_loop_name, to_toml
+from tests.support.proxy import proxy_config, service_config
+from tests.support.waiting import wait_for
 
 PUBLISHERS = 4
 
@@ -44,10 +45,6 @@ class Publisher:
             n += 1
 
 
-def _loop_name() -> str:
-    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
-
-
 @pytest.mark.asyncio
 async def test_reload_under_traffic_loses_no_connection_and_no_message(cluster: DevCluster, tmp_path: Path) -> None:
     admin_port = free_port()
@@ -56,20 +53,13 @@ async def test_reload_under_traffic_loses_no_connection_and_no_message(cluster: 
     nodes = backends_for(cluster)
 
     def service(name: str, port: int, backends: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
-            "name": name,
-            "listen": f"127.0.0.1:{port}",
-            "health_check": {"type": "none"},
-            "shutdown_timeout": 60.0,
-            "backends": backends,
-            **extra,
-        }
+        return service_config(backends, name=name, listen=f"127.0.0.1:{port}", shutdown_timeout=60.0, **extra)
 
     def config(*services: dict[str, Any]) -> dict[str, Any]:
-        return {"admin": {"listen": f"127.0.0.1:{admin_port}"}, "services": list(services)}
+        return proxy_config(*services, admin={"listen": f"127.0.0.1:{admin_port}"})
 
     base = config(service("amqp", amqp_port, nodes), service("spare", spare_port, nodes[:1]))
-    proc = ProxyProcess(base, tmp_path, loop=_loop_name()).start()
+    proc = ProxyProcess(base, tmp_path, loop=running_loop_name()).start()
     queue = f"reload-{uuid.uuid4().hex[:8]}"
     publishers = [Publisher(f"amqp://guest:guest@127.0.0.1:{amqp_port}/", queue, i) for i in range(PUBLISHERS)]
     tasks: list[asyncio.Task[None]] = []

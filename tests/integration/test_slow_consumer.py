@@ -7,55 +7,12 @@ import os
 
 import aio_pika
 import pytest
-from pamqp import commands, frame
-from pamqp.header import ProtocolHeader
 
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import listen_addr, run_proxy, service_config, wait_for
-from tests.integration.conftest import backends_for
-
-pytestmark = pytest.mark.integration
-
-
-class RawConsumer:
-    """A hand-driven AMQP 0-9-1 client (pamqp for the framing) whose socket reads we control exactly."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.buffer = b""
-
-    async def expect(self, kind: type) -> object:
-        while True:
-            if self.buffer:
-                try:
-                    used, _channel, value = frame.unmarshal(self.buffer)
-                except Exception:  # noqa: BLE001 - pamqp says "need more bytes" with an exception
-                    used = 0
-                if used:
-                    self.buffer = self.buffer[used:]
-                    if isinstance(value, kind):
-                        return value
-                    continue
-            chunk = await self.reader.read(65536)
-            assert chunk, "broker closed the connection"
-            self.buffer += chunk
-
-    def send(self, value: object, channel: int = 0) -> None:
-        self.writer.write(frame.marshal(value, channel))  # type: ignore[arg-type]
-
-    async def consume(self, queue: str) -> None:
-        self.writer.write(ProtocolHeader().marshal())
-        await self.expect(commands.Connection.Start)
-        self.send(commands.Connection.StartOk(response="\0guest\0guest"))
-        tune = await self.expect(commands.Connection.Tune)
-        assert isinstance(tune, commands.Connection.Tune)
-        self.send(commands.Connection.TuneOk(channel_max=tune.channel_max, frame_max=tune.frame_max, heartbeat=0))
-        self.send(commands.Connection.Open(virtual_host="/"))
-        await self.expect(commands.Connection.OpenOk)
-        self.send(commands.Channel.Open(), 1)
-        await self.expect(commands.Channel.OpenOk)
-        self.send(commands.Basic.Consume(queue=queue, no_ack=True), 1)
-        await self.expect(commands.Basic.ConsumeOk)
+from tests.support.amqp import RawConsumer
+from tests.support.cluster import backends_for
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.asyncio

@@ -9,8 +9,10 @@ from pamqp.header import ProtocolHeader
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import listen_addr, open_fds, run_proxy, service_config, wait_for
-from tests.integration.conftest import backends_for
+from tests.support.cluster import backends_for
+from tests.support.process import open_fds
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -15,21 +15,12 @@ import pytest
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import (
-    ProxyProcess,
-    echo_handler,
-    free_port,
-    listen_addr,
-    open_fds,
-    run_proxy,
-    service_config,
-    tcp_server,
-    wait_for,
-)
-from tests.integration.conftest import backends_for
-from tests.tls_certs import CA, make_ca
-
-pytestmark = pytest.mark.integration
+from tests.support.cluster import backends_for
+from tests.support.net import echo_handler, free_port, tcp_server
+from tests.support.process import ProxyProcess, open_fds
+from tests.support.proxy import listen_addr, proxy_config, run_proxy, service_config
+from tests.support.tls import CA, make_ca
+from tests.support.waiting import wait_for
 
 HELLO_BYTES = b"AMQP\x00\x00\x09\x01"
 
@@ -176,15 +167,12 @@ async def test_sighup_reloads_the_certificate_and_open_tls_connections_stay(
     renewed_ca = make_ca(tmp_path / "renewed", "renewed")
     new_cert, new_key = renewed_ca.issue("proxy-renewed")
     async with tcp_server(echo_handler) as echo:
-        cfg = {
-            "admin": {"enabled": False},
-            "services": [
-                service_config(
-                    [{"name": "echo", "address": "127.0.0.1", "port": echo}],
-                    tls={"cert": str(live / "cert.pem"), "key": str(live / "key.pem")},
-                )
-            ],
-        }
+        cfg = proxy_config(
+            service_config(
+                [{"name": "echo", "address": "127.0.0.1", "port": echo}],
+                tls={"cert": str(live / "cert.pem"), "key": str(live / "key.pem")},
+            )
+        )
         with ProxyProcess(cfg, tmp_path) as proc:
             host, port = proc.addr
             old = await served_cert(host, port, pki["ca"])
@@ -254,7 +242,7 @@ async def test_a_reload_can_switch_tls_on_without_closing_the_port(pki: dict[str
             writer.write(HELLO_BYTES)
             assert await reader.readexactly(8) == HELLO_BYTES
             await p.reload(
-                config_mod.validate({"admin": {"enabled": False}, "services": [dict(plain, tls=tls_section(pki))]})
+                config_mod.validate(proxy_config(dict(plain, tls=tls_section(pki))))
             )
             assert listen_addr(p) == (host, port)
             r2, w2 = await asyncio.open_connection(host, port, ssl=client_ctx(pki["ca"]), server_hostname="localhost")

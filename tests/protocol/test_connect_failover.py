@@ -22,18 +22,10 @@ from rabbitproxy.control.health import ProbeResult, RiseFall, apply_result
 from rabbitproxy.protocols.agent_reply import parse_agent_reply
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from rabbitproxy.relay.service import Service
-from tests.helpers import (
-    echo_handler,
-    free_port,
-    listen_addr,
-    run_proxy,
-    service_config,
-    silent_backend,
-    tcp_server,
-    wait_for,
-)
-
-from .fakes import FakeService, FakeTransport, HandClientLeg
+from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
+from tests.support.net import echo_handler, free_port, silent_backend, tcp_server
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 HELLO = b"AMQP\x00\x00\x09\x01"
 

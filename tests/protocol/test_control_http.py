@@ -14,7 +14,8 @@ import pytest
 
 from rabbitproxy.control.feedback import ask_http
 from rabbitproxy.control.health import ProbeResult, probe_http
-from tests.helpers import tcp_server, wait_for
+from tests.support.net import tcp_server
+from tests.support.waiting import wait_for
 
 # Far more than any check should ever read, yet small enough that the unfixed check (which read it all into
 # memory) would not hurt a shared test machine.

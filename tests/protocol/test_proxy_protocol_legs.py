@@ -13,10 +13,9 @@ from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.proxy_header import ProxyHeaderReader, build_v1, build_v2, source_trusted
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
-from tests.helpers import wait_for
-from tests.tls_certs import make_ca
-
-from .fakes import FakeService, FakeTransport, HandClientLeg
+from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
+from tests.support.tls import make_ca
+from tests.support.waiting import wait_for
 
 CLIENT = ("192.0.2.7", 40000)
 LISTENER = ("127.0.0.1", 5672)

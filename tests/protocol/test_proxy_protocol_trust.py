@@ -14,7 +14,8 @@ from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.proxy_header import build_v2
 from rabbitproxy.relay import service as service_mod
 from rabbitproxy.relay.service import Service
-from tests.helpers import echo_handler, free_port, tcp_server, wait_for
+from tests.support.net import echo_handler, free_port, tcp_server
+from tests.support.waiting import wait_for
 
 HELLO = b"AMQP\x00\x00\x09\x01"
 HEADER = build_v2(("203.0.113.9", 5555), ("198.51.100.1", 5672))

@@ -13,16 +13,10 @@ import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.relay.legs import ClientLeg
-from tests.helpers import (
-    echo_handler,
-    listen_addr,
-    open_fds,
-    run_proxy,
-    service_config,
-    silent_backend,
-    tcp_server,
-    wait_for,
-)
+from tests.support.net import echo_handler, silent_backend, tcp_server
+from tests.support.process import open_fds
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 # The most either loop reads from a socket at once (uvloop's read buffer; asyncio's max_size): one read may land on
 # top of a high-water mark before the pause takes effect.

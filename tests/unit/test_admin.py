@@ -3,46 +3,26 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitproxy import config as config_mod
 from rabbitproxy.admin.api import _validate_patch, admin_token, backend_view, is_loopback, service_view
 from rabbitproxy.admin.metrics import registry_for, render
-from rabbitproxy.balancing.pool import ADMIN_STATES, Backend
+from rabbitproxy.balancing.pool import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError
-from rabbitproxy.control.feedback import AgentUnavailableError, Poller
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.relay.service import Service
-
-
-class FakeConn:
-    def __init__(self, backend: Backend, bytes_in: int, bytes_out: int) -> None:
-        self.backend = backend
-        self.bytes_in = bytes_in
-        self.bytes_out = bytes_out
-        self.closed_with: str | None = None
-
-    def close(self, reason: str) -> None:
-        self.closed_with = reason
+from tests.support.fakes import FakeConn
+from tests.support.metrics import metric
+from tests.support.proxy import proxy_config, service_config
 
 
 def _config() -> config_mod.Config:
-    return config_mod.validate(
-        {
-            "services": [
-                {
-                    "name": "amqp",
-                    "listen": "127.0.0.1:5673",
-                    "health_check": {"type": "none"},
-                    "backends": [
-                        {"name": "rabbit1", "address": "10.0.0.1", "port": 5672, "weight": 100},
-                        {"name": "rabbit2", "address": "10.0.0.2", "port": 5672, "weight": 50},
-                    ],
-                }
-            ]
-        }
-    )
+    backends = [
+        {"name": "rabbit1", "address": "10.0.0.1", "port": 5672, "weight": 100},
+        {"name": "rabbit2", "address": "10.0.0.2", "port": 5672, "weight": 50},
+    ]
+    return config_mod.validate(proxy_config(service_config(backends, listen="127.0.0.1:5673")))
 
 
 def _proxy() -> Supervisor:
@@ -126,9 +106,9 @@ def test_maint_closes_connections_and_drain_keeps_them() -> None:
         backend.opened(c)
     assert backend.set_operator_state("drain", CloseReason.BACKEND_MAINT) == 0
     assert backend.status == "drain"
-    assert all(c.closed_with is None for c in conns)
+    assert all(c.reasons == [] for c in conns)
     assert backend.set_operator_state("maint", CloseReason.BACKEND_MAINT) == 3
-    assert [c.closed_with for c in conns] == [CloseReason.BACKEND_MAINT] * 3
+    assert [c.reasons for c in conns] == [[CloseReason.BACKEND_MAINT]] * 3
     backend.set_operator_state("ready", CloseReason.BACKEND_MAINT)
     assert backend.status == "up"
 
@@ -174,14 +154,6 @@ def test_reload_keeps_live_connections_counted_on_the_new_backend_object() -> No
     assert (new.active, new.traffic_in, new.traffic_out) == (0, 5, 6)
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def test_metrics_read_live_state() -> None:
     proxy = _proxy()
     service = proxy.services["amqp"]
@@ -195,10 +167,10 @@ def test_metrics_read_live_state() -> None:
     service.ended["connect failed"] = 4
     body, content_type = render(registry_for(proxy))
     assert content_type.startswith("text/plain")
-    got = _samples(body.decode())
+    text = body.decode()
 
     def value(name: str, **labels: str) -> float:
-        return got[(f"rabbitproxy_{name}", tuple(sorted(labels.items())))]
+        return metric(text, f"rabbitproxy_{name}", **labels)
 
     assert value("backend_up", service="amqp", backend="rabbit1") == 1
     assert value("backend_active_connections", service="amqp", backend="rabbit1") == 1
@@ -221,74 +193,3 @@ def test_metrics_forget_a_removed_service() -> None:
     assert b'service="amqp"' in render(registry)[0]
     del proxy.services["amqp"]
     assert b'service="amqp"' not in render(registry)[0]
-
-
-class _ScriptedAgent(Poller):
-    """A poller whose agent answers from a list: bytes, or an exception to raise."""
-
-    def __init__(self, service: Service, backend: Backend, answers: list[bytes | Exception]) -> None:
-        super().__init__(service, backend)
-        self.answers = answers
-
-    async def ask(self) -> bytes:
-        answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-
-@pytest.mark.asyncio
-async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() -> None:
-    # An agent's words (or why it could not be asked) must never become a label value: each new wording would be
-    # a new time series. The agent's text goes to the API's agent.detail instead.
-    proxy = _proxy()
-    service = proxy.services["amqp"]
-    r1 = service.pool.by_name["rabbit1"]
-    answers: list[bytes | Exception] = [
-        b"50%\n",
-        b"87.5%\n",
-        b"hello\n",
-        b"\xff\xfe",
-        b"up ready 12%\n",
-        AgentUnavailableError("timeout"),
-        AgentUnavailableError("HTTP 500"),
-        RuntimeError("a bug of ours"),
-        b"weight:abc\n",
-        b"60%\n",
-    ]
-    poller = _ScriptedAgent(service, r1, answers)
-    registry = registry_for(proxy)
-    series: list[set[tuple[str, tuple[tuple[str, str], ...]]]] = []
-    statuses: set[str] = set()
-    details: list[str] = []
-    for _ in range(len(poller.answers)):
-        await poller.poll_once()
-        got = _samples(render(registry)[0].decode())
-        series.append({key for key in got if key[0].startswith("rabbitproxy_")})
-        for name, labels in series[-1]:
-            for label, value in labels:
-                assert label in {"service", "backend", "status", "state", "reason"}, (name, label)
-                allowed = {
-                    "service": {"amqp"},
-                    "backend": {"rabbit1", "rabbit2"},
-                    "status": {"up", "down", "drain", "maint", "ok", "unreachable", "bad reply", "error"},
-                    "state": set(ADMIN_STATES),
-                    "reason": set(CloseReason),
-                }[label]
-                assert value in allowed, (name, label, value)
-        statuses.add(backend_view(r1)["agent"]["status"])
-        details.append(backend_view(r1)["agent"].get("detail"))
-    # The same time series after every poll: none appears or vanishes with the agent's wording.
-    assert all(s == series[0] for s in series)
-    assert statuses == {"ok", "unreachable", "bad reply", "error"}
-    # The words themselves are in the API.
-    assert "'87.5%'" in details[1]
-    assert details[5:8] == ["timeout", "HTTP 500", "RuntimeError: a bug of ours"]
-    assert backend_view(r1)["agent"] | {"duration": None} == {
-        "state": "ready",
-        "status": "ok",
-        "detail": None,
-        "percent": 60,
-        "reply": "60%",
-        "duration": None,
-    }

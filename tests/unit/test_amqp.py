@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import struct
 from decimal import Decimal
 
@@ -25,6 +24,7 @@ from rabbitproxy.protocols.amqp import (
     parse_connection_start,
     parse_method,
 )
+from tests.support.chunks import chunked
 
 # --- a tiny encoder, written for the tests, to build what a broker sends ---------------------------------
 
@@ -462,12 +462,6 @@ def test_probe_refuses_a_huge_first_frame_early() -> None:
 
 
 # --- properties: nothing but AMQPProtocolError, whatever arrives ---------------------------------------
-
-
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
 
 
 @given(st.binary(max_size=400), st.lists(st.integers(min_value=0, max_value=400), max_size=20), st.booleans())

@@ -1,29 +1,17 @@
-"""The bench's pure parts: statistics, generated proxy configs, output parsers, target checks."""
+"""The bench's pure parts: statistics, generated proxy configs, output parsers, target checks.
+
+That HAProxy and nginx accept the configs the bench writes runs their binaries: tests/integration/test_bench_configs.py.
+"""
 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import amqp_bench  # noqa: E402
-import common  # noqa: E402
-import report  # noqa: E402
-import tcp_bench  # noqa: E402
-
-from rabbitproxy import config as config_mod  # noqa: E402
-
-ROUTES = [
-    common.Route("amqp", 15672, (("127.0.0.1", 5001), ("127.0.0.1", 5002))),
-    common.Route("echo", 15673, (("127.0.0.1", 6001),)),
-]
+from rabbitproxy import config as config_mod
+from tests.support.bench import ROUTES, amqp_bench, common, report, tcp_bench
 
 
 def test_median_and_percentile() -> None:
@@ -55,33 +43,6 @@ def test_rabbitproxy_config_is_valid_and_equivalent() -> None:
     assert cfg.services[0].health_check.type == "none"
     assert cfg.log.level == "info"
     assert cfg.admin.enabled is False
-
-
-def test_haproxy_config_matches_routes_and_is_accepted_by_haproxy(tmp_path: Path) -> None:
-    text = common.haproxy_config(ROUTES, maxconn=1000)
-    assert "listen amqp\n    bind 127.0.0.1:15672\n    balance roundrobin\n" in text
-    assert "    server b1 127.0.0.1:5001\n    server b2 127.0.0.1:5002\n" in text
-    assert "mode tcp" in text
-    assert "splice" not in text
-    tuned = common.haproxy_config(ROUTES, tuned=True, maxconn=1000)
-    assert "option splice-auto" in tuned
-    assert f"maxpipes {common.TUNED_MAXPIPES}" in tuned
-    for i, cfg in enumerate((text, tuned)):
-        path = tmp_path / f"h{i}.cfg"
-        path.write_text(cfg)
-        check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, check=False)
-        assert check.returncode == 0, check.stdout + check.stderr
-
-
-def test_nginx_config_matches_routes_and_is_accepted_by_nginx(tmp_path: Path) -> None:
-    text = common.nginx_config(ROUTES, workdir=tmp_path, nofile=4000)
-    assert "upstream amqp {\n        server 127.0.0.1:5001;\n        server 127.0.0.1:5002;\n    }" in text
-    assert "listen 127.0.0.1:15673 backlog=4096;" in text
-    assert "worker_connections 3900;" in text
-    path = tmp_path / "nginx.conf"
-    path.write_text(text)
-    check = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(path)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
 
 
 SOCKPERF = """sockperf: Summary: Round trip is 8.137 usec

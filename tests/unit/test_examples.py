@@ -1,38 +1,28 @@
 """The shipped examples agree with themselves, with the image and with the config schema.
 
 A user copies these files first; a port that does not line up or a config that does not validate would be their
-first experience of the project. The configs are validated by the real `rabbitproxy check-config` command.
+first experience of the project. The configs are validated here by the config loader, and by the real
+`rabbitproxy check-config` command in tests/integration/test_examples_check_config.py.
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from rabbitproxy import config as config_mod
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
-IMAGE_CONFIG = "/etc/rabbitproxy/rabbitproxy.toml"
-
-
-def check_config(path: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "rabbitproxy", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+from tests.support.examples import (
+    EXAMPLES,
+    IMAGE_CONFIG,
+    REPO,
+    compose_proxy_config_path,
+    load_compose,
+    load_kubernetes,
+)
 
 
 def dockerfile_instructions() -> dict[str, list[str]]:
@@ -85,9 +75,7 @@ def test_dockerignore_sends_only_the_package() -> None:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    data = yaml.safe_load((EXAMPLES / "docker-compose.yml").read_text())
-    assert isinstance(data, dict)
-    return data
+    return load_compose()
 
 
 def test_compose_has_three_clustered_rabbitmq_nodes(compose: dict[str, Any]) -> None:
@@ -119,10 +107,7 @@ def test_compose_proxy_matches_its_config(compose: dict[str, Any]) -> None:
     assert proxy["build"]["context"] == ".."
     assert (EXAMPLES / proxy["build"]["context"] / proxy["build"]["dockerfile"]).resolve() == REPO / "Dockerfile"
 
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in proxy["volumes"]}
-    config_file = EXAMPLES / mounts[IMAGE_CONFIG]
-    assert "amqp: listen 0.0.0.0:5672" in check_config(config_file)
-    cfg = config_mod.load(config_file)
+    cfg = config_mod.load(compose_proxy_config_path(compose))
 
     # AMQP published on every interface, the admin API on the host's loopback only.
     ports = {p.rsplit(":", 1)[1]: p.rsplit(":", 1)[0] for p in proxy["ports"]}
@@ -149,21 +134,14 @@ def test_compose_proxy_matches_its_config(compose: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, dict[str, Any]]:
-    by_kind: dict[str, dict[str, Any]] = {}
-    for path in sorted((EXAMPLES / "kubernetes").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert doc["kind"] not in by_kind, f"two {doc['kind']} objects"
-            by_kind[doc["kind"]] = doc
-    assert sorted(by_kind) == ["ConfigMap", "Deployment", "Service"]
-    return by_kind
+    return load_kubernetes()
 
 
 def test_kubernetes_config_validates(manifests: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     toml_text = manifests["ConfigMap"]["data"]["rabbitproxy.toml"]
     path = tmp_path / "rabbitproxy.toml"
     path.write_text(toml_text)
-    out = check_config(path)
-    assert "3 backend(s)" in out
+    assert len(config_mod.load(path).services[0].backends) == 3
     assert tomllib.loads(toml_text)["admin"]["listen"] == "0.0.0.0:9080"
 
 

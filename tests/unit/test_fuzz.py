@@ -20,6 +20,7 @@ from pamqp import frame as pamqp_frame
 from rabbitproxy.protocols import amqp
 from rabbitproxy.protocols import proxy_header as proxyproto
 from rabbitproxy.protocols.agent_reply import AgentReply, AgentReplyError, parse_agent_reply
+from tests.support.chunks import chunked
 
 # --- corpora: valid inputs the mutations start from -------------------------------------------------------------
 
@@ -107,16 +108,6 @@ def outcome(fn: Callable[[list[bytes]], object], chunks: list[bytes], error: typ
         return ("error", error)
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return [c for c in out if c]
-
-
 # --- hypothesis properties ----------------------------------------------------------------------------------------
 
 chunkings = st.lists(st.integers(min_value=0, max_value=400), max_size=6)
@@ -146,7 +137,7 @@ def mutated(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
 @settings(max_examples=400)
 def test_proxy_reader_raises_only_its_error_and_ignores_chunking(data: bytes, cuts: list[int]) -> None:
     whole = outcome(read_proxy, [data], proxyproto.ProxyProtocolError)
-    assert outcome(read_proxy, split(data, cuts), proxyproto.ProxyProtocolError) == whole
+    assert outcome(read_proxy, chunked(data, cuts), proxyproto.ProxyProtocolError) == whole
 
 
 ips = st.one_of(
@@ -183,14 +174,14 @@ def test_agent_reply_parser_raises_only_its_error(data: bytes) -> None:
 @settings(max_examples=400)
 def test_amqp_frame_reader_raises_only_its_error_and_ignores_chunking(data: bytes, cuts: list[int]) -> None:
     whole = outcome(read_frames, [data], amqp.AMQPProtocolError)
-    assert outcome(read_frames, split(data, cuts), amqp.AMQPProtocolError) == whole
+    assert outcome(read_frames, chunked(data, cuts), amqp.AMQPProtocolError) == whole
 
 
 @given(st.one_of(st.binary(max_size=400), mutated(AMQP_SEEDS)), chunkings)
 @settings(max_examples=400)
 def test_amqp_start_probe_raises_only_its_error(data: bytes, cuts: list[int]) -> None:
     whole = outcome(probe, [data], amqp.AMQPProtocolError)
-    assert outcome(probe, split(data, cuts), amqp.AMQPProtocolError) == whole
+    assert outcome(probe, chunked(data, cuts), amqp.AMQPProtocolError) == whole
 
 
 # --- a plain mutation fuzz run ------------------------------------------------------------------------------------
@@ -231,7 +222,7 @@ def test_fuzz_run_of_every_parser() -> None:
     for name, seeds, fn, error in runs:
         for data in mutations(seeds, rng, 3000):
             cuts = [rng.randrange(len(data) + 1) for _ in range(rng.randint(0, 3))]
-            if outcome(fn, split(data, cuts), error) != ("error", error):
+            if outcome(fn, chunked(data, cuts), error) != ("error", error):
                 accepted[name] += 1
     # The mutations must also produce valid input now and then, or the run only ever exercised the error paths.
     assert all(n > 0 for n in accepted.values()), accepted

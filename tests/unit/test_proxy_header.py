@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import struct
 
 import pytest
@@ -24,6 +23,7 @@ from rabbitproxy.protocols.proxy_header import (
     looks_like_header,
     source_trusted,
 )
+from tests.support.chunks import chunked
 
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
 
@@ -359,13 +359,9 @@ def test_error_is_a_value_error() -> None:
 
 def feed_all(data: bytes, cuts: list[int], eof: bool) -> None:
     reader = ProxyHeaderReader(max_v2_length=256)
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    edges = [0, *points, len(data)]
     try:
-        for a, b in itertools.pairwise(edges):
-            if b == a:
-                continue
-            reader.receive_data(data[a:b])
+        for piece in chunked(data, cuts):
+            reader.receive_data(piece)
             event = reader.next_event()
             if event is not NEED_DATA:
                 assert isinstance(event, ProxyHeader)
@@ -422,17 +418,15 @@ def test_round_trip_property(
     src, dst = (hosts[0], sport), (hosts[1], dport)
     data = (build_v1 if version == 1 else build_v2)(src, dst) + tail
     reader = ProxyHeaderReader()
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    edges = [0, *points, len(data)]
-    for a, b in itertools.pairwise(edges):
-        if b == a:
-            continue
-        reader.receive_data(data[a:b])
+    fed = 0
+    for piece in chunked(data, cuts):
+        reader.receive_data(piece)
+        fed += len(piece)
         event = reader.next_event()
         if event is not NEED_DATA:
             assert isinstance(event, ProxyHeader)
             assert (event.version, event.command, event.src, event.dst) == (version, "proxy", src, dst)
-            assert event.rest + data[b:] == tail
+            assert event.rest + data[fed:] == tail
             return
     raise AssertionError("header never completed")
 

@@ -11,9 +11,8 @@ import pytest
 
 from rabbitproxy.admin import api as admin
 from rabbitproxy.control.supervisor import Supervisor
-from tests.helpers import free_port, run_proxy, service_config
-
-pytestmark = pytest.mark.integration
+from tests.support.net import free_port
+from tests.support.proxy import run_proxy, service_config
 
 TOKEN = "s3cret-token"
 SAFE = {"GET", "HEAD", "OPTIONS"}

@@ -16,7 +16,10 @@ from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.cli import app
 from rabbitproxy.config import ConfigError
 from rabbitproxy.control.supervisor import Supervisor
-from tests.helpers import echo_handler, free_port, listen_addr, run_proxy, service_config, tcp_server, to_toml, wait_for
+from tests.support.net import echo_handler, free_port, tcp_server
+from tests.support.process import to_toml
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 TOKEN = "s3cret-token"
 
@@ -202,18 +205,23 @@ async def test_page_is_self_contained() -> None:
             assert marker not in page, marker
 
 
+async def refused_to_start(svc: dict[str, Any], admin: dict[str, Any]) -> ConfigError:
+    """Start a proxy that must refuse with a ConfigError, and check it left nothing listening on the service port."""
+    with pytest.raises(ConfigError) as exc:
+        async with run_proxy(svc, admin=admin):
+            pass
+    host, port = svc["listen"].split(":")
+    with pytest.raises(OSError):
+        await asyncio.open_connection(host, int(port))
+    return exc.value
+
+
 @pytest.mark.asyncio
 async def test_non_loopback_admin_without_token_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RABBITPROXY_ADMIN_TOKEN", raising=False)
     svc = service_config([{"name": "x", "address": "127.0.0.1", "port": free_port()}])
-    with pytest.raises(ConfigError) as exc:
-        async with run_proxy(svc, admin={"listen": f"0.0.0.0:{free_port()}"}):
-            pass
-    assert exc.value.errors[0].startswith("admin.token:")
-    # Nothing was left listening on the service port.
-    host, port = svc["listen"].split(":")
-    with pytest.raises(OSError):
-        await asyncio.open_connection(host, int(port))
+    error = await refused_to_start(svc, admin={"listen": f"0.0.0.0:{free_port()}"})
+    assert error.errors[0].startswith("admin.token:")
 
 
 @pytest.mark.asyncio
@@ -230,13 +238,8 @@ async def test_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
 async def test_admin_port_in_use_is_a_clear_error_and_releases_the_service_port() -> None:
     async with tcp_server(echo_handler) as busy:
         svc = service_config([{"name": "x", "address": "127.0.0.1", "port": busy}])
-        with pytest.raises(ConfigError) as exc:
-            async with run_proxy(svc, admin={"listen": f"127.0.0.1:{busy}"}):
-                pass
-        assert exc.value.errors[0].startswith("admin.listen: cannot listen on")
-        host, port = svc["listen"].split(":")
-        with pytest.raises(OSError):
-            await asyncio.open_connection(host, int(port))
+        error = await refused_to_start(svc, admin={"listen": f"127.0.0.1:{busy}"})
+        assert error.errors[0].startswith("admin.listen: cannot listen on")
 
 
 @pytest.mark.asyncio

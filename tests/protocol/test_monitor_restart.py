@@ -13,7 +13,7 @@ from rabbitproxy.control import supervisor as supervisor_mod
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.relay.service import Service
 from rabbitproxy.tasks import Backoff, cancel_and_wait, run_restarting
-from tests.helpers import wait_for
+from tests.support.waiting import wait_for
 
 
 def test_backoff_doubles_to_its_cap_and_resets_after_a_good_run() -> None:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from rabbitproxy.relay.deadlines import Deadlines
-from tests.helpers import wait_for
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.asyncio

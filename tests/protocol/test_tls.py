@@ -13,7 +13,7 @@ from rabbitproxy import config as config_mod
 from rabbitproxy.config import ConfigError
 from rabbitproxy.relay.listeners import AcceptErrorFilter
 from rabbitproxy.relay.tls import ServiceTLS, backend_context
-from tests.tls_certs import make_ca
+from tests.support.tls import make_ca
 
 
 @pytest.fixture(scope="module")

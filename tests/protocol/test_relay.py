@@ -10,16 +10,9 @@ import socket
 import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
-from tests.helpers import (
-    echo_handler,
-    free_port,
-    listen_addr,
-    run_proxy,
-    service_config,
-    silent_backend,
-    tcp_server,
-    wait_for,
-)
+from tests.support.net import echo_handler, free_port, silent_backend, tcp_server
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.asyncio

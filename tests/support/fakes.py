@@ -1,4 +1,7 @@
-"""A fake transport and service so the relay legs can be driven call by call (uvicorn's protocol tests)."""
+"""Fakes for driving the code without sockets: a connection as the pool sees it, a transport, a service.
+
+The transport and service let the relay legs be driven call by call (uvicorn's protocol tests).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,24 @@ from collections import Counter
 from typing import Any
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import Pool
+from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.legs import ClientLeg
+
+from .proxy import service_config
+
+
+class FakeConn:
+    """A connection as the pool, health checks, feedback and metrics see it: a backend, byte counts, close(reason)."""
+
+    def __init__(self, backend: Backend | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        self.backend = backend
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.reasons: list[str] = []
+
+    def close(self, reason: str) -> None:
+        self.reasons.append(reason)
 
 
 class FakeTransport:
@@ -73,13 +91,9 @@ class FakeService:
     """Just enough of :class:`rabbitproxy.relay.service.Service` for one ClientLeg."""
 
     def __init__(self, **service: Any) -> None:
-        data = {
-            "name": "t",
-            "listen": "127.0.0.1:5672",
-            "health_check": {"type": "none"},
-            "backends": [{"name": "b1", "address": "127.0.0.1", "port": 1}],
-        }
-        data.update(service)
+        service.setdefault("listen", "127.0.0.1:5672")
+        backends = service.pop("backends", [{"name": "b1", "address": "127.0.0.1", "port": 1}])
+        data = service_config(backends, name="t", **service)
         self.config = config_mod.ServiceConfig.model_validate(data)
         self.name = "t"
         self.pool = Pool.from_config(self.config, healthy=True)

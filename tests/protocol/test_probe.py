@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from rabbitproxy.admin.probe import check
 from rabbitproxy.cli import app
-from tests.helpers import echo_handler, free_port, listen_addr, run_proxy, service_config, tcp_server, wait_for
+from tests.support.net import echo_handler, free_port, tcp_server
+from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 
 def _run_cli(*args: str) -> tuple[int, str]:

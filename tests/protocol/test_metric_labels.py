@@ -1,0 +1,98 @@
+"""Metric label values stay in fixed sets, on a running loop, whatever a feedback agent says."""
+
+from __future__ import annotations
+
+import pytest
+
+from rabbitproxy import config as config_mod
+from rabbitproxy.admin.api import backend_view
+from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.balancing.pool import ADMIN_STATES, Backend
+from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.control.feedback import AgentUnavailableError, Poller
+from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.relay.service import Service
+from tests.support.metrics import samples
+from tests.support.proxy import proxy_config, service_config
+
+
+def _proxy() -> Supervisor:
+    backends = [
+        {"name": "rabbit1", "address": "10.0.0.1", "port": 5672, "weight": 100},
+        {"name": "rabbit2", "address": "10.0.0.2", "port": 5672, "weight": 50},
+    ]
+    cfg = config_mod.validate(proxy_config(service_config(backends, listen="127.0.0.1:5673")))
+    proxy = Supervisor(cfg)
+    proxy.services["amqp"] = Service(cfg.services[0])
+    return proxy
+
+
+class _ScriptedAgent(Poller):
+    """A poller whose agent answers from a list: bytes, or an exception to raise."""
+
+    def __init__(self, service: Service, backend: Backend, answers: list[bytes | Exception]) -> None:
+        super().__init__(service, backend)
+        self.answers = answers
+
+    async def ask(self) -> bytes:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.mark.asyncio
+async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() -> None:
+    # An agent's words (or why it could not be asked) must never become a label value: each new wording would be
+    # a new time series. The agent's text goes to the API's agent.detail instead.
+    proxy = _proxy()
+    service = proxy.services["amqp"]
+    r1 = service.pool.by_name["rabbit1"]
+    answers: list[bytes | Exception] = [
+        b"50%\n",
+        b"87.5%\n",
+        b"hello\n",
+        b"\xff\xfe",
+        b"up ready 12%\n",
+        AgentUnavailableError("timeout"),
+        AgentUnavailableError("HTTP 500"),
+        RuntimeError("a bug of ours"),
+        b"weight:abc\n",
+        b"60%\n",
+    ]
+    poller = _ScriptedAgent(service, r1, answers)
+    registry = registry_for(proxy)
+    series: list[set[tuple[str, tuple[tuple[str, str], ...]]]] = []
+    statuses: set[str] = set()
+    details: list[str] = []
+    for _ in range(len(poller.answers)):
+        await poller.poll_once()
+        got = samples(render(registry)[0].decode())
+        series.append({key for key in got if key[0].startswith("rabbitproxy_")})
+        for name, labels in series[-1]:
+            for label, value in labels:
+                assert label in {"service", "backend", "status", "state", "reason"}, (name, label)
+                allowed = {
+                    "service": {"amqp"},
+                    "backend": {"rabbit1", "rabbit2"},
+                    "status": {"up", "down", "drain", "maint", "ok", "unreachable", "bad reply", "error"},
+                    "state": set(ADMIN_STATES),
+                    "reason": set(CloseReason),
+                }[label]
+                assert value in allowed, (name, label, value)
+        statuses.add(backend_view(r1)["agent"]["status"])
+        details.append(backend_view(r1)["agent"].get("detail"))
+    # The same time series after every poll: none appears or vanishes with the agent's wording.
+    assert all(s == series[0] for s in series)
+    assert statuses == {"ok", "unreachable", "bad reply", "error"}
+    # The words themselves are in the API.
+    assert "'87.5%'" in details[1]
+    assert details[5:8] == ["timeout", "HTTP 500", "RuntimeError: a bug of ours"]
+    assert backend_view(r1)["agent"] | {"duration": None} == {
+        "state": "ready",
+        "status": "ok",
+        "detail": None,
+        "percent": 60,
+        "reply": "60%",
+        "duration": None,
+    }
