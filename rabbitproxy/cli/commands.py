@@ -437,4 +437,3 @@ def agent(
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
-

@@ -22,6 +22,8 @@ from tests.helpers import free_port, tcp_server
 REPO = Path(__file__).resolve().parents[2]
 # The libraries the probe must never load; typer vendors click, so click is not listed.
 HEAVY = frozenset({"typer", "pydantic", "pydantic_core", "aiohttp", "asyncio", "structlog", "rich", "uvloop"})
+# Not heavy in the same way, but an http:// probe has no use for OpenSSL (see probe._http_client).
+SSL = "ssl"
 MARKER = "LOADED:"
 
 # What the console script does (``sys.exit(main())`` after ``from rabbitproxy.cli import main``), then one line
@@ -36,7 +38,7 @@ except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-loaded = sorted({{name.partition(".")[0] for name in sys.modules}} & set({sorted(HEAVY)!r}))
+loaded = sorted({{name.partition(".")[0] for name in sys.modules}} & set({sorted(HEAVY | {SSL})!r}))
 sys.stdout.write("\\n{MARKER}" + ",".join(loaded) + "\\n")
 sys.stdout.flush()
 sys.exit(code)
@@ -100,6 +102,29 @@ async def test_healthy_probe_loads_nothing_heavy() -> None:
     assert loaded == set()
 
 
+def test_https_after_http_in_one_process_still_works() -> None:
+    # The http:// probe imports http.client without ssl; a later https:// check in the same process must still work.
+    port = free_port()
+    script = (
+        "from rabbitproxy.admin.probe import check\n"
+        f"for scheme in ('http', 'https'):\n"
+        f"    print(check(scheme + '://127.0.0.1:{port}/healthz', 5.0).detail)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ) | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"http://127.0.0.1:{port}/healthz:")
+    assert lines[1].startswith(f"https://127.0.0.1:{port}/healthz:")
+    assert all("Connection refused" in line for line in lines)
+
+
 def test_version_loads_nothing_heavy() -> None:
     code, out, _, loaded = run_entry("--version")
     assert code == 0
@@ -112,7 +137,7 @@ def test_help_pays_for_the_cli_only() -> None:
     assert code == 0
     assert "healthcheck" in out
     # typer and its rich help are what --help is for; the proxy's own libraries are not.
-    assert loaded <= {"typer", "rich"}
+    assert loaded - {SSL} <= {"typer", "rich"}
 
 
 def test_healthcheck_help_is_typer_help() -> None:
