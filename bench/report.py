@@ -182,7 +182,8 @@ def busy(load: Any) -> bool:
     return bool(load) and float(load[0]) >= 1.0
 
 
-def render(tcp_doc: dict[str, Any], amqp_doc: dict[str, Any], notes: str, mode: str) -> str:
+def render(tcp_doc: dict[str, Any], amqp_doc: dict[str, Any], notes: str, mode: str, probe: str = "") -> str:
+    """The whole of docs/benchmarks.md; ``probe`` is the "Probe cost" section (from bench/probe_cost.py), if any."""
     m = tcp_doc["machine"]
     tcp = tcp_doc["summary"]
     amqp = amqp_doc["summary"]
@@ -320,6 +321,7 @@ def render(tcp_doc: dict[str, Any], amqp_doc: dict[str, Any], notes: str, mode: 
         "",
         "![TCP relay chart](benchmarks-tcp.png)",
         "",
+        *([probe.strip(), ""] if probe.strip() else []),
         notes.strip(),
         "",
     ]
@@ -331,13 +333,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tcp", type=Path, required=True)
     ap.add_argument("--amqp", type=Path, required=True)
     ap.add_argument("--notes", type=Path, default=HERE / "perf-notes.md")
+    ap.add_argument("--probe", type=Path, default=HERE / "results" / "probe.json", help="bench/probe_cost.py JSON")
     ap.add_argument("--mode", default="full")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     tcp_doc = json.loads(args.tcp.read_text())
     amqp_doc = json.loads(args.amqp.read_text())
     notes = args.notes.read_text() if args.notes.exists() else ""
-    args.out.write_text(render(tcp_doc, amqp_doc, notes, args.mode))
+    probe = ""
+    if args.probe.exists():
+        from probe_cost import render_section
+
+        probe = render_section(json.loads(args.probe.read_text()))
+    args.out.write_text(render(tcp_doc, amqp_doc, notes, args.mode, probe))
     print(f"wrote {args.out} ({time.strftime('%H:%M:%S')})")
     return 0
 

@@ -17,8 +17,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-DEFAULT_PORT = 5672
-DEFAULT_ADMIN_LISTEN = "127.0.0.1:9080"
+# Re-exported: callers have always found these here; the one copy lives in the stdlib-only addresses module.
+from rabbitproxy.addresses import DEFAULT_ADMIN_LISTEN as DEFAULT_ADMIN_LISTEN
+from rabbitproxy.addresses import DEFAULT_PORT as DEFAULT_PORT
+from rabbitproxy.addresses import format_host_port as format_host_port
+from rabbitproxy.addresses import split_host_port as split_host_port
 
 
 class ConfigError(Exception):
@@ -29,42 +32,6 @@ class ConfigError(Exception):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(where + "invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
-
-
-def split_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """Split ``host:port``, ``[v6]:port``, a bare host or a bare IPv6 address.
-
-    A missing port takes ``default_port``; with none given, the port is required.
-    """
-    value = value.strip()
-    if not value:
-        raise ValueError("empty address")
-    host: str
-    port_text: str | None
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise ValueError(f"{value!r}: missing ']' after an IPv6 address")
-        host, rest = value[1:end], value[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{value!r}: expected ':port' after ']'")
-        port_text = rest[1:] if rest else None
-    elif value.count(":") > 1:
-        # A bare IPv6 address without brackets cannot carry a port.
-        host, port_text = value, None
-    elif ":" in value:
-        host, port_text = value.rsplit(":", 1)
-    else:
-        host, port_text = value, None
-    if not host:
-        raise ValueError(f"{value!r}: missing host")
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"{value!r}: missing ':port'")
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
-    return host, int(port_text)
 
 
 # Letters, digits and hyphens per label (RFC 1123), plus the underscore: Docker Compose v1 container names and
@@ -104,11 +71,6 @@ def check_host(host: str) -> str:
         if label.startswith("-") or label.endswith("-"):
             raise ValueError(f"{host!r} is not a valid host name: label {label!r} starts or ends with '-'")
     return host
-
-
-def format_host_port(host: str, port: int) -> str:
-    """Inverse of :func:`split_host_port`: brackets around IPv6 literals."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Model(BaseModel):
@@ -453,32 +415,55 @@ def _loc(config: Mapping[str, Any], loc: Iterable[int | str]) -> str:
     return ".".join(parts) or "(top level)"
 
 
+def _errors(exc: ValidationError, data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
+    """One ``"key.path: reason"`` line per pydantic error; ``prefix`` places a sub-model's errors in the file."""
+    errors = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        errors.append(f"{_loc(data, (*prefix, *err['loc']))}: {msg}")
+    return errors
+
+
 def validate(data: Mapping[str, Any], source: str = "") -> Config:
     """Validate a parsed mapping; raise :class:`ConfigError` naming every bad key."""
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            errors.append(f"{_loc(data, err['loc'])}: {msg}")
-        raise ConfigError(errors, source) from None
+        raise ConfigError(_errors(exc, data), source) from None
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML configuration file."""
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and parse a TOML file, unvalidated; raise :class:`ConfigError` if it cannot be read or parsed."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], str(p)) from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"TOML syntax: {exc}"], str(p)) from None
-    return validate(data, str(p))
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML configuration file."""
+    return validate(read_toml(path), str(Path(path)))
+
+
+def load_admin(path: str | os.PathLike[str]) -> AdminConfig:
+    """Read a configuration file's ``[admin]`` table, validated exactly as :func:`load` validates it.
+
+    ``rabbitproxy healthcheck`` comes here when its own stdlib reading finds anything unusual in that table, so
+    its error messages (and any coercion, such as ``enabled = "false"``) are the ones ``serve`` would give.
+    The rest of the file is not checked: the probe asks the running proxy, ``check-config`` judges the file.
+    """
+    data = read_toml(path)
+    try:
+        return AdminConfig.model_validate(data.get("admin", {}))
+    except ValidationError as exc:
+        raise ConfigError(_errors(exc, data, ("admin",)), str(Path(path))) from None
 
 
 def parse_backend_spec(spec: str, index: int) -> dict[str, Any]:

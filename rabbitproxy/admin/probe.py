@@ -1,21 +1,34 @@
 """``rabbitproxy healthcheck``: ask a running proxy's admin API whether it is healthy.
 
-This is what a container ``HEALTHCHECK``, a Kubernetes exec probe or a keepalived ``track_script`` runs. It is a
-separate short-lived process, so it uses blocking stdlib HTTP and imports nothing heavy: a probe that runs every few
-seconds should cost next to nothing. It talks to the admin address directly and deliberately ignores
-``HTTP_PROXY``-style variables, which a container often inherits and which would send the probe somewhere else.
+This is what a container ``HEALTHCHECK``, a Kubernetes exec probe or a keepalived ``track_script`` runs, every one
+to ten seconds. It is a separate short-lived process, so it uses blocking stdlib HTTP and imports only the standard
+library and :mod:`rabbitproxy.addresses`: no typer, pydantic, asyncio or aiohttp, which would cost a few hundred
+milliseconds of CPU per run (issue 19; tests/integration/test_probe_cost.py keeps it so). Only an error path (an
+unusual ``[admin]`` table, a bad ``--admin``) loads :mod:`rabbitproxy.config`, so that the message is the one
+``serve`` would print. It talks to the admin address directly and deliberately ignores ``HTTP_PROXY``-style
+variables, which a container often inherits and which would send the probe somewhere else.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
+import os
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from rabbitproxy.config import DEFAULT_ADMIN_LISTEN, format_host_port, split_host_port
+from rabbitproxy.addresses import DEFAULT_ADMIN_LISTEN, DEFAULT_CONFIG_FILE, format_host_port, split_host_port
 
+# Not typing.TYPE_CHECKING: typing is not free to import either, and mypy honours the bare name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import http.client
+    from types import ModuleType
+
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_CONFIG = 2
 HEALTHZ_PATH = "/healthz"
 # /healthz answers with a tiny JSON object; anything much larger is not our admin API.
 MAX_BODY = 64 * 1024
@@ -23,10 +36,103 @@ MAX_BODY = 64 * 1024
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
-@dataclass(frozen=True)
 class HealthResult:
-    healthy: bool
-    detail: str
+    """The answer to one probe. A plain class: ``dataclasses`` imports ``inspect``, which the probe cannot afford."""
+
+    __slots__ = ("detail", "healthy")
+
+    def __init__(self, healthy: bool, detail: str) -> None:
+        self.healthy = healthy
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"HealthResult(healthy={self.healthy!r}, detail={self.detail!r})"
+
+
+class Outcome:
+    """What ``rabbitproxy healthcheck`` prints (nothing if ``message`` is empty) and its exit status."""
+
+    __slots__ = ("code", "message", "to_stderr")
+
+    def __init__(self, code: int, message: str, to_stderr: bool) -> None:
+        self.code = code
+        self.message = message
+        self.to_stderr = to_stderr
+
+
+class AdminConfigError(Exception):
+    """The config file's ``[admin]`` table cannot be used; the text is :class:`~rabbitproxy.config.ConfigError`'s."""
+
+
+def run(
+    admin: str | None, config: str | os.PathLike[str] | None, timeout: float, quiet: bool, env: Mapping[str, str]
+) -> Outcome:
+    """Find the admin address as ``serve`` would, probe it, and say what to print and the exit status.
+
+    ``admin`` and ``config`` are the ``--admin`` and ``--config`` values with their environment variables already
+    applied. Without a config file the image's default file is read when it exists. A config file that cannot be
+    read, or whose ``[admin]`` table is invalid, is a configuration error (exit 2); so is a bad ``--admin``. The
+    rest of the file is not validated: the probe asks the running proxy, ``check-config`` judges the file.
+    """
+    path = Path(config) if config is not None else None
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = Path(DEFAULT_CONFIG_FILE)
+    listen: str | None = None
+    if path is not None:
+        try:
+            enabled, listen = admin_settings(path)
+        except AdminConfigError as exc:
+            return Outcome(EXIT_CONFIG, str(exc), True)
+        if not enabled:
+            return Outcome(
+                EXIT_UNHEALTHY, f"{path}: the admin API is disabled (admin.enabled = false); nothing to probe", True
+            )
+    try:
+        url = admin_url(admin, env, listen)
+    except ValueError as exc:
+        from rabbitproxy.config import ConfigError
+
+        return Outcome(EXIT_CONFIG, str(ConfigError([f"--admin: {exc}"])), True)
+    result = check(url, timeout)
+    message = "" if quiet else ("healthy: " if result.healthy else "unhealthy: ") + result.detail
+    return Outcome(EXIT_HEALTHY if result.healthy else EXIT_UNHEALTHY, message, not result.healthy)
+
+
+_ADMIN_KEYS = frozenset({"listen", "token", "enabled"})
+
+
+def admin_settings(path: Path) -> tuple[bool, str]:
+    """``(enabled, listen)`` from a config file's ``[admin]`` table, validated as ``serve`` validates it.
+
+    The usual table (strings and a boolean, a listen address that parses) is read here with ``tomllib`` alone.
+    Anything else, including a file that cannot be read or parsed, goes to :func:`rabbitproxy.config.load_admin`,
+    which either raises the error ``serve`` would raise (as :class:`AdminConfigError`) or accepts what pydantic
+    accepts (``enabled = "false"``, say), so the probe never disagrees with the proxy about the address.
+    """
+    try:
+        import tomllib
+
+        section = tomllib.loads(path.read_text(encoding="utf-8")).get("admin", {})
+    except (OSError, ValueError):
+        section = None
+    if isinstance(section, dict) and section.keys() <= _ADMIN_KEYS:
+        listen = section.get("listen", DEFAULT_ADMIN_LISTEN)
+        enabled = section.get("enabled", True)
+        token = section.get("token")
+        if isinstance(listen, str) and type(enabled) is bool and (token is None or isinstance(token, str)):
+            try:
+                split_host_port(listen)
+            except ValueError:
+                pass
+            else:
+                return enabled, listen
+    from rabbitproxy.config import ConfigError, load_admin
+
+    try:
+        admin = load_admin(path)
+    except ConfigError as exc:
+        raise AdminConfigError(str(exc)) from None
+    return admin.enabled, admin.listen
 
 
 def admin_url(value: str | None, env: Mapping[str, str], config_listen: str | None = None) -> str:
@@ -65,20 +171,44 @@ def admin_url(value: str | None, env: Mapping[str, str], config_listen: str | No
     return f"{parts.scheme}://{netloc}{path}"
 
 
+def _http_client(tls: bool) -> ModuleType:
+    """``http.client``, imported without ``ssl`` when nothing here needs TLS.
+
+    http.client imports ssl only to define HTTPSConnection, and loading OpenSSL is the largest single cost of a
+    plain ``http://`` probe (about a fifth of its CPU on the bench machine). So when neither module is loaded yet
+    and the URL is ``http://``, ssl is hidden for the length of that import (``None`` in ``sys.modules`` makes
+    ``import ssl`` fail, which http.client handles). Should the same process later want ``https://`` (only a test
+    would), http.client is loaded again with ssl.
+    """
+    if not tls and "http.client" not in sys.modules and "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+        try:
+            import http.client
+        finally:
+            del sys.modules["ssl"]
+        return http.client
+    import http.client
+
+    if tls and not hasattr(http.client, "HTTPSConnection"):
+        import importlib
+
+        return importlib.reload(http.client)
+    return http.client
+
+
 def check(url: str, timeout: float) -> HealthResult:
     """GET ``url``: healthy only on HTTP 200 with a JSON body whose ``status`` is ``"ok"``."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout)
-    else:
-        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+    client = _http_client(parts.scheme == "https")
+    conn: http.client.HTTPConnection = (client.HTTPSConnection if parts.scheme == "https" else client.HTTPConnection)(
+        host, parts.port, timeout=timeout
+    )
     try:
         conn.request("GET", parts.path or HEALTHZ_PATH, headers={"Accept": "application/json"})
         resp = conn.getresponse()
         body = resp.read(MAX_BODY)
-    except http.client.HTTPException as exc:
+    except client.HTTPException as exc:
         return HealthResult(False, f"{url}: not an HTTP answer ({type(exc).__name__} {str(exc).strip()!r})")
     except OSError as exc:
         # A timeout is an OSError too; say how long we waited, which "timed out" alone does not.

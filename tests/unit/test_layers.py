@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rabbitproxy"
-BASE = {"config", "logs", "tasks"}
+BASE = {"addresses", "config", "logs", "tasks"}
 
 # What each layer may import besides itself.
 ALLOWED: dict[str, set[str]] = {

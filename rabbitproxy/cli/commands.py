@@ -1,18 +1,23 @@
-"""The ``rabbitproxy`` command line. Options only override configuration; the work happens elsewhere."""
+"""The ``rabbitproxy`` commands (typer). Options only override configuration; the work happens elsewhere.
+
+The console script enters through :func:`rabbitproxy.cli.main`, which answers ``healthcheck`` and ``--version``
+without this module. What is left here still imports lazily: pydantic (``rabbitproxy.config``) and asyncio load
+inside the commands that use them, so ``rabbitproxy --help`` pays for typer alone.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from rabbitproxy import __version__
-from rabbitproxy import config as config_mod
-from rabbitproxy.config import Config, ConfigError
+from rabbitproxy.addresses import DEFAULT_CONFIG_FILE, format_host_port, split_host_port
+
+if TYPE_CHECKING:
+    from rabbitproxy.config import Config, ConfigError
 
 app = typer.Typer(
     help="rabbitproxy: a layer-7 load balancer for RabbitMQ clusters.",
@@ -50,6 +55,8 @@ def run_loop(main: Any, loop: str) -> Any:
             typer.echo("uvloop is not installed; use --loop asyncio", err=True)
             raise typer.Exit(EXIT_CONFIG) from None
         return uvloop.run(main)
+    import asyncio
+
     return asyncio.run(main)
 
 
@@ -62,6 +69,9 @@ def build_config(
     service_overrides: dict[str, Any] | None = None,
 ) -> Config:
     """Combine a config file (or the environment, or flags alone) with the flags actually given."""
+    from rabbitproxy import config as config_mod
+    from rabbitproxy.config import ConfigError
+
     data: dict[str, Any]
     source = str(config_file) if config_file else "command line"
     if config_file is not None:
@@ -102,7 +112,7 @@ def _fail_config(exc: ConfigError) -> None:
 
 
 # The container image's CMD always names this file, so one image serves both a mounted config and plain env vars.
-DEFAULT_CONFIG_PATH = Path("/etc/rabbitproxy/rabbitproxy.toml")
+DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG_FILE)
 
 
 def config_or_env(config: Path | None, env: dict[str, str]) -> Path | None:
@@ -138,6 +148,7 @@ def serve(
     """Run the load balancer."""
     from rabbitproxy import logs
     from rabbitproxy.app import serve as serve_main
+    from rabbitproxy.config import ConfigError
 
     overrides: dict[str, Any] = {}
     if admin_listen is not None:
@@ -187,35 +198,22 @@ def healthcheck(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code.")] = False,
 ) -> None:
     """Exit 0 when the proxy's admin /healthz answers 200 {"status": "ok"}, 1 otherwise (for probes)."""
-    from rabbitproxy.admin import probe as hc
+    # rabbitproxy.cli.main answers the usual forms of this command before typer loads; this body serves the rest
+    # (and CliRunner), with the same implementation.
+    from rabbitproxy.admin.probe import run
 
-    if config is None and DEFAULT_CONFIG_PATH.exists():
-        config = DEFAULT_CONFIG_PATH
-    listen: str | None = None
-    if config is not None:
-        try:
-            admin_cfg = config_mod.load(config).admin
-        except ConfigError as exc:
-            _fail_config(exc)
-            return
-        if not admin_cfg.enabled:
-            typer.echo(f"{config}: the admin API is disabled (admin.enabled = false); nothing to probe", err=True)
-            raise typer.Exit(1)
-        listen = admin_cfg.listen
-    try:
-        url = hc.admin_url(admin, dict(os.environ), listen)
-    except ValueError as exc:
-        _fail_config(ConfigError([f"--admin: {exc}"]))
-        return
-    result = hc.check(url, timeout)
-    if not quiet:
-        typer.echo(("healthy: " if result.healthy else "unhealthy: ") + result.detail, err=not result.healthy)
-    raise typer.Exit(0 if result.healthy else 1)
+    outcome = run(admin, config, timeout, quiet, os.environ)
+    if outcome.message:
+        typer.echo(outcome.message, err=outcome.to_stderr)
+    raise typer.Exit(outcome.code)
 
 
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
     """Validate a configuration file: exit 0 with a summary, or 2 naming each bad key and why."""
+    from rabbitproxy import config as config_mod
+    from rabbitproxy.config import ConfigError
+
     try:
         cfg = config_mod.load(config)
     except ConfigError as exc:
@@ -231,7 +229,7 @@ def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration
         for b in s.backends:
             extra = " backup" if b.backup else ""
             typer.echo(
-                f"  {b.name}: {config_mod.format_host_port(b.address, s.backend_port(b))} weight {b.weight}{extra}"
+                f"  {b.name}: {format_host_port(b.address, s.backend_port(b))} weight {b.weight}{extra}"
             )
 
 
@@ -243,8 +241,10 @@ def demo(
     loop: Annotated[str, typer.Option(help="Event loop: uvloop or asyncio.")] = "uvloop",
 ) -> None:
     """Start a local RabbitMQ cluster and a proxy in front of it; Ctrl-C stops both."""
+    from rabbitproxy import config as config_mod
     from rabbitproxy import logs
     from rabbitproxy.app import serve as serve_main
+    from rabbitproxy.config import ConfigError
     from rabbitproxy.dev.cluster import DevCluster, RabbitMQNotInstalled
 
     logs.setup("info", "console")
@@ -273,7 +273,7 @@ def demo(
         except ConfigError as exc:
             _fail_config(exc)
             return
-        host, port = config_mod.split_host_port(listen)
+        host, port = split_host_port(listen)
         typer.echo("", err=True)
         typer.echo(f"rabbitproxy demo: {nodes} RabbitMQ node(s) behind the proxy", err=True)
         typer.echo(f"  AMQP through the proxy:  amqp://guest:guest@{host}:{port}/", err=True)
@@ -403,6 +403,7 @@ def agent(
     """Run a feedback agent (Loadbalancer.org format) on a RabbitMQ host."""
     from rabbitproxy import logs
     from rabbitproxy.agent.server import Agent, serve_agent
+    from rabbitproxy.config import ConfigError
 
     problems = []
     if metric not in ("cpu", "memory", "max"):
@@ -410,7 +411,7 @@ def agent(
     if rabbitmq is not None and not rabbitmq.startswith(("http://", "https://")):
         problems.append(f"--rabbitmq: {rabbitmq!r} must start with http:// or https://")
     try:
-        config_mod.split_host_port(listen)
+        split_host_port(listen)
     except ValueError as exc:
         problems.append(f"--listen: {exc}")
     if loop not in ("uvloop", "asyncio"):
@@ -421,6 +422,8 @@ def agent(
     the_agent = Agent(metric=metric, state_file=state_file, rabbitmq=rabbitmq, window=window, http=http)  # type: ignore[arg-type]
 
     async def main() -> None:
+        import asyncio
+
         from rabbitproxy.app import install_signal_handlers
 
         stop = asyncio.Event()
@@ -434,11 +437,3 @@ def agent(
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
-
-
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)

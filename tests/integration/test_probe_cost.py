@@ -1,0 +1,147 @@
+"""`rabbitproxy healthcheck` stays cheap: run in a fresh interpreter, it must not import the heavy libraries.
+
+A keepalived track_script runs the probe every second or two, so every import on its path is paid again and again
+(issue 19: typer, pydantic and asyncio made each run cost about 0.27 s of CPU). These tests run the console entry
+point exactly as the installed script does, in a new process, and list which of those libraries ended up in
+``sys.modules``. bench/probe_cost.py measures the time itself; asserting timings here would only make a busy
+machine fail the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, tcp_server
+
+REPO = Path(__file__).resolve().parents[2]
+# The libraries the probe must never load; typer vendors click, so click is not listed.
+HEAVY = frozenset({"typer", "pydantic", "pydantic_core", "aiohttp", "asyncio", "structlog", "rich", "uvloop"})
+# Not heavy in the same way, but an http:// probe has no use for OpenSSL (see probe._http_client).
+SSL = "ssl"
+MARKER = "LOADED:"
+
+# What the console script does (``sys.exit(main())`` after ``from rabbitproxy.cli import main``), then one line
+# naming the heavy packages that were imported, however main() ended.
+SCRIPT = f"""
+import sys
+sys.argv = ["rabbitproxy", *sys.argv[1:]]
+from rabbitproxy.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+loaded = sorted({{name.partition(".")[0] for name in sys.modules}} & set({sorted(HEAVY | {SSL})!r}))
+sys.stdout.write("\\n{MARKER}" + ",".join(loaded) + "\\n")
+sys.stdout.flush()
+sys.exit(code)
+"""
+
+
+def run_entry(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str, set[str]]:
+    """Run ``rabbitproxy ARGS`` in a fresh interpreter: exit status, stdout, stderr, heavy packages loaded."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RABBITPROXY_")}
+    clean["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *args],
+        env=clean | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out, _, loaded = proc.stdout.rpartition(MARKER)
+    assert loaded, f"the entry point did not finish: {proc.stdout!r} {proc.stderr!r}"
+    return proc.returncode, out, proc.stderr, {name for name in loaded.strip().split(",") if name}
+
+
+def test_unhealthy_probe_loads_nothing_heavy() -> None:
+    port = free_port()
+    code, _, err, loaded = run_entry("healthcheck", "--admin", f"127.0.0.1:{port}", "--timeout", "5")
+    assert code == 1
+    assert f"unhealthy: http://127.0.0.1:{port}/healthz:" in err
+    assert "Connection refused" in err
+    assert loaded == set()
+
+
+def test_probe_reading_a_config_file_loads_nothing_heavy(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "rabbitproxy.toml"
+    config.write_text(
+        f'[admin]\nlisten = "0.0.0.0:{port}"\ntoken = "secret"\n\n[[services]]\nname = "amqp"\n'
+        '[[services.backends]]\nname = "r1"\naddress = "127.0.0.1"\n'
+    )
+    # The file through the environment, as the container image sets it.
+    code, _, err, loaded = run_entry("healthcheck", env={"RABBITPROXY_CONFIG": str(config)})
+    assert code == 1
+    assert f"unhealthy: http://127.0.0.1:{port}/healthz:" in err
+    assert loaded == set()
+
+
+@pytest.mark.asyncio
+async def test_healthy_probe_loads_nothing_heavy() -> None:
+    async def healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"status": "ok"}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async with tcp_server(healthz) as port:
+        code, out, _, loaded = await asyncio.to_thread(run_entry, "healthcheck", "--admin", f"127.0.0.1:{port}")
+    assert code == 0
+    assert out.strip() == f"healthy: http://127.0.0.1:{port}/healthz: ok"
+    assert loaded == set()
+
+
+def test_https_after_http_in_one_process_still_works() -> None:
+    # The http:// probe imports http.client without ssl; a later https:// check in the same process must still work.
+    port = free_port()
+    script = (
+        "from rabbitproxy.admin.probe import check\n"
+        f"for scheme in ('http', 'https'):\n"
+        f"    print(check(scheme + '://127.0.0.1:{port}/healthz', 5.0).detail)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ) | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"http://127.0.0.1:{port}/healthz:")
+    assert lines[1].startswith(f"https://127.0.0.1:{port}/healthz:")
+    assert all("Connection refused" in line for line in lines)
+
+
+def test_version_loads_nothing_heavy() -> None:
+    code, out, _, loaded = run_entry("--version")
+    assert code == 0
+    assert out.strip().startswith("rabbitproxy ")
+    assert loaded == set()
+
+
+def test_help_pays_for_the_cli_only() -> None:
+    code, out, _, loaded = run_entry("--help")
+    assert code == 0
+    assert "healthcheck" in out
+    # typer and its rich help are what --help is for; the proxy's own libraries are not.
+    assert loaded - {SSL} <= {"typer", "rich"}
+
+
+def test_healthcheck_help_is_typer_help() -> None:
+    code, out, _, _ = run_entry("healthcheck", "--help")
+    assert code == 0
+    assert "--admin" in out
+    assert "--timeout" in out
