@@ -54,7 +54,10 @@ def session_for(cfg: RabbitMQConfig) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         # A header rather than aiohttp.BasicAuth, which aiohttp 3.14 deprecates.
         headers={"Authorization": aiohttp.encode_basic_auth(cfg.username, cfg.password)},
-        connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit_per_host=2),
+        # A new connection per request: `rabbitmq-upgrade drain` closes the node's management *listener*, but a
+        # kept-alive connection to it goes on being answered, and the refused connect is how the node monitor
+        # tells maintenance (3.10.8) from a node that is frozen. A handshake every few seconds per node is nothing.
+        connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit_per_host=2, force_close=True),
         # Never follow a redirect to somewhere the credentials were not meant for.
         raise_for_status=False,
     )

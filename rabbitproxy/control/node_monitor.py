@@ -259,7 +259,8 @@ class NodeMonitor:
             # The weight comes back through slow start, like a node that comes back up.
             b.start_ramp(now)
         fields = {"service": self.service, "backend": b.name, "node": view.node}
-        if (view.status, view.detail) != (prev.status, prev.detail):
+        # Once per change of status, not per poll nor per new wording of the same trouble (which request failed).
+        if view.status is not prev.status:
             if view.status is ManagementStatus.OK:
                 if prev.status is not ManagementStatus.NONE:
                     log.info("management API answers again", **fields)
