@@ -58,7 +58,7 @@ class Supervisor:
         self.config_path = config_path
         self.services: dict[str, Service] = {}
         self.state = "starting"
-        # Monitor tasks (health checks, agents) per backend object; restarted when a reload changes them.
+        # Monitor tasks (health checks, agents, node monitors) per backend object; restarted when a reload changes them.
         self.monitors: dict[int, list[asyncio.Task[None]]] = {}
         # One HTTP session per service with [services.rabbitmq], shared by its node monitors; closed when the
         # service is removed or changed, and at shutdown.
@@ -265,7 +265,7 @@ Monitor = tuple[str, Callable[[], Awaitable[None]]]
 
 
 def monitors_for(service: Service, backend: Backend, management: aiohttp.ClientSession | None = None) -> list[Monitor]:
-    """What to run for ``backend``: (kind, coroutine factory) pairs, none when neither checks nor agents are set.
+    """What to run for ``backend``: (kind, coroutine factory) pairs: health check, feedback agent, node monitor.
 
     ``management`` is the service's management API session; the node monitor runs only with [services.rabbitmq].
 
