@@ -233,11 +233,12 @@ class Backend:
     @property
     def usable(self) -> bool:
         """True when a new connection may be sent here (weight aside)."""
+        rmq = self.rabbitmq
         return (
             self.healthy
             and self.agent_down is None
             and self.admin_state == "ready"
-            and not (self.rabbitmq is not None and self.rabbitmq.maintenance)
+            and (rmq is None or not rmq.maintenance)
         )
 
     def effective_weight_at(self, now: float) -> int:
@@ -264,6 +265,10 @@ class Backend:
     def effective_weight(self) -> int:
         """:meth:`effective_weight_at` now; the clock is read only while a slow-start ramp runs."""
         if self.ramp_start is None:
+            # The common case, read for every backend on every new connection: no agent, no alarm, no ramp.
+            rmq = self.rabbitmq
+            if self.agent_percent is None and (rmq is None or not rmq.alarms):
+                return self.configured_weight
             return self.effective_weight_at(0.0)
         now = time.monotonic()
         if now - self.ramp_start >= self.slow_start:
@@ -274,11 +279,13 @@ class Backend:
     @property
     def weight(self) -> int:
         # The balancer's view: an unusable backend weighs nothing.
-        if self.slow_start:
+        usable = self.usable
+        if self.slow_start and usable is not self.usable_before:
             # Read for every backend on every choice, so a backend that became usable since the last connection
-            # (a reload, an API change) starts its ramp at the latest with the next connection.
+            # (a reload, an API change) starts its ramp at the latest with the next connection. The clock is read
+            # only on such a change.
             self.observe(time.monotonic())
-        return self.effective_weight if self.usable else 0
+        return self.effective_weight if usable else 0
 
     def observe(self, now: float) -> None:
         """Note whether the backend is usable now; one that becomes usable again starts its slow-start ramp.
