@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from rabbitproxy.admin.metrics import registry_for, render
-from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend
+from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, NodeView
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
 
@@ -107,6 +108,42 @@ def backend_view(backend: Backend) -> dict[str, Any]:
         },
         "connections": {"active": backend.active, "total": backend.total, "connect_errors": backend.connect_errors},
         "bytes": {"in": traffic_in, "out": traffic_out},
+        "slow_start": _slow_start_view(backend),
+        "rabbitmq": rabbitmq_view(backend.rabbitmq),
+    }
+
+
+def _slow_start_view(backend: Backend) -> dict[str, Any] | None:
+    """The running slow-start ramp, or None when none runs (or slow start is off)."""
+    start = backend.ramp_start
+    if start is None or not backend.slow_start:
+        return None
+    elapsed = time.monotonic() - start
+    return {
+        "seconds": backend.slow_start,
+        "elapsed": round(elapsed, 3),
+        "remaining": max(0.0, backend.slow_start - elapsed),
+    }
+
+
+def rabbitmq_view(node: NodeView | None) -> dict[str, Any] | None:
+    """What the node monitor knows of the backend's RabbitMQ node; None without [services.rabbitmq]."""
+    if node is None:
+        return None
+    stats = node.stats
+    return {
+        "node": node.node,
+        "version": node.version,
+        "alarms": list(node.alarms),
+        "maintenance": node.maintenance,
+        "maintenance_detail": node.maintenance_detail,
+        "management": {"status": node.status, "detail": node.detail},
+        "poll_time": node.poll_time,
+        "stats_time": node.stats_time,
+        "fd": {"used": stats.fd_used, "total": stats.fd_total} if stats else None,
+        "sockets": {"used": stats.sockets_used, "total": stats.sockets_total} if stats else None,
+        "memory": {"used": stats.mem_used, "limit": stats.mem_limit} if stats else None,
+        "processes": {"used": stats.proc_used, "total": stats.proc_total} if stats else None,
     }
 
 
@@ -120,6 +157,8 @@ def service_view(service: Service) -> dict[str, Any]:
         "accepting": service.accepting,
         "health_check": cfg.health_check.type,
         "feedback": cfg.feedback.type,
+        "rabbitmq": cfg.rabbitmq is not None,
+        "slow_start": cfg.slow_start,
         "connections": {"active": service.active, "total": service.total},
         "ended": dict(sorted(service.ended.items())),
         "backends": [backend_view(b) for b in service.pool.backends],

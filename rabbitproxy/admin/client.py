@@ -102,7 +102,32 @@ def _bytes(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-_STATUS_STYLE = {"up": "bold green", "down": "bold red", "drain": "bold yellow", "maint": "bold bright_black"}
+_STATUS_STYLE = {
+    "up": "bold green",
+    "down": "bold red",
+    "drain": "bold yellow",
+    "maint": "bold bright_black",
+    "maintenance": "bold blue",
+}
+
+
+def rabbitmq_text(node: dict[str, Any] | None) -> str:
+    """One short line for a backend's ``rabbitmq`` section: node, version, alarms, maintenance, API trouble."""
+    if node is None:
+        return "-"
+    words: list[str] = [node.get("node") or "node unknown"]
+    if node.get("version"):
+        words.append(str(node["version"]))
+    words.extend(f"{kind.upper()} ALARM" for kind in node.get("alarms", []))
+    if node.get("maintenance"):
+        words.append("MAINTENANCE")
+    mgmt = node.get("management") or {}
+    if mgmt.get("status") not in (None, "ok"):
+        words.append(f"(management API {mgmt['status']}: {mgmt.get('detail') or '?'})")
+    fd, mem = node.get("fd"), node.get("memory")
+    if fd and mem and fd.get("used") is not None and mem.get("used") is not None:
+        words.append(f"fd {fd['used']}/{fd.get('total')} mem {_bytes(mem['used'])}")
+    return " ".join(words)
 
 
 def print_status(data: dict[str, Any]) -> None:
@@ -124,7 +149,9 @@ def print_status(data: dict[str, Any]) -> None:
         )
         table = Table(title=title, title_justify="left")
         numeric = ("weight", "eff.", "active", "total", "in", "out")
-        for col in ("backend", "address", "status", "health", "weight", "eff.", "agent", *numeric[2:]):
+        with_rabbitmq = any(b.get("rabbitmq") is not None for b in svc["backends"])
+        extra = ("rabbitmq",) if with_rabbitmq else ()
+        for col in ("backend", "address", "status", "health", "weight", "eff.", "agent", *extra, *numeric[2:]):
             table.add_column(col, justify="right" if col in numeric else "left")
         for b in svc["backends"]:
             agent = b["agent"]
@@ -141,6 +168,8 @@ def print_status(data: dict[str, Any]) -> None:
                 str(b["effective_weight"]),
                 # The agent's words and the reason it is stale are text from outside: never rich markup.
                 escape(agent_text),
+                # So are the node's name and the management API's complaint.
+                *((escape(rabbitmq_text(b.get("rabbitmq"))),) if with_rabbitmq else ()),
                 str(b["connections"]["active"]),
                 str(b["connections"]["total"]),
                 _bytes(b["bytes"]["in"]),

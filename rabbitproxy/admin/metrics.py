@@ -18,14 +18,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rabbitproxy.balancing.pool import ADMIN_STATES, AgentStatus
+from rabbitproxy.balancing.pool import ADMIN_STATES, ALARM_KINDS, AgentStatus, ManagementStatus, NodeStats
 from rabbitproxy.balancing.reasons import CloseReason
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
 
 PREFIX = "rabbitproxy"
-STATUSES = ("up", "down", "drain", "maint")
+STATUSES = ("up", "down", "drain", "maint", "maintenance")
+# The node's figures as gauges: (metric name part, help, the NodeStats fields for used and total).
+NODE_FIGURES = (
+    ("fds", "File descriptors", "fd_used", "fd_total"),
+    ("sockets", "Sockets", "sockets_used", "sockets_total"),
+    ("memory_bytes", "Memory in bytes (total: the high watermark)", "mem_used", "mem_limit"),
+    ("processes", "Erlang processes", "proc_used", "proc_total"),
+)
 # Every agent status but "none" (not polled yet), each reported as 0 or 1 like backend_status.
 AGENT_STATUSES = tuple(s for s in AgentStatus if s is not AgentStatus.NONE)
 SB = ["service", "backend"]
@@ -75,6 +82,26 @@ class ProxyCollector(Collector):
         b_check_time = gauge("backend_last_check_timestamp_seconds", "When the last health check finished.", SB)
         b_check_dur = gauge("backend_health_check_duration_seconds", "How long the last health check took.", SB)
         b_agent_dur = gauge("backend_agent_duration_seconds", "How long the last feedback agent poll took.", SB)
+        r_alarm = gauge(
+            "backend_rabbitmq_alarm",
+            "1 while the backend's RabbitMQ node has a local alarm of this kind.",
+            [*SB, "kind"],
+        )
+        r_maint = gauge(
+            "backend_rabbitmq_maintenance", "1 while the backend's RabbitMQ node is in maintenance mode.", SB
+        )
+        r_mgmt = gauge(
+            "backend_rabbitmq_management_up", "1 when the node's own management API answered the last poll.", SB
+        )
+        r_figures = [
+            (
+                gauge(f"backend_rabbitmq_{name}_used", f"{doc} in use on the backend's RabbitMQ node.", SB),
+                gauge(f"backend_rabbitmq_{name}_total", f"{doc} available to the backend's RabbitMQ node.", SB),
+                used,
+                total,
+            )
+            for name, doc, used, total in NODE_FIGURES
+        ]
 
         for service in list(self.proxy.services.values()):
             sn = service.name
@@ -115,6 +142,17 @@ class ProxyCollector(Collector):
                     b_check_dur.add_metric(labels, b.check_duration)
                 if b.agent_duration is not None:
                     b_agent_dur.add_metric(labels, b.agent_duration)
+                node = b.rabbitmq
+                if node is None:
+                    continue
+                # Only fixed words become labels: the alarm kinds are ALARM_KINDS, never the broker's own text.
+                for kind in ALARM_KINDS:
+                    r_alarm.add_metric([*labels, kind], 1.0 if kind in node.alarms else 0.0)
+                r_maint.add_metric(labels, 1.0 if node.maintenance else 0.0)
+                if node.status is not ManagementStatus.NONE:
+                    r_mgmt.add_metric(labels, 1.0 if node.status is ManagementStatus.OK else 0.0)
+                if node.stats is not None:
+                    _add_figures(r_figures, labels, node.stats)
         yield from (
             s_accepting,
             s_active,
@@ -137,7 +175,24 @@ class ProxyCollector(Collector):
             b_check_time,
             b_check_dur,
             b_agent_dur,
+            r_alarm,
+            r_maint,
+            r_mgmt,
         )
+        for used_g, total_g, _, _ in r_figures:
+            yield used_g
+            yield total_g
+
+
+def _add_figures(
+    figures: list[tuple[GaugeMetricFamily, GaugeMetricFamily, str, str]], labels: list[str], stats: NodeStats
+) -> None:
+    for used_g, total_g, used, total in figures:
+        used_value, total_value = getattr(stats, used), getattr(stats, total)
+        if used_value is not None:
+            used_g.add_metric(labels, used_value)
+        if total_value is not None:
+            total_g.add_metric(labels, total_value)
 
 
 def registry_for(proxy: Supervisor) -> CollectorRegistry:

@@ -7,11 +7,18 @@ connection opens and closes.
 A backend has two independent states, as in HAProxy: *health* (up/down, from checks) and *admin state*
 (ready/drain/maint). The admin state has two sources, the operator (admin API, CLI) and the feedback agent; the
 stricter of the two wins, so an agent saying ``ready`` cannot undo an operator's ``maint``.
+
+With ``[services.rabbitmq]`` the node monitor adds what the RabbitMQ node says of itself (:class:`NodeView`): a
+local alarm scales the weight down to ``alarm_weight`` percent, and maintenance mode (``rabbitmq-upgrade drain``)
+takes no new connections, like drain. Slow start ramps the weight of a backend that has just become usable again;
+the ramp is computed from a clock value handed in, so all of it stays pure.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, Protocol
 
@@ -40,6 +47,54 @@ class AgentStatus(StrEnum):
 
 # The largest weight the configuration accepts; an agent's percentage cannot push a backend beyond it.
 MAX_WEIGHT = 1000
+# Slow start begins at this fraction of the full weight (HAProxy starts near zero; a tenth still lets a node that
+# came back take a first few clients at once, so an operator sees it working).
+SLOW_START_FLOOR = 0.1
+ALARM_KINDS = ("memory", "disk")
+
+
+class ManagementStatus(StrEnum):
+    """The outcome of the node monitor's last poll of a backend's management API: a closed set (a metric label)."""
+
+    NONE = "none"  # not polled yet
+    OK = "ok"
+    UNREACHABLE = "unreachable"  # refused, timeout, HTTP error, an answer of the wrong shape
+    ERROR = "error"  # the poll raised unexpectedly (our bug)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """The figures of ``/api/nodes/{node}``; None where the broker has not collected them yet."""
+
+    fd_used: int | None = None
+    fd_total: int | None = None
+    sockets_used: int | None = None
+    sockets_total: int | None = None
+    mem_used: int | None = None
+    mem_limit: int | None = None
+    proc_used: int | None = None
+    proc_total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What the node monitor last learnt of a backend's RabbitMQ node; replaced whole, never changed in place.
+
+    ``alarms`` holds only kinds from :data:`ALARM_KINDS` and ``status`` is a :class:`ManagementStatus`, so both
+    may be metric labels; ``detail``, ``maintenance_detail`` and the node's name are the broker's text.
+    """
+
+    node: str | None = None
+    version: str | None = None
+    alarms: tuple[str, ...] = ()
+    maintenance: bool = False
+    maintenance_detail: str | None = None
+    status: ManagementStatus = ManagementStatus.NONE
+    detail: str | None = "not polled yet"
+    stats: NodeStats | None = None
+    # Wall-clock times (time.time()) of the last poll and of the statistics shown.
+    poll_time: float | None = None
+    stats_time: float | None = None
 
 
 class Connection(Protocol):
@@ -68,6 +123,7 @@ class Backend:
         "agent_reply",
         "agent_state",
         "agent_status",
+        "alarm_weight",
         "backup",
         "check_drain",
         "check_duration",
@@ -81,13 +137,26 @@ class Backend:
         "name",
         "operator_state",
         "port",
+        "rabbitmq",
+        "ramp_start",
+        "slow_start",
         "total",
         "traffic_in",
         "traffic_out",
+        "usable_before",
         "weight_overridden",
     )
 
-    def __init__(self, config: BackendConfig, port: int, *, healthy: bool) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        port: int,
+        *,
+        healthy: bool,
+        slow_start: float = 0.0,
+        alarm_weight: int = 100,
+        rabbitmq: NodeView | None = None,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.address = config.address
@@ -118,6 +187,29 @@ class Backend:
         self.connect_errors = 0
         self.traffic_in = 0
         self.traffic_out = 0
+        # Seconds of slow start (0 = off) and the percent of weight kept under a local alarm, from the service.
+        self.slow_start = slow_start
+        self.alarm_weight = alarm_weight
+        # What the node monitor knows of the RabbitMQ node; None without [services.rabbitmq].
+        self.rabbitmq = rabbitmq
+        # Monotonic time a slow-start ramp began; None while no ramp is running.
+        self.ramp_start: float | None = None
+        # Whether the backend was usable when last observed (None: never seen usable or unusable after a check),
+        # so observe() can tell the moment it becomes usable again.
+        self.usable_before: bool | None = None
+
+    @classmethod
+    def for_service(cls, service: ServiceConfig, config: BackendConfig, *, healthy: bool) -> Backend:
+        """A backend of ``service``, with the service's slow start and alarm weight."""
+        rmq = service.rabbitmq
+        return cls(
+            config,
+            service.backend_port(config),
+            healthy=healthy,
+            slow_start=service.slow_start,
+            alarm_weight=rmq.alarm_weight if rmq is not None else 100,
+            rabbitmq=NodeView() if rmq is not None else None,
+        )
 
     # -- derived state -------------------------------------------------------------------------------------------
 
@@ -128,22 +220,96 @@ class Backend:
         return "drain" if state == "ready" and self.check_drain else state
 
     @property
+    def in_maintenance(self) -> bool:
+        """The node monitor found the RabbitMQ node in maintenance mode (``rabbitmq-upgrade drain``)."""
+        rmq = self.rabbitmq
+        return rmq is not None and rmq.maintenance
+
+    @property
+    def alarms(self) -> tuple[str, ...]:
+        rmq = self.rabbitmq
+        return rmq.alarms if rmq is not None else ()
+
+    @property
     def usable(self) -> bool:
         """True when a new connection may be sent here (weight aside)."""
-        return self.healthy and self.agent_down is None and self.admin_state == "ready"
+        rmq = self.rabbitmq
+        return (
+            self.healthy
+            and self.agent_down is None
+            and self.admin_state == "ready"
+            and (rmq is None or not rmq.maintenance)
+        )
+
+    def effective_weight_at(self, now: float) -> int:
+        """The weight for new connections at monotonic time ``now``, usable or not; 0 means none.
+
+        Configured weight x the agent's percentage (capped at 1000) x ``alarm_weight`` % while the node has a local
+        alarm x the slow-start ramp (from :data:`SLOW_START_FLOOR` to 1 over ``slow_start`` seconds). A reduced
+        weight never rounds down to 0 unless one of the factors is 0: a node on the ramp must still get clients.
+        """
+        weight = self.configured_weight
+        if self.agent_percent is not None:
+            # Agents may ask for more than 100%; the cap keeps one agent from outweighing the config's own limit.
+            weight = min(MAX_WEIGHT, weight * self.agent_percent // 100)
+        if weight and self.rabbitmq is not None and self.rabbitmq.alarms:
+            weight = max(1, weight * self.alarm_weight // 100) if self.alarm_weight else 0
+        if weight and self.ramp_start is not None and self.slow_start > 0:
+            elapsed = now - self.ramp_start
+            if elapsed < self.slow_start:
+                share = SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * max(0.0, elapsed) / self.slow_start
+                weight = max(1, int(weight * share))
+        return weight
 
     @property
     def effective_weight(self) -> int:
-        """Configured weight scaled by the agent's percentage, capped at 1000. 0 means no new connections."""
-        if self.agent_percent is None:
-            return self.configured_weight
-        # Agents may ask for more than 100%; the cap keeps one agent from outweighing the config's own limit.
-        return min(MAX_WEIGHT, self.configured_weight * self.agent_percent // 100)
+        """:meth:`effective_weight_at` now; the clock is read only while a slow-start ramp runs."""
+        if self.ramp_start is None:
+            # The common case, read for every backend on every new connection: no agent, no alarm, no ramp.
+            rmq = self.rabbitmq
+            if self.agent_percent is None and (rmq is None or not rmq.alarms):
+                return self.configured_weight
+            return self.effective_weight_at(0.0)
+        now = time.monotonic()
+        if now - self.ramp_start >= self.slow_start:
+            # The ramp is over: forget it, so the path for every later connection reads no clock at all.
+            self.ramp_start = None
+        return self.effective_weight_at(now)
 
     @property
     def weight(self) -> int:
         # The balancer's view: an unusable backend weighs nothing.
-        return self.effective_weight if self.usable else 0
+        usable = self.usable
+        if self.slow_start and usable is not self.usable_before:
+            # Read for every backend on every choice, so a backend that became usable since the last connection
+            # (a reload, an API change) starts its ramp at the latest with the next connection. The clock is read
+            # only on such a change.
+            self.observe(time.monotonic())
+        return self.effective_weight if usable else 0
+
+    def observe(self, now: float) -> None:
+        """Note whether the backend is usable now; one that becomes usable again starts its slow-start ramp.
+
+        Called by whatever changes the state (checks, agents, the node monitor, the admin API) and on every weight
+        read while slow start is on. The first time a backend is seen usable (at start) it gets its full weight at
+        once, as in HAProxy: there is no crowd of clients waiting for it then.
+        """
+        usable = self.usable
+        if usable == self.usable_before:
+            return
+        if not usable and self.health_time is None and not self.healthy:
+            # Not checked yet: nothing has been observed.
+            return
+        if usable and self.usable_before is False:
+            self.start_ramp(now)
+        elif not usable:
+            self.ramp_start = None
+        self.usable_before = usable
+
+    def start_ramp(self, now: float) -> None:
+        """Begin a slow-start ramp at ``now`` (a no-op with slow start off), e.g. when a local alarm clears."""
+        if self.slow_start > 0:
+            self.ramp_start = now
 
     @property
     def active(self) -> int:
@@ -160,14 +326,23 @@ class Backend:
 
     @property
     def status(self) -> str:
-        """One word for people: maint, drain, down or up (in that order of precedence)."""
+        """One word for people: maint, drain, maintenance, down or up (in that order of precedence).
+
+        ``maintenance`` goes before ``down``: a node in RabbitMQ's maintenance mode has closed its AMQP listener,
+        so its health check fails too, but the node monitor knows why and an operator should not see a crash.
+        """
         state = self.admin_state
         if state != "ready":
             return state
+        if self.in_maintenance:
+            return "maintenance"
         if not self.healthy or self.agent_down is not None:
             return "down"
-        # An agent's 0% takes no new connections but is not a failure: HAProxy shows it as DRAIN too.
-        return "drain" if self.effective_weight == 0 and self.agent_percent is not None else "up"
+        # An agent's 0% (or a local alarm with alarm_weight = 0) takes no new connections but is not a failure:
+        # HAProxy shows an agent's 0% as DRAIN too.
+        if self.effective_weight == 0 and (self.agent_percent is not None or self.alarms):
+            return "drain"
+        return "up"
 
     def mark_health(self, healthy: bool, detail: str, now: float) -> bool:
         """Record a check's verdict; True when ``healthy`` changed."""
@@ -175,6 +350,7 @@ class Backend:
         self.healthy = healthy
         self.health_detail = detail
         self.health_time = now
+        self.observe(time.monotonic())
         return changed
 
     # -- connection accounting -----------------------------------------------------------------------------------
@@ -206,6 +382,7 @@ class Backend:
         if state not in _STRICTNESS:
             raise ValueError(f"state must be one of {', '.join(ADMIN_STATES)}, not {state!r}")
         self.operator_state = state
+        self.observe(time.monotonic())
         return self.close_connections(close_reason) if state == "maint" else 0
 
     def set_weight(self, weight: int) -> None:
@@ -237,6 +414,10 @@ class Backend:
         self.agent_duration = old.agent_duration
         self.check_drain = old.check_drain
         self.check_duration = old.check_duration
+        if self.rabbitmq is not None and old.rabbitmq is not None:
+            self.rabbitmq = old.rabbitmq
+        self.ramp_start = old.ramp_start
+        self.usable_before = old.usable_before
         self.connections = old.connections
         # The open connections must report their close (and bytes) to this object from now on, or the traffic of
         # every connection older than the reload would be credited to a Backend nobody looks at any more.
@@ -261,9 +442,7 @@ class Pool:
 
     @classmethod
     def from_config(cls, service: ServiceConfig, *, healthy: bool) -> Pool:
-        return cls(
-            [Backend(b, service.backend_port(b), healthy=healthy) for b in service.backends], service.balance
-        )
+        return cls([Backend.for_service(service, b, healthy=healthy) for b in service.backends], service.balance)
 
     def choose(self, key: bytes | None = None, exclude: Iterable[Backend] = ()) -> Backend | None:
         """Pick a backend for a new connection, or None when no backend may take one.

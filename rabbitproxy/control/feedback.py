@@ -11,6 +11,7 @@ logged with its traceback, counts as ``error`` with the same keep-the-last-value
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,8 @@ def apply_reply(backend: Backend, reply: AgentReply, raw: str) -> Change:
     backend.agent_reply = raw
     backend.agent_status = STATUS_OK
     backend.agent_detail = None
+    # An agent that says ready/up again starts the backend's slow start.
+    backend.observe(time.monotonic())
     return Change(
         admin_before, backend.admin_state, down_before, backend.agent_down, percent_before, backend.agent_percent
     )

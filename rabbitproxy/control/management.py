@@ -18,6 +18,7 @@ import aiohttp
 
 from rabbitproxy.config import BackendConfig, RabbitMQConfig, ServiceConfig, format_host_port
 from rabbitproxy.protocols.management import (
+    CHECK_PASSED,
     Alarm,
     ManagementError,
     NodeState,
@@ -34,7 +35,15 @@ _CHECK_STATUSES = (200, 503)
 
 
 class ManagementUnavailable(Exception):  # noqa: N818 - a state of the peer, reported as such
-    """The management API could not be asked or did not answer as expected; the message says how."""
+    """The management API could not be asked or did not answer as expected; the message says how.
+
+    ``refused`` is True when the connection was refused: the node is up but its listener is closed (maintenance
+    mode on 3.10), which a node that is frozen or gone (a timeout) is not.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def session_for(cfg: RabbitMQConfig) -> aiohttp.ClientSession:
@@ -45,7 +54,10 @@ def session_for(cfg: RabbitMQConfig) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         # A header rather than aiohttp.BasicAuth, which aiohttp 3.14 deprecates.
         headers={"Authorization": aiohttp.encode_basic_auth(cfg.username, cfg.password)},
-        connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit_per_host=2),
+        # A new connection per request: `rabbitmq-upgrade drain` closes the node's management *listener*, but a
+        # kept-alive connection to it goes on being answered, and the refused connect is how the node monitor
+        # tells maintenance (3.10.8) from a node that is frozen. A handshake every few seconds per node is nothing.
+        connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit_per_host=2, force_close=True),
         # Never follow a redirect to somewhere the credentials were not meant for.
         raise_for_status=False,
     )
@@ -96,8 +108,9 @@ class ManagementAPI:
         except aiohttp.ClientConnectorError as exc:
             # "refused" is what tells a node that stopped its listeners (maintenance) from one that is frozen.
             cause = exc.os_error
-            why = "refused" if isinstance(cause, ConnectionRefusedError) else (cause.strerror or str(cause))
-            raise ManagementUnavailable(f"{method} {path}: {why}") from None
+            refused = isinstance(cause, ConnectionRefusedError)
+            why = "refused" if refused else (cause.strerror or str(cause))
+            raise ManagementUnavailable(f"{method} {path}: {why}", refused=refused) from None
         except aiohttp.ClientError as exc:
             raise ManagementUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
 
@@ -116,10 +129,17 @@ class ManagementAPI:
         except ManagementError as exc:
             raise ManagementUnavailable(str(exc)) from None
 
+    async def ready_to_serve(self) -> bool | None:
+        """Whether the node says it serves clients (False while it is being drained); None where the release has
+        neither ``ready-to-serve-clients`` nor ``is-in-service`` (3.10 answers 404 to both)."""
+        for check in ("ready-to-serve-clients", "is-in-service"):
+            status, _ = await self._call("GET", f"/api/health/checks/{check}", statuses=(*_CHECK_STATUSES, 404))
+            if status != 404:
+                return status == CHECK_PASSED
+        return None
+
     async def quorum_check(self) -> QuorumCheck:
-        status, body = await self._call(
-            "GET", "/api/health/checks/node-is-quorum-critical", statuses=_CHECK_STATUSES
-        )
+        status, body = await self._call("GET", "/api/health/checks/node-is-quorum-critical", statuses=_CHECK_STATUSES)
         try:
             return parse_quorum_check(status, body)
         except ManagementError as exc:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import structlog
 
 from rabbitproxy import config as config_mod
@@ -21,6 +22,8 @@ from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
 from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task
+from rabbitproxy.control.management import session_for
+from rabbitproxy.control.node_monitor import node_monitor_task
 from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
 from rabbitproxy.relay.service import Service
 from rabbitproxy.relay.tls import ServiceTLS
@@ -55,8 +58,11 @@ class Supervisor:
         self.config_path = config_path
         self.services: dict[str, Service] = {}
         self.state = "starting"
-        # Monitor tasks (health checks, agents) per backend object; restarted when a reload changes them.
+        # Monitor tasks (health checks, agents, node monitors) per backend object; restarted when a reload changes them.
         self.monitors: dict[int, list[asyncio.Task[None]]] = {}
+        # One HTTP session per service with [services.rabbitmq], shared by its node monitors; closed when the
+        # service is removed or changed, and at shutdown.
+        self.management: dict[str, aiohttp.ClientSession] = {}
         self.background = OwnedTasks()
         self.reload_lock = asyncio.Lock()
         self.listeners_ready = asyncio.Event()
@@ -99,6 +105,8 @@ class Supervisor:
         log.info("shutting down", open_connections=total)
         await asyncio.gather(*(s.drain(s.config.shutdown_timeout) for s in self.services.values()))
         await self._stop_all_monitors()
+        for name in list(self.management):
+            await self._close_management(name)
         await self.background.cancel_all()
         log.info("stopped")
 
@@ -109,15 +117,24 @@ class Supervisor:
     # -- monitors ------------------------------------------------------------------------------------------------
 
     def _watch_service(self, service: Service) -> None:
+        rmq = service.config.rabbitmq
+        if rmq is not None and service.name not in self.management:
+            self.management[service.name] = session_for(rmq)
         for backend in service.pool.backends:
             self._watch(service, backend)
+
+    async def _close_management(self, service_name: str) -> None:
+        """Close a service's management session (its monitors must already be stopped)."""
+        session = self.management.pop(service_name, None)
+        if session is not None:
+            await session.close()
 
     def _watch(self, service: Service, backend: Backend) -> None:
         # A monitor that dies would freeze the backend's state (up for a dead node, say), so each runs under
         # run_restarting: started again with back-off until a reload or the shutdown cancels it.
         loop = asyncio.get_running_loop()
         tasks = []
-        for kind, factory in monitors_for(service, backend):
+        for kind, factory in monitors_for(service, backend, self.management.get(service.name)):
             name = f"{kind} {service.name}/{backend.name}"
             coro = run_restarting(factory, name, Backoff(), service=service.name, backend=backend.name)
             task = loop.create_task(coro, name=name)
@@ -173,6 +190,7 @@ class Supervisor:
             service.stop_accepting()
             for b in service.pool.backends:
                 await self._unwatch(b)
+            await self._close_management(name)
             self.spawn(service.remove(), name=f"drain {name}")
             result.removed.append(name)
         for sc in new.services:
@@ -201,7 +219,7 @@ class Supervisor:
         backends: list[Backend] = []
         for bc in sc.backends:
             prev = old_pool.by_name.get(bc.name)
-            b = Backend(bc, sc.backend_port(bc), healthy=healthy_default)
+            b = Backend.for_service(sc, bc, healthy=healthy_default)
             if prev is not None and prev.address == bc.address and prev.port == b.port:
                 b.adopt_runtime_state(prev)
                 if healthy_default:
@@ -221,6 +239,8 @@ class Supervisor:
                 pool.balancer.forget(name)
         for b in old_pool.backends:
             await self._unwatch(b)
+        # The credentials or the CA may have changed: the new monitors get a new session.
+        await self._close_management(service.name)
         service.pool = pool
         service.config = sc
         service.cancel_connects_to_removed()
@@ -245,8 +265,10 @@ class Supervisor:
 Monitor = tuple[str, Callable[[], Awaitable[None]]]
 
 
-def monitors_for(service: Service, backend: Backend) -> list[Monitor]:
-    """What to run for ``backend``: (kind, coroutine factory) pairs, none when neither checks nor agents are set.
+def monitors_for(service: Service, backend: Backend, management: aiohttp.ClientSession | None = None) -> list[Monitor]:
+    """What to run for ``backend``: (kind, coroutine factory) pairs: health check, feedback agent, node monitor.
+
+    ``management`` is the service's management API session; the node monitor runs only with [services.rabbitmq].
 
     Factories rather than coroutines, so a monitor that dies can be started again. Called again for every backend
     after a reload, so a task only ever reads the configuration it was started with.
@@ -256,4 +278,6 @@ def monitors_for(service: Service, backend: Backend) -> list[Monitor]:
         out.append(("health check", functools.partial(health_task, service, backend)))
     if service.config.feedback.type != "none":
         out.append(("feedback agent", functools.partial(feedback_task, service, backend)))
+    if service.config.rabbitmq is not None and management is not None:
+        out.append(("node monitor", functools.partial(node_monitor_task, service, backend, management)))
     return out

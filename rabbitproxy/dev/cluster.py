@@ -199,6 +199,22 @@ class DevCluster:
         """
         return ctl.rabbitmqctl(RABBITMQ_BIN_DIR, self._home, self._node(node), *args, timeout=timeout)
 
+    def drain(self, node: Node, timeout: float = 120) -> None:
+        """Put the node in maintenance mode (``rabbitmq-upgrade drain``).
+
+        On 3.10.8 this closes its client connections and its AMQP *and* management listeners; the node keeps running
+        and its peers still report it running. Undo with :meth:`revive`.
+        """
+        ctl.rabbitmqctl(
+            RABBITMQ_BIN_DIR, self._home, self._node(node), "drain", timeout=timeout, tool="rabbitmq-upgrade"
+        )
+
+    def revive(self, node: Node, timeout: float = 120) -> None:
+        """Take the node out of maintenance mode (``rabbitmq-upgrade revive``): its listeners open again."""
+        ctl.rabbitmqctl(
+            RABBITMQ_BIN_DIR, self._home, self._node(node), "revive", timeout=timeout, tool="rabbitmq-upgrade"
+        )
+
     def list_connections(self, *fields: str) -> list[dict[str, str]]:
         """Client connections of the whole cluster with the given ``list_connections`` columns.
 

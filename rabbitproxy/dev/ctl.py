@@ -37,13 +37,15 @@ def rabbitmq_installed(bin_dir: Path = RABBITMQ_BIN_DIR) -> bool:
     return all(os.access(bin_dir / tool, os.X_OK) for tool in ("rabbitmq-server", "rabbitmqctl"))
 
 
-def rabbitmqctl(bin_dir: Path, home: Path, node: Node, *args: str, timeout: float = 60) -> str:
-    """Run ``rabbitmqctl -n <node> args...`` and return its stdout.
+def rabbitmqctl(
+    bin_dir: Path, home: Path, node: Node, *args: str, timeout: float = 60, tool: str = "rabbitmqctl"
+) -> str:
+    """Run ``rabbitmqctl -n <node> args...`` (or another CLI ``tool``, e.g. rabbitmq-upgrade) and return its stdout.
 
     Raises RabbitMQCtlError (a CalledProcessError carrying stderr) on a non-zero exit and
     subprocess.TimeoutExpired when it takes longer than ``timeout`` seconds.
     """
-    argv = [str(bin_dir / "rabbitmqctl"), "-n", node.name, *args]
+    argv = [str(bin_dir / tool), "-n", node.name, *args]
     done = subprocess.run(argv, env=nodes.ctl_env(home), capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RabbitMQCtlError(done.returncode, argv, done.stdout, done.stderr)

@@ -14,6 +14,7 @@ import itertools
 import json
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,57 @@ async def test_overview_lists_backends_and_drain_button_works(cluster: DevCluste
 
 async def _equals(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+@pytest.mark.asyncio
+async def test_overview_shows_each_rabbitmq_node_with_its_alarm_and_maintenance(
+    cluster: DevCluster, tmp_path: Path
+) -> None:
+    admin_port = free_port()
+    backends = backends_for(cluster)
+    for entry, node in zip(backends, cluster.nodes, strict=True):
+        entry["management_port"] = node.management_port
+    # A long interval: after its first poll the monitor leaves alone the state this test sets on the backends.
+    svc = service_config(backends, rabbitmq={"interval": 600.0, "timeout": 10.0})
+    async with (
+        run_proxy(svc, admin={"listen": f"127.0.0.1:{admin_port}"}) as proxy,
+        chromium(tmp_path) as page,
+    ):
+        pool = proxy.services["amqp"].pool
+        await wait_for(
+            lambda: all(b.rabbitmq is not None and b.rabbitmq.node for b in pool.backends),
+            timeout=60,
+            what="every node named by the monitor",
+        )
+        await page.send("Page.enable")
+        await page.send("Page.navigate", url=f"http://127.0.0.1:{admin_port}/")
+
+        def cell(name: str) -> str:
+            return f"document.querySelector('tr[data-backend=\"{name}\"] td.rabbitmq')"
+
+        await wait_for(
+            lambda: page.eval(f"{cell('rabbit1')} !== null && {cell('rabbit1')}.textContent.includes('3.10.8')"),
+            what="rabbit1's node and version on the page",
+        )
+        assert cluster.nodes[0].name in await page.eval(f"{cell('rabbit1')}.textContent")
+        r2, r3 = pool.by_name["rabbit2"], pool.by_name["rabbit3"]
+        assert r2.rabbitmq is not None and r3.rabbitmq is not None
+        r2.rabbitmq = replace(r2.rabbitmq, alarms=("memory",))
+        r3.rabbitmq = replace(r3.rabbitmq, maintenance=True, maintenance_detail="drained")
+        await wait_for(
+            lambda: page.eval(f"{cell('rabbit2')}.querySelector('.badge.alarm[data-alarm=\"memory\"]') !== null"),
+            what="rabbit2's memory alarm badge",
+        )
+        await wait_for(
+            lambda: page.eval(
+                "document.querySelector('tr[data-backend=\"rabbit3\"] .badge[data-status]').textContent"
+                " === 'maintenance'"
+            ),
+            what="rabbit3's status shown as maintenance",
+        )
+        assert await page.eval(f"{cell('rabbit3')}.querySelector('.badge.maintenance') !== null")
+        assert await page.eval("document.querySelector('tr[data-backend=\"rabbit3\"]').className") == "maintenance"
+        shot = await page.send("Page.captureScreenshot", format="png")
+        ARTIFACTS.mkdir(exist_ok=True)
+        loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        (ARTIFACTS / f"overview-rabbitmq-{loop_name}.png").write_bytes(base64.b64decode(shot["data"]))

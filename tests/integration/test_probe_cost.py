@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, tcp_server
+from tests.support.net import free_port, tcp_server
 
 REPO = Path(__file__).resolve().parents[2]
 # The libraries the probe must never load; typer vendors click, so click is not listed.

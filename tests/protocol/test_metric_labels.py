@@ -75,7 +75,8 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
                 allowed = {
                     "service": {"amqp"},
                     "backend": {"rabbit1", "rabbit2"},
-                    "status": {"up", "down", "drain", "maint", "ok", "unreachable", "bad reply", "error"},
+                    "status": {"up", "down", "drain", "maint", "maintenance"}
+                    | {"ok", "unreachable", "bad reply", "error"},
                     "state": set(ADMIN_STATES),
                     "reason": set(CloseReason),
                 }[label]
