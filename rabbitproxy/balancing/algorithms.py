@@ -72,29 +72,53 @@ class SmoothWeightedRoundRobin(Balancer):
 
     State is keyed by backend name, so the caller may pass a differently filtered list on every call.
     Backends absent from a call (or with weight <= 0) keep their state untouched: a retry that excludes the
-    failed backend shifts the sequence only by the one extra pick it makes. Weight changes apply at once.
+    failed backend shifts the sequence only by the one extra pick it makes.
+
+    Weight changes apply at once. A running total lives on the scale of the total weight it was last
+    updated under: totals built up under weights 1000:1 would take about a hundred picks at 5:1 to wind
+    down, all of them going to the first backend (feedback agents lowering every weight at once do exactly
+    this). So a backend whose running total was last updated under a different total weight has it
+    rescaled by new total / old total before the pick: its position in the cycle is kept and the new
+    ratio shows within about one cycle. With unchanged weights this never happens; a retry that leaves a
+    backend out rescales the others there and back, which shifts the sequence by at most a pick.
     """
 
-    __slots__ = ("_current",)
+    __slots__ = ("_current", "_scale")
 
     algorithm: ClassVar[str] = "weighted-round-robin"
 
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
+        # The total weight under which each backend's running total was last updated.
+        self._scale: dict[str, int] = {}
 
     def choose(self, candidates: Sequence[C], key: bytes | None = None) -> C | None:
         """Pick the next backend in the smooth weighted sequence; `key` is ignored."""
+        total = 0
+        for candidate in candidates:
+            weight = candidate.weight
+            if weight > 0:
+                total += weight
         current = self._current
+        scale = self._scale
         best: C | None = None
         best_current = 0
-        total = 0
         for candidate in candidates:
             weight = candidate.weight
             if weight <= 0:
                 continue
-            value = current.get(candidate.name, 0) + weight
-            current[candidate.name] = value
-            total += weight
+            name = candidate.name
+            value = current.get(name, 0)
+            before = scale.get(name)
+            if before != total:
+                if before is not None and value:
+                    # Integer arithmetic keeps this exact for any weight; truncating towards zero (rather
+                    # than flooring) keeps the totals from drifting negative over many changes.
+                    scaled = abs(value) * total // before
+                    value = scaled if value > 0 else -scaled
+                scale[name] = total
+            value += weight
+            current[name] = value
             # Strict comparison keeps the first candidate in config order on ties, as nginx does.
             if best is None or value > best_current:
                 best = candidate
@@ -106,6 +130,7 @@ class SmoothWeightedRoundRobin(Balancer):
     def forget(self, name: str) -> None:
         """Drop the running weight of `name`."""
         self._current.pop(name, None)
+        self._scale.pop(name, None)
 
 
 class LeastConnections(Balancer):

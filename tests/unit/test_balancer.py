@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
@@ -124,6 +125,66 @@ def test_swrr_weight_change_takes_effect_at_once() -> None:
     # Running state from before the change shifts the phase, never the long-run share.
     assert abs(counts["a"] - 10) <= 1
     assert abs(counts["b"] - 30) <= 1
+
+
+def test_swrr_weight_drop_shows_the_new_ratio_within_one_cycle() -> None:
+    # Issue 12 defect 10: running totals built up at 1000:1 used to be kept at 5:1, so about a hundred
+    # picks went to "a" before "b" got one. Check every phase of the old cycle.
+    running = SmoothWeightedRoundRobin()
+    candidates = backends(a=1000, b=1)
+    for phase in range(1001):
+        balancer = copy.deepcopy(running)
+        changed = backends(a=5, b=1)
+        assert "b" in picks(balancer, changed, 6), phase
+        running.choose(candidates)
+
+
+def test_swrr_weight_rise_shows_the_new_ratio_within_one_cycle() -> None:
+    balancer = SmoothWeightedRoundRobin()
+    candidates = backends(a=5, b=1)
+    picks(balancer, candidates, 3)
+    candidates[1].weight = 1000
+    counts = Counter(picks(balancer, candidates, 1005))
+    assert abs(counts["a"] - 5) <= 1, counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(st.integers(min_value=0, max_value=1000), min_size=4, max_size=4), st.integers(0, 3000)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(st.integers(min_value=0, max_value=1000), min_size=4, max_size=4),
+    st.integers(min_value=1, max_value=3),
+    st.integers(min_value=1, max_value=4),
+)
+def test_swrr_share_right_after_any_weight_change(
+    history: list[tuple[list[int], int]], weights: list[int], cycles: int, n: int
+) -> None:
+    # Any history of weights and picks, then a change: from the very next pick, every k * sum(weights)
+    # picks give each backend its weight times k, give or take one.
+    balancer = SmoothWeightedRoundRobin()
+    candidates = [Backend(f"b{i}") for i in range(n)]
+    for old_weights, count in history:
+        for candidate, weight in zip(candidates, old_weights, strict=False):
+            candidate.weight = weight
+        for _ in range(count):
+            balancer.choose(candidates)
+    for candidate, weight in zip(candidates, weights, strict=False):
+        candidate.weight = weight
+    total = sum(candidate.weight for candidate in candidates)
+    if total == 0:
+        assert balancer.choose(candidates) is None
+        return
+    counts: Counter[str] = Counter()
+    for k in range(1, cycles + 1):
+        for _ in range(total):
+            chosen = balancer.choose(candidates)
+            assert chosen is not None
+            counts[chosen.name] += 1
+        for candidate in candidates:
+            assert abs(counts[candidate.name] - k * candidate.weight) <= 1, (k, counts)
 
 
 def test_swrr_absent_candidates_keep_their_state() -> None:
