@@ -21,6 +21,7 @@ __all__ = [
     "SmoothWeightedRoundRobin",
     "SourceHash",
     "make_balancer",
+    "source_key",
 ]
 
 
@@ -194,6 +195,15 @@ def _unit_interval(key: bytes, name: str) -> float:
     digest.update(name.encode("utf-8", "surrogatepass"))
     bits = int.from_bytes(digest.digest(), "big") >> (64 - _HASH_BITS)
     return (bits + 0.5) / _HASH_SCALE
+
+
+def source_key(host: str) -> bytes:
+    """What source-hash hashes for a client: the text of its IP address (as the socket or PROXY header gave it).
+
+    The data path and the tests both call this, so the tests' spread and pinned values are computed over the
+    keys production really sends.
+    """
+    return host.encode()
 
 
 class SourceHash(Balancer):

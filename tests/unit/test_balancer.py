@@ -18,6 +18,7 @@ from rabbitproxy.balancing.algorithms import (
     SmoothWeightedRoundRobin,
     SourceHash,
     make_balancer,
+    source_key,
 )
 
 
@@ -67,10 +68,10 @@ def test_make_balancer_unknown_names_choices() -> None:
 def test_empty_and_all_zero_give_none(algorithm: str) -> None:
     balancer = make_balancer(algorithm)
     assert balancer.choose([]) is None
-    assert balancer.choose([], b"\x7f\x00\x00\x01") is None
+    assert balancer.choose([], source_key("127.0.0.1")) is None
     zero = backends(a=0, b=0, c=-3)
     assert balancer.choose(zero) is None
-    assert balancer.choose(zero, b"\x7f\x00\x00\x01") is None
+    assert balancer.choose(zero, source_key("127.0.0.1")) is None
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
@@ -78,15 +79,32 @@ def test_weight_zero_never_picked(algorithm: str) -> None:
     balancer = make_balancer(algorithm)
     candidates = backends(a=0, b=2, c=-1, d=1)
     for i in range(200):
-        chosen = balancer.choose(candidates, i.to_bytes(4, "big"))
+        chosen = balancer.choose(candidates, source_key(f"10.0.0.{i}"))
         assert chosen is not None
         assert chosen.name in {"b", "d"}
         chosen.active += 1
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_forget_is_safe_for_unknown_names(algorithm: str) -> None:
-    make_balancer(algorithm).forget("nobody")
+def test_forget_of_an_unknown_name_changes_nothing(algorithm: str) -> None:
+    # A reload removing a backend the balancer never picked must neither raise nor disturb the sequence.
+    def run(forget_at: int | None) -> list[str]:
+        balancer = make_balancer(algorithm)
+        candidates = backends(a=3, b=2, c=1)
+        out = []
+        for i in range(60):
+            if i == forget_at:
+                balancer.forget("nobody")
+                balancer.forget("")
+            chosen = balancer.choose(candidates, source_key(f"192.0.2.{i}"))
+            assert chosen is not None
+            chosen.active += 1
+            out.append(chosen.name)
+        return out
+
+    plain = run(None)
+    assert set(plain) == {"a", "b", "c"}
+    assert run(30) == plain
 
 
 # --- smooth weighted round robin -----------------------------------------------------------------------
@@ -294,7 +312,8 @@ def test_leastconn_large_numbers_are_exact() -> None:
 
 def client_keys(n: int) -> list[bytes]:
     base = int(ipaddress.IPv4Address("10.0.0.0"))
-    return [ipaddress.IPv4Address(base + i).packed for i in range(n)]
+    # The keys the data path sends (ClientLeg.peer_key): the text of the address, not its packed bytes.
+    return [source_key(str(ipaddress.IPv4Address(base + i))) for i in range(n)]
 
 
 def assignment(balancer: Balancer, candidates: list[Backend], keys: list[bytes]) -> dict[bytes, str]:
@@ -319,10 +338,11 @@ def test_source_hash_is_stable() -> None:
 
 def test_source_hash_known_value_is_platform_independent() -> None:
     # Pins the hash so that a change of hash function (for example to Python's salted hash()), which would
-    # move every client after an upgrade, is caught.
+    # move every client after an upgrade, is caught. The keys are the ones the data path sends (the text of
+    # the address, see client_keys), so a change to what ClientLeg.peer_key hashes is caught as well.
     candidates = backends(a=1, b=1, c=1)
     names = "".join(c.name for c in (SourceHash().choose(candidates, k) for k in client_keys(16)) if c)
-    assert names == "bbcbabcaabacaacb"
+    assert names == "bbccacabacabccca"
 
 
 def test_source_hash_spread_over_three() -> None:
