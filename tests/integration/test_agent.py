@@ -75,7 +75,7 @@ def _proxy_config(cluster: DevCluster, agent_port: int, feedback_type: str) -> d
             {
                 "name": "amqp",
                 "listen": f"127.0.0.1:{free_port()}",
-                "health_check": {"type": "amqp", "interval": 0.5, "timeout": 1.0, "rise": 1},
+                "health_check": {"type": "amqp", "interval": 0.5, "timeout": 2.0, "rise": 1},
                 "feedback": {"type": feedback_type, "interval": POLL, "timeout": POLL_TIMEOUT},
                 "backends": [backend],
             }

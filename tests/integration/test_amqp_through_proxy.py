@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import socket
+from collections.abc import Iterator
 
 import aio_pika
 import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
-from tests.helpers import free_port, listen_addr, run_proxy, service_config, wait_for
+from tests.helpers import listen_addr, run_proxy, service_config, wait_for
 from tests.integration.conftest import backends_for
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses every connect while the block runs.
+
+    A port merely found free may be taken by some other process by the time the test connects to it; a socket
+    that is bound but never listens holds the port, and the kernel answers every connect to it with a reset.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def url(addr: tuple[str, int]) -> str:
@@ -87,19 +102,20 @@ async def _counts_are(cluster: DevCluster, expected: list[int]) -> bool:
 
 @pytest.mark.asyncio
 async def test_backend_with_nothing_listening_is_skipped(cluster: DevCluster) -> None:
-    backends = [{"name": "nothing", "address": "127.0.0.1", "port": free_port()}, *backends_for(cluster)]
-    async with run_proxy(service_config(backends, retries=2)) as p:
-        conns = [await aio_pika.connect(url(listen_addr(p)), timeout=30) for _ in range(8)]
-        try:
-            for c in conns:
-                ch = await c.channel()
-                await ch.declare_queue("", exclusive=True)
-            pool = p.services["amqp"].pool
-            assert pool.by_name["nothing"].total == 0
-            assert pool.by_name["nothing"].connect_errors >= 1
-            assert sum(pool.by_name[f"rabbit{i}"].total for i in (1, 2, 3)) == 8
-        finally:
-            await asyncio.gather(*(c.close() for c in conns))
+    with dead_port() as dead:
+        backends = [{"name": "nothing", "address": "127.0.0.1", "port": dead}, *backends_for(cluster)]
+        async with run_proxy(service_config(backends, retries=2)) as p:
+            conns = [await aio_pika.connect(url(listen_addr(p)), timeout=30) for _ in range(8)]
+            try:
+                for c in conns:
+                    ch = await c.channel()
+                    await ch.declare_queue("", exclusive=True)
+                pool = p.services["amqp"].pool
+                assert pool.by_name["nothing"].total == 0
+                assert pool.by_name["nothing"].connect_errors >= 1
+                assert sum(pool.by_name[f"rabbit{i}"].total for i in (1, 2, 3)) == 8
+            finally:
+                await asyncio.gather(*(c.close() for c in conns))
 
 
 @pytest.mark.asyncio

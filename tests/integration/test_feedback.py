@@ -19,7 +19,7 @@ from tests.integration.conftest import backends_for
 
 pytestmark = pytest.mark.integration
 
-CHECK = {"type": "amqp", "interval": 0.3, "timeout": 1.0, "rise": 1, "fall": 2}
+CHECK = {"type": "amqp", "interval": 0.3, "timeout": 2.0, "rise": 1, "fall": 2}
 POLL = 0.3
 
 
@@ -60,7 +60,7 @@ async def _agents_for(cluster: DevCluster, lines: list[str]) -> tuple[list[Scrip
 
 
 def _service(backends: list[dict[str, Any]]) -> dict[str, Any]:
-    return service_config(backends, health_check=CHECK, feedback={"type": "agent", "interval": POLL, "timeout": 1.0})
+    return service_config(backends, health_check=CHECK, feedback={"type": "agent", "interval": POLL, "timeout": 2.0})
 
 
 async def _connect(proxy: Supervisor) -> aio_pika.abc.AbstractConnection:

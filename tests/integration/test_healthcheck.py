@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,18 @@ def _run_cli(*args: str) -> tuple[int, str]:
     }
     result = CliRunner().invoke(app, ["healthcheck", *args], env=clean)
     return result.exit_code, result.output
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses every connect while the block runs.
+
+    A port merely found free may be taken by some other process by the time the test connects to it; a socket
+    that is bound but never listens holds the port, and the kernel answers every connect to it with a reset.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.mark.asyncio
@@ -102,8 +115,8 @@ async def test_no_answer_and_refused_are_unhealthy() -> None:
     assert not result.healthy
     assert result.detail.endswith("no answer within 0.3s")
 
-    closed = free_port()
-    code, out = await asyncio.to_thread(_run_cli, "--admin", f"127.0.0.1:{closed}", "--timeout", "2")
+    with dead_port() as closed:
+        code, out = await asyncio.to_thread(_run_cli, "--admin", f"127.0.0.1:{closed}", "--timeout", "2")
     assert code == 1
     assert "unhealthy" in out
     assert "Connection refused" in out

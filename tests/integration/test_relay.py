@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
 from tests.helpers import (
     echo_handler,
-    free_port,
     listen_addr,
     run_proxy,
     service_config,
@@ -20,6 +21,18 @@ from tests.helpers import (
     tcp_server,
     wait_for,
 )
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses every connect while the block runs.
+
+    A port merely found free may be taken by some other process by the time the test connects to it; a socket
+    that is bound but never listens holds the port, and the kernel answers every connect to it with a reset.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.mark.asyncio
@@ -53,29 +66,29 @@ async def test_half_closed_client_still_gets_the_whole_reply() -> None:
 
 @pytest.mark.asyncio
 async def test_retry_skips_a_backend_with_nothing_listening() -> None:
-    dead = free_port()
-    async with (
-        tcp_server(echo_handler) as port,
-        run_proxy(
-            service_config(
-                [
-                    {"name": "dead", "address": "127.0.0.1", "port": dead},
-                    {"name": "live", "address": "127.0.0.1", "port": port},
-                ],
-                retries=1,
-            )
-        ) as p,
-    ):
-        for i in range(10):
-            reader, writer = await asyncio.open_connection(*listen_addr(p))
-            msg = b"ping %d" % i
-            writer.write(msg)
-            assert await reader.readexactly(len(msg)) == msg
-            writer.close()
-        pool = p.services["amqp"].pool
-        assert pool.by_name["live"].total == 10
-        assert pool.by_name["dead"].total == 0
-        assert pool.by_name["dead"].connect_errors >= 1
+    with dead_port() as dead:
+        async with (
+            tcp_server(echo_handler) as port,
+            run_proxy(
+                service_config(
+                    [
+                        {"name": "dead", "address": "127.0.0.1", "port": dead},
+                        {"name": "live", "address": "127.0.0.1", "port": port},
+                    ],
+                    retries=1,
+                )
+            ) as p,
+        ):
+            for i in range(10):
+                reader, writer = await asyncio.open_connection(*listen_addr(p))
+                msg = b"ping %d" % i
+                writer.write(msg)
+                assert await reader.readexactly(len(msg)) == msg
+                writer.close()
+            pool = p.services["amqp"].pool
+            assert pool.by_name["live"].total == 10
+            assert pool.by_name["dead"].total == 0
+            assert pool.by_name["dead"].connect_errors >= 1
 
 
 @pytest.mark.asyncio
@@ -91,7 +104,7 @@ async def test_a_backend_that_never_answers_times_out_and_the_next_one_serves() 
                         {"name": "live", "address": "127.0.0.1", "port": port},
                     ],
                     retries=1,
-                    connect_timeout=0.3,
+                    connect_timeout=1.0,
                 )
             ) as p,
         ):
@@ -130,14 +143,15 @@ async def test_every_connect_to_a_silent_backend_ends_at_its_deadline() -> None:
 
 @pytest.mark.asyncio
 async def test_no_usable_backend_closes_the_client_and_counts_it() -> None:
-    async with run_proxy(
-        service_config([{"name": "dead", "address": "127.0.0.1", "port": free_port()}], retries=0)
-    ) as p:
-        reader, writer = await asyncio.open_connection(*listen_addr(p))
-        assert await asyncio.wait_for(reader.read(), 30) == b""
-        writer.close()
-        service = p.services["amqp"]
-        await wait_for(lambda: service.ended[CloseReason.CONNECT_FAILED] == 1, what="connect failed counted")
+    with dead_port() as dead:
+        async with run_proxy(
+            service_config([{"name": "dead", "address": "127.0.0.1", "port": dead}], retries=0)
+        ) as p:
+            reader, writer = await asyncio.open_connection(*listen_addr(p))
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+            service = p.services["amqp"]
+            await wait_for(lambda: service.ended[CloseReason.CONNECT_FAILED] == 1, what="connect failed counted")
 
 
 @pytest.mark.asyncio
@@ -166,7 +180,7 @@ async def test_idle_client_is_closed_after_client_idle_timeout() -> None:
     async with (
         tcp_server(echo_handler) as port,
         run_proxy(
-            service_config([{"name": "echo", "address": "127.0.0.1", "port": port}], client_idle_timeout=0.3)
+            service_config([{"name": "echo", "address": "127.0.0.1", "port": port}], client_idle_timeout=1.0)
         ) as p,
     ):
         reader, writer = await asyncio.open_connection(*listen_addr(p))
