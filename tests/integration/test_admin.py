@@ -24,17 +24,16 @@ def metric(text: str, line_start: str) -> float:
     raise AssertionError(f"no sample {line_start} in the metrics")
 
 
-async def broker_lists(cluster: DevCluster, node: str, peer_ports: set[str]) -> bool:
-    """Whether ``node`` lists client connections from every one of ``peer_ports`` (the proxy's backend legs)."""
-    rows = await asyncio.to_thread(cluster.list_connections, "node", "peer_port")
-    return peer_ports <= {row["peer_port"] for row in rows if row["node"] == node}
+async def broker_lists(cluster: DevCluster, amqp_port: int, peer_ports: set[str]) -> bool:
+    """Whether the node on ``amqp_port`` lists connections from every one of ``peer_ports`` (the proxy's legs)."""
+    rows = await asyncio.to_thread(cluster.list_connections, "port", "peer_port")
+    return peer_ports <= {row["peer_port"] for row in rows if row["port"] == str(amqp_port)}
 
 
 @pytest.mark.asyncio
 async def test_drain_a_node_for_maintenance_then_bring_it_back(cluster: DevCluster) -> None:
     admin_port = free_port()
     url = f"http://127.0.0.1:{admin_port}"
-    node_names = [n.name for n in cluster.nodes]
     async with (
         run_proxy(service_config(backends_for(cluster)), admin={"listen": f"127.0.0.1:{admin_port}"}) as proxy,
         aiohttp.ClientSession() as http,
@@ -68,7 +67,9 @@ async def test_drain_a_node_for_maintenance_then_bring_it_back(cluster: DevClust
             if c.backend is pool.by_name["rabbit1"]
         }
         assert len(legs) == 2
-        await wait_for(lambda: broker_lists(cluster, node_names[0], legs), timeout=30, what="rabbit1 listing both")
+        await wait_for(
+            lambda: broker_lists(cluster, cluster.nodes[0].amqp_port, legs), timeout=30, what="rabbit1 listing both"
+        )
 
         # 2. Watch it empty: the clients on rabbit1 leave by themselves.
         for c in on_rabbit1:
