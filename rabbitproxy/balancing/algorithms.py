@@ -75,33 +75,43 @@ class SmoothWeightedRoundRobin(Balancer):
     Backends absent from a call (or with weight <= 0) keep their state untouched: a retry that excludes the
     failed backend shifts the sequence only by the one extra pick it makes.
 
-    Weight changes apply at once. A running total lives on the scale of the total weight it was last
-    updated under: totals built up under weights 1000:1 would take about a hundred picks at 5:1 to wind
-    down, all of them going to the first backend (feedback agents lowering every weight at once do exactly
-    this). So a backend whose running total was last updated under a different total weight has it
-    rescaled by new total / old total before the pick: its position in the cycle is kept and the new
-    ratio shows within about one cycle. With unchanged weights this never happens; a retry that leaves a
-    backend out rescales the others there and back, which shifts the sequence by at most a pick.
+    Weight changes apply at once. Running totals live on the scale of the total weight: totals built up
+    under weights 1000:1 would take about a hundred picks at 5:1 to wind down, all of them going to the first
+    backend (feedback agents lowering every weight at once do exactly this). So when a candidate's weight
+    differs from the one it last had, a new weight epoch begins, and each backend's running total is rescaled
+    by new total / the total it was last rescaled under, the first time it takes part in the new epoch (at
+    once for the candidates present, on its return for one that was left out). Its position in the cycle is
+    kept and the new ratio shows within about one cycle. Without a weight change nothing is rescaled, so a
+    retry that leaves a backend out, or a backend going down and up, behaves exactly as in nginx.
     """
 
-    __slots__ = ("_current", "_scale")
+    __slots__ = ("_current", "_epoch", "_seen")
 
     algorithm: ClassVar[str] = "weighted-round-robin"
 
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
-        # The total weight under which each backend's running total was last updated.
-        self._scale: dict[str, int] = {}
+        # Per backend: the weight it last had, the total weight its running total is scaled to, and the epoch.
+        self._seen: dict[str, tuple[int, int, int]] = {}
+        self._epoch = 0
 
     def choose(self, candidates: Sequence[C], key: bytes | None = None) -> C | None:
         """Pick the next backend in the smooth weighted sequence; `key` is ignored."""
+        seen = self._seen
         total = 0
+        changed = False
         for candidate in candidates:
             weight = candidate.weight
             if weight > 0:
                 total += weight
+                state = seen.get(candidate.name)
+                # A backend seen for the first time has no history, so it is no change.
+                if state is not None and state[0] != weight:
+                    changed = True
+        if changed:
+            self._epoch += 1
+        epoch = self._epoch
         current = self._current
-        scale = self._scale
         best: C | None = None
         best_current = 0
         for candidate in candidates:
@@ -110,14 +120,14 @@ class SmoothWeightedRoundRobin(Balancer):
                 continue
             name = candidate.name
             value = current.get(name, 0)
-            before = scale.get(name)
-            if before != total:
-                if before is not None and value:
-                    # Integer arithmetic keeps this exact for any weight; truncating towards zero (rather
-                    # than flooring) keeps the totals from drifting negative over many changes.
-                    scaled = abs(value) * total // before
+            state = seen.get(name)
+            if state is None or state[2] != epoch:
+                if state is not None and value and state[1] != total:
+                    # Integer arithmetic keeps this exact for any weight; truncating towards zero (rather than
+                    # flooring) keeps the totals from drifting negative over many changes.
+                    scaled = abs(value) * total // state[1]
                     value = scaled if value > 0 else -scaled
-                scale[name] = total
+                seen[name] = (weight, total, epoch)
             value += weight
             current[name] = value
             # Strict comparison keeps the first candidate in config order on ties, as nginx does.
@@ -131,7 +141,7 @@ class SmoothWeightedRoundRobin(Balancer):
     def forget(self, name: str) -> None:
         """Drop the running weight of `name`."""
         self._current.pop(name, None)
-        self._scale.pop(name, None)
+        self._seen.pop(name, None)
 
 
 class LeastConnections(Balancer):

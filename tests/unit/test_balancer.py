@@ -205,6 +205,38 @@ def test_swrr_share_right_after_any_weight_change(
             assert abs(counts[candidate.name] - k * candidate.weight) <= 1, (k, counts)
 
 
+def nginx_swrr(current: dict[str, int], candidates: list[Backend]) -> str | None:
+    """nginx's algorithm as published, without any weight-change handling: the reference for unchanged weights."""
+    best, total = None, 0
+    for c in candidates:
+        if c.weight <= 0:
+            continue
+        current[c.name] = current.get(c.name, 0) + c.weight
+        total += c.weight
+        if best is None or current[c.name] > current[best]:
+            best = c.name
+    if best is not None:
+        current[best] -= total
+    return best
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=5),
+    st.lists(st.lists(st.booleans(), min_size=5, max_size=5), max_size=300),
+)
+def test_swrr_without_weight_changes_is_exactly_nginx(weights: list[int], calls: list[list[bool]]) -> None:
+    # Retries (a call without the backends already tried) and backends going down and up change the candidate
+    # list, not the weights: no rescaling may happen then, so the sequence stays nginx's.
+    candidates = [Backend(f"b{i}", w) for i, w in enumerate(weights)]
+    balancer = SmoothWeightedRoundRobin()
+    reference: dict[str, int] = {}
+    for mask in calls:
+        subset = [c for c, keep in zip(candidates, mask, strict=False) if keep]
+        chosen = balancer.choose(subset)
+        assert (chosen.name if chosen is not None else None) == nginx_swrr(reference, subset)
+
+
 def test_swrr_absent_candidates_keep_their_state() -> None:
     full = SmoothWeightedRoundRobin()
     candidates = backends(a=5, b=1, c=1)
