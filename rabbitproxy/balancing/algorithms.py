@@ -21,6 +21,7 @@ __all__ = [
     "SmoothWeightedRoundRobin",
     "SourceHash",
     "make_balancer",
+    "source_key",
 ]
 
 
@@ -72,29 +73,63 @@ class SmoothWeightedRoundRobin(Balancer):
 
     State is keyed by backend name, so the caller may pass a differently filtered list on every call.
     Backends absent from a call (or with weight <= 0) keep their state untouched: a retry that excludes the
-    failed backend shifts the sequence only by the one extra pick it makes. Weight changes apply at once.
+    failed backend shifts the sequence only by the one extra pick it makes.
+
+    Weight changes apply at once. Running totals live on the scale of the total weight: totals built up
+    under weights 1000:1 would take about a hundred picks at 5:1 to wind down, all of them going to the first
+    backend (feedback agents lowering every weight at once do exactly this). So when a candidate's weight
+    differs from the one it last had, a new weight epoch begins, and each backend's running total is rescaled
+    by new total / the total it was last rescaled under, the first time it takes part in the new epoch (at
+    once for the candidates present, on its return for one that was left out). Its position in the cycle is
+    kept and the new ratio shows within about one cycle. Without a weight change nothing is rescaled, so a
+    retry that leaves a backend out, or a backend going down and up, behaves exactly as in nginx.
     """
 
-    __slots__ = ("_current",)
+    __slots__ = ("_current", "_epoch", "_seen")
 
     algorithm: ClassVar[str] = "weighted-round-robin"
 
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
+        # Per backend: the weight it last had, the total weight its running total is scaled to, and the epoch.
+        self._seen: dict[str, tuple[int, int, int]] = {}
+        self._epoch = 0
 
     def choose(self, candidates: Sequence[C], key: bytes | None = None) -> C | None:
         """Pick the next backend in the smooth weighted sequence; `key` is ignored."""
+        seen = self._seen
+        total = 0
+        changed = False
+        for candidate in candidates:
+            weight = candidate.weight
+            if weight > 0:
+                total += weight
+                state = seen.get(candidate.name)
+                # A backend seen for the first time has no history, so it is no change.
+                if state is not None and state[0] != weight:
+                    changed = True
+        if changed:
+            self._epoch += 1
+        epoch = self._epoch
         current = self._current
         best: C | None = None
         best_current = 0
-        total = 0
         for candidate in candidates:
             weight = candidate.weight
             if weight <= 0:
                 continue
-            value = current.get(candidate.name, 0) + weight
-            current[candidate.name] = value
-            total += weight
+            name = candidate.name
+            value = current.get(name, 0)
+            state = seen.get(name)
+            if state is None or state[2] != epoch:
+                if state is not None and value and state[1] != total:
+                    # Integer arithmetic keeps this exact for any weight; truncating towards zero (rather than
+                    # flooring) keeps the totals from drifting negative over many changes.
+                    scaled = abs(value) * total // state[1]
+                    value = scaled if value > 0 else -scaled
+                seen[name] = (weight, total, epoch)
+            value += weight
+            current[name] = value
             # Strict comparison keeps the first candidate in config order on ties, as nginx does.
             if best is None or value > best_current:
                 best = candidate
@@ -106,6 +141,7 @@ class SmoothWeightedRoundRobin(Balancer):
     def forget(self, name: str) -> None:
         """Drop the running weight of `name`."""
         self._current.pop(name, None)
+        self._seen.pop(name, None)
 
 
 class LeastConnections(Balancer):
@@ -169,6 +205,15 @@ def _unit_interval(key: bytes, name: str) -> float:
     digest.update(name.encode("utf-8", "surrogatepass"))
     bits = int.from_bytes(digest.digest(), "big") >> (64 - _HASH_BITS)
     return (bits + 0.5) / _HASH_SCALE
+
+
+def source_key(host: str) -> bytes:
+    """What source-hash hashes for a client: the text of its IP address (as the socket or PROXY header gave it).
+
+    The data path and the tests both call this, so the tests' spread and pinned values are computed over the
+    keys production really sends.
+    """
+    return host.encode()
 
 
 class SourceHash(Balancer):

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from rabbitproxy import logs
+from rabbitproxy.balancing.algorithms import source_key
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.proxy_header import (
     NEED_DATA,
@@ -680,7 +681,7 @@ class ClientLeg(asyncio.Protocol):
     def peer_key(self) -> bytes | None:
         """What source-hash balancing hashes: the client's address."""
         src = self.client_src
-        return src[0].encode() if src is not None else None
+        return source_key(src[0]) if src is not None else None
 
     @property
     def duration(self) -> float:

@@ -72,7 +72,7 @@ def _proxy_config(cluster: DevCluster, agent_port: int, feedback_type: str) -> d
     backend = backends_for(cluster)[0] | {"agent_port": agent_port}
     service = service_config(
         [backend],
-        health_check={"type": "amqp", "interval": 0.5, "timeout": 1.0, "rise": 1},
+        health_check={"type": "amqp", "interval": 0.5, "timeout": 2.0, "rise": 1},
         feedback={"type": feedback_type, "interval": POLL, "timeout": POLL_TIMEOUT},
         shutdown_timeout=30.0,
     )

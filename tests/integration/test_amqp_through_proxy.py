@@ -11,7 +11,7 @@ import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
 from tests.support.cluster import backends_for
-from tests.support.net import free_port
+from tests.support.net import dead_port
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
 
@@ -87,19 +87,20 @@ async def _counts_are(cluster: DevCluster, expected: list[int]) -> bool:
 
 @pytest.mark.asyncio
 async def test_backend_with_nothing_listening_is_skipped(cluster: DevCluster) -> None:
-    backends = [{"name": "nothing", "address": "127.0.0.1", "port": free_port()}, *backends_for(cluster)]
-    async with run_proxy(service_config(backends, retries=2)) as p:
-        conns = [await aio_pika.connect(url(listen_addr(p)), timeout=30) for _ in range(8)]
-        try:
-            for c in conns:
-                ch = await c.channel()
-                await ch.declare_queue("", exclusive=True)
-            pool = p.services["amqp"].pool
-            assert pool.by_name["nothing"].total == 0
-            assert pool.by_name["nothing"].connect_errors >= 1
-            assert sum(pool.by_name[f"rabbit{i}"].total for i in (1, 2, 3)) == 8
-        finally:
-            await asyncio.gather(*(c.close() for c in conns))
+    with dead_port() as dead:
+        backends = [{"name": "nothing", "address": "127.0.0.1", "port": dead}, *backends_for(cluster)]
+        async with run_proxy(service_config(backends, retries=2)) as p:
+            conns = [await aio_pika.connect(url(listen_addr(p)), timeout=30) for _ in range(8)]
+            try:
+                for c in conns:
+                    ch = await c.channel()
+                    await ch.declare_queue("", exclusive=True)
+                pool = p.services["amqp"].pool
+                assert pool.by_name["nothing"].total == 0
+                assert pool.by_name["nothing"].connect_errors >= 1
+                assert sum(pool.by_name[f"rabbit{i}"].total for i in (1, 2, 3)) == 8
+            finally:
+                await asyncio.gather(*(c.close() for c in conns))
 
 
 @pytest.mark.asyncio

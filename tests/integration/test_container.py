@@ -44,8 +44,20 @@ def test_image_builds_and_proxies_amqp_as_non_root(cluster: DevCluster) -> None:
     assert result["healthcheck_output"].startswith("healthy: http://127.0.0.1:")
     # Three connections of 50 messages, plus 50 on the connection kept open through the drain.
     assert result["messages_round_tripped"] == 200
+    # The process holding the listening socket is PID 1 of its namespace and alone there: the ENTRYPOINT execs
+    # the proxy (the console script's shebang starts Python directly), so SIGTERM reaches it.
     assert result["pid_in_namespace"] == 1
+    assert result["processes_in_namespace"] == 1
+    assert result["listener_cmdline"][1:] == [
+        "/opt/rabbitproxy/bin/rabbitproxy",
+        "serve",
+        "--config",
+        "/etc/rabbitproxy/rabbitproxy.toml",
+    ]
+    assert Path(result["listener_cmdline"][0]).name.startswith("python")
+    # It runs as the image's user in every id, without capabilities, and cannot change its own code or config.
+    assert result["listener_ids"] == {"uid": [10001] * 4, "gid": [10001] * 4, "cap_eff": [0]}
+    assert result["writable_by_user"] == []
     assert result["drain_connection_kept"] is True
     assert result["healthcheck_exit_while_draining"] == 1
     assert result["exit_code"] == 0
-    assert result["root_read_only"] is True

@@ -18,7 +18,7 @@ from tests.support.cluster import backends_for
 from tests.support.proxy import run_proxy, service_config
 from tests.support.waiting import wait_for
 
-CHECK = {"type": "amqp", "interval": 0.3, "timeout": 1.0, "rise": 1, "fall": 2}
+CHECK = {"type": "amqp", "interval": 0.3, "timeout": 2.0, "rise": 1, "fall": 2}
 POLL = 0.3
 
 
@@ -59,7 +59,7 @@ async def _agents_for(cluster: DevCluster, lines: list[str]) -> tuple[list[Scrip
 
 
 def _service(backends: list[dict[str, Any]]) -> dict[str, Any]:
-    return service_config(backends, health_check=CHECK, feedback={"type": "agent", "interval": POLL, "timeout": 1.0})
+    return service_config(backends, health_check=CHECK, feedback={"type": "agent", "interval": POLL, "timeout": 2.0})
 
 
 async def _round_trip(conn: aio_pika.abc.AbstractConnection, body: bytes) -> bytes:

@@ -13,10 +13,11 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
-from tests.support.net import echo_handler, tcp_server
+from tests.support.net import echo_handler, free_port, tcp_server
 from tests.support.process import ProxyProcess, open_fds, running_loop_name
 from tests.support.proxy import listen_addr, proxy_config, run_proxy, service_config
 from tests.support.waiting import wait_for
@@ -59,7 +60,7 @@ async def test_slowloris_is_closed_after_the_hello_timeout() -> None:
     async with (
         tcp_server(tracking_echo) as port,
         run_proxy(
-            service_config([{"name": "echo", "address": "127.0.0.1", "port": port}], client_hello_timeout=0.5)
+            service_config([{"name": "echo", "address": "127.0.0.1", "port": port}], client_hello_timeout=2.0)
         ) as p,
     ):
         service = p.services["amqp"]
@@ -178,6 +179,24 @@ async def test_running_out_of_descriptors_does_not_stop_the_listener(tmp_path: P
             assert (1 <= warnings <= 3) if proc.loop == "asyncio" else warnings == 0, log[-2000:]
 
 
+async def services_view(admin: str) -> dict[str, dict[str, Any]]:
+    """The admin API's view of every service of a proxy process, by name."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://{admin}/api/services") as resp:
+        assert resp.status == 200
+        body: dict[str, Any] = await resp.json()
+    return {service["name"]: service for service in body["services"]}
+
+
+async def reset_by_backend(addr: tuple[str, int]) -> bool:
+    """Send the hello to a service whose backend resets: True when the proxy ends the connection, echoing nothing."""
+    r, w = await asyncio.open_connection(*addr)
+    try:
+        w.write(HELLO)
+        return await closed_by_proxy(r)
+    finally:
+        w.close()
+
+
 @pytest.mark.asyncio
 async def test_floods_of_resets_and_vanishing_peers_leak_nothing(tmp_path: Path) -> None:
     async def streamer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -194,15 +213,31 @@ async def test_floods_of_resets_and_vanishing_peers_leak_nothing(tmp_path: Path)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
-    async with tcp_server(streamer) as stream_port, tcp_server(resetter) as reset_port:
-        cfg = proxy_config(
-            service_config([{"name": "s", "address": "127.0.0.1", "port": stream_port}], name="stream"),
-            service_config([{"name": "r", "address": "127.0.0.1", "port": reset_port}], name="reset"),
-        )
+    async with (
+        tcp_server(streamer) as stream_port,
+        tcp_server(resetter) as reset_port,
+        tcp_server(echo_handler) as echo_port,
+    ):
+        admin = f"127.0.0.1:{free_port()}"
+        cfg = {
+            "admin": {"listen": admin},
+            "services": [
+                service_config([{"name": "s", "address": "127.0.0.1", "port": stream_port}], name="stream"),
+                service_config([{"name": "r", "address": "127.0.0.1", "port": reset_port}], name="reset"),
+                service_config([{"name": "e", "address": "127.0.0.1", "port": echo_port}], name="echo"),
+            ],
+        }
         with ProxyProcess(cfg, tmp_path, loop=running_loop_name()) as proc:
             stream_addr = proc.addr
-            reset_addr = (stream_addr[0], int(cfg["services"][1]["listen"].rsplit(":", 1)[1]))
-            assert await echoes(reset_addr) is False  # the backend resets: no echo, and no crash
+            reset_addr, echo_addr = (
+                (stream_addr[0], int(svc["listen"].rsplit(":", 1)[1])) for svc in cfg["services"][1:]
+            )
+            # The proxy serves, and a backend reset ends the client's connection and is counted as such.
+            assert await echoes(echo_addr)
+            assert await reset_by_backend(reset_addr)
+            await wait_for(
+                lambda: _ended(admin, "reset", CloseReason.BACKEND_RESET, 1), what="the first backend reset counted"
+            )
             await wait_for(lambda: open_fds(proc.pid) < 40, what="proxy settled")
             baseline_fds, baseline_rss = open_fds(proc.pid), rss_kib(proc.pid)
 
@@ -234,5 +269,32 @@ async def test_floods_of_resets_and_vanishing_peers_leak_nothing(tmp_path: Path)
             await wait_for(lambda: open_fds(proc.pid) <= baseline_fds, what=f"descriptors back to {baseline_fds}")
             # Memory: buffers of dead connections must be released; allow for allocator slack, not for a leak.
             assert rss_kib(proc.pid) - baseline_rss < 40 * 1024
-            assert await echoes(reset_addr) is False
+            # Every connection the flood made is gone from the books, each ended with a counted reason, and the
+            # sixty clients that vanished mid-stream were all relayed first.
+            await wait_for(lambda: _all_ended(admin), what="every flooded connection ended and counted")
+            view = await services_view(admin)
+            assert view["stream"]["connections"]["total"] >= 60, view["stream"]
+            assert view["stream"]["ended"].get(CloseReason.CLIENT_RESET, 0) >= 1, view["stream"]
+            # Still alive and still serving: a backend reset is still reported as one, and other clients are relayed.
+            before = view["reset"]["ended"].get(CloseReason.BACKEND_RESET, 0)
+            assert await reset_by_backend(reset_addr)
+            await wait_for(
+                lambda: _ended(admin, "reset", CloseReason.BACKEND_RESET, before + 1), what="a backend reset counted"
+            )
+            assert await echoes(echo_addr)
+            assert await echoes(echo_addr)
+            assert proc.proc.poll() is None
             assert "Traceback" not in proc.log()
+
+
+async def _ended(admin: str, service: str, reason: CloseReason, at_least: int) -> bool:
+    view = await services_view(admin)
+    return int(view[service]["ended"].get(reason, 0)) >= at_least
+
+
+async def _all_ended(admin: str) -> bool:
+    view = await services_view(admin)
+    return all(
+        svc["connections"]["active"] == 0 and sum(svc["ended"].values()) == svc["connections"]["total"]
+        for svc in view.values()
+    )

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import shutil
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,8 @@ import aio_pika
 import aiohttp
 import pytest
 
+from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster
 from tests.support.cluster import backends_for
 from tests.support.net import free_port
@@ -218,9 +221,23 @@ async def test_overview_lists_backends_and_drain_button_works(cluster: DevCluste
             # The page refreshes by itself: a change made elsewhere shows up without reloading the page.
             pool.by_name[others[1]].set_operator_state("maint", "backend maint")
             await wait_for(lambda: page.eval(badge(others[1]) + " === 'maint'"), what=f"{others[1]} shown as maint")
+            # What an operator reads: the rendered text of every row (innerText, so hidden or unrendered text does
+            # not count) must match the live proxy's state, column by column, once the page's refresh caught up.
+            await wait_for(lambda: _shown_matches(page, proxy), timeout=30, what="the rows showing the live state")
+            title = await page.eval(
+                "(() => { const h = document.querySelector('section[data-service=\"amqp\"] h2');"
+                " return [h.firstChild.textContent, h.querySelector('small').innerText]; })()"
+            )
+            listen = proxy.services["amqp"].config.listen
+            assert title[0] == "amqp"
+            assert title[1].startswith(f"{listen} · weighted-round-robin · 1 open / "), title
+            assert await page.eval("document.getElementById('state').innerText") == "proxy running"
             shot = await page.send("Page.captureScreenshot", format="png")
             png = base64.b64decode(shot["data"])
+            # A screenshot of the page's viewport, not an empty image: the PNG header names the viewport's size.
+            viewport = await page.eval("[innerWidth, innerHeight].map(v => Math.round(v * devicePixelRatio))")
             assert png.startswith(b"\x89PNG\r\n\x1a\n")
+            assert list(struct.unpack(">II", png[16:24])) == viewport
             ARTIFACTS.mkdir(exist_ok=True)
             loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
             (ARTIFACTS / f"overview-{loop_name}.png").write_bytes(png)
@@ -230,6 +247,34 @@ async def test_overview_lists_backends_and_drain_button_works(cluster: DevCluste
 
 async def _equals(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+ROWS_SHOWN = """[...document.querySelectorAll('tr[data-backend]')].map(r => ({
+    visible: r.getBoundingClientRect().height > 0,
+    cells: [...r.cells].map(td => td.innerText.trim()),
+}))"""
+
+
+def _row_expected(backend: Backend) -> dict[str, str]:
+    """The columns of a backend's row as the page should show them (name, address, status, weights, connections)."""
+    return {
+        "name": backend.name,
+        "addr": f"{backend.address}:{backend.port}",
+        # The badge is styled in upper case, and innerText shows what is rendered.
+        "status": backend.status.upper(),
+        "weight": str(backend.configured_weight) + (" *" if backend.weight_overridden else ""),
+        "eweight": str(backend.effective_weight),
+        "active": str(backend.active),
+        "total": str(backend.total),
+    }
+
+
+async def _shown_matches(page: Page, proxy: Supervisor) -> bool:
+    rows = await page.eval(ROWS_SHOWN)
+    columns = ["name", "addr", "status", "health", "weight", "eweight", "agent", "active", "total"]
+    shown = [dict(zip(columns, row["cells"], strict=False)) for row in rows if row["visible"]]
+    expected = [_row_expected(b) for b in proxy.services["amqp"].pool.backends]
+    return [{key: row.get(key) for key in expected[0]} for row in shown] == expected
 
 
 @pytest.mark.asyncio

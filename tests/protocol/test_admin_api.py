@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 from typer.testing import CliRunner
 
+from rabbitproxy import config as config_mod
+from rabbitproxy.app import serve
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.cli import app
 from rabbitproxy.config import ConfigError
@@ -77,12 +79,48 @@ async def test_healthz_and_services_listing() -> None:
 
 @pytest.mark.asyncio
 async def test_healthz_is_503_while_shutting_down() -> None:
-    async with admin_proxy() as (proxy, url, _), aiohttp.ClientSession() as http:
-        proxy.state = "stopping"
-        async with http.get(f"{url}/healthz") as resp:
-            assert resp.status == 503
-            assert await resp.json() == {"status": "stopping"}
-        proxy.state = "running"
+    # Drive the real shutdown (serve()'s trigger) while a client connection stays open, so the drain, and with
+    # it the window in which a load balancer in front must see 503, lasts until the test closes that connection.
+    async with tcp_server(echo_handler) as port:
+        service = service_config([{"name": "echo1", "address": "127.0.0.1", "port": port}], shutdown_timeout=30.0)
+        admin_port = free_port()
+        url = f"http://127.0.0.1:{admin_port}/healthz"
+        cfg = config_mod.validate({"services": [service], "admin": {"listen": f"127.0.0.1:{admin_port}"}}, "test")
+        stop = asyncio.Event()
+        started: asyncio.Future[Supervisor] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(cfg, shutdown_trigger=stop.wait, ready=started.set_result))
+        try:
+            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+            proxy = started.result()
+            async with aiohttp.ClientSession() as http:
+
+                async def healthz() -> tuple[int, Any]:
+                    async with http.get(url) as resp:
+                        return resp.status, await resp.json()
+
+                assert await healthz() == (200, {"status": "ok"})
+                reader, writer = await echo_once(proxy, b"held")
+                stop.set()
+
+                async def stopping() -> bool:
+                    return await healthz() == (503, {"status": "stopping"})
+
+                await wait_for(stopping, what="/healthz answering 503 stopping")
+                # The listener is closed, the open connection still relays, and /healthz keeps saying 503.
+                with pytest.raises(OSError):
+                    await asyncio.open_connection(*listen_addr(proxy))
+                writer.write(b"still here")
+                assert await reader.readexactly(10) == b"still here"
+                assert not task.done()
+                assert await healthz() == (503, {"status": "stopping"})
+                writer.close()
+                await asyncio.wait_for(task, 60)
+            # Once the drain is over, serve() has returned and the admin API is gone with it.
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", admin_port)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
 
 
 @pytest.mark.asyncio

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from rabbitproxy.admin.probe import check
 from rabbitproxy.cli import app
-from tests.support.net import echo_handler, free_port, tcp_server
+from tests.support.net import dead_port, echo_handler, free_port, tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
 
@@ -26,6 +26,7 @@ def _run_cli(*args: str) -> tuple[int, str]:
     }
     result = CliRunner().invoke(app, ["healthcheck", *args], env=clean)
     return result.exit_code, result.output
+
 
 
 @pytest.mark.asyncio
@@ -104,8 +105,8 @@ async def test_no_answer_and_refused_are_unhealthy() -> None:
     assert not result.healthy
     assert result.detail.endswith("no answer within 0.3s")
 
-    closed = free_port()
-    code, out = await asyncio.to_thread(_run_cli, "--admin", f"127.0.0.1:{closed}", "--timeout", "2")
+    with dead_port() as closed:
+        code, out = await asyncio.to_thread(_run_cli, "--admin", f"127.0.0.1:{closed}", "--timeout", "2")
     assert code == 1
     assert "unhealthy" in out
     assert "Connection refused" in out

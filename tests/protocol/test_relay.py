@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
-from tests.support.net import echo_handler, free_port, silent_backend, tcp_server
+from tests.support.net import dead_port, echo_handler, silent_backend, tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
 
@@ -46,29 +46,29 @@ async def test_half_closed_client_still_gets_the_whole_reply() -> None:
 
 @pytest.mark.asyncio
 async def test_retry_skips_a_backend_with_nothing_listening() -> None:
-    dead = free_port()
-    async with (
-        tcp_server(echo_handler) as port,
-        run_proxy(
-            service_config(
-                [
-                    {"name": "dead", "address": "127.0.0.1", "port": dead},
-                    {"name": "live", "address": "127.0.0.1", "port": port},
-                ],
-                retries=1,
-            )
-        ) as p,
-    ):
-        for i in range(10):
-            reader, writer = await asyncio.open_connection(*listen_addr(p))
-            msg = b"ping %d" % i
-            writer.write(msg)
-            assert await reader.readexactly(len(msg)) == msg
-            writer.close()
-        pool = p.services["amqp"].pool
-        assert pool.by_name["live"].total == 10
-        assert pool.by_name["dead"].total == 0
-        assert pool.by_name["dead"].connect_errors >= 1
+    with dead_port() as dead:
+        async with (
+            tcp_server(echo_handler) as port,
+            run_proxy(
+                service_config(
+                    [
+                        {"name": "dead", "address": "127.0.0.1", "port": dead},
+                        {"name": "live", "address": "127.0.0.1", "port": port},
+                    ],
+                    retries=1,
+                )
+            ) as p,
+        ):
+            for i in range(10):
+                reader, writer = await asyncio.open_connection(*listen_addr(p))
+                msg = b"ping %d" % i
+                writer.write(msg)
+                assert await reader.readexactly(len(msg)) == msg
+                writer.close()
+            pool = p.services["amqp"].pool
+            assert pool.by_name["live"].total == 10
+            assert pool.by_name["dead"].total == 0
+            assert pool.by_name["dead"].connect_errors >= 1
 
 
 @pytest.mark.asyncio
@@ -84,7 +84,7 @@ async def test_a_backend_that_never_answers_times_out_and_the_next_one_serves() 
                         {"name": "live", "address": "127.0.0.1", "port": port},
                     ],
                     retries=1,
-                    connect_timeout=0.3,
+                    connect_timeout=1.0,
                 )
             ) as p,
         ):
@@ -123,14 +123,15 @@ async def test_every_connect_to_a_silent_backend_ends_at_its_deadline() -> None:
 
 @pytest.mark.asyncio
 async def test_no_usable_backend_closes_the_client_and_counts_it() -> None:
-    async with run_proxy(
-        service_config([{"name": "dead", "address": "127.0.0.1", "port": free_port()}], retries=0)
-    ) as p:
-        reader, writer = await asyncio.open_connection(*listen_addr(p))
-        assert await asyncio.wait_for(reader.read(), 30) == b""
-        writer.close()
-        service = p.services["amqp"]
-        await wait_for(lambda: service.ended[CloseReason.CONNECT_FAILED] == 1, what="connect failed counted")
+    with dead_port() as dead:
+        async with run_proxy(
+            service_config([{"name": "dead", "address": "127.0.0.1", "port": dead}], retries=0)
+        ) as p:
+            reader, writer = await asyncio.open_connection(*listen_addr(p))
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+            service = p.services["amqp"]
+            await wait_for(lambda: service.ended[CloseReason.CONNECT_FAILED] == 1, what="connect failed counted")
 
 
 @pytest.mark.asyncio
@@ -159,7 +160,7 @@ async def test_idle_client_is_closed_after_client_idle_timeout() -> None:
     async with (
         tcp_server(echo_handler) as port,
         run_proxy(
-            service_config([{"name": "echo", "address": "127.0.0.1", "port": port}], client_idle_timeout=0.3)
+            service_config([{"name": "echo", "address": "127.0.0.1", "port": port}], client_idle_timeout=1.0)
         ) as p,
     ):
         reader, writer = await asyncio.open_connection(*listen_addr(p))

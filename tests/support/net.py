@@ -68,3 +68,15 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     while data := await reader.read(65536):
         writer.write(data)
         await writer.drain()
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses every connect while the block runs.
+
+    A port merely found free may be taken by some other process by the time the test connects to it; a socket
+    that is bound but never listens holds the port, and the kernel answers every connect to it with a reset.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from rabbitproxy.balancing.algorithms import (
     SmoothWeightedRoundRobin,
     SourceHash,
     make_balancer,
+    source_key,
 )
 
 
@@ -66,10 +68,10 @@ def test_make_balancer_unknown_names_choices() -> None:
 def test_empty_and_all_zero_give_none(algorithm: str) -> None:
     balancer = make_balancer(algorithm)
     assert balancer.choose([]) is None
-    assert balancer.choose([], b"\x7f\x00\x00\x01") is None
+    assert balancer.choose([], source_key("127.0.0.1")) is None
     zero = backends(a=0, b=0, c=-3)
     assert balancer.choose(zero) is None
-    assert balancer.choose(zero, b"\x7f\x00\x00\x01") is None
+    assert balancer.choose(zero, source_key("127.0.0.1")) is None
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
@@ -77,15 +79,32 @@ def test_weight_zero_never_picked(algorithm: str) -> None:
     balancer = make_balancer(algorithm)
     candidates = backends(a=0, b=2, c=-1, d=1)
     for i in range(200):
-        chosen = balancer.choose(candidates, i.to_bytes(4, "big"))
+        chosen = balancer.choose(candidates, source_key(f"10.0.0.{i}"))
         assert chosen is not None
         assert chosen.name in {"b", "d"}
         chosen.active += 1
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_forget_is_safe_for_unknown_names(algorithm: str) -> None:
-    make_balancer(algorithm).forget("nobody")
+def test_forget_of_an_unknown_name_changes_nothing(algorithm: str) -> None:
+    # A reload removing a backend the balancer never picked must neither raise nor disturb the sequence.
+    def run(forget_at: int | None) -> list[str]:
+        balancer = make_balancer(algorithm)
+        candidates = backends(a=3, b=2, c=1)
+        out = []
+        for i in range(60):
+            if i == forget_at:
+                balancer.forget("nobody")
+                balancer.forget("")
+            chosen = balancer.choose(candidates, source_key(f"192.0.2.{i}"))
+            assert chosen is not None
+            chosen.active += 1
+            out.append(chosen.name)
+        return out
+
+    plain = run(None)
+    assert set(plain) == {"a", "b", "c"}
+    assert run(30) == plain
 
 
 # --- smooth weighted round robin -----------------------------------------------------------------------
@@ -124,6 +143,98 @@ def test_swrr_weight_change_takes_effect_at_once() -> None:
     # Running state from before the change shifts the phase, never the long-run share.
     assert abs(counts["a"] - 10) <= 1
     assert abs(counts["b"] - 30) <= 1
+
+
+def test_swrr_weight_drop_shows_the_new_ratio_within_one_cycle() -> None:
+    # Issue 12 defect 10: running totals built up at 1000:1 used to be kept at 5:1, so about a hundred
+    # picks went to "a" before "b" got one. Check every phase of the old cycle.
+    running = SmoothWeightedRoundRobin()
+    candidates = backends(a=1000, b=1)
+    for phase in range(1001):
+        balancer = copy.deepcopy(running)
+        changed = backends(a=5, b=1)
+        assert "b" in picks(balancer, changed, 6), phase
+        running.choose(candidates)
+
+
+def test_swrr_weight_rise_shows_the_new_ratio_within_one_cycle() -> None:
+    balancer = SmoothWeightedRoundRobin()
+    candidates = backends(a=5, b=1)
+    picks(balancer, candidates, 3)
+    candidates[1].weight = 1000
+    counts = Counter(picks(balancer, candidates, 1005))
+    assert abs(counts["a"] - 5) <= 1, counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(st.integers(min_value=0, max_value=1000), min_size=4, max_size=4), st.integers(0, 3000)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(st.integers(min_value=0, max_value=1000), min_size=4, max_size=4),
+    st.integers(min_value=1, max_value=3),
+    st.integers(min_value=1, max_value=4),
+)
+def test_swrr_share_right_after_any_weight_change(
+    history: list[tuple[list[int], int]], weights: list[int], cycles: int, n: int
+) -> None:
+    # Any history of weights and picks, then a change: from the very next pick, every k * sum(weights)
+    # picks give each backend its weight times k, give or take one.
+    balancer = SmoothWeightedRoundRobin()
+    candidates = [Backend(f"b{i}") for i in range(n)]
+    for old_weights, count in history:
+        for candidate, weight in zip(candidates, old_weights, strict=False):
+            candidate.weight = weight
+        for _ in range(count):
+            balancer.choose(candidates)
+    for candidate, weight in zip(candidates, weights, strict=False):
+        candidate.weight = weight
+    total = sum(candidate.weight for candidate in candidates)
+    if total == 0:
+        assert balancer.choose(candidates) is None
+        return
+    counts: Counter[str] = Counter()
+    for k in range(1, cycles + 1):
+        for _ in range(total):
+            chosen = balancer.choose(candidates)
+            assert chosen is not None
+            counts[chosen.name] += 1
+        for candidate in candidates:
+            assert abs(counts[candidate.name] - k * candidate.weight) <= 1, (k, counts)
+
+
+def nginx_swrr(current: dict[str, int], candidates: list[Backend]) -> str | None:
+    """nginx's algorithm as published, without any weight-change handling: the reference for unchanged weights."""
+    best, total = None, 0
+    for c in candidates:
+        if c.weight <= 0:
+            continue
+        current[c.name] = current.get(c.name, 0) + c.weight
+        total += c.weight
+        if best is None or current[c.name] > current[best]:
+            best = c.name
+    if best is not None:
+        current[best] -= total
+    return best
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=5),
+    st.lists(st.lists(st.booleans(), min_size=5, max_size=5), max_size=300),
+)
+def test_swrr_without_weight_changes_is_exactly_nginx(weights: list[int], calls: list[list[bool]]) -> None:
+    # Retries (a call without the backends already tried) and backends going down and up change the candidate
+    # list, not the weights: no rescaling may happen then, so the sequence stays nginx's.
+    candidates = [Backend(f"b{i}", w) for i, w in enumerate(weights)]
+    balancer = SmoothWeightedRoundRobin()
+    reference: dict[str, int] = {}
+    for mask in calls:
+        subset = [c for c, keep in zip(candidates, mask, strict=False) if keep]
+        chosen = balancer.choose(subset)
+        assert (chosen.name if chosen is not None else None) == nginx_swrr(reference, subset)
 
 
 def test_swrr_absent_candidates_keep_their_state() -> None:
@@ -233,7 +344,8 @@ def test_leastconn_large_numbers_are_exact() -> None:
 
 def client_keys(n: int) -> list[bytes]:
     base = int(ipaddress.IPv4Address("10.0.0.0"))
-    return [ipaddress.IPv4Address(base + i).packed for i in range(n)]
+    # The keys the data path sends (ClientLeg.peer_key): the text of the address, not its packed bytes.
+    return [source_key(str(ipaddress.IPv4Address(base + i))) for i in range(n)]
 
 
 def assignment(balancer: Balancer, candidates: list[Backend], keys: list[bytes]) -> dict[bytes, str]:
@@ -258,10 +370,11 @@ def test_source_hash_is_stable() -> None:
 
 def test_source_hash_known_value_is_platform_independent() -> None:
     # Pins the hash so that a change of hash function (for example to Python's salted hash()), which would
-    # move every client after an upgrade, is caught.
+    # move every client after an upgrade, is caught. The keys are the ones the data path sends (the text of
+    # the address, see client_keys), so a change to what ClientLeg.peer_key hashes is caught as well.
     candidates = backends(a=1, b=1, c=1)
     names = "".join(c.name for c in (SourceHash().choose(candidates, k) for k in client_keys(16)) if c)
-    assert names == "bbcbabcaabacaacb"
+    assert names == "bbccacabacabccca"
 
 
 def test_source_hash_spread_over_three() -> None:
