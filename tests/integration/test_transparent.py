@@ -9,15 +9,18 @@ an nftables socket match marks packets that belong to a transparent socket, and 
 Every address is in 10.232.0.0/16 inside namespaces this test creates (with this process's id in their names) and
 deletes, even when the test fails; nothing touches the root namespace's interfaces or routes.
 
-The session's RabbitMQ cluster listens on 127.0.0.1 of the root namespace, which the server namespace cannot reach
-(and a broker of its own in that namespace would cost a node start for what the TCP server already shows), so no
-broker is used here.
+The session's RabbitMQ cluster listens on 127.0.0.1 of the root namespace, out of the namespaces' reach, so the last
+test starts a one-node cluster of its own inside the server namespace (DevCluster, with an extra listener on the
+server's address) and asks that broker, through ``rabbitmqctl list_connections``, where an AMQP client's
+connection comes from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,6 +115,11 @@ def namespaces() -> Iterator[None]:
         yield
     finally:
         for ns in names:
+            # Anything still running in our namespaces (a broker whose helper died, say) was started by this test;
+            # a deleted namespace would otherwise live on around it.
+            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             sh("ip", "netns", "del", ns, check=False)
 
 
@@ -174,3 +182,90 @@ def test_without_cap_net_admin_the_proxy_refuses_to_start_naming_the_key(tmp_pat
     done = subprocess.run([*drop, *proxy.argv()], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert "services['amqp'].source_address: \"client\" (transparent mode) needs the CAP_NET_ADMIN" in done.stderr
+
+
+# Runs in the server namespace: a one-node RabbitMQ cluster that also listens on the server's address; answers each
+# line on stdin with the broker's client connections (peer_host, client_properties) as JSON; stops on EOF.
+BROKER = f"""
+import json, sys
+from rabbitproxy.dev.cluster import DevCluster
+cluster = DevCluster(1, management=False, extra_config=["listeners.tcp.transparent = {SERVER_IP}:5672"])
+cluster.start()
+try:
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(cluster.list_connections("peer_host", "client_properties")), flush=True)
+finally:
+    cluster.stop()
+"""
+
+# Runs in the client namespace: an AMQP connection with a name the broker can be asked about; closes on EOF.
+AMQP_CLIENT = """
+import asyncio, sys
+import aio_pika
+
+async def main():
+    connection = await aio_pika.connect(sys.argv[1], client_properties={"connection_name": sys.argv[2]}, timeout=60)
+    print("connected", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await connection.close()
+
+asyncio.run(main())
+"""
+
+
+def in_namespace(ns: str, script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def first_line(proc: subprocess.Popen[str], expected: str) -> None:
+    """Wait for the process's first line (it exits, and so ends the line, if it fails) and check it."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != expected:
+        proc.kill()
+        raise AssertionError(f"expected {expected!r}, got {line!r}:\n{proc.communicate(timeout=30)[0][-3000:]}")
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> None:
+    """Close stdin (the scripts' signal to stop) and wait; kill what does not stop in time."""
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_a_rabbitmq_node_sees_the_amqp_clients_address(tmp_path: Path) -> None:
+    with namespaces():
+        broker = in_namespace(SERVER_NS, BROKER)
+        try:
+            # A node start, on a busy 2-core machine: DevCluster's own startup_timeout bounds it.
+            first_line(broker, "ready")
+            backend = {"name": "rabbit", "address": SERVER_IP, "port": 5672}
+            cfg = proxy_config(
+                service_config(
+                    [backend],
+                    listen=f"{PROXY_CLIENT_SIDE}:5672",
+                    source_address="client",
+                    health_check={"type": "amqp", "interval": 1.0, "timeout": 5.0, "rise": 1},
+                )
+            )
+            with NamespacedProxy(cfg, tmp_path):
+                client = in_namespace(CLIENT_NS, AMQP_CLIENT, f"amqp://guest:guest@{PROXY_CLIENT_SIDE}:5672/", "tp-16")
+                try:
+                    first_line(client, "connected")
+                    assert broker.stdin is not None and broker.stdout is not None
+                    broker.stdin.write("list\n")
+                    broker.stdin.flush()
+                    connections = json.loads(broker.stdout.readline())
+                    ours = [c for c in connections if "tp-16" in c["client_properties"]]
+                    # rabbitmqctl's JSON gives an IPv4 address as its four numbers.
+                    assert [".".join(map(str, json.loads(c["peer_host"]))) for c in ours] == [CLIENT_IP], connections
+                finally:
+                    finish(client, 60)
+        finally:
+            finish(broker, 120)
