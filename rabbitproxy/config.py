@@ -23,6 +23,9 @@ from rabbitproxy.addresses import DEFAULT_PORT as DEFAULT_PORT
 from rabbitproxy.addresses import format_host_port as format_host_port
 from rabbitproxy.addresses import split_host_port as split_host_port
 
+# ``source_address = "client"``: transparent mode.
+SOURCE_CLIENT = "client"
+
 
 class ConfigError(Exception):
     """The configuration is invalid; ``errors`` holds one ``"key.path: reason"`` line per problem."""
@@ -243,6 +246,8 @@ class ServiceConfig(_Model):
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     max_connections: Annotated[int, Field(ge=1)] = 10000
     client_idle_timeout: Seconds = 0.0
+    # The address backend connections come from: "" (the kernel's choice), an IP of this host, or "client" for
+    # transparent mode (each backend connection comes from its client's own address; rabbitproxy.relay.transparent).
     source_address: str = ""
     shutdown_timeout: Seconds = 30.0
     # Seconds a close may spend flushing to a peer that does not read before both legs are aborted. Not 0: a
@@ -282,11 +287,13 @@ class ServiceConfig(_Model):
     @field_validator("source_address")
     @classmethod
     def _source(cls, v: str) -> str:
-        if v:
+        if v and v != SOURCE_CLIENT:
             try:
                 ipaddress.ip_address(v)
             except ValueError:
-                raise ValueError(f"{v!r} is not an IP address") from None
+                raise ValueError(
+                    f"{v!r} is not an IP address (or {SOURCE_CLIENT!r} for transparent mode, or empty)"
+                ) from None
         return v
 
     _backend_ca = field_validator("backend_tls_ca")(_existing_file)

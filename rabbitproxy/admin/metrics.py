@@ -53,6 +53,9 @@ class ProxyCollector(Collector):
 
         s_accepting = gauge("service_accepting", "1 while the service's listener accepts connections.", ["service"])
         s_active = gauge("service_active_connections", "Client connections open now.", ["service"])
+        s_max = gauge(
+            "service_max_connections", "The service's max_connections: clients over it are refused.", ["service"]
+        )
         s_total = counter("service_connections", "Client connections accepted.", ["service"])
         s_ended = counter(
             "service_connections_ended", "Client connections ended, by reason (errors included).", ["service", "reason"]
@@ -107,6 +110,7 @@ class ProxyCollector(Collector):
             sn = service.name
             s_accepting.add_metric([sn], 1.0 if service.accepting else 0.0)
             s_active.add_metric([sn], service.active)
+            s_max.add_metric([sn], service.config.max_connections)
             s_total.add_metric([sn], service.total)
             # Every reason is reported, zeros included, so rate() works from the first occurrence on.
             for reason in CloseReason:
@@ -156,6 +160,7 @@ class ProxyCollector(Collector):
         yield from (
             s_accepting,
             s_active,
+            s_max,
             s_total,
             s_ended,
             s_close_timeouts,

@@ -27,6 +27,7 @@ from rabbitproxy.control.node_monitor import node_monitor_task
 from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
 from rabbitproxy.relay.service import Service
 from rabbitproxy.relay.tls import ServiceTLS
+from rabbitproxy.relay.transparent import check_transparent
 from rabbitproxy.tasks import Backoff, OwnedTasks, cancel_and_wait, log_failure, run_restarting
 
 log = structlog.get_logger("rabbitproxy.supervisor")
@@ -73,6 +74,8 @@ class Supervisor:
         quiet_accept_errors(asyncio.get_running_loop())
         # Load every certificate before binding anything: a bad file is a config error, not a half-started proxy.
         tls = {sc.name: ServiceTLS(sc) for sc in self.config.services}
+        # Transparent mode needs a capability: refuse now, not at the first client.
+        check_transparent(self.config.services)
         # Bind every socket before serving any, so a port conflict fails the start as a whole.
         socks = bind_all(self.config.services)
         for sc in self.config.services:
@@ -171,6 +174,7 @@ class Supervisor:
         # Certificates and keys are read again on every reload (that is how a renewed one is picked up); a file
         # that cannot be loaded refuses the reload before anything changes.
         tls = {sc.name: ServiceTLS(sc) for sc in new.services}
+        check_transparent(new.services)
         # Phase 1: everything that can fail (binding new or moved listeners) before anything changes.
         # A moved listener that takes a port another (removed or moved) service still holds is refused rather than
         # half-applied: two listeners cannot share a port.

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from rabbitproxy import logs
 from rabbitproxy.balancing.algorithms import source_key
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.config import SOURCE_CLIENT
 from rabbitproxy.protocols.proxy_header import (
     NEED_DATA,
     ProxyHeaderReader,
@@ -35,6 +36,7 @@ from rabbitproxy.protocols.proxy_header import (
     looks_like_header,
 )
 from rabbitproxy.relay.keepalive import set_keepalive
+from rabbitproxy.relay.transparent import connect_as_client
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.pool import Backend
@@ -388,16 +390,23 @@ class ClientLeg(asyncio.Protocol):
         service.connecting[backend] += 1
         self.connect_leg = leg
         loop = service.loop
-        task = loop.create_task(
-            loop.create_connection(
+        source = cfg.source_address
+        src = self.client_src
+        if source == SOURCE_CLIENT and src is not None:
+            # Transparent mode: the backend sees the client's address (the PROXY header's, when one was accepted).
+            connect = connect_as_client(
+                loop, lambda: leg, backend.address, backend.port, src[0], ssl_ctx, server_hostname
+            )
+        else:
+            connect = loop.create_connection(
                 lambda: leg,
                 backend.address,
                 backend.port,
-                local_addr=(cfg.source_address, 0) if cfg.source_address else None,
+                local_addr=(source, 0) if source and source != SOURCE_CLIENT else None,
                 ssl=ssl_ctx,
                 server_hostname=server_hostname,
             )
-        )
+        task = loop.create_task(connect)
         self.connect_task = task
         service.connect_started(self, task)
         task.add_done_callback(self._connect_done)

@@ -185,6 +185,7 @@ def test_metrics_read_live_state() -> None:
     assert value("service_connections_ended_total", service="amqp", reason="connect failed") == 4
     assert value("service_connections_ended_total", service="amqp", reason="backend maint") == 0
     assert value("service_usable_backends", service="amqp") == 1
+    assert value("service_max_connections", service="amqp") == service.config.max_connections
 
 
 def test_metrics_forget_a_removed_service() -> None:

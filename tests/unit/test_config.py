@@ -88,6 +88,19 @@ def test_service_errors_name_the_key(tmp_path: Path, fragment: str, expected: st
     assert any(e.startswith(expected) for e in errors), errors
 
 
+@pytest.mark.parametrize("value", ["", "10.0.0.5", "::1", "client"])
+def test_source_address_is_empty_an_ip_or_client(tmp_path: Path, value: str) -> None:
+    text = GOOD.replace('balance = "least-connections"', f'source_address = "{value}"', 1)
+    assert config_mod.load(write(tmp_path, text)).service("amqp").source_address == value
+
+
+def test_a_misspelt_transparent_mode_says_what_is_allowed(tmp_path: Path) -> None:
+    text = GOOD.replace('balance = "least-connections"', 'source_address = "clients"', 1)
+    assert errors_of(tmp_path, text) == [
+        "services['amqp'].source_address: 'clients' is not an IP address (or 'client' for transparent mode, or empty)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("fragment", "expected"),
     [
