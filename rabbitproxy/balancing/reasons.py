@@ -27,3 +27,6 @@ class CloseReason(StrEnum):
     SERVICE_REMOVED = "service removed"
     HELLO_TIMEOUT = "hello timeout"
     BAD_PROXY_HEADER = "bad proxy header"
+    # Closed through the broker (or by TCP when it could not be): a drain's deadline passed, or the rebalancer moved it.
+    DRAIN_DEADLINE = "drain deadline"
+    REBALANCE = "rebalance"
