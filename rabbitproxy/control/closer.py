@@ -15,6 +15,7 @@ nodes all at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Final, Literal
@@ -38,6 +39,9 @@ VIAS: Final[tuple[Via, ...]] = ("broker", "tcp")
 # A client told to go by the broker answers close-ok and the broker then closes the socket; one that does not
 # within this long is closed by TCP (house rule 11: no close without a deadline).
 BROKER_CLOSE_GRACE = 15.0
+# The management API learns of a new connection a moment after its handshake (its statistics are collected every
+# few seconds), so a 404 for a connection younger than this is asked again, once a second, before TCP is used.
+YOUNG = 10.0
 
 
 class TokenBucket:
@@ -157,7 +161,14 @@ class BrokerCloser:
         by_broker: list[Connection] = []
         by_tcp = 0
         why: dict[str, int] = {}
-        for conn in conns:
+        queue = list(conns)
+        retries: list[Connection] = []
+        while queue or retries:
+            if not queue:
+                # Only connections too young for the API to know them are left: ask again a little later.
+                await asyncio.sleep(1.0)
+                queue, retries = retries, []
+            conn = queue.pop(0)
             current = conn.backend
             if current is None or conn not in current.connections:
                 continue  # it ended by itself while the batch waited its turn
@@ -170,6 +181,7 @@ class BrokerCloser:
             ends = conn.backend_endpoints()
             name = broker_connection_name(ends[0], ends[1], conn.client_src, proxy_protocol) if ends else None
             closed = False
+            unknown = False
             problem = "no [services.rabbitmq]" if not apis else "the connection's name is unknown"
             if name is not None:
                 while apis and not closed:
@@ -182,11 +194,14 @@ class BrokerCloser:
                         apis.pop(0)
                         continue
                     if not closed:
+                        unknown = True
                         problem = f"{node}: the broker knows no connection {name!r}"
                         break
             if closed:
                 by_broker.append(conn)
                 self.stats.counts[cause, "broker"] += 1
+            elif unknown and time.monotonic() - conn.started < YOUNG:
+                retries.append(conn)
             else:
                 conn.close(reason)
                 by_tcp += 1
