@@ -52,8 +52,10 @@ class Connection(Protocol):
     backend: Backend | None
     bytes_in: int
     bytes_out: int
-    # The client's address (from a PROXY header when one was accepted); what a broker told by PROXY calls it.
+    # The client's address and the address it connected to (from a PROXY header when one was accepted): what a
+    # broker sent a PROXY header names the connection by.
     client_src: tuple[str, int] | None
+    client_dst: tuple[str, int] | None
     # time.monotonic() when the client connected: the rebalancer moves the youngest connections first.
     started: float
     # Why it ended; a close through the broker names its cause here first, before the backend hangs up.

@@ -5,7 +5,8 @@ with 320 CONNECTION_FORCED and a reason is the broker telling it to go, which ev
 and answers with a clean reconnect. Only the broker can send that frame in the middle of a connection without
 corrupting the AMQP stream, so the proxy asks it to: ``DELETE /api/connections/{name}`` with ``X-Reason``.
 
-The broker names a connection by its two ends as *it* sees them (:func:`broker_connection_name`). When the API
+The broker names a connection by its two ends as *it* sees them (:func:`broker_connection_name`): the proxy's
+socket towards it, or with a PROXY header the two addresses in the header. When the API
 cannot close a connection (unreachable, or it knows no connection of that name) the proxy ends it by TCP instead
 and says so. Every close of a service (drains, maint, the rebalancer) draws from one :class:`TokenBucket`, so a
 drain of a node carrying thousands of clients spreads their reconnects over time instead of hitting the other
@@ -70,18 +71,24 @@ class TokenBucket:
 
 
 def broker_connection_name(
-    local: tuple[str, int], server: tuple[str, int], client_src: tuple[str, int] | None, proxy_protocol: bool
+    local: tuple[str, int],
+    server: tuple[str, int],
+    header: tuple[tuple[str, int] | None, tuple[str, int] | None] | None,
 ) -> str | None:
     """The broker's name of a proxied connection; None when it cannot be known.
 
     ``local`` is the proxy's address towards the backend and ``server`` the backend's, as connected. Without a
-    PROXY header the broker sees the proxy as the client; with one (``proxy_protocol``) it takes the client's
-    address from the header, while the server end stays its own socket's (rabbit_net:socket_ends).
+    PROXY header (``header`` None) the broker sees the proxy as the client. With one, the broker takes *both*
+    ends from the header, the client's address and the address the client connected to (the proxy's listener):
+    measured on 3.10.8, a client of 127.0.0.1:40348 through a proxy listening on :42185 in front of a broker on
+    :27904 is "127.0.0.1:40348 -> 127.0.0.1:42185".
     """
-    client = client_src if proxy_protocol else local
-    if client is None:
+    if header is None:
+        return connection_name(local, server)
+    src, dst = header
+    if src is None or dst is None:
         return None
-    return connection_name(client, server)
+    return connection_name(src, dst)
 
 
 class CloseStats:
@@ -179,7 +186,8 @@ class BrokerCloser:
                 # Set first: the broker's close reaches the proxy as the backend hanging up, which is not the cause.
                 conn.reason = reason
             ends = conn.backend_endpoints()
-            name = broker_connection_name(ends[0], ends[1], conn.client_src, proxy_protocol) if ends else None
+            header = (conn.client_src, conn.client_dst) if proxy_protocol else None
+            name = broker_connection_name(ends[0], ends[1], header) if ends else None
             closed = False
             unknown = False
             problem = "no [services.rabbitmq]" if not apis else "the connection's name is unknown"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -381,3 +381,35 @@ async def test_least_privilege_to_close_other_users_connections(
         if not client_dead(conn):
             await conn.close()
         await asyncio.to_thread(cluster.rabbitmqctl, node, "delete_user", user)
+
+
+# -- with a PROXY header the broker names the connection by the client ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pp_node() -> Iterator[DevCluster]:
+    # A node of its own: one that requires the header drops every client of the session cluster's tests.
+    c = DevCluster(1, extra_config=["proxy_protocol = true"])
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_with_a_proxy_header_the_broker_still_closes_by_our_name(pp_node: DevCluster) -> None:
+    node = pp_node.nodes[0]
+    backend = {"name": "pp", "address": "127.0.0.1", "port": node.amqp_port, "management_port": node.management_port}
+    svc = service_config([backend], send_proxy_protocol="v1", rabbitmq={"timeout": 15.0})
+    async with run_proxy(svc, admin=_admin()) as proxy:
+        conns, closes = await _robust_clients(proxy, _tag("pp"), 2)
+        try:
+            pp = proxy.services["amqp"].pool.by_name["pp"]
+            status, body = await _patch(proxy, "pp", {"state": "maint", "force": True})
+            assert (status, body["closing_through_broker"]) == (200, 2), body
+            await wait_for(lambda: pp.active == 0 and all(closes), timeout=60, what="both clients told to go")
+            assert all(_forced_by_us(seen[0], "rabbitproxy: node pp is in maintenance") for seen in closes), closes
+            counts = proxy.steering.stats["amqp"].counts
+            assert (counts["maint", "broker"], counts["maint", "tcp"]) == (2, 0)
+        finally:
+            await _close_clients(conns)

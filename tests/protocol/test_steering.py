@@ -23,6 +23,7 @@ class FakeConn:
         self.backend: Backend | None = backend
         self.bytes_in = self.bytes_out = 0
         self.client_src = ("10.0.0.1", 40000)
+        self.client_dst = ("10.0.0.2", 5672)
         self.started = time.monotonic()
         self.reason: CloseReason | None = None
         self.explode = explode

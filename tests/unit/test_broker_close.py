@@ -52,23 +52,27 @@ def test_the_bucket_refuses_nonsense(rate: float, burst: float) -> None:
 
 
 def test_without_a_proxy_header_the_broker_sees_the_proxy_as_the_client() -> None:
-    name = broker_connection_name(("127.0.0.1", 40001), ("127.0.0.1", 5672), ("10.9.8.7", 51234), False)
+    name = broker_connection_name(("127.0.0.1", 40001), ("127.0.0.1", 5672), None)
     assert name == "127.0.0.1:40001 -> 127.0.0.1:5672"
 
 
-def test_with_a_proxy_header_the_broker_names_the_client_from_the_header() -> None:
-    name = broker_connection_name(("127.0.0.1", 40001), ("127.0.0.2", 5672), ("10.9.8.7", 51234), True)
-    # The server end stays the broker's own socket: rabbit_net:socket_ends takes only the source from the header.
-    assert name == "10.9.8.7:51234 -> 127.0.0.2:5672"
+def test_with_a_proxy_header_the_broker_names_both_ends_from_the_header() -> None:
+    header = (("10.9.8.7", 51234), ("192.0.2.1", 5672))
+    name = broker_connection_name(("127.0.0.1", 40001), ("127.0.0.2", 5673), header)
+    # The client's address and the proxy's listener, as the header said: not the broker's own socket (3.10.8).
+    assert name == "10.9.8.7:51234 -> 192.0.2.1:5672"
 
 
 def test_ipv6_ends_are_bracketed_as_the_broker_prints_them() -> None:
-    name = broker_connection_name(("::1", 40001), ("::1", 5672), None, False)
+    name = broker_connection_name(("::1", 40001), ("::1", 5672), None)
     assert name == "[::1]:40001 -> [::1]:5672"
 
 
-def test_a_proxy_header_without_a_client_address_leaves_the_name_unknown() -> None:
-    assert broker_connection_name(("127.0.0.1", 40001), ("127.0.0.1", 5672), None, True) is None
+@pytest.mark.parametrize("header", [(None, ("192.0.2.1", 5672)), (("10.9.8.7", 51234), None), (None, None)])
+def test_a_proxy_header_without_addresses_leaves_the_name_unknown(
+    header: tuple[tuple[str, int] | None, tuple[str, int] | None],
+) -> None:
+    assert broker_connection_name(("127.0.0.1", 40001), ("127.0.0.1", 5672), header) is None
 
 
 # -- drain deadlines on the command line -----------------------------------------------------------------------------
