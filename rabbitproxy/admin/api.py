@@ -108,6 +108,7 @@ def backend_view(backend: Backend) -> dict[str, Any]:
             "duration": backend.agent_duration,
         },
         "connections": {"active": backend.active, "total": backend.total, "connect_errors": backend.connect_errors},
+        "rebalance_hold": backend.rebalance_hold,
         "bytes": {"in": traffic_in, "out": traffic_out},
     }
 
@@ -126,6 +127,18 @@ def service_view(service: Service) -> dict[str, Any]:
         "ended": dict(sorted(service.ended.items())),
         "backends": [backend_view(b) for b in service.pool.backends],
     }
+
+
+def _steered_backend(proxy: Supervisor, service: str, view: dict[str, Any]) -> dict[str, Any]:
+    """A backend's view plus what the control plane steers: the seconds left of a drain's deadline, the hold."""
+    view["drain_deadline"] = proxy.steering.deadline_left(service, view["name"])
+    return view
+
+
+def _steered(proxy: Supervisor, service: str, view: dict[str, Any]) -> dict[str, Any]:
+    for b in view["backends"]:
+        _steered_backend(proxy, service, b)
+    return view
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -210,7 +223,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def list_services(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    return web.json_response({"state": proxy.state, "services": [service_view(s) for s in proxy.services.values()]})
+    views = [_steered(proxy, s.name, service_view(s)) for s in proxy.services.values()]
+    return web.json_response({"state": proxy.state, "services": views})
 
 
 def _find(proxy: Supervisor, service_name: str, backend_name: str | None = None) -> tuple[Service, Backend | None]:
@@ -232,13 +246,14 @@ def _find(proxy: Supervisor, service_name: str, backend_name: str | None = None)
 
 async def get_service(request: web.Request) -> web.Response:
     service, _ = _find(request.app[PROXY_KEY], request.match_info["service"])
-    return web.json_response(service_view(service))
+    return web.json_response(_steered(request.app[PROXY_KEY], service.name, service_view(service)))
 
 
 async def get_backend(request: web.Request) -> web.Response:
-    _, backend = _find(request.app[PROXY_KEY], request.match_info["service"], request.match_info["backend"])
+    proxy = request.app[PROXY_KEY]
+    service, backend = _find(proxy, request.match_info["service"], request.match_info["backend"])
     assert backend is not None
-    return web.json_response(backend_view(backend))
+    return web.json_response(_steered_backend(proxy, service.name, backend_view(backend)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +357,7 @@ async def patch_backend(request: web.Request) -> web.Response:
             forced=patch.force,
             **result,
         )
-    return web.json_response(backend_view(backend) | result)
+    return web.json_response(_steered_backend(proxy, service.name, backend_view(backend)) | result)
 
 
 async def reload(request: web.Request) -> web.Response:
