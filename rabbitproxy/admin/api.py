@@ -19,6 +19,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -29,7 +30,6 @@ from prometheus_client import CollectorRegistry
 
 from rabbitproxy.admin.metrics import registry_for, render
 from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, NodeView
-from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ TOKEN_KEY: web.AppKey[str | None] = web.AppKey("token", str)
 REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
 # Bodies are a handful of fields; anything bigger is a mistake or an attack.
 MAX_BODY = 64 * 1024
+# A drain deadline longer than a week is a typo, not a plan.
+MAX_DEADLINE = 7 * 24 * 3600
 
 
 # -- token ---------------------------------------------------------------------------------------------------------
@@ -107,6 +109,7 @@ def backend_view(backend: Backend) -> dict[str, Any]:
             "duration": backend.agent_duration,
         },
         "connections": {"active": backend.active, "total": backend.total, "connect_errors": backend.connect_errors},
+        "rebalance_hold": backend.rebalance_hold,
         "bytes": {"in": traffic_in, "out": traffic_out},
         "slow_start": _slow_start_view(backend),
         "rabbitmq": rabbitmq_view(backend.rabbitmq),
@@ -163,6 +166,18 @@ def service_view(service: Service) -> dict[str, Any]:
         "ended": dict(sorted(service.ended.items())),
         "backends": [backend_view(b) for b in service.pool.backends],
     }
+
+
+def _steered_backend(proxy: Supervisor, service: str, view: dict[str, Any]) -> dict[str, Any]:
+    """A backend's view plus what the control plane steers: the seconds left of a drain's deadline, the hold."""
+    view["drain_deadline"] = proxy.steering.deadline_left(service, view["name"])
+    return view
+
+
+def _steered(proxy: Supervisor, service: str, view: dict[str, Any]) -> dict[str, Any]:
+    for b in view["backends"]:
+        _steered_backend(proxy, service, b)
+    return view
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -247,7 +262,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def list_services(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    return web.json_response({"state": proxy.state, "services": [service_view(s) for s in proxy.services.values()]})
+    views = [_steered(proxy, s.name, service_view(s)) for s in proxy.services.values()]
+    return web.json_response({"state": proxy.state, "services": views})
 
 
 def _find(proxy: Supervisor, service_name: str, backend_name: str | None = None) -> tuple[Service, Backend | None]:
@@ -269,23 +285,36 @@ def _find(proxy: Supervisor, service_name: str, backend_name: str | None = None)
 
 async def get_service(request: web.Request) -> web.Response:
     service, _ = _find(request.app[PROXY_KEY], request.match_info["service"])
-    return web.json_response(service_view(service))
+    return web.json_response(_steered(request.app[PROXY_KEY], service.name, service_view(service)))
 
 
 async def get_backend(request: web.Request) -> web.Response:
-    _, backend = _find(request.app[PROXY_KEY], request.match_info["service"], request.match_info["backend"])
+    proxy = request.app[PROXY_KEY]
+    service, backend = _find(proxy, request.match_info["service"], request.match_info["backend"])
     assert backend is not None
-    return web.json_response(backend_view(backend))
+    return web.json_response(_steered_backend(proxy, service.name, backend_view(backend)))
 
 
-def _validate_patch(body: Any) -> tuple[AdminState | None, int | None, list[str]]:
-    """Check a PATCH body completely before anything is changed; return (state, weight, errors)."""
+@dataclass(frozen=True, slots=True)
+class BackendPatch:
+    """A checked PATCH body."""
+
+    state: AdminState | None = None
+    weight: int | None = None
+    # Seconds until a drain closes what is still open (through the broker when [services.rabbitmq] is set).
+    deadline: float | None = None
+    # Skip the quorum guard.
+    force: bool = False
+
+
+def _validate_patch(body: Any) -> tuple[BackendPatch, list[str]]:
+    """Check a PATCH body completely before anything is changed; return the patch and the errors."""
     if not isinstance(body, dict):
-        return None, None, ['body must be a JSON object such as {"state": "drain"} or {"weight": 50}']
+        return BackendPatch(), ['body must be a JSON object such as {"state": "drain"} or {"weight": 50}']
     errors: list[str] = []
-    unknown = sorted(set(body) - {"state", "weight"})
+    unknown = sorted(set(body) - {"state", "weight", "deadline", "force"})
     if unknown:
-        errors.append(f"unknown field(s): {', '.join(unknown)} (only state and weight can be changed)")
+        errors.append(f"unknown field(s): {', '.join(unknown)} (only state, weight, deadline and force are accepted)")
     if "state" not in body and "weight" not in body:
         errors.append("give state and/or weight")
     state = body.get("state")
@@ -294,7 +323,22 @@ def _validate_patch(body: Any) -> tuple[AdminState | None, int | None, list[str]
     weight = body.get("weight")
     if "weight" in body and (isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000):
         errors.append(f"weight must be a whole number from 0 to 1000, not {weight!r}")
-    return state, weight, errors
+    deadline = body.get("deadline")
+    if deadline is not None:
+        if isinstance(deadline, bool) or not isinstance(deadline, int | float) or not 0 < deadline <= MAX_DEADLINE:
+            errors.append(f"deadline must be a number of seconds above 0, at most {MAX_DEADLINE}, not {deadline!r}")
+        elif state != "drain":
+            errors.append('deadline goes with "state": "drain" only')
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        errors.append(f"force must be true or false, not {force!r}")
+    patch = BackendPatch(
+        state=state if state in ADMIN_STATES else None,
+        weight=weight if isinstance(weight, int) and not isinstance(weight, bool) else None,
+        deadline=float(deadline) if isinstance(deadline, int | float) and not isinstance(deadline, bool) else None,
+        force=force is True,
+    )
+    return patch, errors
 
 
 async def patch_backend(request: web.Request) -> web.Response:
@@ -302,27 +346,48 @@ async def patch_backend(request: web.Request) -> web.Response:
     service, backend = _find(proxy, request.match_info["service"], request.match_info["backend"])
     assert backend is not None
     body = await _json_body(request)
-    state, weight, errors = _validate_patch(body)
+    patch, errors = _validate_patch(body)
     if errors:
         return _error(400, "; ".join(errors), errors=errors)
-    closed = 0
     who = _who(request)
-    if weight is not None:
+    state = patch.state
+    if state in ("drain", "maint") and backend.operator_state == "ready":
+        # The guard is asked when a backend leaves service, not again when it moves from drain to maint.
+        if patch.force:
+            log.warning("quorum guard skipped (force)", service=service.name, backend=backend.name, who=who)
+        else:
+            refusal = await proxy.steering.quorum_guard(service, backend)
+            if refusal is not None:
+                log.warning(
+                    "backend state refused by the quorum guard",
+                    service=service.name,
+                    backend=backend.name,
+                    state=state,
+                    status=refusal.status,
+                    queues=list(refusal.queues),
+                    who=who,
+                )
+                return _error(refusal.status, refusal.message, queues=list(refusal.queues))
+            # The check awaited the broker: a reload may have replaced the service or the backend meanwhile.
+            service, backend = _find(proxy, request.match_info["service"], request.match_info["backend"])
+            assert backend is not None
+    result: dict[str, Any] = {"closed_connections": 0}
+    if patch.weight is not None:
         old_weight = backend.configured_weight
-        backend.set_weight(weight)
+        backend.set_weight(patch.weight)
         log.info(
             "backend weight set",
             service=service.name,
             backend=backend.name,
-            weight=weight,
+            weight=patch.weight,
             previous=old_weight,
             who=who,
         )
     if state is not None:
         old_state = backend.operator_state
-        closed = backend.set_operator_state(state, CloseReason.BACKEND_MAINT)
+        result = proxy.steering.set_state(service, backend, state, patch.deadline)
         if state != "ready":
-            # Clients still connecting to it go to another backend now; `closed` counts the attached ones.
+            # Clients still connecting to it go to another backend now; closed_connections counts the attached ones.
             service.cancel_connects_to(backend)
         log.info(
             "backend state set",
@@ -330,10 +395,11 @@ async def patch_backend(request: web.Request) -> web.Response:
             backend=backend.name,
             state=state,
             previous=old_state,
-            closed_connections=closed,
             who=who,
+            forced=patch.force,
+            **result,
         )
-    return web.json_response(backend_view(backend) | {"closed_connections": closed})
+    return web.json_response(_steered_backend(proxy, service.name, backend_view(backend)) | result)
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -60,13 +60,24 @@ class AdminClient:
         return result
 
     def set_backend(
-        self, service: str, backend: str, *, state: str | None = None, weight: int | None = None
+        self,
+        service: str,
+        backend: str,
+        *,
+        state: str | None = None,
+        weight: int | None = None,
+        deadline: float | None = None,
+        force: bool = False,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {}
         if state is not None:
             body["state"] = state
         if weight is not None:
             body["weight"] = weight
+        if deadline is not None:
+            body["deadline"] = deadline
+        if force:
+            body["force"] = True
         path = f"/api/services/{quote(service, safe='')}/backends/{quote(backend, safe='')}"
         result: dict[str, Any] = self.request("PATCH", path, body)
         return result
@@ -90,6 +101,8 @@ def _http_error(exc: urllib.error.HTTPError) -> AdminError:
             errors = [str(e) for e in raw]
     if exc.code == 401:
         message += " (give --token or set RABBITPROXY_ADMIN_TOKEN)"
+    if isinstance(payload, dict) and isinstance(payload.get("queues"), list):
+        errors.extend(f"quorum queue at risk: {q}" for q in payload["queues"])
     return AdminError(message, exc.code, errors)
 
 

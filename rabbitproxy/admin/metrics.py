@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector
 
 from rabbitproxy.balancing.pool import ADMIN_STATES, ALARM_KINDS, AgentStatus, ManagementStatus, NodeStats
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.control.closer import CAUSES, VIAS
+from rabbitproxy.control.rebalancer import service_balance
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
@@ -105,6 +107,19 @@ class ProxyCollector(Collector):
             )
             for name, doc, used, total in NODE_FIGURES
         ]
+        b_share = gauge(
+            "backend_connection_share",
+            "Fraction of the service's connections on this backend (regular backends taking new connections).",
+            SB,
+        )
+        b_fair = gauge("backend_fair_share", "Fraction of the service's effective weight: its fair share.", SB)
+        b_hold = gauge("backend_rebalance_hold", "1 while the rebalancer steers new connections away from it.", SB)
+        s_closed = counter(
+            "service_closed_by_proxy",
+            "Connections the proxy closed, by cause (drain, maint, rebalance) and how (through the broker, or tcp).",
+            ["service", "cause", "via"],
+        )
+        steering = self.proxy.steering
 
         for service in list(self.proxy.services.values()):
             sn = service.name
@@ -117,6 +132,14 @@ class ProxyCollector(Collector):
                 s_ended.add_metric([sn, reason], service.ended.get(reason, 0))
             s_close_timeouts.add_metric([sn], service.close_timeouts)
             s_usable.add_metric([sn], service.pool.usable_count())
+            stats = steering.stats.get(sn)
+            for cause in CAUSES:
+                for via in VIAS:
+                    s_closed.add_metric([sn, cause, via], stats.counts.get((cause, via), 0) if stats else 0)
+            # Shown whether or not the rebalancer is on: the imbalance is what tells an operator to turn it on.
+            for bal in service_balance(service):
+                b_share.add_metric([sn, bal.name], bal.share)
+                b_fair.add_metric([sn, bal.name], bal.fair)
             for b in list(service.pool.backends):
                 labels = [sn, b.name]
                 b_up.add_metric(labels, 1.0 if b.healthy else 0.0)
@@ -127,6 +150,7 @@ class ProxyCollector(Collector):
                 for st in ADMIN_STATES:
                     b_admin.add_metric([*labels, st], 1.0 if st == admin_state else 0.0)
                 b_weight.add_metric(labels, b.configured_weight)
+                b_hold.add_metric(labels, 1.0 if b.rebalance_hold else 0.0)
                 b_eweight.add_metric(labels, b.effective_weight)
                 if b.agent_percent is not None:
                     b_agent.add_metric(labels, b.agent_percent)
@@ -183,6 +207,10 @@ class ProxyCollector(Collector):
             r_alarm,
             r_maint,
             r_mgmt,
+            b_share,
+            b_fair,
+            b_hold,
+            s_closed,
         )
         for used_g, total_g, _, _ in r_figures:
             yield used_g

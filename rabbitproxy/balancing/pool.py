@@ -107,8 +107,20 @@ class Connection(Protocol):
     backend: Backend | None
     bytes_in: int
     bytes_out: int
+    # The client's address and the address it connected to (from a PROXY header when one was accepted): what a
+    # broker sent a PROXY header names the connection by.
+    client_src: tuple[str, int] | None
+    client_dst: tuple[str, int] | None
+    # time.monotonic() when the client connected: the rebalancer moves the youngest connections first.
+    started: float
+    # Why it ended; a close through the broker names its cause here first, before the backend hangs up.
+    reason: CloseReason | None
 
     def close(self, reason: CloseReason) -> None: ...
+
+    def backend_endpoints(self) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """(the proxy's address towards the backend, the backend's address) as connected, or None if not."""
+        ...
 
 
 class Backend:
@@ -139,6 +151,7 @@ class Backend:
         "port",
         "rabbitmq",
         "ramp_start",
+        "rebalance_hold",
         "slow_start",
         "total",
         "traffic_in",
@@ -183,6 +196,9 @@ class Backend:
         self.agent_down: str | None = None
         self.agent_duration: float | None = None
         self.connections: set[Connection] = set()
+        # Set by the rebalancer while it moves clients: this backend holds its share already, so new connections go
+        # to the backends below theirs (see Pool.choose); never a reason for a connection to be refused.
+        self.rebalance_hold = False
         self.total = 0
         self.connect_errors = 0
         self.traffic_in = 0
@@ -373,17 +389,18 @@ class Backend:
 
     # -- operator changes (admin API, CLI) -----------------------------------------------------------------------
 
-    def set_operator_state(self, state: AdminState, close_reason: CloseReason) -> int:
+    def set_operator_state(self, state: AdminState, close_reason: CloseReason, *, close: bool = True) -> int:
         """Set the operator's admin state; ``maint`` also ends the open connections. Returns how many were closed.
 
         ``drain`` only stops new connections: the clients already here stay until they leave, which is the
-        point of draining a RabbitMQ node before patching it.
+        point of draining a RabbitMQ node before patching it. ``close=False`` leaves the closing of a ``maint``
+        backend's connections to the caller (the control plane closes them through the broker, at a rate).
         """
         if state not in _STRICTNESS:
             raise ValueError(f"state must be one of {', '.join(ADMIN_STATES)}, not {state!r}")
         self.operator_state = state
         self.observe(time.monotonic())
-        return self.close_connections(close_reason) if state == "maint" else 0
+        return self.close_connections(close_reason) if state == "maint" and close else 0
 
     def set_weight(self, weight: int) -> None:
         """Set the configured weight at runtime; it then survives reloads until the process restarts."""
@@ -454,13 +471,24 @@ class Pool:
         # One pass and one weight read per backend: this runs for every new connection.
         regular: list[Backend] = []
         backups: list[Backend] = []
+        held: list[Backend] = []
         for b in self.backends:
             if b.weight > 0:
-                (backups if b.backup else regular).append(b)
-        candidates = regular or backups
+                if b.backup:
+                    backups.append(b)
+                elif b.rebalance_hold:
+                    held.append(b)
+                else:
+                    regular.append(b)
+        # Backups are considered only while no regular backend is usable, whether or not a retry excluded it.
+        any_regular = bool(regular or held)
         if exclude:
             skip = set(exclude)
-            candidates = [b for b in candidates if b not in skip]
+            regular = [b for b in regular if b not in skip]
+            held = [b for b in held if b not in skip]
+            backups = [b for b in backups if b not in skip]
+        # A rebalancer's hold only steers: when no backend below its share is left, the held ones take the client.
+        candidates = regular or held or ([] if any_regular else backups)
         if not candidates:
             return None
         return self.balancer.choose(candidates, key)

@@ -29,3 +29,6 @@ class CloseReason(StrEnum):
     BAD_PROXY_HEADER = "bad proxy header"
     # A PROXY header from a source not in proxy_protocol_from: someone trying to choose their own address.
     UNTRUSTED_PROXY_HEADER = "untrusted proxy header"
+    # Closed through the broker (or by TCP when it could not be): a drain's deadline passed, or the rebalancer moved it.
+    DRAIN_DEADLINE = "drain deadline"
+    REBALANCE = "rebalance"

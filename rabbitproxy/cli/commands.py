@@ -306,7 +306,15 @@ AdminToken = Annotated[
 ]
 EXIT_ADMIN = 1
 
-backend_app = typer.Typer(help="Change a backend at runtime: drain, maint, ready, weight.", no_args_is_help=True)
+backend_app = typer.Typer(
+    help=(
+        "Change a backend at runtime: drain (optionally with a deadline), maint, ready, weight. With "
+        "\\[services.rabbitmq] configured, connections are closed through the broker (clients get 320 "
+        "CONNECTION_FORCED with the reason) at close_rate, and drain/maint first ask the node whether it is "
+        "quorum-critical (refused with HTTP 409 unless --force)."
+    ),
+    no_args_is_help=True,
+)
 app.add_typer(backend_app, name="backend")
 
 
@@ -332,26 +340,90 @@ def status(admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
     print_status(data)
 
 
-def _set_state(state: str, service: str, backend: str, admin: str, token: str | None) -> None:
-    result = _admin_call(admin, token, lambda c: c.set_backend(service, backend, state=state))
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``300``, ``90s``, ``5m``, ``1.5h``; ValueError naming the problem otherwise."""
+    value = text.strip().lower()
+    factor = 1.0
+    if value and value[-1] in _UNITS:
+        factor = _UNITS[value[-1]]
+        value = value[:-1]
+    try:
+        seconds = float(value) * factor
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration such as 300, 90s, 5m or 1h") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r}: the duration must be more than 0")
+    return seconds
+
+
+def _set_state(
+    state: str,
+    service: str,
+    backend: str,
+    admin: str,
+    token: str | None,
+    *,
+    deadline: float | None = None,
+    force: bool = False,
+) -> None:
+    result = _admin_call(
+        admin, token, lambda c: c.set_backend(service, backend, state=state, deadline=deadline, force=force)
+    )
     closed = result.get("closed_connections", 0)
     extra = f", {closed} connection(s) closed" if closed else ""
+    closing = result.get("closing_through_broker")
+    if closing:
+        extra += f", closing {closing} connection(s) through the broker"
+    if result.get("deadline") is not None:
+        extra += f", the rest closed through the broker in {result['deadline']:g} s"
     typer.echo(
         f"{service}/{backend}: {result['status']} (operator state {result['operator_state']}, "
         f"{result['connections']['active']} active connection(s){extra})"
     )
 
 
+Force = Annotated[
+    bool, typer.Option("--force", help="Go ahead even if the node is quorum-critical (or cannot be asked).")
+]
+
+
 @backend_app.command("drain")
-def backend_drain(service: str, backend: str, admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
-    """No new connections to BACKEND; the open ones stay until their clients leave."""
-    _set_state("drain", service, backend, admin, token)
+def backend_drain(
+    service: str,
+    backend: str,
+    deadline: Annotated[
+        str | None,
+        typer.Option(
+            help="Close the connections still open after this long (300, 90s, 5m, 1h), through the broker "
+            "when \\[services.rabbitmq] is configured, else by TCP."
+        ),
+    ] = None,
+    force: Force = False,
+    admin: AdminUrl = ADMIN_DEFAULT,
+    token: AdminToken = None,
+) -> None:
+    """No new connections to BACKEND; the open ones stay until their clients leave (or the deadline passes)."""
+    from rabbitproxy.config import ConfigError
+
+    seconds = None
+    if deadline is not None:
+        try:
+            seconds = parse_duration(deadline)
+        except ValueError as exc:
+            _fail_config(ConfigError([f"--deadline: {exc}"], "command line"))
+    _set_state("drain", service, backend, admin, token, deadline=seconds, force=force)
 
 
 @backend_app.command("maint")
-def backend_maint(service: str, backend: str, admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
-    """Halt BACKEND: no new connections and its open connections are closed now."""
-    _set_state("maint", service, backend, admin, token)
+def backend_maint(
+    service: str, backend: str, force: Force = False, admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None
+) -> None:
+    """Halt BACKEND: no new connections; its open connections are closed now (through the broker, at close_rate,
+    when \\[services.rabbitmq] is configured)."""
+    _set_state("maint", service, backend, admin, token, force=force)
 
 
 @backend_app.command("ready")

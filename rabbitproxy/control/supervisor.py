@@ -24,6 +24,7 @@ from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task
 from rabbitproxy.control.management import session_for
 from rabbitproxy.control.node_monitor import node_monitor_task
+from rabbitproxy.control.steering import Steering
 from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
 from rabbitproxy.relay.service import Service
 from rabbitproxy.relay.tls import ServiceTLS
@@ -65,6 +66,8 @@ class Supervisor:
         # service is removed or changed, and at shutdown.
         self.management: dict[str, aiohttp.ClientSession] = {}
         self.background = OwnedTasks()
+        # Drain deadlines, closes through the broker, the rebalancers (issue 13).
+        self.steering = Steering(self.services)
         self.reload_lock = asyncio.Lock()
         self.listeners_ready = asyncio.Event()
 
@@ -82,6 +85,7 @@ class Supervisor:
             service = Service(sc, tls=tls[sc.name])
             self.services[sc.name] = service
             self._watch_service(service)
+            self.steering.service_added(service)
         # The sockets already listen, so clients arriving now wait in the backlog. Serving starts once every
         # backend's first check has answered (or its timeout passed): otherwise the first clients after a start or
         # restart would find no healthy backend and be turned away from a perfectly healthy cluster.
@@ -106,6 +110,8 @@ class Supervisor:
             service.stop_accepting()
         total = sum(s.active for s in self.services.values())
         log.info("shutting down", open_connections=total)
+        # No deadline or rebalancer may close anything while the services drain for the last time.
+        await self.steering.stop()
         await asyncio.gather(*(s.drain(s.config.shutdown_timeout) for s in self.services.values()))
         await self._stop_all_monitors()
         for name in list(self.management):
@@ -195,6 +201,7 @@ class Supervisor:
             for b in service.pool.backends:
                 await self._unwatch(b)
             await self._close_management(name)
+            await self.steering.service_removed(name)
             self.spawn(service.remove(), name=f"drain {name}")
             result.removed.append(name)
         for sc in new.services:
@@ -204,6 +211,7 @@ class Supervisor:
                 await service.start(fresh_socks[sc.name])
                 self.services[sc.name] = service
                 self._watch_service(service)
+                self.steering.service_added(service)
                 result.added.append(sc.name)
                 continue
             await old_service.apply_tls(tls[sc.name])
@@ -211,6 +219,7 @@ class Supervisor:
                 result.unchanged.append(sc.name)
                 continue
             await self._update_service(old_service, sc, fresh_socks.get(sc.name))
+            await self.steering.service_changed(old_service)
             result.changed.append(sc.name)
         self.config = new
         log.info("configuration reloaded", **result.as_dict())

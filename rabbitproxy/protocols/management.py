@@ -213,6 +213,7 @@ def connection_name(client: tuple[str, int], server: tuple[str, int]) -> str:
     """The name the broker gives a connection: ``"client_host:client_port -> server_host:server_port"``.
 
     ``client`` is the peer as the broker sees it: the proxy's own address towards the backend, or the real
-    client's when a PROXY header told the broker who it is. ``server`` is the broker's listener address.
+    client's when a PROXY header told the broker who it is. ``server`` is the broker's listener address, or with a
+    PROXY header the destination the header names (3.10.8 takes both ends from the header).
     """
     return f"{_endpoint(*client)} -> {_endpoint(*server)}"

@@ -692,6 +692,21 @@ class ClientLeg(asyncio.Protocol):
         src = self.client_src
         return source_key(src[0]) if src is not None else None
 
+    def backend_endpoints(self) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """(our address towards the backend, the backend's address) as connected; None before or after.
+
+        Read from the transport when asked (a close through the broker names the connection by them), so the
+        data path pays no system call for it.
+        """
+        bt = self.backend_transport
+        if bt is None or bt.is_closing():
+            return None
+        local = bt.get_extra_info("sockname")
+        peer = bt.get_extra_info("peername")
+        if not (isinstance(local, tuple) and isinstance(peer, tuple)):
+            return None
+        return (str(local[0]), int(local[1])), (str(peer[0]), int(peer[1]))
+
     @property
     def duration(self) -> float:
         return time.monotonic() - self.started

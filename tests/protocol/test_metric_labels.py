@@ -71,7 +71,8 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
         series.append({key for key in got if key[0].startswith("rabbitproxy_")})
         for name, labels in series[-1]:
             for label, value in labels:
-                assert label in {"service", "backend", "status", "state", "reason"}, (name, label)
+                known = {"service", "backend", "status", "state", "reason", "cause", "via", "kind"}
+                assert label in known, (name, label)
                 allowed = {
                     "service": {"amqp"},
                     "backend": {"rabbit1", "rabbit2"},
@@ -79,6 +80,9 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
                     | {"ok", "unreachable", "bad reply", "error"},
                     "state": set(ADMIN_STATES),
                     "reason": set(CloseReason),
+                    "cause": {"drain", "maint", "rebalance"},
+                    "via": {"broker", "tcp"},
+                    "kind": {"memory", "disk"},
                 }[label]
                 assert value in allowed, (name, label, value)
         statuses.add(backend_view(r1)["agent"]["status"])

@@ -73,9 +73,15 @@ def test_empty_environment_token_counts_as_none() -> None:
     ],
 )
 def test_valid_patch_bodies(body: object, expected: tuple[str | None, int | None]) -> None:
-    state, weight, errors = _validate_patch(body)
+    patch, errors = _validate_patch(body)
     assert errors == []
-    assert (state, weight) == expected
+    assert (patch.state, patch.weight) == expected
+
+
+def test_a_drain_patch_carries_its_deadline_and_force() -> None:
+    patch, errors = _validate_patch({"state": "drain", "deadline": 300, "force": True})
+    assert errors == []
+    assert (patch.state, patch.deadline, patch.force) == ("drain", 300.0, True)
 
 
 @pytest.mark.parametrize(
@@ -92,10 +98,15 @@ def test_valid_patch_bodies(body: object, expected: tuple[str | None, int | None
         ({"weight": True}, "not True"),
         ({"weight": "10"}, "not '10'"),
         ({"state": "drain", "colour": "red"}, "unknown field(s): colour"),
+        ({"state": "drain", "deadline": 0}, "deadline must be a number of seconds"),
+        ({"state": "drain", "deadline": "5m"}, "deadline must be a number of seconds"),
+        ({"state": "drain", "deadline": True}, "deadline must be a number of seconds"),
+        ({"state": "maint", "deadline": 5}, "deadline goes with"),
+        ({"state": "drain", "force": "yes"}, "force must be true or false"),
     ],
 )
 def test_invalid_patch_bodies_name_the_problem(body: object, fragment: str) -> None:
-    _, _, errors = _validate_patch(body)
+    _, errors = _validate_patch(body)
     assert any(fragment in e for e in errors), errors
 
 
