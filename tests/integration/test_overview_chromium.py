@@ -271,7 +271,7 @@ def _row_expected(backend: Backend) -> dict[str, str]:
 
 async def _shown_matches(page: Page, proxy: Supervisor) -> bool:
     rows = await page.eval(ROWS_SHOWN)
-    columns = ["name", "addr", "status", "health", "weight", "eweight", "agent", "active", "total"]
+    columns = ["name", "addr", "status", "health", "weight", "eweight", "agent", "rabbitmq", "active", "total"]
     shown = [dict(zip(columns, row["cells"], strict=False)) for row in rows if row["visible"]]
     expected = [_row_expected(b) for b in proxy.services["amqp"].pool.backends]
     return [{key: row.get(key) for key in expected[0]} for row in shown] == expected
