@@ -29,3 +29,5 @@ class CloseReason(StrEnum):
     BAD_PROXY_HEADER = "bad proxy header"
     # A PROXY header from a source not in proxy_protocol_from: someone trying to choose their own address.
     UNTRUSTED_PROXY_HEADER = "untrusted proxy header"
+    # An operator closed this one connection (DELETE /api/connections/{id}, `rabbitproxy connections close`).
+    OPERATOR_CLOSE = "operator close"

@@ -21,11 +21,13 @@ timer for all connections, see :mod:`rabbitproxy.relay.deadlines`); when it expi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import TYPE_CHECKING, Any, cast
 
 from rabbitproxy import logs
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.protocols.amqp_handshake import Handshake
 from rabbitproxy.protocols.proxy_header import (
     NEED_DATA,
     ProxyHeaderReader,
@@ -45,6 +47,9 @@ HELLO_LENGTH = 8
 # Stands in for the PROXY reader of a client outside proxy_protocol_from: it is a plain client, but its first bytes
 # are looked at (never fed to a parser) so that a forged header is refused instead of passed on to the backend.
 UNTRUSTED = ProxyHeaderReader()
+
+# Connection ids: small, unique in the process, never reused while it runs (the admin API names connections by them).
+_ids = itertools.count(1)
 
 
 def _addr(peer: Any) -> str:
@@ -131,7 +136,9 @@ class ClientLeg(asyncio.Protocol):
         "connect_leg",
         "connect_redirected",
         "connect_task",
+        "handshake",
         "hello_left",
+        "id",
         "idle_handle",
         "last_activity",
         "pending",
@@ -189,6 +196,10 @@ class ClientLeg(asyncio.Protocol):
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_activity = 0.0
         self.started = time.monotonic()
+        self.id = next(_ids)
+        # What the AMQP handshake said (user, vhost, connection name); filled in by the handshake reader (issue 14
+        # part A), None until then and for connections it cannot read.
+        self.handshake: Handshake | None = None
 
     # -- client side ---------------------------------------------------------------------------------------------
 
@@ -681,6 +692,21 @@ class ClientLeg(asyncio.Protocol):
         """What source-hash balancing hashes: the client's address."""
         src = self.client_src
         return src[0].encode() if src is not None else None
+
+    def backend_endpoints(self) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """(our address towards the backend, the backend's address) as connected; None before or after.
+
+        Read from the transport when asked (a close through the broker names the connection by them), so the
+        data path pays no system call for it.
+        """
+        bt = self.backend_transport
+        if bt is None or bt.is_closing():
+            return None
+        local = bt.get_extra_info("sockname")
+        peer = bt.get_extra_info("peername")
+        if not (isinstance(local, tuple) and isinstance(peer, tuple)):
+            return None
+        return (str(local[0]), int(local[1])), (str(peer[0]), int(peer[1]))
 
     @property
     def duration(self) -> float:
