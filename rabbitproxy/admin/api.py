@@ -314,7 +314,10 @@ async def reload(request: web.Request) -> web.Response:
 
 
 def _live(proxy: Supervisor) -> Iterator[tuple[str, Connection]]:
-    """Every open connection of every service, with its service's name (a reload's old services included)."""
+    """Every open connection of the configured services, with its service's name.
+
+    A service a reload removed is no longer listed while its last connections drain.
+    """
     for name, service in proxy.services.items():
         for conn in service.connections:
             yield name, conn

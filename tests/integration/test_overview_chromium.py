@@ -21,8 +21,10 @@ import aio_pika
 import aiohttp
 import pytest
 
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.protocols.amqp_handshake import Handshake
+from tests.support.amqp import client_dead
 from tests.support.cluster import backends_for
 from tests.support.net import free_port
 from tests.support.proxy import listen_addr, run_proxy, service_config
@@ -305,6 +307,16 @@ async def test_overview_connections_view_filters_and_sorts(cluster: DevCluster, 
             ARTIFACTS.mkdir(exist_ok=True)
             loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
             (ARTIFACTS / f"overview-connections-{loop_name}.png").write_bytes(base64.b64decode(shot["data"]))
+
+            # Close it from the page: the reason prompt is answered as an operator would (a dialog would stop the
+            # headless page), the API closes it (by TCP: no [services.rabbitmq] here) and the row goes away.
+            await page.eval("window.prompt = () => 'closed from the page'")
+            await page.click(f'button[data-action="close-connection"][data-conn-id="{ids[f"{tag}-orders"]}"]')
+            await wait_for(lambda: client_dead(clients[0]), timeout=30, what="the orders client closed")
+            await wait_for(lambda: _equals(page.eval(rows), []), what="its row gone")
+            assert service.ended[CloseReason.OPERATOR_CLOSE] == 1
+            assert not client_dead(clients[1])
         finally:
             for c in clients:
-                await c.close()
+                if not client_dead(c):
+                    await c.close()
