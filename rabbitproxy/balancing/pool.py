@@ -88,10 +88,6 @@ class Connection(Protocol):
     backend: Backend | None
     bytes_in: int
     bytes_out: int
-    # The client's address (from a PROXY header when one was accepted); what a broker told by PROXY calls it.
-    client_src: tuple[str, int] | None
-    # Why it ended; a close through the broker names its cause here first, before the backend hangs up.
-    reason: CloseReason | None
 
     # A small integer, unique among the connections of this process (never reused while it runs).
     @property
@@ -114,6 +110,11 @@ class Connection(Protocol):
     # The client as host:port (the PROXY header's source when one was accepted).
     @property
     def client_addr(self) -> str: ...
+
+    # The client's address (from a PROXY header when one was accepted); what a broker told by PROXY calls it.
+    client_src: tuple[str, int] | None
+    # Why it ended; a close through the broker names its cause here first, before the backend hangs up.
+    reason: CloseReason | None
 
     def close(self, reason: CloseReason) -> None: ...
 
