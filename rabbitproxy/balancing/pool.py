@@ -111,8 +111,10 @@ class Connection(Protocol):
     @property
     def client_addr(self) -> str: ...
 
-    # The client's address (from a PROXY header when one was accepted); what a broker told by PROXY calls it.
+    # The client's address and the address it connected to (from a PROXY header when one was accepted): what a
+    # broker sent a PROXY header names the connection by.
     client_src: tuple[str, int] | None
+    client_dst: tuple[str, int] | None
     # Why it ended; a close through the broker names its cause here first, before the backend hangs up.
     reason: CloseReason | None
 

@@ -52,15 +52,17 @@ class CloseOutcome:
 def broker_name(conn: Connection, proxy_protocol: bool) -> str | None:
     """The broker's name of a proxied connection; None when it cannot be known (not connected, or closing).
 
-    Without a PROXY header the broker sees the proxy's address towards it as the client; with one it takes the
-    client's address from the header, while the server end stays its own socket's (rabbit_net:socket_ends).
+    Without a PROXY header the broker sees the proxy's address towards it as the client. With one it takes *both*
+    ends from the header: the client's address and the address the client connected to (the proxy's listener, or
+    what an upstream balancer's header said); measured on RabbitMQ 3.10.8.
     """
     ends = conn.backend_endpoints()
     if ends is None:
         return None
-    local, server = ends
-    client = conn.client_src if proxy_protocol else local
-    return connection_name(client, server) if client is not None else None
+    if not proxy_protocol:
+        return connection_name(*ends)
+    src, dst = conn.client_src, conn.client_dst
+    return connection_name(src, dst) if src is not None and dst is not None else None
 
 
 def _open(conn: Connection) -> bool:

@@ -268,3 +268,32 @@ async def test_a_young_connection_unknown_to_the_broker_is_asked_for_again() -> 
                 assert outcome.via == "broker"
                 assert conn in service.connections
                 writer.close()
+
+
+async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # A backend that reads everything (the PROXY header included) and answers nothing.
+    while await reader.read(65536):
+        pass
+
+
+@pytest.mark.asyncio
+async def test_with_a_proxy_header_the_broker_is_asked_by_the_header_s_two_addresses() -> None:
+    # RabbitMQ 3.10.8 behind a PROXY header names a connection by both ends the header gives (the client, and the
+    # proxy listener it connected to), not by its own socket (tests/fixtures/management, protocols.management).
+    async with fake_management(204) as (fake, mport), tcp_server(_sink) as port:
+        backends = [{"name": "b1", "address": "127.0.0.1", "port": port}]
+        svc = service_config(backends, rabbitmq={"management_port": mport}, send_proxy_protocol="v1")
+        async with run_proxy(svc) as proxy:
+            listen = listen_addr(proxy)
+            _, writer = await asyncio.open_connection(*listen)
+            writer.write(b"AMQP\x00\x00\x09\x01")
+            service = proxy.services["amqp"]
+            await wait_for(lambda: any(c.backend is not None for c in service.connections), what="attached")
+            [conn] = service.connections
+            outcome = await close_connection(
+                service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, "bye"
+            )
+            assert outcome.via == "broker"
+            client = writer.get_extra_info("sockname")
+            assert fake.calls == [(f"{client[0]}:{client[1]} -> {listen[0]}:{listen[1]}", "bye")]
+            writer.close()

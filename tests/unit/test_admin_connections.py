@@ -45,6 +45,7 @@ class _Conn:
     handshake: Handshake | None = None
     client_addr: str = "10.0.0.7:51234"
     client_src: tuple[str, int] | None = None
+    client_dst: tuple[str, int] | None = None
     reason: CloseReason | None = None
 
     def close(self, reason: CloseReason) -> None:
