@@ -88,14 +88,18 @@ class Connection(Protocol):
     backend: Backend | None
     bytes_in: int
     bytes_out: int
+    # The client's address and the address it connected to (from a PROXY header when one was accepted): what a
+    # broker sent a PROXY header names the connection by.
+    client_src: tuple[str, int] | None
+    client_dst: tuple[str, int] | None
+    # time.monotonic() when the client connected: the rebalancer moves the youngest connections first.
+    started: float
+    # Why it ended; a close through the broker names its cause here first, before the backend hangs up.
+    reason: CloseReason | None
 
     # A small integer, unique among the connections of this process (never reused while it runs).
     @property
     def id(self) -> int: ...
-
-    # time.monotonic() at accept.
-    @property
-    def started(self) -> float: ...
 
     # time.monotonic() of the last byte either way; only kept while an idle timeout watches the connection (a
     # fixed client_idle_timeout, or "auto" once the heartbeat is known), else 0.0: keeping it costs a clock read
@@ -110,13 +114,6 @@ class Connection(Protocol):
     # The client as host:port (the PROXY header's source when one was accepted).
     @property
     def client_addr(self) -> str: ...
-
-    # The client's address and the address it connected to (from a PROXY header when one was accepted): what a
-    # broker sent a PROXY header names the connection by.
-    client_src: tuple[str, int] | None
-    client_dst: tuple[str, int] | None
-    # Why it ended; a close through the broker names its cause here first, before the backend hangs up.
-    reason: CloseReason | None
 
     def close(self, reason: CloseReason) -> None: ...
 
