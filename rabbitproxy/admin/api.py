@@ -18,7 +18,7 @@ import ipaddress
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -28,9 +28,12 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from rabbitproxy.admin import connections
 from rabbitproxy.admin.metrics import registry_for, render
-from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, NodeView
+from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, Connection, NodeView
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
+from rabbitproxy.control.close_one import close_connection
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
@@ -415,6 +418,73 @@ async def reload(request: web.Request) -> web.Response:
     return web.json_response({"status": "reloaded", **result.as_dict()})
 
 
+def _live(proxy: Supervisor) -> Iterator[tuple[str, Connection]]:
+    """Every open connection of the configured services, with its service's name.
+
+    A service a reload removed is no longer listed while its last connections drain.
+    """
+    for name, service in proxy.services.items():
+        for conn in service.connections:
+            yield name, conn
+
+
+def _find_connection(proxy: Supervisor, raw_id: str) -> tuple[Service, Connection]:
+    conn_id = int(raw_id) if raw_id.isascii() and raw_id.isdigit() else None
+    found = connections.find(_live(proxy), conn_id) if conn_id is not None else None
+    if found is None:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": f"no open connection with id {raw_id!r}"}), content_type="application/json"
+        )
+    return proxy.services[found[0]], found[1]
+
+
+async def list_connections(request: web.Request) -> web.Response:
+    try:
+        query = connections.ConnectionQuery.from_params(request.query)
+    except connections.QueryError as exc:
+        return _error(400, str(exc), errors=exc.errors)
+    return web.json_response(connections.select(_live(request.app[PROXY_KEY]), query, time.monotonic()))
+
+
+async def get_connection(request: web.Request) -> web.Response:
+    service, conn = _find_connection(request.app[PROXY_KEY], request.match_info["id"])
+    return web.json_response(connections.connection_view(service.name, conn, time.monotonic()))
+
+
+async def delete_connection(request: web.Request) -> web.Response:
+    """Close one connection: through the broker (320 and the reason) with [services.rabbitmq], else by TCP."""
+    unknown = sorted(set(request.query) - {"reason"})
+    if unknown:
+        return _error(400, f"unknown parameter(s): {', '.join(unknown)} (only reason)")
+    try:
+        text = connections.reason_text(request.query.get("reason"))
+    except ValueError as exc:
+        return _error(400, str(exc))
+    service, conn = _find_connection(request.app[PROXY_KEY], request.match_info["id"])
+    view = connections.connection_view(service.name, conn, time.monotonic())
+    outcome = await close_connection(service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, text)
+    fields = {
+        "id": view["id"],
+        "service": service.name,
+        "backend": view["backend"],
+        "client": view["client"],
+        "user": view["user"],
+        "connection_name": view["connection_name"],
+        "reason": text,
+        "via": outcome.via,
+        "detail": outcome.detail,
+        "who": _who(request),
+    }
+    if outcome.via == "tcp" and service.config.rabbitmq is not None:
+        # Configured to close through the broker and it could not: the client saw a reset, not our reason.
+        log.warning("connection closed by TCP, not through the broker", **fields)
+    else:
+        log.info("connection closed by operator", **fields)
+    return web.json_response(
+        {"id": view["id"], "service": service.name, "reason": text, "via": outcome.via, "detail": outcome.detail}
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     body, content_type = render(request.app[REGISTRY_KEY])
     # prometheus-client's content type carries a version parameter that aiohttp wants passed as a header.
@@ -454,6 +524,9 @@ def make_app(proxy: Supervisor, token: str | None) -> web.Application:
     app.router.add_get("/api/services/{service}/backends/{backend}", get_backend)
     app.router.add_patch("/api/services/{service}/backends/{backend}", patch_backend)
     app.router.add_post("/api/reload", reload)
+    app.router.add_get("/api/connections", list_connections)
+    app.router.add_get("/api/connections/{id}", get_connection)
+    app.router.add_delete("/api/connections/{id}", delete_connection)
     return app
 
 

@@ -1,4 +1,5 @@
-"""A small, synchronous client for the admin API, used by the ``status``, ``backend`` and ``reload`` commands.
+"""A small, synchronous client for the admin API, used by the ``status``, ``backend``, ``reload`` and
+``connections`` commands.
 
 It uses the standard library only: a CLI command makes one or two requests and exits, so an event loop and a
 session would be all cost and no gain.
@@ -10,9 +11,12 @@ import json
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9080"
+# Closing a connection through the broker may ask several nodes, and asks again for a few seconds while the
+# management API has not learnt of a young connection yet (rabbitproxy.control.close_one).
+CLOSE_TIMEOUT = 60.0
 
 
 class AdminError(Exception):
@@ -35,7 +39,7 @@ class AdminClient:
         self.token = token or None
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
@@ -45,7 +49,7 @@ class AdminClient:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - scheme checked above
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310 - scheme checked above
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             raise _http_error(exc) from None
@@ -84,6 +88,17 @@ class AdminClient:
 
     def reload(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("POST", "/api/reload", {})
+        return result
+
+    def connections(self, **params: str | int | None) -> dict[str, Any]:
+        """``GET /api/connections`` with the filters, sort and page given (None = not given)."""
+        query = urlencode({k: v for k, v in params.items() if v is not None})
+        result: dict[str, Any] = self.request("GET", "/api/connections" + (f"?{query}" if query else ""))
+        return result
+
+    def close_connection(self, conn_id: int, reason: str | None = None) -> dict[str, Any]:
+        query = f"?{urlencode({'reason': reason})}" if reason else ""
+        result: dict[str, Any] = self.request("DELETE", f"/api/connections/{conn_id}{query}", timeout=CLOSE_TIMEOUT)
         return result
 
 
@@ -190,3 +205,58 @@ def print_status(data: dict[str, Any]) -> None:
             )
         console.print(table)
     console.print("* weight set at runtime through the admin API")
+
+
+def _seconds(value: float | None) -> str:
+    """A duration for people: 42s, 3m05s, 2h07m, 4d03h; "-" when unknown."""
+    if value is None:
+        return "-"
+    n = int(value)
+    if n < 60:
+        return f"{n}s"
+    if n < 3600:
+        return f"{n // 60}m{n % 60:02d}s"
+    if n < 86400:
+        return f"{n // 3600}h{n % 3600 // 60:02d}m"
+    return f"{n // 86400}d{n % 86400 // 3600:02d}h"
+
+
+def print_connections(data: dict[str, Any]) -> None:
+    """Print ``GET /api/connections`` as a table (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=220)
+    conns = data.get("connections", [])
+    table = Table(title_justify="left")
+    numeric = ("id", "age", "idle", "in", "out")
+    for col in ("id", "service", "backend", "client", "user", "vhost", "name", "client library", *numeric[1:]):
+        table.add_column(col, justify="right" if col in numeric else "left")
+    for c in conns:
+        library = " ".join(p for p in (c.get("product"), c.get("version")) if p)
+        table.add_row(
+            str(c["id"]),
+            c["service"],
+            c["backend"] or "(connecting)",
+            c["client"],
+            # Everything below comes from the client's handshake: text, never rich markup.
+            escape(c.get("user") or "-"),
+            escape(c.get("vhost") or "-"),
+            escape(c.get("connection_name") or "-"),
+            escape(library or "-"),
+            _seconds(c["age"]),
+            _seconds(c["idle"]),
+            _bytes(c["bytes_in"]),
+            _bytes(c["bytes_out"]),
+        )
+    console.print(table)
+    total = data.get("total", len(conns))
+    first = data.get("offset", 0)
+    shown = f"{first + 1}-{first + len(conns)}" if conns else "none"
+    line = f"{shown} of {total} connection(s), by {data.get('sort', 'age')} {data.get('order', 'desc')}"
+    if data.get("next_offset") is not None:
+        line += f"; more with --offset {data['next_offset']}"
+    console.print(line)

@@ -32,3 +32,5 @@ class CloseReason(StrEnum):
     # Closed through the broker (or by TCP when it could not be): a drain's deadline passed, or the rebalancer moved it.
     DRAIN_DEADLINE = "drain deadline"
     REBALANCE = "rebalance"
+    # An operator closed this one connection (DELETE /api/connections/{id}, `rabbitproxy connections close`).
+    OPERATOR_CLOSE = "operator close"

@@ -294,7 +294,7 @@ def demo(
         cluster.stop()
 
 
-# -- admin API commands: status, backend, reload ----------------------------------------------------------------------
+# -- admin API commands: status, backend, reload, connections ------------------------------------------------------
 
 AdminUrl = Annotated[
     str, typer.Option("--admin", help="Admin API URL.", envvar="RABBITPROXY_ADMIN", show_envvar=True)
@@ -453,6 +453,85 @@ def reload(admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
     for key in ("added", "removed", "changed", "unchanged"):
         names = result.get(key) or []
         typer.echo(f"  {key}: {', '.join(names) if names else '-'}")
+
+
+connections_app = typer.Typer(invoke_without_command=True)
+app.add_typer(connections_app, name="connections")
+
+
+@connections_app.callback()
+def connections_list(
+    ctx: typer.Context,
+    service: Annotated[str | None, typer.Option(help="Only this service's connections.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Only connections to this backend (its name).")] = None,
+    user: Annotated[str | None, typer.Option(help="Only this AMQP user.")] = None,
+    vhost: Annotated[str | None, typer.Option(help="Only this vhost.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Only connections whose connection_name contains this (any case).")
+    ] = None,
+    sort: Annotated[str, typer.Option(help="age, bytes_in, bytes_out or idle.")] = "age",
+    asc: Annotated[bool, typer.Option("--asc", help="Youngest, smallest, least idle first.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many (1 to 1000).", min=1, max=1000)] = 100,
+    offset: Annotated[int, typer.Option(help="Skip this many (the next page).", min=0)] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
+    admin: AdminUrl = ADMIN_DEFAULT,
+    token: AdminToken = None,
+) -> None:
+    """List the open connections of a running proxy, or close one with `connections close ID`.
+
+    Each with its client, backend, AMQP user, vhost and connection name, age, idle time and bytes both ways;
+    the oldest first unless --sort says otherwise (bytes_in or bytes_out finds the busiest clients).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    from rabbitproxy.admin.client import print_connections
+
+    data = _admin_call(
+        admin,
+        token,
+        lambda c: c.connections(
+            service=service,
+            backend=backend,
+            user=user,
+            vhost=vhost,
+            name=name,
+            sort=sort,
+            order="asc" if asc else "desc",
+            limit=limit,
+            offset=offset,
+        ),
+    )
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        print_connections(data)
+
+
+@connections_app.command("close")
+def connections_close(
+    conn_id: Annotated[int, typer.Argument(metavar="ID", help="The connection's id (from `rabbitproxy connections`).")],
+    reason: Annotated[
+        str | None,
+        typer.Option(help="Why, at most 200 characters: logged, and shown to the client when closed by the broker."),
+    ] = None,
+    admin: AdminUrl = ADMIN_DEFAULT,
+    token: AdminToken = None,
+) -> None:
+    """Close one connection by its ID, through the broker when the service has a rabbitmq table.
+
+    Through the broker the client gets connection.close 320 CONNECTION_FORCED with the reason, which client
+    libraries log and answer with a clean reconnect; without it (or if the broker does not know the connection)
+    it is closed by TCP.
+    """
+    result = _admin_call(admin, token, lambda c: c.close_connection(conn_id, reason))
+    how = {
+        "broker": f"through the broker ({result['detail']}): the client got 320 CONNECTION_FORCED",
+        "tcp": f"by TCP ({result['detail']})",
+        "ended": "it ended by itself meanwhile",
+    }.get(result["via"], result["via"])
+    typer.echo(f"connection {result['id']} of {result['service']} closed {how}; reason: {result['reason']}")
 
 
 @app.command()

@@ -21,6 +21,7 @@ timer for all connections, see :mod:`rabbitproxy.relay.deadlines`); when it expi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,6 +29,7 @@ from rabbitproxy import logs
 from rabbitproxy.balancing.algorithms import source_key
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import SOURCE_CLIENT
+from rabbitproxy.protocols.amqp_handshake import Handshake
 from rabbitproxy.protocols.proxy_header import (
     NEED_DATA,
     ProxyHeaderReader,
@@ -48,6 +50,9 @@ HELLO_LENGTH = 8
 # Stands in for the PROXY reader of a client outside proxy_protocol_from: it is a plain client, but its first bytes
 # are looked at (never fed to a parser) so that a forged header is refused instead of passed on to the backend.
 UNTRUSTED = ProxyHeaderReader()
+
+# Connection ids: small, unique in the process, never reused while it runs (the admin API names connections by them).
+_ids = itertools.count(1)
 
 
 def _addr(peer: Any) -> str:
@@ -134,7 +139,9 @@ class ClientLeg(asyncio.Protocol):
         "connect_leg",
         "connect_redirected",
         "connect_task",
+        "handshake",
         "hello_left",
+        "id",
         "idle_handle",
         "last_activity",
         "pending",
@@ -192,6 +199,10 @@ class ClientLeg(asyncio.Protocol):
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_activity = 0.0
         self.started = time.monotonic()
+        self.id = next(_ids)
+        # What the AMQP handshake said (user, vhost, connection name); filled in by the handshake reader (issue 14
+        # part A), None until then and for connections it cannot read.
+        self.handshake: Handshake | None = None
 
     # -- client side ---------------------------------------------------------------------------------------------
 
