@@ -30,6 +30,7 @@ from rabbitproxy.admin.metrics import registry_for, render
 from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
+from rabbitproxy.control.supervisor import ReloadRefusedError
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
@@ -259,12 +260,16 @@ def _validate_patch(body: Any) -> tuple[AdminState | None, int | None, list[str]
 
 async def patch_backend(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    service, backend = _find(proxy, request.match_info["service"], request.match_info["backend"])
-    assert backend is not None
+    names = request.match_info["service"], request.match_info["backend"]
+    _find(proxy, *names)
     body = await _json_body(request)
     state, weight, errors = _validate_patch(body)
     if errors:
         return _error(400, "; ".join(errors), errors=errors)
+    # Looked up again after the await: a reload may have swapped in new Backend objects meanwhile, and a change
+    # made to the discarded one would be lost although answered with 200. From here on nothing awaits.
+    service, backend = _find(proxy, *names)
+    assert backend is not None
     closed = 0
     who = _who(request)
     if weight is not None:
@@ -300,6 +305,10 @@ async def reload(request: web.Request) -> web.Response:
     log.info("reload requested", who=who, path=str(proxy.config_path) if proxy.config_path else None)
     try:
         result = await proxy.reload()
+    except ReloadRefusedError as exc:
+        # Not the file's fault: the proxy is stopping. 409, so a client does not "fix" a valid file.
+        log.warning("reload refused", reason="; ".join(exc.errors), who=who)
+        return _error(409, "; ".join(exc.errors), errors=exc.errors)
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays", errors=exc.errors, who=who)
         return _error(400, "invalid configuration; nothing was changed", errors=exc.errors)

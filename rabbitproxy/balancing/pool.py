@@ -63,6 +63,7 @@ class Backend:
         "name",
         "operator_state",
         "port",
+        "successor",
         "total",
         "traffic_in",
         "traffic_out",
@@ -98,6 +99,9 @@ class Backend:
         self.connect_errors = 0
         self.traffic_in = 0
         self.traffic_out = 0
+        # The object that replaced this one in its pool when a reload kept the same server (same name and
+        # address); None while this one is current. A connect in flight across the reload follows it.
+        self.successor: Backend | None = None
 
     # -- derived state -------------------------------------------------------------------------------------------
 
@@ -226,6 +230,14 @@ class Backend:
         self.connect_errors = old.connect_errors
         self.traffic_in = old.traffic_in
         self.traffic_out = old.traffic_out
+        old.successor = self
+
+    def current(self) -> Backend:
+        """The object that now stands for this server in its pool (itself unless a reload replaced it)."""
+        backend = self
+        while backend.successor is not None:
+            backend = backend.successor
+        return backend
 
 
 class Pool:

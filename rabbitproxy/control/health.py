@@ -279,6 +279,9 @@ async def health_task(service: Service, backend: Backend) -> None:
     try:
         while True:
             if backend.admin_state != "maint":
+                # The data path's context, read at every check: a reload replaces it (a new backend CA) also for
+                # services whose configuration, and so whose monitors, did not change.
+                checker.ssl = service.backend_ssl
                 began = loop.time()
                 result = await checker.probe()
                 apply_result(service, backend, state, result, loop.time() - began)
