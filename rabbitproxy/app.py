@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from rabbitproxy.config import Config, ConfigError
-from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.control.supervisor import ReloadRefusedError, Supervisor
 
 log = structlog.get_logger("rabbitproxy.app")
 
@@ -93,6 +93,10 @@ async def serve(
         stop = asyncio.Event()
 
         def on_hup() -> None:
+            if proxy.state == "stopping":
+                # The shutdown closed the listeners; a reload now would open them again.
+                log.warning("SIGHUP ignored: shutting down")
+                return
             proxy.spawn(_reload_from_signal(proxy), name="reload")
 
         install_signal_handlers(asyncio.get_running_loop(), stop, on_hup)
@@ -114,5 +118,8 @@ async def serve(
 async def _reload_from_signal(proxy: Supervisor) -> None:
     try:
         await proxy.reload()
+    except ReloadRefusedError as exc:
+        # Shutdown began while this reload waited for the lock or for first checks.
+        log.warning("reload refused", reason="; ".join(exc.errors))
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays", errors=exc.errors)

@@ -34,6 +34,7 @@ from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, Connec
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
 from rabbitproxy.control.close_one import close_connection
+from rabbitproxy.control.supervisor import ReloadRefusedError
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
@@ -346,12 +347,16 @@ def _validate_patch(body: Any) -> tuple[BackendPatch, list[str]]:
 
 async def patch_backend(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    service, backend = _find(proxy, request.match_info["service"], request.match_info["backend"])
-    assert backend is not None
+    names = request.match_info["service"], request.match_info["backend"]
+    _find(proxy, *names)
     body = await _json_body(request)
     patch, errors = _validate_patch(body)
     if errors:
         return _error(400, "; ".join(errors), errors=errors)
+    # Looked up again after the await: a reload may have swapped in new Backend objects meanwhile, and a change
+    # made to the discarded one would be lost although answered with 200. From here on nothing awaits.
+    service, backend = _find(proxy, *names)
+    assert backend is not None
     who = _who(request)
     state = patch.state
     if state in ("drain", "maint") and backend.operator_state == "ready":
@@ -412,6 +417,10 @@ async def reload(request: web.Request) -> web.Response:
     log.info("reload requested", who=who, path=str(proxy.config_path) if proxy.config_path else None)
     try:
         result = await proxy.reload()
+    except ReloadRefusedError as exc:
+        # Not the file's fault: the proxy is stopping. 409, so a client does not "fix" a valid file.
+        log.warning("reload refused", reason="; ".join(exc.errors), who=who)
+        return _error(409, "; ".join(exc.errors), errors=exc.errors)
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays", errors=exc.errors, who=who)
         return _error(400, "invalid configuration; nothing was changed", errors=exc.errors)

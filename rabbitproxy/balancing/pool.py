@@ -207,6 +207,7 @@ class Backend:
         "ramp_start",
         "rebalance_hold",
         "slow_start",
+        "successor",
         "total",
         "traffic_in",
         "traffic_out",
@@ -267,6 +268,10 @@ class Backend:
         # Whether the backend was usable when last observed (None: never seen usable or unusable after a check),
         # so observe() can tell the moment it becomes usable again.
         self.usable_before: bool | None = None
+
+        # The object that replaced this one in its pool when a reload kept the same server (same name and
+        # address); None while this one is current. A connect in flight across the reload follows it.
+        self.successor: Backend | None = None
 
     @classmethod
     def for_service(cls, service: ServiceConfig, config: BackendConfig, *, healthy: bool) -> Backend:
@@ -499,6 +504,14 @@ class Backend:
         self.connect_errors = old.connect_errors
         self.traffic_in = old.traffic_in
         self.traffic_out = old.traffic_out
+        old.successor = self
+
+    def current(self) -> Backend:
+        """The object that now stands for this server in its pool (itself unless a reload replaced it)."""
+        backend = self
+        while backend.successor is not None:
+            backend = backend.successor
+        return backend
 
 
 class Pool:

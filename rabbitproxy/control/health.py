@@ -296,6 +296,9 @@ async def health_task(service: Service, backend: Backend) -> None:
     try:
         while True:
             if backend.admin_state != "maint":
+                # The data path's context, read at every check: a reload replaces it (a new backend CA) also for
+                # services whose configuration, and so whose monitors, did not change.
+                checker.ssl = service.backend_ssl
                 began = loop.time()
                 try:
                     result = await checker.probe()

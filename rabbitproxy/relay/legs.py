@@ -447,6 +447,8 @@ class ClientLeg(asyncio.Protocol):
         service = self.service
         service.connect_ended(self, task)
         backend = self.tried[-1]
+        if backend.successor is not None:
+            backend = self._follow_reload()
         leg = self.connect_leg
         self.connect_leg = None
         left = service.connecting[backend] - 1
@@ -500,6 +502,15 @@ class ClientLeg(asyncio.Protocol):
         service.connect_failed(backend, self.client_addr, exc)
         if not self._ending():
             self._connect_next()
+
+    def _follow_reload(self) -> Backend:
+        """A reload replaced the Backend objects this connect was started with: use the ones now in the pool.
+
+        The reload moved the in-flight count to the new object, so that is the one to credit; the backends already
+        tried are mapped too, so a retry does not pick the same server again under its new object.
+        """
+        tried = self.tried = [b.current() for b in self.tried]
+        return tried[-1]
 
     def _ending(self) -> bool:
         """True once the client side is gone or being closed: no backend should be (re)connected for it."""

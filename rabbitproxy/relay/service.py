@@ -79,48 +79,70 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        """Start listening, on ``sock`` if given (a reload hands over an existing socket)."""
-        if not self._started:
-            self._started = True
-            self.loop = asyncio.get_running_loop()
-            # A concrete logger for the per-connection event, built once from the logging set up by now: going
-            # through the module's lazy proxy re-resolved structlog's configuration (and built a new output
-            # logger) for every event.
-            self.conn_log = log.bind(service=self.name)
-            self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
-            self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
-            self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, ClientLeg.header_expired)
-            self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, ClientLeg.close_expired)
-        loop = self.loop
+        """Start listening, on ``sock`` if given (the supervisor binds every socket before any serves)."""
         if sock is None:
             sock = bind_listener(self.config)
-        # Accepted sockets inherit keepalive from the listener (rabbitproxy.relay.keepalive): no cost per client.
-        set_keepalive(sock, self.config.tcp_keepalive)
-        server_tls = self.tls.server
-        self.server = await loop.create_server(
-            lambda: ClientLeg(self),
-            sock=sock,
-            backlog=self.config.backlog,
-            ssl=server_tls.listener if server_tls is not None else None,
-            # A client that never finishes its TLS handshake is a slowloris too: it gets the hello timeout.
-            ssl_handshake_timeout=(self.config.client_hello_timeout or None) if server_tls is not None else None,
-        )
-        self.bound = [s.getsockname()[:2] for s in self.server.sockets]
+        self.replace_server(await self.open_server(sock, self.config, self.tls, serving=True))
 
     @property
     def backend_ssl(self) -> ssl.SSLContext | None:
         return self.tls.backend
 
-    async def apply_tls(self, tls: ServiceTLS) -> None:
-        """Use freshly loaded TLS settings (reload); open connections keep what they were set up with."""
-        had_server_tls = self.tls.server is not None
-        self.tls = self.tls.updated(tls)
-        if had_server_tls != (self.tls.server is not None) and self.server is not None and self.server.sockets:
-            # TLS switched on or off: a new server on a duplicate of the same listening socket takes over, so the
-            # port is never closed and no queued connect is lost.
-            old = self.server
-            dup = socket.socket(fileno=os.dup(old.sockets[0].fileno()))
-            await self.start(dup)
+    def _prepare(self) -> None:
+        """What the data path needs from the running loop, set up once before the first listener opens."""
+        if self._started:
+            return
+        self._started = True
+        self.loop = asyncio.get_running_loop()
+        # A concrete logger for the per-connection event, built once from the logging set up by now: going
+        # through the module's lazy proxy re-resolved structlog's configuration (and built a new output
+        # logger) for every event.
+        self.conn_log = log.bind(service=self.name)
+        self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
+        self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
+        self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, ClientLeg.header_expired)
+        self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, ClientLeg.close_expired)
+
+    async def open_server(
+        self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool
+    ) -> asyncio.Server:
+        """A server for this service on ``sock``, set up as ``config`` and ``tls`` say; not installed here.
+
+        A reload opens its servers with ``serving=False`` before anything changes, installs them with
+        :meth:`replace_server` in the same synchronous step that swaps the configuration in, and only then lets
+        them accept: no client is ever accepted with a TLS context that belongs to another configuration.
+        """
+        self._prepare()
+        # Accepted sockets inherit keepalive from the listener (rabbitproxy.relay.keepalive): no cost per client.
+        set_keepalive(sock, config.tcp_keepalive)
+        server_tls = tls.server
+        return await self.loop.create_server(
+            lambda: ClientLeg(self),
+            sock=sock,
+            backlog=config.backlog,
+            ssl=server_tls.listener if server_tls is not None else None,
+            # A client that never finishes its TLS handshake is a slowloris too: it gets the hello timeout.
+            ssl_handshake_timeout=(config.client_hello_timeout or None) if server_tls is not None else None,
+            start_serving=serving,
+        )
+
+    def duplicate_listener(self) -> socket.socket | None:
+        """A new descriptor for the listening socket, so a second server can take over without closing the port."""
+        if self.server is None or not self.server.sockets:
+            return None
+        return socket.socket(fileno=os.dup(self.server.sockets[0].fileno()))
+
+    def replace_server(self, server: asyncio.Server) -> None:
+        """Make ``server`` this service's listener and close the previous one (synchronous, for the reload swap).
+
+        Closing the old server closes only its own descriptor: when the new one listens on a duplicate of the same
+        socket, connects queued meanwhile wait in the kernel's backlog for the new server. Connections already
+        accepted are not touched.
+        """
+        old = self.server
+        self.server = server
+        self.bound = [s.getsockname()[:2] for s in server.sockets]
+        if old is not None and old is not server:
             old.close()
 
     def full_backends(self) -> list[Backend]:

@@ -1,9 +1,11 @@
 """SSL contexts built from the frozen configuration: phase two of the config, like the listening sockets.
 
-A terminating service listens with a :class:`ServerTLS`. Its listener context never changes for the life of the
-listener; instead, a server-name callback hands every new handshake to the *current* context, which a reload
-replaces. That is how a renewed certificate takes effect on SIGHUP without closing the listener, while the TLS
-connections already open keep the certificate they were set up with.
+A terminating service listens with a :class:`ServerTLS`, built anew on every reload. OpenSSL keeps a server's
+session cache and ticket keys in the context the listener was created with, and a resumed session skips the client
+certificate check. So a reload never patches a context in place: the supervisor starts a new listener (on a
+duplicate of the same listening socket, so the port never closes) with the fresh context, whose cache is empty. A
+session from before the reload therefore cannot be resumed under settings that would refuse its certificate, a
+renewed certificate takes effect at once, and the TLS connections already open keep what they were set up with.
 
 Everything here raises :class:`~rabbitproxy.config.ConfigError` naming the key when a file cannot be used, so a
 bad certificate at reload leaves the running one in place.
@@ -28,8 +30,14 @@ def server_context(tls: TLSConfig, service: str = "") -> ssl.SSLContext:
     """A server-side context for ``tls``; ConfigError names the key whose file is unusable."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls.min_version]
-    # No session tickets: a ticket would outlive a certificate rotation and a client-CA change.
+    # No stateless tickets: their keys would outlive the context. What remains is the server-side session cache
+    # of this very context (TLS 1.2 session IDs, TLS 1.3 stateful tickets), which ends with it at the next reload.
     ctx.options |= ssl.OP_NO_TICKET
+    if tls.verify_client != "none":
+        # A resumed session is not checked against the CA again. With client verification on, TLS 1.3 issues no
+        # tickets at all, so every TLS 1.3 client proves its certificate in full on every connection. (Python
+        # offers no way to switch the TLS 1.2 session cache off; a reload's fresh context empties it.)
+        ctx.num_tickets = 0
     try:
         ctx.load_cert_chain(tls.cert, tls.key)
     except (OSError, ssl.SSLError) as exc:
@@ -46,30 +54,12 @@ def server_context(tls: TLSConfig, service: str = "") -> ssl.SSLContext:
 
 
 class ServerTLS:
-    """The listener's context plus the context new handshakes actually use; ``update`` swaps the latter."""
+    """The context of one listener; a reload builds a new one (and a new listener) instead of changing it."""
 
-    __slots__ = ("current", "listener")
+    __slots__ = ("listener",)
 
     def __init__(self, tls: TLSConfig, service: str = "") -> None:
-        self.current = server_context(tls, service)
-        # The listener's own context is complete too, so a handshake works even if the callback never ran.
         self.listener = server_context(tls, service)
-        self.listener.sni_callback = self._pick
-
-    def _pick(self, ssl_obj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
-        # OpenSSL calls this for every ClientHello, with or without SNI; switching the context here is the
-        # documented way to serve another certificate.
-        ssl_obj.context = self.current
-        return None
-
-    def adopt(self, fresh: ServerTLS) -> None:
-        """Serve new handshakes with ``fresh``'s context (reload); open connections are untouched."""
-        current = fresh.current
-        # OpenSSL copies the verify mode and protocol bounds into each connection from the listener's context, not
-        # from the one the callback switches to, so those must be set on the listener as well.
-        self.listener.verify_mode = current.verify_mode
-        self.listener.minimum_version = current.minimum_version
-        self.current = current
 
 
 class ServiceTLS:
@@ -80,13 +70,6 @@ class ServiceTLS:
     def __init__(self, config: ServiceConfig) -> None:
         self.server = ServerTLS(config.tls, config.name) if config.tls is not None else None
         self.backend = backend_context(config)
-
-    def updated(self, fresh: ServiceTLS) -> ServiceTLS:
-        """``fresh`` for a reload, keeping this listener context (and thus the listener) when both terminate TLS."""
-        if self.server is not None and fresh.server is not None:
-            self.server.adopt(fresh.server)
-            fresh.server = self.server
-        return fresh
 
 
 def backend_context(config: ServiceConfig) -> ssl.SSLContext | None:

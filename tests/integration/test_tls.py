@@ -253,3 +253,62 @@ async def test_a_reload_can_switch_tls_on_without_closing_the_port(pki: dict[str
             assert await reader.readexactly(5) == b"plain"
             for w in (writer, w2):
                 w.close()
+
+
+def _blocking_echo(
+    host: str, port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """One blocking TLS round trip (asyncio cannot offer a session to resume): (reply, session, resumed).
+
+    The reply is b"" when the proxy refused the client, which TLS 1.3 reports only on the first read.
+    """
+    import socket
+
+    with socket.create_connection((host, port), timeout=30) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                resumed = tls.session_reused
+                tls.sendall(HELLO_BYTES)
+                reply = b""
+                while len(reply) < len(HELLO_BYTES):
+                    chunk = tls.recv(100)
+                    if not chunk:
+                        break
+                    reply += chunk
+                # By now the client has read the server's tickets (TLS 1.3 sends them after the handshake).
+                return reply, tls.session, resumed
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            return b"", None, False
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+async def test_a_reload_that_tightens_client_verification_cannot_be_bypassed_by_resumption(
+    pki: dict[str, Path], version: str
+) -> None:
+    async with tcp_server(echo_handler) as echo:
+        loose = service_config(
+            [{"name": "echo", "address": "127.0.0.1", "port": echo}],
+            tls=tls_section(pki, ca=str(pki["ca"]), verify_client="optional"),
+        )
+        async with run_proxy(loose) as p:
+            host, port = listen_addr(p)
+            good = client_ctx(pki["ca"], pki["client_cert"], pki["client_key"])
+            good.maximum_version = good.minimum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))
+            reply, session, _ = await asyncio.to_thread(_blocking_echo, host, port, good)
+            assert reply == HELLO_BYTES and session is not None
+            if version == "TLSv1.2":
+                # Before the reload the same settings may resume (the session cache works within one configuration).
+                reply, _, resumed = await asyncio.to_thread(_blocking_echo, host, port, good, session)
+                assert reply == HELLO_BYTES and resumed
+            # Only certificates of the other CA are accepted from now on: the client's certificate no longer is.
+            strict = dict(loose, tls=tls_section(pki, ca=str(pki["other_ca"]), verify_client="required"))
+            await p.reload(config_mod.validate({"admin": {"enabled": False}, "services": [strict]}))
+            before = p.services["amqp"].total
+            reply, _, resumed = await asyncio.to_thread(_blocking_echo, host, port, good, session)
+            assert (reply, resumed) == (b"", False), "a session from before the reload skipped the new client check"
+            assert p.services["amqp"].total == before
+            # The proxy itself serves: a certificate of the now trusted CA gets through.
+            rogue = client_ctx(pki["ca"], pki["rogue_cert"], pki["rogue_key"])
+            reply, _, _ = await asyncio.to_thread(_blocking_echo, host, port, rogue)
+            assert reply == HELLO_BYTES

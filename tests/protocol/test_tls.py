@@ -110,16 +110,15 @@ def test_server_context_follows_the_config(files: dict[str, str]) -> None:
     ).services[0]
     tls = ServiceTLS(sc)
     assert tls.server is not None and tls.backend is None
-    for ctx in (tls.server.listener, tls.server.current):
-        assert ctx.verify_mode == ssl.CERT_REQUIRED
-        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
-    # A reload to optional client certificates moves the listener's verify mode too (OpenSSL copies it from there).
-    relaxed = sc.model_copy(update={"tls": sc.tls.model_copy(update={"verify_client": "optional"})})  # type: ignore[union-attr]
-    fresh = ServiceTLS(relaxed)
-    kept = tls.updated(fresh)
-    assert kept.server is tls.server
-    assert tls.server.listener.verify_mode == ssl.CERT_OPTIONAL
-    assert tls.server.current is not None and tls.server.current.verify_mode == ssl.CERT_OPTIONAL
+    ctx = tls.server.listener
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    # With client verification on, TLS 1.3 issues no tickets: a resumed session would skip the certificate check.
+    assert ctx.num_tickets == 0 and ctx.options & ssl.OP_NO_TICKET
+    plain = ServiceTLS(sc.model_copy(update={"tls": sc.tls.model_copy(update={"verify_client": "none"})}))  # type: ignore[union-attr]
+    assert plain.server is not None and plain.server.listener.num_tickets > 0
+    # A reload builds new contexts (each with its own, empty session cache), never patches the old ones.
+    assert ServiceTLS(sc).server.listener is not ctx  # type: ignore[union-attr]
 
 
 def test_an_unloadable_certificate_is_a_config_error_naming_the_key(files: dict[str, str]) -> None:
