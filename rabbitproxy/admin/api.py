@@ -199,11 +199,31 @@ async def _guard(
 # -- handlers --------------------------------------------------------------------------------------------------------
 
 
+def health_status(proxy: Supervisor) -> str:
+    """``ok``, or why this proxy should not get new clients: starting, stopping or no-healthy-backend.
+
+    keepalived, Kubernetes readiness and container health checks act on it, so a proxy that is up but cannot reach
+    any RabbitMQ node (all backends failing their health checks or reported down by their agents, in every service)
+    hands its clients to one that can. Operator states do not count: draining or halting every backend is a
+    deliberate act on the nodes, and moving the VIP for it would cut the open connections a drain means to keep.
+    """
+    if proxy.state != "running" or not proxy.listeners_ready.is_set():
+        return proxy.state
+    for service in proxy.services.values():
+        for backend in service.pool.backends:
+            if backend.healthy and backend.agent_down is None:
+                return "ok"
+    return "no-healthy-backend"
+
+
 async def healthz(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
-    if proxy.state == "running" and proxy.listeners_ready.is_set():
-        return web.json_response({"status": "ok"})
-    return web.json_response({"status": proxy.state}, status=503)
+    status = health_status(request.app[PROXY_KEY])
+    return web.json_response({"status": status}, status=200 if status == "ok" else 503)
+
+
+async def livez(request: web.Request) -> web.Response:
+    # Liveness only: the loop answers. A proxy whose nodes are all down is not helped by a restart.
+    return web.json_response({"status": "alive", "state": request.app[PROXY_KEY].state})
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -343,6 +363,7 @@ def make_app(proxy: Supervisor, token: str | None) -> web.Application:
     app[REGISTRY_KEY] = registry_for(proxy)
     app.router.add_get("/", overview)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/services", list_services)
     app.router.add_get("/api/services/{service}", get_service)
