@@ -278,6 +278,9 @@ class ServiceConfig(_Model):
     high_water: Annotated[int, Field(ge=1024)] = 256 * 1024
     low_water: Annotated[int, Field(ge=0)] = 64 * 1024
     backlog: Annotated[int, Field(ge=1)] = 1024
+    # Bind the listen address even when this host does not own it (yet): the standby of a keepalived pair listens
+    # on the VIP before the VIP arrives (IP_FREEBIND; Linux only).
+    freebind: bool = False
     # A client must send the 8-byte AMQP protocol header within this many seconds (0 = no limit).
     client_hello_timeout: Seconds = 10.0
     send_proxy_protocol: ProxyProtocolVersion = "off"
