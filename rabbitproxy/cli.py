@@ -274,6 +274,10 @@ def keepalived_config(
     admin: Annotated[str | None, typer.Option(help="Admin address for the probe (healthcheck --admin).")] = None,
     config: Annotated[str | None, typer.Option(help="Config file for the probe (healthcheck --config).")] = None,
     script_user: Annotated[str, typer.Option(help="User keepalived runs the probe and notify as.")] = "root",
+    health_file: Annotated[
+        str | None,
+        typer.Option(help="The proxy's [admin] health_file: give up the VIP the moment it says 1 (track_file)."),
+    ] = None,
     notify: Annotated[
         str, typer.Option(help='Command run on each transition (keepalived appends the state); "" for none.')
     ] = "/usr/bin/logger -t rabbitproxy-vrrp",
@@ -300,6 +304,7 @@ def keepalived_config(
         admin=admin,
         config=config,
         script_user=script_user,
+        health_file=health_file,
         notify=notify or None,
     )
     try:

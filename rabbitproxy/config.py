@@ -130,6 +130,15 @@ class AdminConfig(_Model):
     listen: str = DEFAULT_ADMIN_LISTEN
     token: str | None = None
     enabled: bool = True
+    # A file that holds 0 while /healthz would answer ok and 1 otherwise, for keepalived's track_file ("" = none).
+    health_file: str = ""
+
+    @field_validator("health_file")
+    @classmethod
+    def _health_file(cls, v: str) -> str:
+        if v and not Path(v).is_absolute():
+            raise ValueError(f"{v!r} must be an absolute path")
+        return v
 
     @field_validator("listen")
     @classmethod

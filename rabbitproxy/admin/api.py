@@ -27,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.admin.readiness import health_status
 from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
@@ -197,23 +198,6 @@ async def _guard(
 
 
 # -- handlers --------------------------------------------------------------------------------------------------------
-
-
-def health_status(proxy: Supervisor) -> str:
-    """``ok``, or why this proxy should not get new clients: starting, stopping or no-healthy-backend.
-
-    keepalived, Kubernetes readiness and container health checks act on it, so a proxy that is up but cannot reach
-    any RabbitMQ node (all backends failing their health checks or reported down by their agents, in every service)
-    hands its clients to one that can. Operator states do not count: draining or halting every backend is a
-    deliberate act on the nodes, and moving the VIP for it would cut the open connections a drain means to keep.
-    """
-    if proxy.state != "running" or not proxy.listeners_ready.is_set():
-        return proxy.state
-    for service in proxy.services.values():
-        for backend in service.pool.backends:
-            if backend.healthy and backend.agent_down is None:
-                return "ok"
-    return "no-healthy-backend"
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -116,6 +116,14 @@ def test_track_script_probes_healthz_through_rabbitproxy_healthcheck() -> None:
     assert "timeout 2" in script
 
 
+def test_health_file_is_tracked_with_weight_0() -> None:
+    text = render(side(health_file="/run/rabbitproxy/health"))
+    found = blocks(text)
+    assert found["track_file rabbitproxy_health_file"] == '    file "/run/rabbitproxy/health"\n    weight 0\n'
+    assert "    track_file {\n        rabbitproxy_health_file\n    }\n" in found["vrrp_instance rabbitproxy"]
+    assert "track_file" not in render(side())
+
+
 def test_ipv6_vip() -> None:
     text = render(side(vip="2001:db8::10/64", peers=["2001:db8::12"], source="2001:db8::11", interface="ens3"))
     assert "        2001:db8::10/64 dev ens3\n" in text
@@ -139,6 +147,7 @@ def test_ipv6_vip() -> None:
         ({"admin": 'x" ; evil'}, "--admin: 'x\" ; evil' must be non-empty"),
         ({"notify": "/bin/sh -c 'x'"}, "--notify: \"/bin/sh -c 'x'\" must be non-empty"),
         ({"instance": "a b"}, "--instance: 'a b' may contain only"),
+        ({"health_file": "run/health"}, "--health-file: 'run/health' must be an absolute path"),
     ],
 )
 def test_invalid_input_is_refused_naming_the_option(changes: dict[str, object], message: str) -> None:
