@@ -264,7 +264,10 @@ def keepalived_config(
     ] = None,
     instance: Annotated[str, typer.Option(help="vrrp_instance name.")] = "rabbitproxy",
     check_interval: Annotated[int, typer.Option(help="Seconds between health probes.")] = 1,
-    check_timeout: Annotated[int, typer.Option(help="Seconds before keepalived counts a probe as failed.")] = 3,
+    check_timeout: Annotated[
+        int, typer.Option(help="Seconds before keepalived kills a probe (long: a slow probe is not a dead proxy).")
+    ] = 10,
+    probe_timeout: Annotated[float, typer.Option(help="Seconds the probe waits for /healthz.")] = 2.0,
     fall: Annotated[int, typer.Option(help="Failed probes in a row that give up the VIP.")] = 1,
     rise: Annotated[int, typer.Option(help="Good probes in a row before this side may hold the VIP again.")] = 2,
     advert_interval: Annotated[int, typer.Option(help="Seconds between VRRP adverts.")] = 1,
@@ -298,6 +301,7 @@ def keepalived_config(
         advert_interval=advert_interval,
         check_interval=check_interval,
         check_timeout=check_timeout,
+        probe_timeout=probe_timeout,
         fall=fall,
         rise=rise,
         rabbitproxy=rabbitproxy if rabbitproxy is not None else _default_rabbitproxy(),
@@ -359,9 +363,7 @@ def demo(
         typer.echo(f"  AMQP through the proxy:  amqp://guest:guest@{host}:{port}/", err=True)
         typer.echo(f"  admin API and overview:  http://{admin_listen}/", err=True)
         for n in cluster.nodes:
-            typer.echo(
-                f"  {n.name}: amqp {n.amqp_port}, management http://127.0.0.1:{n.management_port}/", err=True
-            )
+            typer.echo(f"  {n.name}: amqp {n.amqp_port}, management http://127.0.0.1:{n.management_port}/", err=True)
         typer.echo("Press Ctrl-C to stop the proxy and the cluster.", err=True)
         try:
             run_loop(serve_main(cfg), loop)
@@ -376,9 +378,7 @@ def demo(
 
 # -- admin API commands: status, backend, reload ----------------------------------------------------------------------
 
-AdminUrl = Annotated[
-    str, typer.Option("--admin", help="Admin API URL.", envvar="RABBITPROXY_ADMIN", show_envvar=True)
-]
+AdminUrl = Annotated[str, typer.Option("--admin", help="Admin API URL.", envvar="RABBITPROXY_ADMIN", show_envvar=True)]
 ADMIN_DEFAULT = "http://127.0.0.1:9080"
 AdminToken = Annotated[
     str | None,

@@ -9,10 +9,14 @@ keepalived (VRRP) does the election and moves the virtual IP; we only write its 
 - Unicast peers: multicast is often filtered (clouds, many switches), and naming the peer keeps two pairs on one
   segment from hearing each other.
 - A ``vrrp_script`` runs ``rabbitproxy healthcheck`` every ``interval`` seconds; it fails when the proxy is dead,
-  hung, shutting down or has no healthy backend (``/healthz``). ``fall`` failures in a row put the instance into
-  FAULT: it drops the VIP and sends a priority-0 advertisement, so the peer takes over at once instead of waiting
-  for three missed adverts. With the default interval of 1 s and ``fall`` 1, the VIP moves 1-2 s after the proxy
-  fails. ``rise`` 2 keeps a flapping proxy from grabbing the VIP back and forth.
+  hung, shutting down or has no healthy backend (``/healthz``). A failure puts the instance into FAULT: it drops
+  the VIP and sends a priority-0 advertisement, so the peer takes over at once (after its skew time,
+  (256 - priority) / 256 s) instead of waiting for three missed adverts. One failure is enough (``fall`` 1)
+  because the probe fails only on a definite answer: refused, not 200, or no answer within ``probe_timeout``
+  (2 s) from a proxy whose loop answers in microseconds. keepalived's own ``timeout`` is long (10 s) on purpose:
+  on a busy host starting the Python probe can take seconds, and a slow *probe* must not move the VIP. With the
+  defaults a killed proxy loses the VIP 1-2 s after it dies. ``rise`` 2 keeps a flapping proxy from taking the VIP
+  back and forth.
 - With ``--health-file`` (the proxy's ``[admin] health_file``), a ``track_file`` as well: keepalived watches that
   file with inotify, so a proxy that begins to shut down (or loses its last backend) gives up the VIP within
   moments instead of at the next probe. The probe still catches what the file cannot say: a killed or hung proxy.
@@ -57,7 +61,8 @@ class KeepalivedSide:
     instance: str = "rabbitproxy"
     advert_interval: int = 1
     check_interval: int = 1
-    check_timeout: int = 3
+    check_timeout: int = 10
+    probe_timeout: float = 2.0
     fall: int = 1
     rise: int = 2
     # The probe command's first word: the rabbitproxy executable (an absolute path keeps keepalived from relying
@@ -117,6 +122,7 @@ def validate(side: KeepalivedSide) -> list[str]:
         ("--check-interval", side.check_interval, 1, 3600),
         ("--check-timeout", side.check_timeout, 1, 3600),
         ("--fall", side.fall, 1, 100),
+        ("--probe-timeout", side.probe_timeout, 0.1, 3600),
         ("--rise", side.rise, 1, 100),
     ):
         if not low <= value <= high:
@@ -136,6 +142,11 @@ def validate(side: KeepalivedSide) -> list[str]:
             problems.append(f"{name}: {text!r} must be non-empty, without spaces, quotes, braces, '#', '!' or '\\'")
     if side.notify is not None and (not side.notify.strip() or _UNSAFE.search(side.notify)):
         problems.append(f"--notify: {side.notify!r} must be non-empty, without quotes, braces, '#', '!' or '\\'")
+    if side.probe_timeout >= side.check_timeout:
+        problems.append(
+            f"--probe-timeout: {side.probe_timeout:g} must be shorter than --check-timeout ({side.check_timeout}),"
+            " so that a proxy that does not answer is reported by the probe, not killed with it"
+        )
     if not side.rabbitproxy.startswith("/"):
         problems.append(f"--rabbitproxy: {side.rabbitproxy!r} must be an absolute path")
     if side.health_file is not None and not side.health_file.startswith("/"):
@@ -152,11 +163,8 @@ def _is_ip(text: str) -> bool:
 
 
 def healthcheck_command(side: KeepalivedSide) -> str:
-    """The track script's command line: a quiet ``rabbitproxy healthcheck`` that gives up before keepalived does."""
-    # The probe's own timeout is a second under keepalived's, so a hung proxy is reported as "no answer" by the
-    # probe rather than killed mid-way by keepalived (both count as a failure; the first says why in a manual run).
-    probe_timeout = max(0.5, side.check_timeout - 1)
-    args = [side.rabbitproxy, "healthcheck", "--quiet", "--timeout", f"{probe_timeout:g}"]
+    """The track script's command line: a quiet ``rabbitproxy healthcheck`` with its own (short) timeout."""
+    args = [side.rabbitproxy, "healthcheck", "--quiet", "--timeout", f"{side.probe_timeout:g}"]
     if side.admin is not None:
         args += ["--admin", side.admin]
     if side.config is not None:

@@ -22,7 +22,7 @@ global_defs {
 vrrp_script rabbitproxy_healthy {
     script "/opt/rabbitproxy/bin/rabbitproxy healthcheck --quiet --timeout 2"
     interval 1
-    timeout 3
+    timeout 10
     fall 1
     rise 2
 }
@@ -104,16 +104,16 @@ def test_preempt_and_optional_parts() -> None:
 
 
 def test_track_script_probes_healthz_through_rabbitproxy_healthcheck() -> None:
-    s = side(admin="http://127.0.0.1:9081", config="/etc/rabbitproxy/rabbitproxy.toml", check_timeout=2)
+    s = side(admin="http://127.0.0.1:9081", config="/etc/rabbitproxy/rabbitproxy.toml", probe_timeout=1.5)
     script = blocks(render(s))["vrrp_script rabbitproxy_healthy"]
     cmd = healthcheck_command(s)
     assert f'script "{cmd}"' in script
-    # The probe gives up a second before keepalived would kill it, so its failure has a reason.
     assert cmd == (
-        "/opt/rabbitproxy/bin/rabbitproxy healthcheck --quiet --timeout 1 --admin http://127.0.0.1:9081 "
+        "/opt/rabbitproxy/bin/rabbitproxy healthcheck --quiet --timeout 1.5 --admin http://127.0.0.1:9081 "
         "--config /etc/rabbitproxy/rabbitproxy.toml"
     )
-    assert "timeout 2" in script
+    # keepalived's own timeout is far longer: a probe slowed by a busy host must not count as a dead proxy.
+    assert "    timeout 10\n" in script
 
 
 def test_health_file_is_tracked_with_weight_0() -> None:
@@ -143,6 +143,7 @@ def test_ipv6_vip() -> None:
         ({"password": "123456789"}, "--password: must be 1 to 8 bytes"),
         ({"password": 'a"b'}, "--password: must not contain"),
         ({"fall": 0}, "--fall: 0 is not in 1..100"),
+        ({"probe_timeout": 10.0}, "--probe-timeout: 10 must be shorter than --check-timeout (10)"),
         ({"rabbitproxy": "rabbitproxy"}, "--rabbitproxy: 'rabbitproxy' must be an absolute path"),
         ({"admin": 'x" ; evil'}, "--admin: 'x\" ; evil' must be non-empty"),
         ({"notify": "/bin/sh -c 'x'"}, "--notify: \"/bin/sh -c 'x'\" must be non-empty"),
