@@ -25,6 +25,7 @@ import structlog
 
 from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.tasks import run_restarting
 
 log = structlog.get_logger("rabbitproxy.app")
 
@@ -105,7 +106,9 @@ async def serve(
         install_signal_handlers(asyncio.get_running_loop(), stop, on_hup)
         shutdown_trigger = stop.wait
     if health_file is not None:
-        proxy.spawn(keep_health_file(proxy, health_file), name="health-file")
+        # A dead updater would freeze the file at its last value, which keepalived would go on believing.
+        hf = health_file
+        proxy.spawn(run_restarting(lambda: keep_health_file(proxy, hf), "health-file"), name="health-file")
     # Everything allocated so far lives for the whole run; freezing it keeps the collector from rescanning it.
     gc.freeze()
     if ready is not None:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from rabbitproxy import config as config_mod
+from rabbitproxy.admin import readiness
 from rabbitproxy.app import serve
 from rabbitproxy.control.supervisor import Supervisor
-from tests.helpers import echo_handler, listen_addr, service_config, tcp_server, wait_for
+from tests.helpers import echo_handler, listen_addr, run_proxy, service_config, tcp_server, wait_for
 
 
 def _read(path: Path) -> str | None:
@@ -52,6 +53,30 @@ async def test_health_file_follows_healthz_and_turns_1_as_soon_as_shutdown_begin
         finally:
             stop.set()
             await asyncio.wait_for(task, 60)
+
+
+@pytest.mark.asyncio
+async def test_health_file_updater_is_restarted_after_a_bug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A dead updater would leave keepalived trusting a stale 0; it must come back and carry on.
+    path = tmp_path / "health"
+    calls = 0
+    real = readiness.health_status
+
+    def flaky(proxy: Supervisor) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a bug in the updater")
+        return real(proxy)
+
+    monkeypatch.setattr(readiness, "health_status", flaky)
+    async with tcp_server(echo_handler) as port:
+        svc = service_config([{"name": "echo", "address": "127.0.0.1", "port": port}])
+        async with run_proxy(svc, admin={"enabled": False, "health_file": str(path)}) as proxy:
+            await wait_for(lambda: calls > 2, what="the updater to run again after the failure")
+            (backend,) = proxy.services["amqp"].pool.backends
+            backend.mark_health(False, "refused", 0.0)
+            await wait_for(lambda: _read(path) == "1\n", what="the restarted updater to write 1")
 
 
 def test_health_file_must_be_absolute() -> None:
