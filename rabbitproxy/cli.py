@@ -266,7 +266,7 @@ def keepalived_config(
     check_interval: Annotated[int, typer.Option(help="Seconds between health probes.")] = 1,
     check_timeout: Annotated[
         int, typer.Option(help="Seconds before keepalived kills a probe (long: a slow probe is not a dead proxy).")
-    ] = 10,
+    ] = 30,
     probe_timeout: Annotated[float, typer.Option(help="Seconds the probe waits for /healthz.")] = 2.0,
     fall: Annotated[int, typer.Option(help="Failed probes in a row that give up the VIP.")] = 1,
     rise: Annotated[int, typer.Option(help="Good probes in a row before this side may hold the VIP again.")] = 2,

@@ -13,10 +13,13 @@ keepalived (VRRP) does the election and moves the virtual IP; we only write its 
   the VIP and sends a priority-0 advertisement, so the peer takes over at once (after its skew time,
   (256 - priority) / 256 s) instead of waiting for three missed adverts. One failure is enough (``fall`` 1)
   because the probe fails only on a definite answer: refused, not 200, or no answer within ``probe_timeout``
-  (2 s) from a proxy whose loop answers in microseconds. keepalived's own ``timeout`` is long (10 s) on purpose:
-  on a busy host starting the Python probe can take seconds, and a slow *probe* must not move the VIP. With the
+  (2 s) from a proxy whose loop answers in microseconds. keepalived's own ``timeout`` is long (30 s) on purpose:
+  on a busy host starting the Python probe can take seconds, and a slow *probe* must never move the VIP (with
+  3 s, then 10 s, both sides of the test pair gave up the VIP at once on a heavily loaded machine). With the
   defaults a killed proxy loses the VIP 1-2 s after it dies. ``rise`` 2 keeps a flapping proxy from taking the VIP
-  back and forth.
+  back and forth. (keepalived's ``vrrp_track_process`` would notice a dead process without polling, but it needs
+  the kernel's proc connector, which only the initial network namespace gets: not in containers with their own
+  network, nor in the namespaces of our test, so it is not offered.)
 - With ``--health-file`` (the proxy's ``[admin] health_file``), a ``track_file`` as well: keepalived watches that
   file with inotify, so a proxy that begins to shut down (or loses its last backend) gives up the VIP within
   moments instead of at the next probe. The probe still catches what the file cannot say: a killed or hung proxy.
@@ -61,7 +64,7 @@ class KeepalivedSide:
     instance: str = "rabbitproxy"
     advert_interval: int = 1
     check_interval: int = 1
-    check_timeout: int = 10
+    check_timeout: int = 30
     probe_timeout: float = 2.0
     fall: int = 1
     rise: int = 2

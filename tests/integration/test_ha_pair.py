@@ -14,7 +14,8 @@ socat forwards that socket to the node's AMQP port. The brokers see loopback cli
 killing one proxy's forwarders takes all of its backends away without touching the shared cluster.
 
 The keepalived configuration is what ``rabbitproxy keepalived-config`` prints; each proxy listens on the VIP with
-``freebind`` (the standby binds it before owning it) and keeps an ``[admin] health_file`` that keepalived tracks.
+``freebind`` (the standby binds it before owning it) and keeps an ``[admin] health_file``; keepalived tracks that
+file and runs ``rabbitproxy healthcheck``.
 A client in the client namespace publishes with confirms through the VIP over an aio-pika ``connect_robust``
 connection (tests/integration/ha_publisher.py) while the test kills, stops and starves the proxies; at the end every
 message the broker confirmed must be in the queue.
@@ -132,11 +133,9 @@ class Pair:
         return self.procs[key].wait(timeout)
 
     def start_proxy(self, name: str) -> None:
-        self.spawn(
-            f"proxy-{name}",
-            [sys.executable, "-m", "rabbitproxy", "serve", "--config", str(self.tmp / f"{name}.toml")],
-            ns=name,
-        )
+        # Through a console script, as installed ("rabbitproxy-a" so that `ps` tells the two sides apart).
+        script = self.tmp / "bin" / f"rabbitproxy-{name}"
+        self.spawn(f"proxy-{name}", [str(script), "serve", "--config", str(self.tmp / f"{name}.toml")], ns=name)
 
     def start_keepalived(self, name: str) -> None:
         t = self.tmp
@@ -246,6 +245,11 @@ def _write_configs(pair: Pair) -> None:
     _write_executable(
         bin_dir / "rabbitproxy", f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m rabbitproxy "$@"\n'
     )
+    for name in ("a", "b"):
+        # What pip writes as the console script; its name becomes the process name (/proc/PID/comm).
+        _write_executable(
+            bin_dir / f"rabbitproxy-{name}", f"#!{sys.executable}\nfrom rabbitproxy.cli import main\nmain()\n"
+        )
     _write_executable(bin_dir / "notify", f'#!/bin/sh\necho "$(date +%s.%N) $*" >> {t}/transitions-"$1"\n')
     for name in ("a", "b"):
         backends = "".join(
@@ -268,8 +272,8 @@ freebind = true
 shutdown_timeout = 3.0
 
   [services.health_check]
-  type = "amqp"
-  interval = 0.5
+  type = "tcp"
+  interval = 1.0
   timeout = 2.0
   fall = 2
   rise = 1
@@ -386,7 +390,7 @@ def test_pair_fails_over_without_losing_confirmed_messages(pair: Pair) -> None:
         pair.publisher_out = Lines(stdout)
         wait_for_sync(lambda: len(pair.confirmed()) >= 20, timeout=60, what="20 confirms through a")
 
-        # 1. SIGKILL the active proxy: its track script fails, keepalived gives up the VIP, b takes it over.
+        # 1. SIGKILL the active proxy: its track script is refused, keepalived gives up the VIP, b takes it over.
         t0 = time.monotonic()
         pair.signal("proxy-a", signal.SIGKILL)
         before = len(pair.confirmed())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -22,7 +23,7 @@ global_defs {
 vrrp_script rabbitproxy_healthy {
     script "/opt/rabbitproxy/bin/rabbitproxy healthcheck --quiet --timeout 2"
     interval 1
-    timeout 10
+    timeout 30
     fall 1
     rise 2
 }
@@ -113,7 +114,7 @@ def test_track_script_probes_healthz_through_rabbitproxy_healthcheck() -> None:
         "--config /etc/rabbitproxy/rabbitproxy.toml"
     )
     # keepalived's own timeout is far longer: a probe slowed by a busy host must not count as a dead proxy.
-    assert "    timeout 10\n" in script
+    assert "    timeout 30\n" in script
 
 
 def test_health_file_is_tracked_with_weight_0() -> None:
@@ -143,7 +144,7 @@ def test_ipv6_vip() -> None:
         ({"password": "123456789"}, "--password: must be 1 to 8 bytes"),
         ({"password": 'a"b'}, "--password: must not contain"),
         ({"fall": 0}, "--fall: 0 is not in 1..100"),
-        ({"probe_timeout": 10.0}, "--probe-timeout: 10 must be shorter than --check-timeout (10)"),
+        ({"probe_timeout": 30.0}, "--probe-timeout: 30 must be shorter than --check-timeout (30)"),
         ({"rabbitproxy": "rabbitproxy"}, "--rabbitproxy: 'rabbitproxy' must be an absolute path"),
         ({"admin": 'x" ; evil'}, "--admin: 'x\" ; evil' must be non-empty"),
         ({"notify": "/bin/sh -c 'x'"}, "--notify: \"/bin/sh -c 'x'\" must be non-empty"),
@@ -180,3 +181,20 @@ def test_cli_prints_the_config_and_exits_2_on_bad_options() -> None:
     result = runner.invoke(app, [*args, "--priority", "0", "--rabbitproxy", "/x/rabbitproxy", "--notify", ""])
     assert result.exit_code == 2
     assert "--priority: 0 is not in 1..254" in result.stderr
+
+
+def test_the_configuration_shown_in_deployment_md_is_what_the_command_prints() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    shown = doc.split("   which writes:\n\n   ```\n", 1)[1].split("   ```\n", 1)[0]
+    printed = render(
+        side(
+            vip="192.0.2.10/24",
+            source="192.0.2.11",
+            peers=["192.0.2.12"],
+            priority=200,
+            password="Ch4ngeMe",
+            health_file="/run/rabbitproxy/health",
+            script_user="rabbitproxy",
+        )
+    )
+    assert shown == "".join(f"   {line}\n" if line else "\n" for line in printed.splitlines())
