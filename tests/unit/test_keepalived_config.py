@@ -194,7 +194,7 @@ def test_the_configuration_shown_in_deployment_md_is_what_the_command_prints() -
             priority=200,
             password="Ch4ngeMe",
             health_file="/run/rabbitproxy/health",
-            script_user="rabbitproxy",
+            script_user="nobody",
         )
     )
     assert shown == "".join(f"   {line}\n" if line else "\n" for line in printed.splitlines())
