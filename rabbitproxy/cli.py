@@ -236,12 +236,15 @@ def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration
 
 
 def _default_rabbitproxy() -> str:
-    """This executable's absolute path when run as ``rabbitproxy``, else where it is on PATH, else the usual spot."""
+    """This executable: its path when run as ``rabbitproxy``, else the one beside this Python (a venv), else PATH's."""
     import shutil
 
     argv0 = Path(sys.argv[0])
     if argv0.name == "rabbitproxy" and argv0.exists():
         return str(argv0.absolute())
+    beside = Path(sys.executable).parent / "rabbitproxy"
+    if beside.exists():
+        return str(beside)
     found = shutil.which("rabbitproxy")
     return str(Path(found).absolute()) if found else "/usr/local/bin/rabbitproxy"
 
@@ -315,6 +318,16 @@ def keepalived_config(
         text = render(side)
     except ValueError as exc:
         _fail_config(ConfigError(str(exc).splitlines(), "command line"))
+        return
+    if not os.access(side.rabbitproxy, os.X_OK):
+        # keepalived would only log "Disabling track script ... not found" and then hold the VIP whatever the proxy's
+        # health: refuse rather than print a configuration that checks nothing.
+        _fail_config(
+            ConfigError(
+                [f"--rabbitproxy: {side.rabbitproxy} is not an executable here; give the path of rabbitproxy"],
+                "command line",
+            )
+        )
         return
     typer.echo(text, nl=False)
 

@@ -192,6 +192,9 @@ def render(side: KeepalivedSide) -> str:
         # Scripts run as a named user, and keepalived refuses any that a non-root user could modify.
         "    enable_script_security",
         f"    script_user {side.script_user}",
+        # When its timers fire late (a busy host), keepalived moves itself to realtime scheduling: late adverts
+        # would make the backup take the VIP while the master still holds it. (Seen in the HA test at load 20.)
+        "    max_auto_priority",
         "}",
         "",
         "vrrp_script rabbitproxy_healthy {",

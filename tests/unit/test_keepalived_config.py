@@ -18,6 +18,7 @@ GOLDEN = """\
 global_defs {
     enable_script_security
     script_user root
+    max_auto_priority
 }
 
 vrrp_script rabbitproxy_healthy {
@@ -159,28 +160,23 @@ def test_invalid_input_is_refused_naming_the_option(changes: dict[str, object], 
         render(side(**changes))
 
 
-def test_cli_prints_the_config_and_exits_2_on_bad_options() -> None:
+def test_cli_prints_the_config_and_exits_2_on_bad_options(tmp_path: Path) -> None:
     runner = CliRunner()
+    probe = tmp_path / "rabbitproxy"
+    probe.write_text("#!/bin/sh\n")
+    probe.chmod(0o755)
     args = ["keepalived-config", "--vip", "10.0.0.100/24", "--interface", "eth0", "--peer", "10.0.0.12"]
-    result = runner.invoke(
-        app,
-        [
-            *args,
-            "--priority",
-            "110",
-            "--password",
-            "s3cret",
-            "--source",
-            "10.0.0.11",
-            "--rabbitproxy",
-            "/opt/rabbitproxy/bin/rabbitproxy",
-        ],
-    )
+    given = ["--priority", "110", "--password", "s3cret", "--source", "10.0.0.11", "--rabbitproxy", str(probe)]
+    result = runner.invoke(app, [*args, *given])
     assert result.exit_code == 0, result.output
-    assert result.stdout == GOLDEN
+    assert result.stdout == GOLDEN.replace("/opt/rabbitproxy/bin/rabbitproxy", str(probe))
     result = runner.invoke(app, [*args, "--priority", "0", "--rabbitproxy", "/x/rabbitproxy", "--notify", ""])
     assert result.exit_code == 2
     assert "--priority: 0 is not in 1..254" in result.stderr
+    # keepalived silently disables a track script it cannot find, and then never gives up the VIP.
+    result = runner.invoke(app, [*args, "--priority", "110", "--rabbitproxy", "/nonexistent/rabbitproxy"])
+    assert result.exit_code == 2
+    assert "--rabbitproxy: /nonexistent/rabbitproxy is not an executable here" in result.stderr
 
 
 def test_the_configuration_shown_in_deployment_md_is_what_the_command_prints() -> None:
