@@ -216,6 +216,9 @@ class Pair:
             )
         if self.publisher_out is not None:
             parts.append("--- publisher (last 15 lines)\n" + "\n".join(self.publisher_out.snapshot()[-15:]))
+        # A failover waits for keepalived's probe, a new Python process each second, and keepalived's own timers:
+        # on an overloaded machine both run late, which the load average shows.
+        parts.append(f"--- load average {os.getloadavg()}")
         return "\n".join(parts)
 
 
@@ -245,7 +248,8 @@ def _write_configs(pair: Pair) -> None:
     bin_dir = t / "bin"
     bin_dir.mkdir(mode=0o755)
     # keepalived runs the probe with its own environment and refuses scripts a non-root user could change: a
-    # root-owned wrapper that runs this checkout's rabbitproxy.
+    # root-owned wrapper that runs this checkout's rabbitproxy. It must exec: keepalived kills a probe that times
+    # out, and a child of a shell it killed would live on.
     _write_executable(
         bin_dir / "rabbitproxy", f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m rabbitproxy "$@"\n'
     )
@@ -309,7 +313,7 @@ async def _declare(url: str, queue: str) -> None:
 
 
 async def _drain(url: str, queue: str) -> set[int]:
-    """Every message body in ``queue`` (as numbers), read directly from a node."""
+    """Every message body in ``queue`` (as numbers), read directly from a node; then the queue is deleted."""
     seen: set[int] = set()
     connection = await aio_pika.connect(url)
     async with connection:
@@ -318,6 +322,8 @@ async def _drain(url: str, queue: str) -> set[int]:
         while True:
             message = await q.get(no_ack=True, fail=False, timeout=10)
             if message is None:
+                # The cluster is the session's: leave nothing behind for the next test.
+                await q.delete(if_unused=False, if_empty=False)
                 return seen
             seen.add(int(message.body))
 
@@ -437,6 +443,7 @@ def test_pair_fails_over_without_losing_confirmed_messages(pair: Pair) -> None:
         assert {"MASTER", "FAULT", "BACKUP"} <= set(pair.transitions("a"))
         assert {"MASTER", "FAULT", "BACKUP"} <= set(pair.transitions("b"))
         print(f"\nHA pair failover times: {measured}, {len(confirmed)} confirmed messages")
+        print(f"load average {os.getloadavg()}")
         assert measured["kill"] < KILL_FAILOVER, measured
         assert measured["stop"] < STOP_FAILOVER, measured
     except BaseException:
