@@ -368,11 +368,11 @@ def _elapsed_until(predicate: Callable[[], object], since: float, timeout: float
     return time.monotonic() - since
 
 
-def _holds(predicate: Callable[[], object], duration: float, what: str) -> None:
+def _holds(predicate: Callable[[], object], duration: float, what: Callable[[], str]) -> None:
     """Check ``predicate`` again and again for ``duration`` seconds; fail the moment it stops holding."""
     end = time.monotonic() + duration
     while time.monotonic() < end:
-        assert predicate(), what
+        assert predicate(), what()
         time.sleep(0.05)
 
 
@@ -413,7 +413,12 @@ def test_pair_fails_over_without_losing_confirmed_messages(pair: Pair) -> None:
         assert "FAULT" in pair.transitions("a")
         # A preempting backup ignores the lower-priority master's adverts and takes over when its master-down
         # timer runs out: 3 advert intervals plus its skew time, 3.2 s (a run with --preempt saw 3.6 s). Twice that.
-        _holds(lambda: pair.owner() == "b", PREEMPT_WINDOW, "a took the VIP back although nopreempt is set")
+        _holds(
+            lambda: pair.owner() == "b",
+            PREEMPT_WINDOW,
+            # b giving up (FAULT) would hand the VIP to a too: the transitions tell the two apart.
+            lambda: f"the VIP left b: a {pair.transitions('a')}, b {pair.transitions('b')} (nopreempt is set)",
+        )
 
         # 3. Stop b gracefully: the health file turns 1 the moment the drain starts and keepalived reacts at once.
         t0 = time.monotonic()
