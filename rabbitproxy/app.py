@@ -25,6 +25,7 @@ import structlog
 
 from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.supervisor import ReloadRefusedError, Supervisor
+from rabbitproxy.tasks import run_restarting
 
 log = structlog.get_logger("rabbitproxy.app")
 
@@ -75,6 +76,13 @@ async def serve(
     """Run the proxy until ``shutdown_trigger`` returns (default: SIGTERM or SIGINT), then shut down gracefully."""
     proxy = Supervisor(config, config_path=config_path)
     admin_runner = None
+    health_file = None
+    if config.admin.health_file:
+        from rabbitproxy.admin.readiness import HealthFile, keep_health_file
+
+        # "Not healthy" from the first moment: a restarted proxy must not look ready before its listeners are.
+        health_file = HealthFile(config.admin.health_file)
+        health_file.update("starting")
     if config.admin.enabled:
         from rabbitproxy.admin.api import admin_token, start_admin
 
@@ -101,6 +109,10 @@ async def serve(
 
         install_signal_handlers(asyncio.get_running_loop(), stop, on_hup)
         shutdown_trigger = stop.wait
+    if health_file is not None:
+        # A dead updater would freeze the file at its last value, which keepalived would go on believing.
+        hf = health_file
+        proxy.spawn(run_restarting(lambda: keep_health_file(proxy, hf), "health-file"), name="health-file")
     # Everything allocated so far lives for the whole run; freezing it keeps the collector from rescanning it.
     gc.freeze()
     if ready is not None:
@@ -110,6 +122,9 @@ async def serve(
         await shutdown_trigger()
     finally:
         sd_notify("STOPPING=1")
+        if health_file is not None:
+            # At once, not at the next poll: keepalived hands the VIP to the peer while this proxy drains.
+            health_file.update("stopping")
         await proxy.shutdown()
         if admin_runner is not None:
             await admin_runner.cleanup()

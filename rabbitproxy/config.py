@@ -95,6 +95,15 @@ class AdminConfig(_Model):
     listen: str = DEFAULT_ADMIN_LISTEN
     token: str | None = None
     enabled: bool = True
+    # A file that holds 0 while /healthz would answer ok and 1 otherwise, for keepalived's track_file ("" = none).
+    health_file: str = ""
+
+    @field_validator("health_file")
+    @classmethod
+    def _health_file(cls, v: str) -> str:
+        if v and not Path(v).is_absolute():
+            raise ValueError(f"{v!r} must be an absolute path")
+        return v
 
     @field_validator("listen")
     @classmethod
@@ -259,6 +268,9 @@ class ServiceConfig(_Model):
     high_water: Annotated[int, Field(ge=1024)] = 256 * 1024
     low_water: Annotated[int, Field(ge=0)] = 64 * 1024
     backlog: Annotated[int, Field(ge=1)] = 1024
+    # Bind the listen address even when this host does not own it (yet): the standby of a keepalived pair listens
+    # on the VIP before the VIP arrives (IP_FREEBIND; Linux only).
+    freebind: bool = False
     # A client must send the 8-byte AMQP protocol header within this many seconds (0 = no limit).
     client_hello_timeout: Seconds = 10.0
     send_proxy_protocol: ProxyProtocolVersion = "off"

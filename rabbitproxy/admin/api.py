@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from rabbitproxy.admin import connections
 from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.admin.readiness import health_status
 from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, Connection, NodeView
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
@@ -258,10 +259,13 @@ async def _guard(
 
 
 async def healthz(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
-    if proxy.state == "running" and proxy.listeners_ready.is_set():
-        return web.json_response({"status": "ok"})
-    return web.json_response({"status": proxy.state}, status=503)
+    status = health_status(request.app[PROXY_KEY])
+    return web.json_response({"status": status}, status=200 if status == "ok" else 503)
+
+
+async def livez(request: web.Request) -> web.Response:
+    # Liveness only: the loop answers. A proxy whose nodes are all down is not helped by a restart.
+    return web.json_response({"status": "alive", "state": request.app[PROXY_KEY].state})
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -527,6 +531,7 @@ def make_app(proxy: Supervisor, token: str | None) -> web.Application:
     app[REGISTRY_KEY] = registry_for(proxy)
     app.router.add_get("/", overview)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/services", list_services)
     app.router.add_get("/api/services/{service}", get_service)

@@ -73,8 +73,16 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> AcceptErrorFilter:
     return handler
 
 
+# From <linux/in.h>; Python's socket module does not export it. The kernel honours it on IPv6 sockets too.
+IP_FREEBIND = 15
+
+
 def bind_listener(config: ServiceConfig) -> socket.socket:
-    """Create the service's listening socket (SO_REUSEADDR; IPv6 sockets only IPv6, like nginx's ipv6only)."""
+    """Create the service's listening socket (SO_REUSEADDR; IPv6 sockets only IPv6, like nginx's ipv6only).
+
+    With ``freebind`` the address need not be local yet, as with ``net.ipv4.ip_nonlocal_bind = 1`` but for this
+    socket only: a keepalived standby listens on the VIP before it owns it.
+    """
     host = config.listen_host
     port = config.listen_port
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -84,6 +92,8 @@ def bind_listener(config: ServiceConfig) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if config.freebind:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         sock.bind(addr)
         sock.listen(config.backlog)
         sock.setblocking(False)

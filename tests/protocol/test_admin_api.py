@@ -124,6 +124,31 @@ async def test_healthz_is_503_while_shutting_down() -> None:
 
 
 @pytest.mark.asyncio
+async def test_healthz_is_503_without_a_healthy_backend_and_livez_stays_200() -> None:
+    # keepalived's track script and the readiness probes read /healthz: a proxy that cannot reach any node must
+    # hand its clients over; a restart (liveness) would not help it, so /livez stays 200.
+    async with admin_proxy() as (proxy, url, _), aiohttp.ClientSession() as http:
+        echo1, echo2 = proxy.services["amqp"].pool.backends
+        echo1.mark_health(False, "refused", 0.0)
+        async with http.get(f"{url}/healthz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        echo2.agent_down = "agent says down"
+        async with http.get(f"{url}/healthz") as resp:
+            assert (resp.status, await resp.json()) == (503, {"status": "no-healthy-backend"})
+        async with http.get(f"{url}/livez") as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "alive", "state": "running"})
+        echo2.agent_down = None
+        async with http.get(f"{url}/healthz") as resp:
+            assert resp.status == 200
+        # Draining every backend is the operator's choice and keeps the open connections: no reason to move a VIP.
+        for b in (echo1, echo2):
+            b.mark_health(True, "ok", 0.0)
+            b.set_operator_state("drain", CloseReason.BACKEND_MAINT)
+        async with http.get(f"{url}/healthz") as resp:
+            assert resp.status == 200
+
+
+@pytest.mark.asyncio
 async def test_drain_keeps_connections_maint_closes_them_ready_restores() -> None:
     async with admin_proxy() as (proxy, url, _), aiohttp.ClientSession() as http:
         backend = proxy.services["amqp"].pool.by_name["echo1"]

@@ -171,9 +171,9 @@ def test_kubernetes_objects_reference_each_other(manifests: dict[str, dict[str, 
     assert f"{mount['mountPath']}/rabbitproxy.toml" == IMAGE_CONFIG
     assert container.get("args", ["serve", "--config", IMAGE_CONFIG]) == ["serve", "--config", IMAGE_CONFIG]
 
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
         http_get = container[probe]["httpGet"]
-        assert (http_get["path"], http_get["port"]) == ("/healthz", "admin")
+        assert (http_get["path"], http_get["port"]) == (path, "admin")
 
     # A non-loopback admin needs its token; it comes from a Secret, never from the manifest itself.
     env = {e["name"]: e for e in container["env"]}
