@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import tomllib
+from typing import Any
 
 import pytest
 
 from rabbitproxy import config as config_mod
-from tests.support.bench import ROUTES, amqp_bench, common, placement, report, tcp_bench
+from tests.support.bench import ROUTES, amqp_bench, common, idle_bench, placement, report, tcp_bench
 
 
 def test_median_and_percentile() -> None:
@@ -218,3 +219,92 @@ def test_conn_cpu_is_per_connection_and_skips_unmeasured_runs() -> None:
     assert cc.us_per_conn == pytest.approx(80.0)
     assert cc.core_share == pytest.approx(0.9)
     assert math.isnan(common.conn_cpu(raw, "direct", duration=1.0).us_per_conn)
+
+
+def test_idle_bench_connection_count_is_capped_by_the_descriptor_limit() -> None:
+    # A proxy holds two descriptors per connection, and a few are kept for everything else.
+    assert idle_bench.usable_connections(5000, 20000) == 5000
+    assert idle_bench.usable_connections(12000, 20000) == (20000 - idle_bench.SPARE_FDS) // 2
+    assert idle_bench.usable_connections(5000, 1024) == (1024 - idle_bench.SPARE_FDS) // 2
+    assert idle_bench.shares(10, 4) == [3, 3, 2, 2]
+    assert idle_bench.shares(2, 4) == [1, 1]
+    assert sum(idle_bench.shares(4999, 4)) == 4999
+
+
+def test_idle_bench_summary_takes_medians_and_sums_failures() -> None:
+    runs = [
+        {"connections": 4990.0, "failed": 10.0, "lost_during_hold": 0.0, "proxy_cpu_share": 0.10},
+        {"connections": 5000.0, "failed": 0.0, "lost_during_hold": 2.0, "proxy_cpu_share": 0.30},
+    ]
+    row = idle_bench.summarize({"rabbitproxy": runs})["rabbitproxy"]
+    assert row["connections"] == 4995.0
+    assert row["proxy_cpu_share"] == pytest.approx(0.2)
+    assert row["failed"] == 10.0
+    assert row["lost_during_hold"] == 2.0
+    assert math.isnan(row["proxy_kib_per_conn"])
+
+
+IDLE_ROW = {
+    "connections": 5000.0,
+    "failed": 0.0,
+    "lost_during_hold": 0.0,
+    "open_s": 12.0,
+    "latency_p50_us": 1500.0,
+    "latency_p99_us": 9000.0,
+}
+
+
+def idle_doc(rp_cpu: float, rp_kib: float) -> dict[str, Any]:
+    return {
+        "settings": {
+            "connections": 5000,
+            "requested_connections": 5000,
+            "nofile_hard_limit": 20000,
+            "heartbeat": 5,
+            "hold": 60.0,
+            "rate": 50.0,
+            "processes": 4,
+            "repeats": 2,
+            "brokers": 3,
+            "pinning": "none",
+        },
+        "raw": {"direct": [{"per_broker": [1668, 1667, 1667]}], "haproxy": [{}]},
+        "summary": {
+            "direct": {
+                **IDLE_ROW,
+                "proxy_cpu_share": math.nan,
+                "proxy_rss_mib": math.nan,
+                "proxy_kib_per_conn": math.nan,
+            },
+            "rabbitproxy": {**IDLE_ROW, "proxy_cpu_share": rp_cpu, "proxy_rss_mib": 90.0, "proxy_kib_per_conn": rp_kib},
+            "haproxy": {**IDLE_ROW, "proxy_cpu_share": 0.10, "proxy_rss_mib": 40.0, "proxy_kib_per_conn": 4.0},
+        },
+    }
+
+
+def test_idle_checks_compare_cpu_and_rss_per_connection_with_haproxy() -> None:
+    doc = idle_doc(rp_cpu=0.12, rp_kib=5.0)
+    by_name = {c.name: c for c in report.checks({}, {}, doc["summary"])}
+    cpu = by_name["idle AMQP connections: proxy CPU vs HAProxy"]
+    assert cpu.value == pytest.approx(1.2)
+    assert cpu.met is False
+    rss = by_name["idle AMQP connections: RSS per connection vs HAProxy"]
+    assert rss.value == pytest.approx(1.25)
+    assert rss.met is True
+    assert by_name["idle AMQP connections: RSS per connection vs HAProxy"].limit == 1.5
+    # Without the idle bench the targets are listed as not measured, not dropped.
+    assert {c.name: c.met for c in report.checks({}, {})}["idle AMQP connections: proxy CPU vs HAProxy"] is None
+
+
+def test_idle_section_states_the_connection_count_and_the_limit() -> None:
+    text = "\n".join(report.idle_section(idle_doc(rp_cpu=0.08, rp_kib=5.0)))
+    assert "5,000 idle AMQP connections (descriptor hard limit 20000" in text
+    assert "| direct | 5,000 | 0 | 0 | 12.0 | 1.50 | 9.00 | n/a | n/a | n/a | 1668 / 1667 / 1667 |" in text
+    assert "| rabbitproxy | 5,000 | 0 | 0 | 12.0 | 1.50 | 9.00 | 0.080 | 90.0 | 5.0 | not read |" in text
+    assert "| haproxy |" in text
+    capped = idle_doc(rp_cpu=0.08, rp_kib=5.0)
+    capped["settings"] = {**capped["settings"], "requested_connections": 12000, "connections": 9900}
+    assert "9,900 idle AMQP connections (of 12,000 asked for: the descriptor hard limit of 20000" in "\n".join(
+        report.idle_section(capped)
+    )
+    assert "Not measured in this run" in "\n".join(report.idle_section(None))
