@@ -4,9 +4,14 @@
     .venv/bin/python bench/amqp_bench.py --brokers 10.0.0.1:5672,10.0.0.2:5672 --duration 30
 
 Publishers and consumers (aio-pika, one connection each) are spread over several worker processes, because a
-single Python client process saturates long before a broker or a proxy does. Every message carries its send time
-(``time.time_ns()``; all processes share one clock) so consumers measure end-to-end latency. Targets are
-interleaved (direct, rabbitproxy, haproxy, direct, ...) and the medians of the repeats are reported.
+single Python client process saturates long before a broker or a proxy does. Every target places them alike: they
+connect one at a time in one plan order, the k-th on broker k % N, direct clients by choice and proxied ones because
+each proxy's round-robin pointer is moved to broker 0 first (``placement.py``); where each one landed is read back
+from the management API and recorded. ``--nodes 1`` (or one ``--brokers`` entry) is the single-broker variant.
+
+Every message carries its send time (``time.time_ns()``; all processes share one clock) so consumers measure
+end-to-end latency. Targets are interleaved (direct, rabbitproxy, haproxy, direct, ...) and the medians of the
+repeats are reported.
 
 Without ``--brokers`` a local 3-node cluster is started with ``rabbitproxy.dev.cluster`` and stopped at the end.
 Nothing is pinned here: the brokers need both cores, and the proxy's own CPU time is measured, not inferred.
