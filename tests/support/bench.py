@@ -11,10 +11,12 @@ if str(BENCH) not in sys.path:
 
 import amqp_bench  # noqa: E402
 import common  # noqa: E402
+import idle_bench  # noqa: E402
+import placement  # noqa: E402
 import report  # noqa: E402
 import tcp_bench  # noqa: E402
 
-__all__ = ["BENCH", "ROUTES", "amqp_bench", "common", "report", "tcp_bench"]
+__all__ = ["BENCH", "ROUTES", "amqp_bench", "common", "idle_bench", "placement", "report", "tcp_bench"]
 
 ROUTES = [
     common.Route("amqp", 15672, (("127.0.0.1", 5001), ("127.0.0.1", 5002))),

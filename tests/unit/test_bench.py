@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import tomllib
+from typing import Any
 
 import pytest
 
 from rabbitproxy import config as config_mod
-from tests.support.bench import ROUTES, amqp_bench, common, report, tcp_bench
+from tests.support.bench import ROUTES, amqp_bench, common, idle_bench, placement, report, tcp_bench
 
 
 def test_median_and_percentile() -> None:
@@ -92,15 +93,86 @@ def test_tcp_summary_added_latency_is_against_direct() -> None:
     assert math.isnan(s["direct"]["bulk1_gbit_s"])
 
 
-def test_split_roles_spreads_publishers_and_consumers() -> None:
-    roles = amqp_bench.split_roles(amqp_bench.Load(publishers=4, consumers=4, processes=4))
-    assert roles == [((0,), (0,)), ((1,), (1,)), ((2,), (2,)), ((3,), (3,))]
-    roles = amqp_bench.split_roles(amqp_bench.Load(publishers=1, consumers=2, processes=4))
-    assert roles == [((0,), ()), ((), (0,)), ((), (1,))]
-    assert (
-        sum(len(p) + len(c) for p, c in amqp_bench.split_roles(amqp_bench.Load(publishers=7, consumers=5, processes=3)))
-        == 12
-    )
+def test_plan_alternates_roles_and_places_the_kth_connection_on_node_k_mod_n() -> None:
+    clients = placement.plan(publishers=3, consumers=2, nodes=3, tag="t")
+    assert [(c.seq, c.role, c.index, c.node) for c in clients] == [
+        (0, "pub", 0, 0),
+        (1, "con", 0, 1),
+        (2, "pub", 1, 2),
+        (3, "con", 1, 0),
+        (4, "pub", 2, 1),
+    ]
+    assert clients[3].name == "rabbitproxy-bench-t-3-con1"
+    assert {c.node for c in placement.plan(4, 4, nodes=1)} == {0}
+
+
+def test_align_count_moves_a_round_robin_pointer_to_node_0() -> None:
+    # The probe landed on `landed`; after align_count more picks, the next pick is node 0.
+    for nodes in (1, 2, 3, 5):
+        for landed in range(nodes):
+            assert (landed + placement.align_count(landed, nodes) + 1) % nodes == 0
+    assert placement.align_count(2, 3) == 0
+    assert placement.align_count(0, 3) == 2
+
+
+def test_split_clients_deals_the_plan_out_round_robin() -> None:
+    clients = placement.plan(4, 4, nodes=3)
+    shares = amqp_bench.split_clients(clients, 3)
+    assert [[c.seq for c in share] for share in shares] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert len(amqp_bench.split_clients(placement.plan(1, 0, nodes=3), 4)) == 1
+
+
+def test_placement_summary_says_where_each_role_landed_and_whether_as_planned() -> None:
+    brokers = [("127.0.0.1", 5001), ("127.0.0.1", 5002)]
+    clients = placement.plan(2, 1, nodes=2, tag="x")
+    listed = [
+        {"name": clients[0].name, "port": 5001},
+        {"name": clients[1].name, "port": 5002},
+        {"name": clients[2].name, "port": 5002},  # planned for broker 0
+        {"name": "rabbitproxy-bench-y-0-pub0", "port": 5001},  # another run's
+        {"name": "", "port": 5001},  # an unnamed client
+    ]
+    where = placement.landed(listed, brokers, "rabbitproxy-bench-x-")
+    assert where == {clients[0].name: 0, clients[1].name: 1, clients[2].name: 1}
+    summary = placement.summarize(clients, where, nodes=2)
+    assert summary["per_node"] == [{"pub": 1}, {"con": 1, "pub": 1}]
+    assert summary["off_plan"] == 1
+    assert summary["as_planned"] is False
+    assert placement.placement_text(summary) == "n1: 1 pub; n2: 1 con 1 pub (1 off plan, 0 not seen)"
+    exact = placement.summarize(clients[:2], where, nodes=2)
+    assert exact["as_planned"] is True
+    assert placement.placement_text(exact).endswith("(as planned)")
+    missing = placement.summarize(clients, {}, nodes=2)
+    assert missing["missing"] == 3
+    assert missing["as_planned"] is False
+
+
+def test_report_shows_placement_per_amqp_target() -> None:
+    as_planned = {"per_node": [{"pub": 1}, {"con": 1}], "as_planned": True, "off_plan": 0, "missing": 0}
+    doc = {
+        "raw": {
+            "direct": [{"placement": as_planned}, {"placement": as_planned}],
+            "haproxy": [{"placement": as_planned}, {"placement": {**as_planned, "as_planned": False, "off_plan": 1}}],
+            "rabbitproxy": [{"placement": {}}],
+        }
+    }
+    assert report.placement_rows(doc) == [
+        ["direct", "n1: 1 pub; n2: 1 con (as planned)", "2 of 2"],
+        ["haproxy", "n1: 1 pub; n2: 1 con (as planned)", "1 of 2"],
+        ["rabbitproxy", "not read", "n/a"],
+    ]
+
+
+def test_amqp_summary_counts_runs_placed_as_planned() -> None:
+    runs = [
+        {"consumed_per_s": 10.0, "placement": {"as_planned": True}},
+        {"consumed_per_s": 20.0, "placement": {"as_planned": False}},
+        {"consumed_per_s": 30.0},
+    ]
+    row = amqp_bench.summarize({"direct": runs})["direct"]
+    assert row["consumed_per_s"] == 20.0
+    assert row["placement_runs_as_planned"] == 1.0
+    assert row["runs"] == 3.0
 
 
 def test_message_stamp_round_trip() -> None:
@@ -115,7 +187,10 @@ def test_checks_ratios_and_shortfall() -> None:
         "rabbitproxy": {"bulk1_gbit_s": 9.0, "lat64_p50_added_us": 12.0, "idle_kib_per_conn": 25.0},
         "haproxy": {"bulk1_gbit_s": 10.0, "lat64_p50_added_us": 10.0},
     }
-    amqp = {"direct": {"consumed_per_s": 1000.0}, "rabbitproxy": {"consumed_per_s": 960.0}}
+    amqp = {
+        "direct": {"consumed_per_s": 1000.0, "published_per_s": 1000.0},
+        "rabbitproxy": {"consumed_per_s": 970.0, "published_per_s": 960.0},
+    }
     by_name = {c.name: c for c in report.checks(tcp, amqp)}
     bulk = by_name["bulk 1 stream Gbit/s vs HAProxy"]
     assert bulk.value == pytest.approx(0.9)
@@ -125,6 +200,8 @@ def test_checks_ratios_and_shortfall() -> None:
     assert lat.value == pytest.approx(1.2)
     assert lat.met is False
     assert by_name["AMQP consumed msg/s vs direct"].met is True
+    # The bar for AMQP through the proxy is 0.97x direct.
+    assert by_name["AMQP published msg/s vs direct"].met is False
     assert by_name["RSS per idle connection"].shortfall == "missed by 25%"
     assert by_name["bulk 8 streams Gbit/s vs HAProxy"].met is None
 
@@ -142,3 +219,92 @@ def test_conn_cpu_is_per_connection_and_skips_unmeasured_runs() -> None:
     assert cc.us_per_conn == pytest.approx(80.0)
     assert cc.core_share == pytest.approx(0.9)
     assert math.isnan(common.conn_cpu(raw, "direct", duration=1.0).us_per_conn)
+
+
+def test_idle_bench_connection_count_is_capped_by_the_descriptor_limit() -> None:
+    # A proxy holds two descriptors per connection, and a few are kept for everything else.
+    assert idle_bench.usable_connections(5000, 20000) == 5000
+    assert idle_bench.usable_connections(12000, 20000) == (20000 - idle_bench.SPARE_FDS) // 2
+    assert idle_bench.usable_connections(5000, 1024) == (1024 - idle_bench.SPARE_FDS) // 2
+    assert idle_bench.shares(10, 4) == [3, 3, 2, 2]
+    assert idle_bench.shares(2, 4) == [1, 1]
+    assert sum(idle_bench.shares(4999, 4)) == 4999
+
+
+def test_idle_bench_summary_takes_medians_and_sums_failures() -> None:
+    runs = [
+        {"connections": 4990.0, "failed": 10.0, "lost_during_hold": 0.0, "proxy_cpu_share": 0.10},
+        {"connections": 5000.0, "failed": 0.0, "lost_during_hold": 2.0, "proxy_cpu_share": 0.30},
+    ]
+    row = idle_bench.summarize({"rabbitproxy": runs})["rabbitproxy"]
+    assert row["connections"] == 4995.0
+    assert row["proxy_cpu_share"] == pytest.approx(0.2)
+    assert row["failed"] == 10.0
+    assert row["lost_during_hold"] == 2.0
+    assert math.isnan(row["proxy_kib_per_conn"])
+
+
+IDLE_ROW = {
+    "connections": 5000.0,
+    "failed": 0.0,
+    "lost_during_hold": 0.0,
+    "open_s": 12.0,
+    "latency_p50_us": 1500.0,
+    "latency_p99_us": 9000.0,
+}
+
+
+def idle_doc(rp_cpu: float, rp_kib: float) -> dict[str, Any]:
+    return {
+        "settings": {
+            "connections": 5000,
+            "requested_connections": 5000,
+            "nofile_hard_limit": 20000,
+            "heartbeat": 5,
+            "hold": 60.0,
+            "rate": 50.0,
+            "processes": 4,
+            "repeats": 2,
+            "brokers": 3,
+            "pinning": "none",
+        },
+        "raw": {"direct": [{"per_broker": [1668, 1667, 1667]}], "haproxy": [{}]},
+        "summary": {
+            "direct": {
+                **IDLE_ROW,
+                "proxy_cpu_share": math.nan,
+                "proxy_rss_mib": math.nan,
+                "proxy_kib_per_conn": math.nan,
+            },
+            "rabbitproxy": {**IDLE_ROW, "proxy_cpu_share": rp_cpu, "proxy_rss_mib": 90.0, "proxy_kib_per_conn": rp_kib},
+            "haproxy": {**IDLE_ROW, "proxy_cpu_share": 0.10, "proxy_rss_mib": 40.0, "proxy_kib_per_conn": 4.0},
+        },
+    }
+
+
+def test_idle_checks_compare_cpu_and_rss_per_connection_with_haproxy() -> None:
+    doc = idle_doc(rp_cpu=0.12, rp_kib=5.0)
+    by_name = {c.name: c for c in report.checks({}, {}, doc["summary"])}
+    cpu = by_name["idle AMQP connections: proxy CPU vs HAProxy"]
+    assert cpu.value == pytest.approx(1.2)
+    assert cpu.met is False
+    rss = by_name["idle AMQP connections: RSS per connection vs HAProxy"]
+    assert rss.value == pytest.approx(1.25)
+    assert rss.met is True
+    assert by_name["idle AMQP connections: RSS per connection vs HAProxy"].limit == 1.5
+    # Without the idle bench the targets are listed as not measured, not dropped.
+    assert {c.name: c.met for c in report.checks({}, {})}["idle AMQP connections: proxy CPU vs HAProxy"] is None
+
+
+def test_idle_section_states_the_connection_count_and_the_limit() -> None:
+    text = "\n".join(report.idle_section(idle_doc(rp_cpu=0.08, rp_kib=5.0)))
+    assert "5,000 idle AMQP connections (descriptor hard limit 20000" in text
+    assert "| direct | 5,000 | 0 | 0 | 12.0 | 1.50 | 9.00 | n/a | n/a | n/a | 1668 / 1667 / 1667 |" in text
+    assert "| rabbitproxy | 5,000 | 0 | 0 | 12.0 | 1.50 | 9.00 | 0.080 | 90.0 | 5.0 | not read |" in text
+    assert "| haproxy |" in text
+    capped = idle_doc(rp_cpu=0.08, rp_kib=5.0)
+    capped["settings"] = {**capped["settings"], "requested_connections": 12000, "connections": 9900}
+    assert "9,900 idle AMQP connections (of 12,000 asked for: the descriptor hard limit of 20000" in "\n".join(
+        report.idle_section(capped)
+    )
+    assert "Not measured in this run" in "\n".join(report.idle_section(None))
