@@ -42,6 +42,42 @@ class AgentStatus(StrEnum):
 MAX_WEIGHT = 1000
 
 
+class HandshakeInfo(Protocol):
+    """What an AMQP connection's handshake said (``rabbitproxy.protocols.amqp_handshake.Handshake``), read-only.
+
+    Every field is None until seen. The text fields come from the client and are cut to 256 characters: fine for
+    logs and the admin API, never for metric labels. ``user`` is only ever the name, never a password.
+    """
+
+    @property
+    def connection_name(self) -> str | None: ...
+    @property
+    def product(self) -> str | None: ...
+    @property
+    def version(self) -> str | None: ...
+    @property
+    def platform(self) -> str | None: ...
+    @property
+    def mechanism(self) -> str | None: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def vhost(self) -> str | None: ...
+    @property
+    def channel_max(self) -> int | None: ...
+    @property
+    def frame_max(self) -> int | None: ...
+    @property
+    def heartbeat(self) -> int | None: ...
+    # "open" (the broker sent open-ok) or "refused" (it closed the connection during the handshake).
+    @property
+    def outcome(self) -> str | None: ...
+    @property
+    def close_code(self) -> int | None: ...
+    @property
+    def close_text(self) -> str | None: ...
+
+
 class Connection(Protocol):
     """What the pool, the control plane and the admin API may know of a live connection.
 
@@ -52,6 +88,28 @@ class Connection(Protocol):
     backend: Backend | None
     bytes_in: int
     bytes_out: int
+
+    # A small integer, unique among the connections of this process (never reused while it runs).
+    @property
+    def id(self) -> int: ...
+
+    # time.monotonic() at accept.
+    @property
+    def started(self) -> float: ...
+
+    # time.monotonic() of the last byte either way; only kept while an idle timeout watches the connection (a
+    # fixed client_idle_timeout, or "auto" once the heartbeat is known), else 0.0: keeping it costs a clock read
+    # per chunk.
+    @property
+    def last_activity(self) -> float: ...
+
+    # The AMQP handshake as far as it was read; None for a "tcp" service.
+    @property
+    def handshake(self) -> HandshakeInfo | None: ...
+
+    # The client as host:port (the PROXY header's source when one was accepted).
+    @property
+    def client_addr(self) -> str: ...
 
     def close(self, reason: CloseReason) -> None: ...
 
