@@ -2,7 +2,11 @@
 
 Each accepted client gets a :class:`ClientLeg`. It asks the service's pool for a backend, connects to it (with a
 deadline, retrying other backends), and from then on every chunk one leg receives is handed untouched to the other
-leg's transport. Nothing is copied or parsed on that path.
+leg's transport. Nothing is copied on that path, and nothing is parsed after the AMQP handshake: for a service with
+``protocol = "amqp"`` both legs feed a sans-IO :class:`~rabbitproxy.protocols.amqp_handshake.HandshakeReader`
+until it is done (the broker's open-ok or refusal, or the reader gave up), then drop it, so from the first
+frames on each chunk costs one ``is None`` check more than a plain TCP relay. What it learnt (user, vhost,
+connection name, heartbeat) stays on the connection for the log, the admin API and the heartbeat timeout.
 
 TCP_NODELAY is on for both legs without a call of ours: uvloop and asyncio both set it on every TCP transport they
 create (accepted or connected), and asking a uvloop transport for its socket to set it again costs a socket object

@@ -261,3 +261,12 @@ async def test_auto_with_heartbeat_0_watches_nothing() -> None:
 
 def test_connection_ids_are_unique() -> None:
     assert len({legs_mod._ids.__next__() for _ in range(3)}) == 3
+
+
+@pytest.mark.asyncio
+async def test_a_reload_that_turns_a_fixed_idle_timeout_off_stops_watching() -> None:
+    # Before "auto", a reload to 0 made the next check compare with 0 and close the client at once.
+    svc, client, ct, _leg, _bt = make_pair(client_idle_timeout=0.2)
+    svc.config = svc.config.model_copy(update={"client_idle_timeout": 0.0})
+    await wait_for(lambda: client.idle_handle is None, timeout=10, what="the idle check ran and stopped")
+    assert not ct.closing and client.reason is None
