@@ -163,7 +163,7 @@ def _client_properties(data: bytes, pos: int, end: int, hs: Handshake) -> int:
             pos += 4
             key = _WANTED.get(name)
             if key is not None and kind in _TEXT_TYPES and pos + size <= stop:
-                setattr(hs, key, _text(data[pos : pos + size]))
+                setattr(hs, key, data[pos : pos + size].decode("utf-8", "replace")[:MAX_TEXT])
         pos += size
     if pos != stop:
         raise _truncated("client property")
@@ -271,19 +271,14 @@ class HandshakeReader:
         if pos < end:
             buf += data[pos:] if pos else data
 
-    @staticmethod
-    def _method(data: bytes, start: int, stop: int) -> tuple[int, int]:
-        if stop - start < 4:
-            raise AMQPProtocolError("method frame too short")
-        class_id, method_id = _METHOD.unpack_from(data, start)
-        return class_id, method_id
-
     def _client_frame(self, kind: int, data: bytes, start: int, stop: int) -> None:
         if kind == FRAME_HEARTBEAT:
             return
         if kind != FRAME_METHOD:
             raise AMQPProtocolError(f"frame type {kind} during the handshake")
-        class_id, method_id = self._method(data, start, stop)
+        if stop - start < 4:
+            raise AMQPProtocolError("method frame too short")
+        class_id, method_id = _METHOD.unpack_from(data, start)
         if class_id != _CONNECTION:
             raise AMQPProtocolError(f"method ({class_id}, {method_id}) before connection.open")
         hs = self.handshake
@@ -313,7 +308,9 @@ class HandshakeReader:
             return
         if kind != FRAME_METHOD:
             raise AMQPProtocolError(f"frame type {kind} during the handshake")
-        class_id, method_id = self._method(data, start, stop)
+        if stop - start < 4:
+            raise AMQPProtocolError("method frame too short")
+        class_id, method_id = _METHOD.unpack_from(data, start)
         if class_id != _CONNECTION:
             raise AMQPProtocolError(f"broker method ({class_id}, {method_id}) before connection.open-ok")
         if method_id in (_START, _TUNE_M):
