@@ -254,7 +254,10 @@ class ServiceConfig(_Model):
     connect_timeout: PositiveSeconds = 5.0
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     max_connections: Annotated[int, Field(ge=1)] = 10000
-    client_idle_timeout: Seconds = 0.0
+    # "amqp": the AMQP 0-9-1 handshake is read as it passes (identity, failed logins, heartbeat); "tcp": bytes only.
+    protocol: Literal["amqp", "tcp"] = "amqp"
+    # "auto": 2.5 x the heartbeat the client negotiated (AMQP services; off for "tcp"); a number: seconds; 0 = off.
+    client_idle_timeout: float | Literal["auto"] = "auto"
     # The address backend connections come from: "" (the kernel's choice), an IP of this host, or "client" for
     # transparent mode (each backend connection comes from its client's own address; rabbitproxy.relay.transparent).
     source_address: str = ""
@@ -310,6 +313,16 @@ class ServiceConfig(_Model):
 
     _backend_ca = field_validator("backend_tls_ca")(_existing_file)
 
+    @field_validator("client_idle_timeout", mode="before")
+    @classmethod
+    def _idle(cls, v: Any) -> Any:
+        # One message for both forms, instead of pydantic's two-part union error.
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ValueError(f'must be "auto" or a number of seconds >= 0 (0 = off), not {v!r}')
+        return float(v)
+
     @field_validator("proxy_protocol_from")
     @classmethod
     def _proxy_from(cls, v: list[str], info: ValidationInfo) -> list[str]:
@@ -362,6 +375,17 @@ class ServiceConfig(_Model):
                 raise ValueError(f"backend name {b.name!r} is used twice")
             seen.add(b.name)
         return self
+
+    @property
+    def heartbeat_idle(self) -> bool:
+        """Whether idle clients are timed by their negotiated heartbeat (``client_idle_timeout = "auto"``)."""
+        return self.client_idle_timeout == "auto" and self.protocol == "amqp"
+
+    @property
+    def idle_seconds(self) -> float:
+        """The fixed idle timeout in seconds; 0 when off or when it follows the heartbeat ("auto")."""
+        v = self.client_idle_timeout
+        return 0.0 if v == "auto" else v
 
     @property
     def listen_host(self) -> str:

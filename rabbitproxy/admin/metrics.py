@@ -6,7 +6,9 @@ backend simply stops being reported).
 
 Every label value comes from a fixed set: service and backend names from the config, statuses, admin states, close
 reasons and agent statuses from closed enumerations. Text from outside (an agent's reply, a check's detail) goes to
-the admin API and the log only; as a label it would start a new time series with every new wording.
+the admin API and the log only; as a label it would start a new time series with every new wording. The one
+exception is the vhost of ``service_vhost_connections``: only vhosts the broker opened, at most
+``MAX_VHOST_LABELS`` per service, the rest counted under ``other``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,21 @@ class ProxyCollector(Collector):
             "service_close_timeouts",
             "Closes aborted because the peer did not take the buffered bytes within close_timeout.",
             ["service"],
+        )
+        s_failed_logins = counter(
+            "service_failed_logins",
+            "Logins the broker refused during the AMQP handshake (403 ACCESS_REFUSED, 530 NOT_ALLOWED).",
+            ["service"],
+        )
+        s_given_up = counter(
+            "service_handshakes_given_up",
+            "AMQP handshakes the proxy could not follow (unexpected bytes, over 64 KiB); the bytes flowed on.",
+            ["service"],
+        )
+        s_vhost = gauge(
+            "service_vhost_connections",
+            'Open AMQP connections per vhost (at most 50 vhosts per service, the rest under vhost="other").',
+            ["service", "vhost"],
         )
         s_usable = gauge("service_usable_backends", "Backends that may take a new connection now.", ["service"])
         b_up = gauge("backend_up", "1 when the last health verdict is up.", SB)
@@ -131,6 +148,10 @@ class ProxyCollector(Collector):
             for reason in CloseReason:
                 s_ended.add_metric([sn, reason], service.ended.get(reason, 0))
             s_close_timeouts.add_metric([sn], service.close_timeouts)
+            s_failed_logins.add_metric([sn], service.failed_logins)
+            s_given_up.add_metric([sn], service.handshakes_given_up)
+            for vhost, count in list(service.vhost_open.items()):
+                s_vhost.add_metric([sn, vhost], count)
             s_usable.add_metric([sn], service.pool.usable_count())
             stats = steering.stats.get(sn)
             for cause in CAUSES:
@@ -188,6 +209,9 @@ class ProxyCollector(Collector):
             s_total,
             s_ended,
             s_close_timeouts,
+            s_failed_logins,
+            s_given_up,
+            s_vhost,
             s_usable,
             b_up,
             b_status,

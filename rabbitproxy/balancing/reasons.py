@@ -21,6 +21,8 @@ class CloseReason(StrEnum):
     NO_BACKEND = "no backend"
     LIMIT = "limit"
     IDLE_TIMEOUT = "idle timeout"
+    # client_idle_timeout = "auto": the client sent nothing for 2.5 x its negotiated heartbeat (vanished or froze).
+    HEARTBEAT_TIMEOUT = "heartbeat timeout"
     SHUTDOWN = "shutdown"
     BACKEND_DOWN = "backend down"
     BACKEND_MAINT = "backend maint"

@@ -43,6 +43,7 @@ AMQP10_HEADER: Final = b"AMQP\x00\x01\x00\x00"
 _FRAME_HEADER = struct.Struct(">BHI")
 _SHORT = struct.Struct(">H")
 _TUNE = struct.Struct(">HIH")
+_METHOD = struct.Struct(">HH")
 
 _CONNECTION: Final = 10
 _START, _START_OK = 10, 11
@@ -102,32 +103,71 @@ def amqplain_user(response: bytes) -> str | None:
 
 
 class _Side:
-    """One direction's frame splitter: the protocol header first (client only), then whole frames."""
+    """One direction's state: a partial frame carried over between chunks, and the bytes seen so far."""
 
     __slots__ = ("buffer", "fed", "header_left")
 
     def __init__(self, header: bool) -> None:
+        # Only ever holds the tail of a chunk that ended inside a frame; whole frames are read in place.
         self.buffer = bytearray()
         self.fed = 0
         # Bytes of the 8-byte protocol header still to come (the client sends one, the broker does not).
         self.header_left = len(PROTOCOL_HEADER) if header else 0
 
-    def frames(self) -> list[tuple[int, bytes]]:
-        """Complete frames as (type, payload); raises AMQPProtocolError for bytes that are not frames."""
-        out: list[tuple[int, bytes]] = []
-        buf = self.buffer
-        while len(buf) >= _FRAME_HEADER.size:
-            kind, _channel, size = _FRAME_HEADER.unpack_from(buf)
-            total = _FRAME_HEADER.size + size + 1
-            if total > MAX_HANDSHAKE_BYTES:
-                raise AMQPProtocolError(f"a {total}-byte frame during the handshake")
-            if len(buf) < total:
-                break
-            if buf[total - 1] != FRAME_END:
-                raise AMQPProtocolError("bad frame-end octet")
-            out.append((kind, bytes(buf[_FRAME_HEADER.size : total - 1])))
-            del buf[:total]
-        return out
+
+# Field types of a field table whose value has a fixed size (bytes after the type octet), as RabbitMQ reads them;
+# the types in _SIZED carry a 4-byte length first. Used to step over client properties that are not kept.
+_FIXED_SIZE: Final[dict[int, int]] = {
+    **{ord(c): 1 for c in "tbB"},
+    **{ord(c): 2 for c in "Usu"},
+    **{ord(c): 4 for c in "Iif"},
+    **{ord(c): 8 for c in "LlTd"},
+    ord("D"): 5,
+    ord("V"): 0,
+}
+_SIZED: Final = frozenset(b"SxFA")
+_TEXT_TYPES: Final = frozenset(b"Sx")
+_WANTED: Final = {key.encode(): key for key in _CLIENT_TEXT}
+
+
+def _truncated(what: str) -> AMQPProtocolError:
+    return AMQPProtocolError(f"truncated {what}")
+
+
+def _client_properties(data: bytes, pos: int, end: int, hs: Handshake) -> int:
+    """Copy the wanted text fields of the client-properties table at ``pos`` into ``hs``; return the offset after it.
+
+    The other entries (``capabilities``, ``information``...) are stepped over by their sizes, not decoded: the
+    handshake is on every connection's path, and building the whole table was most of the reader's cost.
+    """
+    if pos + 4 > end:
+        raise _truncated("client properties")
+    stop = pos + 4 + int.from_bytes(data[pos : pos + 4], "big")
+    pos += 4
+    if stop > end:
+        raise _truncated("client properties")
+    while pos < stop:
+        name_end = pos + 1 + data[pos]
+        if name_end >= stop:
+            raise _truncated("client property")
+        name = data[pos + 1 : name_end]
+        kind = data[name_end]
+        pos = name_end + 1
+        size = _FIXED_SIZE.get(kind)
+        if size is None:
+            if kind not in _SIZED:
+                raise AMQPProtocolError(f"unknown field type {kind:#04x} in the client properties")
+            if pos + 4 > stop:
+                raise _truncated("client property")
+            size = int.from_bytes(data[pos : pos + 4], "big")
+            pos += 4
+            key = _WANTED.get(name)
+            if key is not None and kind in _TEXT_TYPES and pos + size <= stop:
+                setattr(hs, key, data[pos : pos + size].decode("utf-8", "replace")[:MAX_TEXT])
+        pos += size
+    if pos != stop:
+        raise _truncated("client property")
+    return stop
 
 
 class HandshakeReader:
@@ -199,41 +239,51 @@ class HandshakeReader:
             self._give_up(f"protocol header {header!r}")
         return b""
 
-    def _feed(self, side: _Side, data: bytes, on_frame: Callable[[int, bytes], None]) -> None:
+    def _feed(self, side: _Side, data: bytes, on_frame: Callable[[int, bytes, int, int], None]) -> None:
         side.fed += len(data)
         if side.fed > MAX_HANDSHAKE_BYTES:
             self._give_up(f"more than {MAX_HANDSHAKE_BYTES} bytes before the handshake ended")
             return
-        side.buffer += data
+        buf = side.buffer
+        if buf:
+            # The rest of a frame that began in an earlier chunk (rare: a handshake frame is small).
+            data = bytes(buf) + data
+            buf.clear()
+        pos, end = 0, len(data)
         try:
-            for kind, payload in side.frames():
-                on_frame(kind, payload)
+            # Frames are read where they lie in the chunk (offsets, no copies), usually the whole chunk at once.
+            while end - pos >= _FRAME_HEADER.size:
+                kind, _channel, size = _FRAME_HEADER.unpack_from(data, pos)
+                total = _FRAME_HEADER.size + size + 1
+                if total > MAX_HANDSHAKE_BYTES:
+                    raise AMQPProtocolError(f"a {total}-byte frame during the handshake")
+                if end - pos < total:
+                    break
+                if data[pos + total - 1] != FRAME_END:
+                    raise AMQPProtocolError("bad frame-end octet")
+                on_frame(kind, data, pos + _FRAME_HEADER.size, pos + total - 1)
+                pos += total
                 if self.done or (side is self._client and self._client_open):
-                    side.buffer.clear()
                     return
-        except (AMQPProtocolError, UnicodeDecodeError, struct.error, ValueError) as exc:
+        except (AMQPProtocolError, UnicodeDecodeError, struct.error, ValueError, IndexError) as exc:
             self._give_up(str(exc) or type(exc).__name__)
+            return
+        if pos < end:
+            buf += data[pos:] if pos else data
 
-    @staticmethod
-    def _method(payload: bytes) -> tuple[int, int, _Cursor]:
-        if len(payload) < 4:
-            raise AMQPProtocolError("method frame too short")
-        class_id, method_id = struct.unpack_from(">HH", payload)
-        return class_id, method_id, _Cursor(payload, 4, len(payload))
-
-    def _client_frame(self, kind: int, payload: bytes) -> None:
+    def _client_frame(self, kind: int, data: bytes, start: int, stop: int) -> None:
         if kind == FRAME_HEARTBEAT:
             return
         if kind != FRAME_METHOD:
             raise AMQPProtocolError(f"frame type {kind} during the handshake")
-        class_id, method_id, cur = self._method(payload)
+        if stop - start < 4:
+            raise AMQPProtocolError("method frame too short")
+        class_id, method_id = _METHOD.unpack_from(data, start)
         if class_id != _CONNECTION:
             raise AMQPProtocolError(f"method ({class_id}, {method_id}) before connection.open")
         hs = self.handshake
         if method_id == _START_OK:
-            props = _field_table(cur, 0)
-            for key in _CLIENT_TEXT:
-                setattr(hs, key, _text(props.get(key)))
+            cur = _Cursor(data, _client_properties(data, start + 4, stop, hs), stop)
             hs.mechanism = _text(cur.shortstr("mechanism"))
             response = cur.longstr("response")
             if hs.mechanism == "PLAIN":
@@ -242,30 +292,36 @@ class HandshakeReader:
                 hs.user = amqplain_user(response)
             # EXTERNAL names no user in the response; the proxy fills it from the client certificate.
         elif method_id == _TUNE_OK:
-            hs.channel_max, hs.frame_max, hs.heartbeat = _TUNE.unpack(cur.take(_TUNE.size, "connection.tune-ok"))
+            if stop - start < 4 + _TUNE.size:
+                raise _truncated("connection.tune-ok")
+            hs.channel_max, hs.frame_max, hs.heartbeat = _TUNE.unpack_from(data, start + 4)
         elif method_id == _OPEN:
-            hs.vhost = _text(cur.shortstr("virtual host"))
+            hs.vhost = _text(_Cursor(data, start + 4, stop).shortstr("virtual host"))
             self._client_open = True
         elif method_id == _CLOSE:
             self.done = True
         else:
             raise AMQPProtocolError(f"client method (10, {method_id}) during the handshake")
 
-    def _server_frame(self, kind: int, payload: bytes) -> None:
+    def _server_frame(self, kind: int, data: bytes, start: int, stop: int) -> None:
         if kind == FRAME_HEARTBEAT:
             return
         if kind != FRAME_METHOD:
             raise AMQPProtocolError(f"frame type {kind} during the handshake")
-        class_id, method_id, cur = self._method(payload)
+        if stop - start < 4:
+            raise AMQPProtocolError("method frame too short")
+        class_id, method_id = _METHOD.unpack_from(data, start)
         if class_id != _CONNECTION:
             raise AMQPProtocolError(f"broker method ({class_id}, {method_id}) before connection.open-ok")
-        hs = self.handshake
         if method_id in (_START, _TUNE_M):
+            # Nothing in them is kept (the client's tune-ok has the negotiated values): not even decoded.
             return
+        hs = self.handshake
         if method_id == _OPEN_OK:
             hs.outcome = "open"
             self.done = True
         elif method_id == _CLOSE:
+            cur = _Cursor(data, start + 4, stop)
             (code,) = _SHORT.unpack(cur.take(2, "reply code"))
             hs.outcome = "refused"
             hs.close_code = code

@@ -2,7 +2,11 @@
 
 Each accepted client gets a :class:`ClientLeg`. It asks the service's pool for a backend, connects to it (with a
 deadline, retrying other backends), and from then on every chunk one leg receives is handed untouched to the other
-leg's transport. Nothing is copied or parsed on that path.
+leg's transport. Nothing is copied on that path, and nothing is parsed after the AMQP handshake: for a service with
+``protocol = "amqp"`` both legs feed a sans-IO :class:`~rabbitproxy.protocols.amqp_handshake.HandshakeReader`
+until it is done (the broker's open-ok or refusal, or the reader gave up), then drop it, so from the first
+frames on each chunk costs one ``is None`` check more than a plain TCP relay. What it learnt (user, vhost,
+connection name, heartbeat) stays on the connection for the log, the admin API and the heartbeat timeout.
 
 TCP_NODELAY is on for both legs without a call of ours: uvloop and asyncio both set it on every TCP transport they
 create (accepted or connected), and asking a uvloop transport for its socket to set it again costs a socket object
@@ -29,7 +33,7 @@ from rabbitproxy import logs
 from rabbitproxy.balancing.algorithms import source_key
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import SOURCE_CLIENT
-from rabbitproxy.protocols.amqp_handshake import Handshake
+from rabbitproxy.protocols.amqp_handshake import Handshake, HandshakeReader
 from rabbitproxy.protocols.proxy_header import (
     NEED_DATA,
     ProxyHeaderReader,
@@ -38,6 +42,7 @@ from rabbitproxy.protocols.proxy_header import (
     looks_like_header,
 )
 from rabbitproxy.relay.keepalive import set_keepalive
+from rabbitproxy.relay.tls import cert_subject
 from rabbitproxy.relay.transparent import connect_as_client
 
 if TYPE_CHECKING:
@@ -50,6 +55,10 @@ HELLO_LENGTH = 8
 # Stands in for the PROXY reader of a client outside proxy_protocol_from: it is a plain client, but its first bytes
 # are looked at (never fed to a parser) so that a forged header is refused instead of passed on to the backend.
 UNTRUSTED = ProxyHeaderReader()
+
+# client_idle_timeout = "auto" closes a client that sent nothing for this many of its negotiated heartbeats. A live
+# client sends a frame at least every heartbeat; 2.5 leaves room for a late one (RabbitMQ gives up after 2 to 3).
+HEARTBEAT_FACTOR = 2.5
 
 # Connection ids: small, unique in the process, never reused while it runs (the admin API names connections by them).
 _ids = itertools.count(1)
@@ -79,6 +88,12 @@ class BackendLeg(asyncio.Protocol):
         conn = self.conn
         conn.bytes_out += len(data)
         conn.client_write(data)
+        reader = conn.hs_reader
+        if reader is not None:
+            # The broker's half of the AMQP handshake; after open-ok (or a refusal) the reader is gone.
+            reader.server_data(data)
+            if reader.done:
+                conn.handshake_done(reader)
         if conn.idle_handle is not None:
             conn.last_activity = time.monotonic()
 
@@ -126,6 +141,7 @@ class ClientLeg(asyncio.Protocol):
         "backend_write",
         "bytes_in",
         "bytes_out",
+        "client_activity",
         "client_dst",
         "client_eof_seen",
         "client_lost",
@@ -141,8 +157,11 @@ class ClientLeg(asyncio.Protocol):
         "connect_task",
         "handshake",
         "hello_left",
+        "hs_reader",
         "id",
         "idle_handle",
+        "idle_reason",
+        "idle_timeout",
         "last_activity",
         "pending",
         "pp_reader",
@@ -152,6 +171,7 @@ class ClientLeg(asyncio.Protocol):
         "started",
         "transport",
         "tried",
+        "vhost_label",
     )
 
     def __init__(self, service: Service) -> None:
@@ -197,12 +217,20 @@ class ClientLeg(asyncio.Protocol):
         # Backends tried so far, the last one being the connect in flight.
         self.tried: list[Backend] = []
         self.idle_handle: asyncio.TimerHandle | None = None
+        # While idle_handle is set: the last byte either way, and the last byte from the client.
         self.last_activity = 0.0
+        self.client_activity = 0.0
+        # The timeout idle_handle watches (a fixed client_idle_timeout, or 2.5 x the heartbeat) and its reason.
+        self.idle_timeout = 0.0
+        self.idle_reason = CloseReason.IDLE_TIMEOUT
         self.started = time.monotonic()
         self.id = next(_ids)
-        # What the AMQP handshake said (user, vhost, connection name); filled in by the handshake reader (issue 14
-        # part A), None until then and for connections it cannot read.
+        # AMQP services: the handshake reader, fed both sides until it is done and then dropped (None), and what it
+        # learnt, which stays for the log event and the admin API.
+        self.hs_reader: HandshakeReader | None = None
         self.handshake: Handshake | None = None
+        # The vhost's label in the service's open-connections-per-vhost gauge, once the broker has opened it.
+        self.vhost_label: str | None = None
 
     # -- client side ---------------------------------------------------------------------------------------------
 
@@ -228,10 +256,17 @@ class ClientLeg(asyncio.Protocol):
             self.close(CloseReason.LIMIT)
             return
         transport.set_write_buffer_limits(high=cfg.high_water, low=cfg.low_water)
-        if cfg.client_idle_timeout > 0:
-            self.last_activity = time.monotonic()
-            self.idle_handle = service.loop.call_later(cfg.client_idle_timeout, self._idle_check)
-        if cfg.client_hello_timeout > 0:
+        amqp = cfg.protocol == "amqp"
+        if amqp:
+            reader = self.hs_reader = HandshakeReader()
+            self.handshake = reader.handshake
+        idle = cfg.client_idle_timeout
+        # "auto" starts no timer here: it waits for the heartbeat (handshake_done); the hello deadline covers the start.
+        if idle != "auto" and idle > 0:
+            self.idle_timeout = idle
+            self.last_activity = self.client_activity = time.monotonic()
+            self.idle_handle = service.loop.call_later(idle, self._idle_check)
+        if cfg.client_hello_timeout > 0 and amqp:
             self.hello_left = HELLO_LENGTH
             service.hello_deadlines.add(self)
         if cfg.accept_proxy_protocol:
@@ -265,8 +300,14 @@ class ClientLeg(asyncio.Protocol):
             # Do not let a client that talks before the backend answers fill our memory.
             if len(pending) > self.service.config.high_water:
                 self.pause_client_reading()
+        reader = self.hs_reader
+        if reader is not None:
+            # The client's half of the handshake, buffered or spliced alike: the reader sees every byte once.
+            reader.client_data(data)
+            if reader.done:
+                self.handshake_done(reader)
         if self.idle_handle is not None:
-            self.last_activity = time.monotonic()
+            self.last_activity = self.client_activity = time.monotonic()
 
     def eof_received(self) -> bool:
         self.client_eof_seen = True
@@ -621,16 +662,53 @@ class ClientLeg(asyncio.Protocol):
         if not self.closed:
             self.close(CloseReason.HELLO_TIMEOUT)
 
+    # -- the AMQP handshake ----------------------------------------------------------------------------------------
+
+    def handshake_done(self, reader: HandshakeReader) -> None:
+        """The reader has nothing more to learn (open, refused, the client closed, or it gave up): drop it.
+
+        From here on each chunk costs the splice path one ``is None`` check for the reader.
+        """
+        self.hs_reader = None
+        hs = reader.handshake
+        if hs.mechanism == "EXTERNAL" and hs.user is None and self.client_tls and self.transport is not None:
+            # EXTERNAL logs in as the client certificate's subject, which only the TLS layer knows.
+            hs.user = cert_subject(self.transport.get_extra_info("peercert"))
+        self.service.handshake_finished(self, reader.gave_up)
+
+    def watch_heartbeat(self, heartbeat: int) -> None:
+        """client_idle_timeout = "auto": close the client once it is silent for 2.5 x its negotiated heartbeat."""
+        timeout = HEARTBEAT_FACTOR * heartbeat
+        self.idle_timeout = timeout
+        self.idle_reason = CloseReason.HEARTBEAT_TIMEOUT
+        self.last_activity = self.client_activity = time.monotonic()
+        if self.idle_handle is None and not self.closed:
+            self.idle_handle = self.service.loop.call_later(timeout, self._idle_check)
+
     # -- ending --------------------------------------------------------------------------------------------------
 
     def _idle_check(self) -> None:
         self.idle_handle = None
         if self.closed:
             return
-        timeout = self.service.config.client_idle_timeout
-        idle_for = time.monotonic() - self.last_activity
+        if self.idle_reason is CloseReason.HEARTBEAT_TIMEOUT:
+            # Only the client's silence counts. A heartbeat binds each side on its own, and the broker goes on
+            # heartbeating to a client that froze or vanished without a FIN (its kernel, or nobody, acknowledges),
+            # so counting the broker's bytes would never notice the very clients this timeout is for.
+            timeout = self.idle_timeout
+            idle_for = time.monotonic() - self.client_activity
+        else:
+            # A fixed timeout follows a reload; one set to 0 or "auto" stops watching the connections it watched.
+            timeout = self.service.config.idle_seconds
+            if timeout <= 0:
+                return
+            idle_for = time.monotonic() - self.last_activity
         if idle_for >= timeout:
-            self.close(CloseReason.IDLE_TIMEOUT)
+            if self.reason is CloseReason.BACKEND_CLOSED and self.idle_reason is CloseReason.HEARTBEAT_TIMEOUT:
+                # The broker gave up on the silent client first (it allows 2 to 3 heartbeats) and only our half
+                # to the client is left: the client's silence is still why this connection ended.
+                self.reason = CloseReason.HEARTBEAT_TIMEOUT
+            self.close(self.idle_reason)
             return
         self.idle_handle = self.service.loop.call_later(timeout - idle_for, self._idle_check)
 

@@ -92,3 +92,31 @@ def backend_context(config: ServiceConfig) -> ssl.SSLContext | None:
 def backend_server_name(config: ServiceConfig, address: str) -> str:
     """The name checked against a backend's certificate: the configured one, else the backend's address."""
     return config.backend_tls_server_name or address
+
+
+# Short names of the subject attributes a client certificate usually carries, as RabbitMQ writes them.
+_DN_SHORT: Final = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "domainComponent": "DC",
+    "emailAddress": "emailAddress",
+}
+
+
+def cert_subject(peercert: object) -> str | None:
+    """The subject of a verified client certificate (``transport.get_extra_info("peercert")``) as ``CN=...,O=...``.
+
+    What the EXTERNAL mechanism logs in as, when we terminate TLS. None without a certificate (or an unverified one,
+    which Python does not decode).
+    """
+    if not isinstance(peercert, dict):
+        return None
+    parts: list[str] = []
+    for rdn in peercert.get("subject", ()):
+        for name, value in rdn:
+            parts.append(f"{_DN_SHORT.get(name, name)}={value}")
+    return ",".join(parts)[:256] or None

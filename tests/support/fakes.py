@@ -13,6 +13,7 @@ from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.pool import Backend, Pool
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.legs import ClientLeg
+from rabbitproxy.relay.service import Service
 
 from .proxy import service_config
 
@@ -109,6 +110,13 @@ class FakeService:
         self.hello_deadlines = Deadlines(self.loop, self.config.client_hello_timeout, ClientLeg.hello_expired)
         self.close_deadlines = Deadlines(self.loop, self.config.close_timeout, ClientLeg.close_expired)
         self.close_timeouts = 0
+        self.failed_logins = 0
+        self.handshakes_given_up = 0
+        self.vhost_open: dict[str, int] = {}
+        self.warned_no_heartbeat = False
+
+    # The real bookkeeping of a finished AMQP handshake (counters, heartbeat watch): it needs only the fields above.
+    handshake_finished = Service.handshake_finished
 
     def connect_failed(self, *args: Any) -> None:
         pass
