@@ -2,7 +2,7 @@
 
 ``cluster`` is the host's RabbitMQ (3.10.8 on Debian 12); ``cluster40`` is RabbitMQ 4.0.5 from Debian 13, run from a
 cached chroot (rabbitproxy.dev.rootfs) and started only when a test asks for it. ``broker`` runs a test once on each:
-the broker matrix, kept to the tests where the releases differ (docs/development.md says which and why).
+the broker matrix, kept to the tests where the releases differ (tests/README.md says which and why).
 """
 
 from __future__ import annotations
