@@ -70,6 +70,7 @@ class DevCluster:
         log: Callable[[str], None] | None = None,
         release: str = "system",
         stream: bool = False,
+        node_config: Callable[[Node], Sequence[str]] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one node, got size={size}")
@@ -81,6 +82,8 @@ class DevCluster:
         self.stream = stream
         self.management = management
         self.extra_config = tuple(extra_config)
+        # rabbitmq.conf lines that differ per node (e.g. each node's stream.advertised_port), after extra_config.
+        self.node_config = node_config
         self.startup_timeout = startup_timeout
         self.nodes: list[Node] = []
         self.base_dir: Path | None = base_dir
@@ -312,7 +315,7 @@ class DevCluster:
             node,
             peer,
             management=self.management,
-            extra_config=self.extra_config,
+            extra_config=(*self.extra_config, *(self.node_config(node) if self.node_config else ())),
             startup_timeout=self.startup_timeout,
         )
         node.config_file.write_text("".join(f"{line}\n" for line in lines))

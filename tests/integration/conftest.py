@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
-from rabbitproxy.dev.nodes import free_ports
+from rabbitproxy.dev.nodes import Node, free_ports
 
 # TEMPORARY: tests written before tests/support/ import backends_for from here; it goes after merging.
 from tests.support.cluster import backends_for as backends_for
@@ -33,28 +33,28 @@ def cluster() -> Iterator[DevCluster]:
 
 
 @pytest.fixture(scope="session")
-def stream_proxy_port() -> int:
-    """The port a test's proxy listens on for streams (5552's role): the 4.0 nodes advertise it to stream clients.
+def stream_proxy_ports() -> list[int]:
+    """One proxy port per 4.0 node that the node advertises to stream clients as its own address.
 
     Chosen before the nodes start because ``stream.advertised_port`` is node configuration; below the ephemeral
-    range, like the nodes' own ports, so nothing else is handed it meanwhile.
+    range, like the nodes' own ports, so nothing else is handed one meanwhile. tests/integration/test_streams.py
+    runs a proxy service on each, with that node as its only backend (docs/operations.md, "Streams").
     """
-    return free_ports(1)[0]
+    return free_ports(3)
 
 
 @pytest.fixture(scope="session")
-def cluster40(stream_proxy_port: int) -> Iterator[DevCluster]:
+def cluster40(stream_proxy_ports: list[int]) -> Iterator[DevCluster]:
     """Three clustered RabbitMQ 4.0 nodes with management and streams; the same rules as ``cluster``.
 
-    Each node advertises 127.0.0.1:``stream_proxy_port`` to stream clients (the "address resolver" set-up of
-    docs/operations.md), so a stream client that asks for a stream's leader comes back through the proxy.
+    Node N advertises 127.0.0.1:``stream_proxy_ports[N-1]`` to stream clients, so a client that asks where a
+    stream's leader or replicas are is sent back through the proxy, to the one node it asked for.
     """
-    c = DevCluster(
-        3,
-        release="4.0",
-        stream=True,
-        extra_config=["stream.advertised_host = 127.0.0.1", f"stream.advertised_port = {stream_proxy_port}"],
-    )
+
+    def advertise(node: Node) -> list[str]:
+        return ["stream.advertised_host = 127.0.0.1", f"stream.advertised_port = {stream_proxy_ports[node.index - 1]}"]
+
+    c = DevCluster(3, release="4.0", stream=True, node_config=advertise)
     c.start()
     try:
         yield c
