@@ -7,6 +7,10 @@ client's bytes only, fills the same :class:`~rabbitproxy.protocols.amqp_handshak
 reader (protocol ``"1.0"``, mechanism, user, vhost) and is done after ``open``, or as soon as something does not fit
 (it never raises on a peer's bytes: it gives up and leaves the bytes to the broker, which judges them).
 
+A ``hostname`` without the ``vhost:`` prefix means the broker's default vhost, which the proxy cannot know: ``vhost``
+stays None and the hostname is kept in ``extra``. RabbitMQ's own Python client sends the host it dialled for the
+default vhost of its URI (seen in tests/integration/test_amqp10.py).
+
 The encoding (AMQP 1.0 part 1): every value starts with a constructor octet whose high nibble gives its width (0x4_
 none, 0x5_ 1 byte, 0x6_ 2, 0x7_ 4, 0x8_ 8, 0x9_ 16, 0xa_/0xc_/0xe_ a 1-byte size, 0xb_/0xd_/0xf_ a 4-byte size);
 0x00 starts a described value (descriptor, then value). So fields this reader does not need are skipped by width.

@@ -24,7 +24,9 @@ from rabbitmq_amqp_python_client import (
 )
 
 from rabbitproxy.dev.cluster import DevCluster
+from rabbitproxy.protocols.amqp10 import Amqp10Reader
 from tests.support.cluster import backends_for
+from tests.support.net import tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -138,3 +140,41 @@ async def test_an_amqp_1_0_header_gets_the_brokers_own_answer(cluster40: DevClus
     async with run_proxy(svc) as proxy:
         through = await _first_answer(*listen_addr(proxy), header)
     assert through == direct
+
+
+async def test_the_identity_reader_reads_what_rabbitmqs_1_0_client_really_sends(cluster40: DevCluster) -> None:
+    # A relay that records the client's bytes on their way to the node: the reader gets the real thing, chunked as
+    # the socket delivered it, rather than frames written by hand from the spec.
+    node = cluster40.nodes[0]
+    recorded: list[bytes] = []
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", node.amqp_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bool) -> None:
+            while data := await src.read(65536):
+                if record:
+                    recorded.append(data)
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        try:
+            await asyncio.gather(pump(client_r, broker_w, True), pump(broker_r, client_w, False))
+        finally:
+            broker_w.close()
+
+    async with tcp_server(relay) as port:
+        queue = f"amqp10-reader-{uuid.uuid4().hex[:8]}"
+        got = await asyncio.to_thread(_round_trip, f"amqp://guest:guest@127.0.0.1:{port}/", queue)
+        assert len(got) == MESSAGES
+    reader = Amqp10Reader()
+    for data in recorded:
+        reader.client_data(data)
+    hs = reader.handshake
+    assert reader.gave_up is None and reader.done
+    assert (hs.protocol, hs.mechanism, hs.user) == ("1.0", "PLAIN", "guest")
+    # For the URI's default vhost this client sends the host it dialled, not "vhost:/": the broker then uses its
+    # default vhost, which the proxy cannot know, so the reader leaves vhost unset and keeps the hostname apart.
+    assert hs.vhost is None
+    assert hs.extra == {"hostname": "127.0.0.1"}
