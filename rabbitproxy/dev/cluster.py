@@ -300,8 +300,10 @@ class DevCluster:
             # the root's var/tmp; the host reaches them through the same paths as ever, via the root's path.
             tmp_dir = None if self._root is None else self._root / "var/tmp"
             self.base_dir = Path(tempfile.mkdtemp(prefix="rabbitproxy-devcluster-", dir=tmp_dir))
-        elif self._root is not None and not self.base_dir.resolve().is_relative_to(self._root):
-            raise ValueError(f"a {self.release} cluster's base_dir must be inside {self._root}, got {self.base_dir}")
+        elif self._root is not None:
+            self.base_dir = self.base_dir.resolve()
+            if not self.base_dir.is_relative_to(self._root):
+                raise ValueError(f"a {self.release} cluster needs its base_dir inside {self._root}: {self.base_dir}")
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._home = self.base_dir / "home"
         nodes.prepare_home(self._home)
