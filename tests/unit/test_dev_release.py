@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from rabbitproxy.cli import app
 from rabbitproxy.dev import ctl, nodes, rootfs
 from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.dev.nodes import Node
@@ -56,3 +58,9 @@ def test_unknown_release_is_refused_and_the_root_name_carries_the_recipe() -> No
     with pytest.raises(ValueError, match=r"release must be one of system, 4\.0"):
         DevCluster(1, release="3.13")
     assert rootfs.root_path("4.0").name == f"rabbitmq-4.0-trixie-root-{rootfs.RECIPE}"
+
+
+def test_demo_refuses_an_unknown_release_before_starting_anything() -> None:
+    result = CliRunner().invoke(app, ["demo", "--rabbitmq", "3.13"])
+    assert result.exit_code == 2
+    assert "--rabbitmq: '3.13' is not one of system, 4.0" in result.output
