@@ -338,16 +338,26 @@ def demo(
     listen: Annotated[str, typer.Option(help="Where the proxy listens.")] = "127.0.0.1:5673",
     admin_listen: Annotated[str, typer.Option(help="Admin API address.")] = "127.0.0.1:9080",
     loop: Annotated[str, typer.Option(help="Event loop: uvloop or asyncio.")] = "uvloop",
+    rabbitmq: Annotated[
+        str,
+        typer.Option(
+            help="RabbitMQ release: 'system' (this host's rabbitmq-server package) or '4.0' (Debian 13's, run from"
+            " a cached chroot that is built on first use; needs root and debootstrap)."
+        ),
+    ] = "system",
 ) -> None:
     """Start a local RabbitMQ cluster and a proxy in front of it; Ctrl-C stops both."""
     from rabbitproxy import config as config_mod
     from rabbitproxy import logs
     from rabbitproxy.app import serve as serve_main
     from rabbitproxy.config import ConfigError
-    from rabbitproxy.dev.cluster import DevCluster, RabbitMQNotInstalled
+    from rabbitproxy.dev.cluster import RELEASES, DevCluster, RabbitMQNotInstalled
 
+    if rabbitmq not in RELEASES:
+        typer.echo(f"--rabbitmq: {rabbitmq!r} is not one of {', '.join(RELEASES)}", err=True)
+        raise typer.Exit(2)
     logs.setup("info", "console")
-    cluster = DevCluster(nodes, log=lambda line: typer.echo(f"[cluster] {line}", err=True))
+    cluster = DevCluster(nodes, release=rabbitmq, log=lambda line: typer.echo(f"[cluster] {line}", err=True))
     try:
         cluster.start()
     except RabbitMQNotInstalled as exc:

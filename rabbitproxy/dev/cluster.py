@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from rabbitproxy.dev import ctl, nodes, processes, waits
+from rabbitproxy.dev import ctl, nodes, processes, rootfs, waits
 from rabbitproxy.dev.ctl import (
     INSTALL_HINT,
     RABBITMQ_BIN_DIR,
@@ -37,6 +37,7 @@ from rabbitproxy.dev.nodes import Node
 __all__ = [
     "INSTALL_HINT",
     "RABBITMQ_BIN_DIR",
+    "RELEASES",
     "DevCluster",
     "DevClusterError",
     "Node",
@@ -50,6 +51,9 @@ _LOG_TAIL_LINES = 40
 # 2-core machine: schema_integrity_check_failed) boots fine from a wiped data directory, so a few attempts
 # turn a rare crash into a short delay instead of a failed test session.
 _BOOT_ATTEMPTS = 3
+# "system": the host's rabbitmq-server package (3.10.8 on Debian 12). "4.0": Debian 13's 4.0.5 run from a cached
+# chroot (rabbitproxy.dev.rootfs), built on first use.
+RELEASES = ("system", "4.0")
 
 
 class DevCluster:
@@ -64,12 +68,22 @@ class DevCluster:
         extra_config: Sequence[str] = (),
         startup_timeout: float = 120.0,
         log: Callable[[str], None] | None = None,
+        release: str = "system",
+        stream: bool = False,
+        node_config: Callable[[Node], Sequence[str]] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one node, got size={size}")
+        if release not in RELEASES:
+            raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {release!r}")
         self.size = size
+        self.release = release
+        # The stream plugin and a stream listener per node (Node.stream_port).
+        self.stream = stream
         self.management = management
         self.extra_config = tuple(extra_config)
+        # rabbitmq.conf lines that differ per node (e.g. each node's stream.advertised_port), after extra_config.
+        self.node_config = node_config
         self.startup_timeout = startup_timeout
         self.nodes: list[Node] = []
         self.base_dir: Path | None = base_dir
@@ -77,6 +91,8 @@ class DevCluster:
         self._log: Callable[[str], None] = log or (lambda _line: None)
         self._procs: dict[str, NodeProcess] = {}
         self._home = Path()
+        # The chroot the nodes and their CLI run in; None for the host's own RabbitMQ.
+        self._root: Path | None = None
         # Set by stop(), under the lock _spawn() holds: a boot thread that outlived a failed start() must not
         # start a node after stop() has killed the others.
         self._stopped = False
@@ -92,8 +108,16 @@ class DevCluster:
         """
         if self.nodes:
             raise RuntimeError("DevCluster.start() may only be called once")
-        if not rabbitmq_installed(RABBITMQ_BIN_DIR):
-            raise RabbitMQNotInstalled(f"RabbitMQ was not found in {RABBITMQ_BIN_DIR}; install it with: {INSTALL_HINT}")
+        if self.release == "system":
+            if not rabbitmq_installed(RABBITMQ_BIN_DIR):
+                raise RabbitMQNotInstalled(
+                    f"RabbitMQ was not found in {RABBITMQ_BIN_DIR}; install it with: {INSTALL_HINT}"
+                )
+        else:
+            try:
+                self._root = rootfs.ensure_root(self.release, log=self._log)
+            except rootfs.RootfsError as exc:
+                raise RabbitMQNotInstalled(f"RabbitMQ {self.release} is not available: {exc}") from exc
         ctl.check_localhost()
         began = time.monotonic()
         self._prepare()
@@ -197,7 +221,7 @@ class DevCluster:
         Raises RabbitMQCtlError (a CalledProcessError carrying stderr) on a non-zero exit and
         subprocess.TimeoutExpired when it takes longer than ``timeout`` seconds.
         """
-        return ctl.rabbitmqctl(RABBITMQ_BIN_DIR, self._home, self._node(node), *args, timeout=timeout)
+        return ctl.rabbitmqctl(RABBITMQ_BIN_DIR, self._home, self._node(node), *args, timeout=timeout, root=self._root)
 
     def drain(self, node: Node, timeout: float = 120) -> None:
         """Put the node in maintenance mode (``rabbitmq-upgrade drain``).
@@ -206,13 +230,25 @@ class DevCluster:
         and its peers still report it running. Undo with :meth:`revive`.
         """
         ctl.rabbitmqctl(
-            RABBITMQ_BIN_DIR, self._home, self._node(node), "drain", timeout=timeout, tool="rabbitmq-upgrade"
+            RABBITMQ_BIN_DIR,
+            self._home,
+            self._node(node),
+            "drain",
+            timeout=timeout,
+            tool="rabbitmq-upgrade",
+            root=self._root,
         )
 
     def revive(self, node: Node, timeout: float = 120) -> None:
         """Take the node out of maintenance mode (``rabbitmq-upgrade revive``): its listeners open again."""
         ctl.rabbitmqctl(
-            RABBITMQ_BIN_DIR, self._home, self._node(node), "revive", timeout=timeout, tool="rabbitmq-upgrade"
+            RABBITMQ_BIN_DIR,
+            self._home,
+            self._node(node),
+            "revive",
+            timeout=timeout,
+            tool="rabbitmq-upgrade",
+            root=self._root,
         )
 
     def list_connections(self, *fields: str) -> list[dict[str, str]]:
@@ -260,11 +296,18 @@ class DevCluster:
 
     def _prepare(self) -> None:
         if self.base_dir is None:
-            self.base_dir = Path(tempfile.mkdtemp(prefix="rabbitproxy-devcluster-"))
+            # A chrooted node sees only its root, so the node directories (config, data, logs) live inside it, in
+            # the root's var/tmp; the host reaches them through the same paths as ever, via the root's path.
+            tmp_dir = None if self._root is None else self._root / "var/tmp"
+            self.base_dir = Path(tempfile.mkdtemp(prefix="rabbitproxy-devcluster-", dir=tmp_dir))
+        elif self._root is not None:
+            self.base_dir = self.base_dir.resolve()
+            if not self.base_dir.is_relative_to(self._root):
+                raise ValueError(f"a {self.release} cluster needs its base_dir inside {self._root}: {self.base_dir}")
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._home = self.base_dir / "home"
         nodes.prepare_home(self._home)
-        self.nodes.extend(nodes.make_nodes(self.base_dir, self.size, management=self.management))
+        self.nodes.extend(nodes.make_nodes(self.base_dir, self.size, management=self.management, stream=self.stream))
         first = self.nodes[0]
         for node in self.nodes:
             self._write_config(node, peer=None if node is first else first)
@@ -274,7 +317,7 @@ class DevCluster:
             node,
             peer,
             management=self.management,
-            extra_config=self.extra_config,
+            extra_config=(*self.extra_config, *(self.node_config(node) if self.node_config else ())),
             startup_timeout=self.startup_timeout,
         )
         node.config_file.write_text("".join(f"{line}\n" for line in lines))
@@ -284,7 +327,7 @@ class DevCluster:
             if self._stopped:
                 raise DevClusterError(f"not starting {node.name}: the cluster was stopped")
             running = self._procs.setdefault(node.name, NodeProcess(node))
-            running.spawn(RABBITMQ_BIN_DIR / "rabbitmq-server", self._home)
+            running.spawn(ctl.command(RABBITMQ_BIN_DIR, "rabbitmq-server", self._root), self._home, self._root)
 
     def _bring_up(self, nodes: Sequence[Node], peer: Node | None, members: int, watch: Sequence[Node] = ()) -> None:
         """Boot ``nodes`` in parallel into ``peer``'s cluster (None: form one) and wait for the members.

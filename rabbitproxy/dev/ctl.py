@@ -37,16 +37,38 @@ def rabbitmq_installed(bin_dir: Path = RABBITMQ_BIN_DIR) -> bool:
     return all(os.access(bin_dir / tool, os.X_OK) for tool in ("rabbitmq-server", "rabbitmqctl"))
 
 
+def command(bin_dir: Path, tool: str, root: Path | None = None) -> list[str]:
+    """The argv prefix that runs RabbitMQ's ``tool`` from ``bin_dir``, inside ``root`` when one is given.
+
+    A 4.x node runs from a chrooted Debian root (:mod:`rabbitproxy.dev.rootfs`); its CLI must run there too, with
+    the same Erlang release and the same HOME (and so the same cookie) as the nodes.
+    """
+    if root is None:
+        return [str(bin_dir / tool)]
+    # RabbitMQ reads /proc (its memory monitor: /proc/<pid>/smaps_rollup, /proc/meminfo) and fails to boot without
+    # it. /proc is mounted in a mount namespace of the command's own, so the mount goes away with the command and
+    # nothing is left mounted in the cached root; unshare and sh exec, so the pid is still that of the tool.
+    script = 'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(root), str(bin_dir / tool)]
+
+
 def rabbitmqctl(
-    bin_dir: Path, home: Path, node: Node, *args: str, timeout: float = 60, tool: str = "rabbitmqctl"
+    bin_dir: Path,
+    home: Path,
+    node: Node,
+    *args: str,
+    timeout: float = 60,
+    tool: str = "rabbitmqctl",
+    root: Path | None = None,
 ) -> str:
     """Run ``rabbitmqctl -n <node> args...`` (or another CLI ``tool``, e.g. rabbitmq-upgrade) and return its stdout.
 
     Raises RabbitMQCtlError (a CalledProcessError carrying stderr) on a non-zero exit and
     subprocess.TimeoutExpired when it takes longer than ``timeout`` seconds.
     """
-    argv = [str(bin_dir / tool), "-n", node.name, *args]
-    done = subprocess.run(argv, env=nodes.ctl_env(home), capture_output=True, text=True, timeout=timeout, check=False)
+    argv = [*command(bin_dir, tool, root), "-n", node.name, *args]
+    env = nodes.ctl_env(home, root)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RabbitMQCtlError(done.returncode, argv, done.stdout, done.stderr)
     return done.stdout

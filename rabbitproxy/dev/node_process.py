@@ -33,16 +33,20 @@ class NodeProcess:
         # Killed or stopped on purpose: its exit is not a startup failure.
         self.down = False
 
-    def spawn(self, server: Path, home: Path) -> None:
-        """Start ``rabbitmq-server`` for this node, its output appended to the node's stdout file."""
+    def spawn(self, argv: list[str], home: Path, root: Path | None = None) -> None:
+        """Start ``rabbitmq-server`` (``argv``) for this node, its output appended to the node's stdout file.
+
+        With a ``root`` the node runs chrooted there (``argv`` starts with ``chroot``): its paths are given as seen
+        from inside, its working directory is the root's /.
+        """
         node = self.node
         # A pid file left by the previous run would make the boot wait ask the CLI too early.
         node.pid_file.unlink(missing_ok=True)
         with node.stdout_file.open("ab") as out:
             self.down = False
             self.proc = subprocess.Popen(
-                [str(server)],
-                env=nodes.node_env(node, home),
+                argv,
+                env=nodes.node_env(node, home, root),
                 cwd=node.dir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -21,6 +21,8 @@ class Node:
     dist_port: int
     index: int = 0
     dir: Path = Path()
+    # The stream protocol listener (rabbitmq_stream, 4.x clusters started with streams on); 0 when off.
+    stream_port: int = 0
 
     @property
     def config_file(self) -> Path:
@@ -55,13 +57,14 @@ def prepare_home(home: Path) -> None:
             f.write(secrets.token_hex(20).upper())
 
 
-def make_nodes(base_dir: Path, size: int, *, management: bool) -> list[Node]:
+def make_nodes(base_dir: Path, size: int, *, management: bool, stream: bool = False) -> list[Node]:
     """``size`` nodes with fresh names and free ports, each with its directories and plugin file made."""
     token = secrets.token_hex(3)
-    ports = free_ports(3 * size)
+    per_node = 4 if stream else 3
+    ports = free_ports(per_node * size)
     nodes: list[Node] = []
     for i in range(size):
-        amqp, management_port, dist = ports[3 * i : 3 * i + 3]
+        amqp, management_port, dist, *rest = ports[per_node * i : per_node * (i + 1)]
         short = f"rp{i + 1}-{token}"
         node = Node(
             name=f"{short}@localhost",
@@ -70,11 +73,12 @@ def make_nodes(base_dir: Path, size: int, *, management: bool) -> list[Node]:
             dist_port=dist,
             index=i + 1,
             dir=base_dir / short,
+            stream_port=rest[0] if rest else 0,
         )
         node.log_dir.mkdir(parents=True, exist_ok=True)
         (node.dir / "mnesia").mkdir(exist_ok=True)
-        plugins = "[rabbitmq_management]." if management else "[]."
-        (node.dir / "enabled_plugins").write_text(plugins + "\n")
+        plugins = [name for name, on in (("rabbitmq_management", management), ("rabbitmq_stream", stream)) if on]
+        (node.dir / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         nodes.append(node)
     return nodes
 
@@ -100,6 +104,8 @@ def config_lines(
     if management:
         settings["management.tcp.port"] = str(node.management_port)
         settings["management.tcp.ip"] = "127.0.0.1"
+    if node.stream_port:
+        settings["stream.listeners.tcp.1"] = f"127.0.0.1:{node.stream_port}"
     if peer is not None:
         # A node with empty data finds the cluster through classic peer discovery on its first boot, so
         # nobody has to be stopped and rejoined later: nodes 2..N join node 1, a node rebooted from wiped
@@ -122,18 +128,23 @@ def config_lines(
     return [f"{key} = {value}" for key, value in settings.items()] + extra
 
 
-def node_env(node: Node, home: Path) -> dict[str, str]:
-    """Environment of the rabbitmq-server wrapper that runs ``node``."""
-    env = ctl_env(home)
+def inside(root: Path | None, path: Path) -> str:
+    """``path`` (on the host) as a process chrooted to ``root`` sees it; unchanged without a root."""
+    return str(path) if root is None else f"/{path.relative_to(root)}"
+
+
+def node_env(node: Node, home: Path, root: Path | None = None) -> dict[str, str]:
+    """Environment of the rabbitmq-server wrapper that runs ``node`` (chrooted to ``root`` when given)."""
+    env = ctl_env(home, root)
     env.update(
         RABBITMQ_NODENAME=node.name,
-        RABBITMQ_CONFIG_FILE=str(node.config_file),
-        RABBITMQ_ADVANCED_CONFIG_FILE=str(node.dir / "advanced.config"),
+        RABBITMQ_CONFIG_FILE=inside(root, node.config_file),
+        RABBITMQ_ADVANCED_CONFIG_FILE=inside(root, node.dir / "advanced.config"),
         RABBITMQ_DIST_PORT=str(node.dist_port),
-        RABBITMQ_MNESIA_BASE=str(node.dir / "mnesia"),
-        RABBITMQ_LOG_BASE=str(node.log_dir),
-        RABBITMQ_ENABLED_PLUGINS_FILE=str(node.dir / "enabled_plugins"),
-        RABBITMQ_PID_FILE=str(node.pid_file),
+        RABBITMQ_MNESIA_BASE=inside(root, node.dir / "mnesia"),
+        RABBITMQ_LOG_BASE=inside(root, node.log_dir),
+        RABBITMQ_ENABLED_PLUGINS_FILE=inside(root, node.dir / "enabled_plugins"),
+        RABBITMQ_PID_FILE=inside(root, node.pid_file),
         # Keep inter-node traffic on loopback like the other listeners.
         RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         # Nobody reads the crash dump of a throwaway node, and writing one delays the exit of a failed boot,
@@ -143,17 +154,20 @@ def node_env(node: Node, home: Path) -> dict[str, str]:
     return env
 
 
-def ctl_env(home: Path) -> dict[str, str]:
-    """Environment of rabbitmqctl runs, with the cluster's own HOME (and so its Erlang cookie)."""
+def ctl_env(home: Path, root: Path | None = None) -> dict[str, str]:
+    """Environment of rabbitmqctl runs, with the cluster's own HOME (and so its Erlang cookie).
+
+    With a ``root`` (a 4.x cluster run from a chroot) the paths are those the chrooted process sees.
+    """
     # Inherited RABBITMQ_* settings (a developer's shell, the system service) must not leak in.
     env = {key: value for key, value in os.environ.items() if not key.startswith("RABBITMQ_")}
     env.update(
-        HOME=str(home),
+        HOME=inside(root, home),
         LC_ALL="C.UTF-8",
         RABBITMQ_USE_LONGNAME="false",
         # An empty env file instead of /etc/rabbitmq/rabbitmq-env.conf, which belongs to the system
         # broker.
-        RABBITMQ_CONF_ENV_FILE=str(home / "rabbitmq-env.conf"),
+        RABBITMQ_CONF_ENV_FILE=inside(root, home / "rabbitmq-env.conf"),
         # By default every CLI run claims a port in 35672-35682; concurrent runs across clusters and
         # test workers would exhaust that range. 0..0 lets the kernel pick any free port.
         RABBITMQ_CTL_DIST_PORT_MIN="0",

@@ -25,11 +25,11 @@ async def broker_lists(cluster: DevCluster, amqp_port: int, peer_ports: set[str]
 
 
 @pytest.mark.asyncio
-async def test_drain_a_node_for_maintenance_then_bring_it_back(cluster: DevCluster) -> None:
+async def test_drain_a_node_for_maintenance_then_bring_it_back(broker: DevCluster) -> None:
     admin_port = free_port()
     url = f"http://127.0.0.1:{admin_port}"
     async with (
-        run_proxy(service_config(backends_for(cluster)), admin={"listen": f"127.0.0.1:{admin_port}"}) as proxy,
+        run_proxy(service_config(backends_for(broker)), admin={"listen": f"127.0.0.1:{admin_port}"}) as proxy,
         aiohttp.ClientSession() as http,
     ):
         host, port = listen_addr(proxy)
@@ -62,7 +62,7 @@ async def test_drain_a_node_for_maintenance_then_bring_it_back(cluster: DevClust
         }
         assert len(legs) == 2
         await wait_for(
-            lambda: broker_lists(cluster, cluster.nodes[0].amqp_port, legs), timeout=30, what="rabbit1 listing both"
+            lambda: broker_lists(broker, broker.nodes[0].amqp_port, legs), timeout=30, what="rabbit1 listing both"
         )
 
         # 2. Watch it empty: the clients on rabbit1 leave by themselves.

@@ -1,4 +1,4 @@
-"""AMQP clients through rabbitproxy in front of the real 3-node cluster."""
+"""AMQP clients through rabbitproxy in front of the real 3-node cluster (the data path on 3.10 and 4.0: ``broker``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,24 @@ import os
 import aio_pika
 import pytest
 
+from rabbitproxy.config import RabbitMQConfig
+from rabbitproxy.control.management import ManagementAPI, session_for
 from rabbitproxy.dev.cluster import DevCluster
 from tests.support.cluster import backends_for
 from tests.support.net import dead_port
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
+
+
+async def _broker_version(cluster: DevCluster) -> str:
+    """The release the cluster's first node reports through its management API (3.10.x or 4.0.x)."""
+    async with session_for(RabbitMQConfig()) as session:
+        api = ManagementAPI(session, cluster.management_url(cluster.nodes[0]), timeout=10.0)
+        version = (await api.overview()).version
+    assert version is not None
+    expected_line = "4.0." if cluster.release == "4.0" else "3."
+    assert version.startswith(expected_line), version
+    return version
 
 
 def url(addr: tuple[str, int]) -> str:
@@ -26,8 +39,8 @@ async def counts(cluster: DevCluster) -> list[int]:
 
 
 @pytest.mark.asyncio
-async def test_ten_thousand_messages_arrive_complete_and_in_order(cluster: DevCluster) -> None:
-    async with run_proxy(service_config(backends_for(cluster))) as p:
+async def test_ten_thousand_messages_arrive_complete_and_in_order(broker: DevCluster) -> None:
+    async with run_proxy(service_config(backends_for(broker))) as p:
         publisher = await aio_pika.connect(url(listen_addr(p)), timeout=30)
         consumer = await aio_pika.connect(url(listen_addr(p)), timeout=30)
         try:
@@ -70,9 +83,7 @@ async def test_weights_one_two_three_split_sixty_connections_ten_twenty_thirty(c
         try:
             for _ in range(60):
                 conns.append(await aio_pika.connect(url(listen_addr(p)), timeout=30))
-            await wait_for(
-                lambda: _counts_are(cluster, [10, 20, 30]), timeout=60, what="broker-side counts 10/20/30"
-            )
+            await wait_for(lambda: _counts_are(cluster, [10, 20, 30]), timeout=60, what="broker-side counts 10/20/30")
         finally:
             await asyncio.gather(*(c.close() for c in conns))
 
@@ -122,14 +133,17 @@ async def test_64_mib_message_survives_byte_for_byte(cluster: DevCluster) -> Non
 
 
 @pytest.mark.asyncio
-async def test_first_client_after_start_is_served_when_checks_are_on(cluster: DevCluster) -> None:
+async def test_first_client_after_start_is_served_when_checks_are_on(broker: DevCluster) -> None:
     # Backends take clients only after a successful check; the proxy starts serving once the first checks have
     # answered, so a client that arrives the moment the proxy is up is not turned away.
-    svc = service_config(backends_for(cluster), health_check={"type": "amqp", "interval": 5.0, "timeout": 2.0})
+    svc = service_config(backends_for(broker), health_check={"type": "amqp", "interval": 5.0, "timeout": 2.0})
     async with run_proxy(svc) as p:
         conn = await aio_pika.connect(url(listen_addr(p)), timeout=30)
         try:
             assert [b.status for b in p.services["amqp"].pool.backends] == ["up", "up", "up"]
             assert p.services["amqp"].ended == {}
+            # The check speaks 0-9-1 to every release and names the version the broker announced.
+            version = await _broker_version(broker)
+            assert [b.health_detail for b in p.services["amqp"].pool.backends] == [f"RabbitMQ {version}"] * 3
         finally:
             await conn.close()

@@ -91,11 +91,11 @@ async def _connect(proxy: Supervisor) -> tuple[aio_pika.abc.AbstractConnection, 
 
 
 @pytest.mark.asyncio
-async def test_a_memory_alarm_takes_new_connections_elsewhere_and_keeps_existing_ones(cluster: DevCluster) -> None:
-    target_node = cluster.nodes[1]
+async def test_a_memory_alarm_takes_new_connections_elsewhere_and_keeps_existing_ones(broker: DevCluster) -> None:
+    target_node = broker.nodes[1]
     conns: list[aio_pika.abc.AbstractConnection] = []
-    async with _proxy(cluster, rabbitmq={"alarm_weight": 0}) as (proxy, _, http):
-        await _all_known(http, cluster)
+    async with _proxy(broker, rabbitmq={"alarm_weight": 0}) as (proxy, _, http):
+        await _all_known(http, broker)
         # Round robin over three equal weights: three connections, one on each node.
         first = [await _connect(proxy) for _ in range(3)]
         conns += [c for c, _ in first]
@@ -104,7 +104,7 @@ async def test_a_memory_alarm_takes_new_connections_elsewhere_and_keeps_existing
         assert on_target.active == 1
         existing = next(iter(on_target.connections))
         try:
-            await asyncio.to_thread(cluster.rabbitmqctl, target_node, "set_vm_memory_high_watermark", "0.0000001")
+            await asyncio.to_thread(broker.rabbitmqctl, target_node, "set_vm_memory_high_watermark", "0.0000001")
 
             async def alarmed() -> bool:
                 r = (await _backends(http))["rabbit2"]
@@ -131,7 +131,7 @@ async def test_a_memory_alarm_takes_new_connections_elsewhere_and_keeps_existing
             channel = await client_on_target.channel()
             await channel.close()
         finally:
-            await asyncio.to_thread(cluster.rabbitmqctl, target_node, "set_vm_memory_high_watermark", "0.4")
+            await asyncio.to_thread(broker.rabbitmqctl, target_node, "set_vm_memory_high_watermark", "0.4")
 
         async def cleared() -> bool:
             r = (await _backends(http))["rabbit2"]
@@ -145,14 +145,14 @@ async def test_a_memory_alarm_takes_new_connections_elsewhere_and_keeps_existing
 
 
 @pytest.mark.asyncio
-async def test_drain_is_maintenance_and_revive_comes_back_through_slow_start(cluster: DevCluster) -> None:
-    target_node = cluster.nodes[2]
+async def test_drain_is_maintenance_and_revive_comes_back_through_slow_start(broker: DevCluster) -> None:
+    target_node = broker.nodes[2]
     conns: list[aio_pika.abc.AbstractConnection] = []
-    async with _proxy(cluster, slow_start=20.0) as (proxy, _, http):
-        await _all_known(http, cluster)
+    async with _proxy(broker, slow_start=20.0) as (proxy, _, http):
+        await _all_known(http, broker)
         drained = False
         try:
-            await asyncio.to_thread(cluster.drain, target_node)
+            await asyncio.to_thread(broker.drain, target_node)
             drained = True
 
             async def in_maintenance() -> bool:
@@ -180,7 +180,7 @@ async def test_drain_is_maintenance_and_revive_comes_back_through_slow_start(clu
             assert (await _backends(http))["rabbit3"]["status"] == "maintenance"
         finally:
             if drained:
-                await asyncio.to_thread(cluster.revive, target_node)
+                await asyncio.to_thread(broker.revive, target_node)
 
         # Back: the weight starts low and rises under slow start.
         seen: list[int] = []

@@ -46,11 +46,11 @@ class Publisher:
 
 
 @pytest.mark.asyncio
-async def test_reload_under_traffic_loses_no_connection_and_no_message(cluster: DevCluster, tmp_path: Path) -> None:
+async def test_reload_under_traffic_loses_no_connection_and_no_message(broker: DevCluster, tmp_path: Path) -> None:
     admin_port = free_port()
     admin = f"http://127.0.0.1:{admin_port}"
     amqp_port, spare_port, spare_port2, extra_port = (free_port() for _ in range(4))
-    nodes = backends_for(cluster)
+    nodes = backends_for(broker)
 
     def service(name: str, port: int, backends: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return service_config(backends, name=name, listen=f"127.0.0.1:{port}", shutdown_timeout=60.0, **extra)
