@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from rabbitproxy.addresses import DEFAULT_ADMIN_LISTEN, DEFAULT_CONFIG_FILE, format_host_port, split_host_port
-
-# Not typing.TYPE_CHECKING: typing is not free to import either, and mypy honours the bare name.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    import http.client
-    from types import ModuleType
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -171,56 +164,96 @@ def admin_url(value: str | None, env: Mapping[str, str], config_listen: str | No
     return f"{parts.scheme}://{netloc}{path}"
 
 
-def _http_client(tls: bool) -> ModuleType:
-    """``http.client``, imported without ``ssl`` when nothing here needs TLS.
+class _NotHTTP(Exception):  # noqa: N818 - an answer, not an error of ours
+    """The peer answered with something that is not an HTTP response."""
 
-    http.client imports ssl only to define HTTPSConnection, and loading OpenSSL is the largest single cost of a
-    plain ``http://`` probe (about a fifth of its CPU on the bench machine). So when neither module is loaded yet
-    and the URL is ``http://``, ssl is hidden for the length of that import (``None`` in ``sys.modules`` makes
-    ``import ssl`` fail, which http.client handles). Should the same process later want ``https://`` (only a test
-    would), http.client is loaded again with ssl.
+
+def _get_plain(host: str, port: int, path: str, timeout: float) -> tuple[int, bytes]:
+    """``GET path`` over plain HTTP/1.1 with ``Connection: close``; the status and at most MAX_BODY bytes of body.
+
+    A hand-written request rather than http.client: that module imports the email package to parse headers, which
+    was the largest part of a probe's CPU (keepalived runs the probe every second). The admin API is ours and
+    answers a small JSON body, so reading to the end of the stream and finding the status line is all it takes.
     """
-    if not tls and "http.client" not in sys.modules and "ssl" not in sys.modules:
-        sys.modules["ssl"] = None  # type: ignore[assignment]
+    import socket
+
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(request.encode("ascii"))
+        chunks: list[bytes] = []
+        size = 0
+        # Headers plus the body, bounded: a peer that streams forever is cut off, not buffered.
+        while size < MAX_BODY + 16384:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    raw = b"".join(chunks)
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    status_line, _, header_block = head.partition(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise _NotHTTP(f"status line {status_line[:40].decode('ascii', 'replace')!r}")
+    if b"transfer-encoding: chunked" in header_block.lower():
+        body = _dechunk(body)
+    return int(parts[1]), body[:MAX_BODY]
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The payload of a chunked body (aiohttp answers with Content-Length, but a proxy in between might not)."""
+    out = bytearray()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
         try:
-            import http.client
-        finally:
-            del sys.modules["ssl"]
-        return http.client
-    import http.client
-
-    if tls and not hasattr(http.client, "HTTPSConnection"):
-        import importlib
-
-        return importlib.reload(http.client)
-    return http.client
+            size = int(size_line.split(b";", 1)[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2 :]
+    return bytes(out)
 
 
 def check(url: str, timeout: float) -> HealthResult:
     """GET ``url``: healthy only on HTTP 200 with a JSON body whose ``status`` is ``"ok"``."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    client = _http_client(parts.scheme == "https")
-    conn: http.client.HTTPConnection = (client.HTTPSConnection if parts.scheme == "https" else client.HTTPConnection)(
-        host, parts.port, timeout=timeout
-    )
+    path = parts.path or HEALTHZ_PATH
     try:
-        conn.request("GET", parts.path or HEALTHZ_PATH, headers={"Accept": "application/json"})
-        resp = conn.getresponse()
-        body = resp.read(MAX_BODY)
-    except client.HTTPException as exc:
-        return HealthResult(False, f"{url}: not an HTTP answer ({type(exc).__name__} {str(exc).strip()!r})")
+        if parts.scheme == "https":
+            status, body = _get_tls(host, parts.port, path, timeout)
+        else:
+            status, body = _get_plain(host, parts.port or 80, path, timeout)
+    except _NotHTTP as exc:
+        return HealthResult(False, f"{url}: not an HTTP answer ({exc})")
     except OSError as exc:
         # A timeout is an OSError too; say how long we waited, which "timed out" alone does not.
         reason = f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
         return HealthResult(False, f"{url}: {reason}")
+    shown_status = _status_of(body)
+    if status == 200 and shown_status == "ok":
+        return HealthResult(True, f"{url}: ok")
+    shown = shown_status
+    if shown is None:
+        shown = body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+    return HealthResult(False, f"{url}: HTTP {status}, status {shown}")
+
+
+def _get_tls(host: str, port: int | None, path: str, timeout: float) -> tuple[int, bytes]:
+    """The same request over https, through http.client (TLS needs ssl anyway, so its import cost is moot)."""
+    import http.client
+
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read(MAX_BODY)
+    except http.client.HTTPException as exc:
+        raise _NotHTTP(f"{type(exc).__name__} {str(exc).strip()!r}") from None
     finally:
         conn.close()
-    status = _status_of(body)
-    if resp.status == 200 and status == "ok":
-        return HealthResult(True, f"{url}: ok")
-    shown = status if status is not None else body[:200].decode("utf-8", "replace").strip() or "(empty body)"
-    return HealthResult(False, f"{url}: HTTP {resp.status}, status {shown}")
 
 
 def _status_of(body: bytes) -> str | None:

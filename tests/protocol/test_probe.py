@@ -85,7 +85,7 @@ def _response(status: str, body: bytes) -> bytes:
         (_response("200 OK", b"ok"), False, "HTTP 200, status ok"),
         (_response("200 OK", b'["ok"]'), False, 'HTTP 200, status ["ok"]'),
         (_response("200 OK", b""), False, "HTTP 200, status (empty body)"),
-        (b"garbage\r\n\r\n", False, "not an HTTP answer (BadStatusLine 'garbage')"),
+        (b"garbage\r\n\r\n", False, "not an HTTP answer (status line 'garbage')"),
     ],
 )
 async def test_only_200_with_status_ok_is_healthy(raw: bytes, healthy: bool, detail: str) -> None:
