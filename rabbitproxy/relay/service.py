@@ -13,12 +13,15 @@ from typing import Any
 import structlog
 
 from rabbitproxy import logs
-from rabbitproxy.balancing.pool import Backend, Pool
+from rabbitproxy.balancing.backend import Backend
+from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.protocols.proxy_header import source_trusted
+from rabbitproxy.relay.connecting import ConnectingLeg
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.keepalive import set_keepalive
+from rabbitproxy.relay.leg_state import LegState
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.listeners import bind_listener
 from rabbitproxy.relay.tls import ServiceTLS
@@ -77,10 +80,10 @@ class Service:
         # loop costs a getpid() system call on Python 3.11, several times per connection; and the connect, hello
         # and close deadlines, one timer each for all connections (rabbitproxy.relay.deadlines).
         self.loop: asyncio.AbstractEventLoop
-        self.connect_deadlines: Deadlines[ClientLeg]
-        self.hello_deadlines: Deadlines[ClientLeg]
-        self.header_deadlines: Deadlines[ClientLeg]
-        self.close_deadlines: Deadlines[ClientLeg]
+        self.connect_deadlines: Deadlines[ConnectingLeg]
+        self.hello_deadlines: Deadlines[LegState]
+        self.header_deadlines: Deadlines[LegState]
+        self.close_deadlines: Deadlines[LegState]
         self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -115,10 +118,10 @@ class Service:
         # through the module's lazy proxy re-resolved structlog's configuration (and built a new output
         # logger) for every event.
         self.conn_log = log.bind(service=self.name)
-        self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ClientLeg.connect_timed_out)
-        self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, ClientLeg.hello_expired)
-        self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, ClientLeg.header_expired)
-        self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, ClientLeg.close_expired)
+        self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ConnectingLeg.connect_timed_out)
+        self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, LegState.hello_expired)
+        self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, LegState.header_expired)
+        self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, LegState.close_expired)
 
     async def open_server(
         self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool
@@ -276,11 +279,11 @@ class Service:
 
     # -- events from the data path -------------------------------------------------------------------------------
 
-    def connect_started(self, conn: ClientLeg, task: asyncio.Task[Any]) -> None:
+    def connect_started(self, conn: ConnectingLeg, task: asyncio.Task[Any]) -> None:
         self.connects.add(task)
         self.connect_deadlines.add(conn)
 
-    def connect_ended(self, conn: ClientLeg, task: asyncio.Task[Any]) -> None:
+    def connect_ended(self, conn: ConnectingLeg, task: asyncio.Task[Any]) -> None:
         self.connects.discard(task)
         self.connect_deadlines.discard(conn)
 
@@ -320,7 +323,7 @@ class Service:
             "PROXY header from a source not in proxy_protocol_from, connection closed", service=self.name, client=client
         )
 
-    def handshake_finished(self, conn: ClientLeg, gave_up: str | None) -> None:
+    def handshake_finished(self, conn: LegState, gave_up: str | None) -> None:
         """A connection's handshake reader is done: count the outcome, start the heartbeat watch, warn."""
         hs = conn.handshake
         if hs is None:
@@ -368,7 +371,7 @@ class Service:
                 text=hs.close_text,
             )
 
-    def connection_closed(self, conn: ClientLeg) -> None:
+    def connection_closed(self, conn: LegState) -> None:
         self.connections.discard(conn)
         if self._empty is not None and not self.connections:
             self._empty.set()

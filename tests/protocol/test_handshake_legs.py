@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.amqp import PROTOCOL_HEADER
-from rabbitproxy.relay import legs as legs_mod
+from rabbitproxy.relay import leg_state
 from rabbitproxy.relay import service as service_mod
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
@@ -191,7 +191,7 @@ async def test_vhost_labels_are_capped_with_an_other_bucket() -> None:
 @pytest.mark.asyncio
 async def test_auto_waits_for_the_heartbeat_then_closes_a_silent_client(monkeypatch: pytest.MonkeyPatch) -> None:
     # 2.5 x 1 s would do too; a smaller factor keeps the test short, the logic is the same.
-    monkeypatch.setattr(legs_mod, "HEARTBEAT_FACTOR", 0.1)
+    monkeypatch.setattr(leg_state, "HEARTBEAT_FACTOR", 0.1)
     _svc, client, _ct, leg, bt = make_pair()
     assert client.idle_handle is None, "no idle timeout before the heartbeat is known"
     converse(client, leg, client_steps(heartbeat=1), server_steps())
@@ -217,7 +217,7 @@ async def test_auto_waits_for_the_heartbeat_then_closes_a_silent_client(monkeypa
 @pytest.mark.asyncio
 async def test_a_heartbeating_client_is_not_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     # A 1-second watch, a beat every 50 ms for 2.5 s: a busy machine may delay a beat, never by 20 of them.
-    monkeypatch.setattr(legs_mod, "HEARTBEAT_FACTOR", 1.0)
+    monkeypatch.setattr(leg_state, "HEARTBEAT_FACTOR", 1.0)
     _svc, client, ct, leg, _bt = make_pair()
     converse(client, leg, client_steps(heartbeat=1), server_steps())
     loop = asyncio.get_running_loop()
@@ -230,7 +230,7 @@ async def test_a_heartbeating_client_is_not_closed(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.asyncio
 async def test_the_broker_giving_up_first_still_reports_the_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(legs_mod, "HEARTBEAT_FACTOR", 0.1)
+    monkeypatch.setattr(leg_state, "HEARTBEAT_FACTOR", 0.1)
     _svc, client, ct, leg, _bt = make_pair()
     converse(client, leg, client_steps(heartbeat=1), server_steps())
     # RabbitMQ closes a client silent for 2 to 3 heartbeats; our half to the frozen client is what is left.
@@ -259,7 +259,7 @@ async def test_auto_with_heartbeat_0_watches_nothing() -> None:
 
 
 def test_connection_ids_are_unique() -> None:
-    assert len({legs_mod._ids.__next__() for _ in range(3)}) == 3
+    assert len({leg_state._ids.__next__() for _ in range(3)}) == 3
 
 
 @pytest.mark.asyncio
