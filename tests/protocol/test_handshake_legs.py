@@ -15,8 +15,7 @@ from structlog.testing import capture_logs
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.amqp import PROTOCOL_HEADER
-from rabbitproxy.relay import leg_state
-from rabbitproxy.relay import service as service_mod
+from rabbitproxy.relay import leg_state, outcomes
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
 from tests.support.waiting import wait_for
@@ -179,12 +178,12 @@ async def test_external_user_is_the_client_certificate_subject() -> None:
 async def test_vhost_labels_are_capped_with_an_other_bucket() -> None:
     svc = FakeService()
     pairs = []
-    for i in range(service_mod.MAX_VHOST_LABELS + 5):
+    for i in range(outcomes.MAX_VHOST_LABELS + 5):
         pair = make_pair(svc)
         converse(pair[1], pair[3], client_steps(vhost=f"tenant-{i}"), server_steps())
         pairs.append(pair)
-    assert len(svc.vhost_open) == service_mod.MAX_VHOST_LABELS + 1
-    assert svc.vhost_open[service_mod.OTHER_VHOST] == 5
+    assert len(svc.vhost_open) == outcomes.MAX_VHOST_LABELS + 1
+    assert svc.vhost_open[outcomes.OTHER_VHOST] == 5
     assert svc.vhost_open["tenant-0"] == 1
 
 
