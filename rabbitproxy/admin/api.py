@@ -31,8 +31,9 @@ from prometheus_client import CollectorRegistry
 from rabbitproxy.admin import connections
 from rabbitproxy.admin.metrics import registry_for, render
 from rabbitproxy.admin.readiness import health_status
-from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, Connection, NodeView
+from rabbitproxy.balancing.backend import ADMIN_STATES, AdminState, Backend
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.balancing.views import Connection, NodeView
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
 from rabbitproxy.control.close_one import close_connection
 from rabbitproxy.control.supervisor import ReloadRefusedError

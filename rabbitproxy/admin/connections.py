@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
-from rabbitproxy.balancing.pool import Connection
+from rabbitproxy.balancing.views import Connection
 
 Sort = Literal["age", "bytes_in", "bytes_out", "idle"]
 SORTS: Final[tuple[Sort, ...]] = get_args(Sort)

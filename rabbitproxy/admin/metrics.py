@@ -20,8 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rabbitproxy.balancing.pool import ADMIN_STATES, ALARM_KINDS, AgentStatus, ManagementStatus, NodeStats
+from rabbitproxy.balancing.backend import ADMIN_STATES, AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.balancing.views import ALARM_KINDS, ManagementStatus, NodeStats
 from rabbitproxy.control.closer import CAUSES, VIAS
 from rabbitproxy.control.rebalancer import service_balance
 

@@ -24,8 +24,9 @@ from typing import Final, Literal
 import aiohttp
 import structlog
 
-from rabbitproxy.balancing.pool import Backend, Connection
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.balancing.views import Connection
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.control.management import ManagementAPI, ManagementUnavailable, base_url_for, session_for
 from rabbitproxy.protocols.management import connection_name

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import aiohttp
 import structlog
 
-from rabbitproxy.balancing.pool import AgentStatus
+from rabbitproxy.balancing.backend import AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.agent_reply import MAX_REPLY_BYTES, AgentReply, AgentReplyError, parse_agent_reply
 
 if TYPE_CHECKING:
-    from rabbitproxy.balancing.pool import AdminState, Backend
+    from rabbitproxy.balancing.backend import AdminState, Backend
     from rabbitproxy.config import FeedbackConfig
     from rabbitproxy.relay.service import Service
 

@@ -24,7 +24,7 @@ from rabbitproxy.protocols import amqp
 from rabbitproxy.protocols.proxy_header import check_header
 
 if TYPE_CHECKING:
-    from rabbitproxy.balancing.pool import Backend
+    from rabbitproxy.balancing.backend import Backend
     from rabbitproxy.config import HealthCheckConfig
     from rabbitproxy.relay.service import Service
 

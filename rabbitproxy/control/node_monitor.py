@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from rabbitproxy.balancing.pool import ALARM_KINDS, ManagementStatus, NodeStats, NodeView
+from rabbitproxy.balancing.views import ALARM_KINDS, ManagementStatus, NodeStats, NodeView
 from rabbitproxy.control.management import ManagementAPI, ManagementUnavailable, base_url_for
 
 if TYPE_CHECKING:
     import aiohttp
 
-    from rabbitproxy.balancing.pool import Backend
+    from rabbitproxy.balancing.backend import Backend
     from rabbitproxy.protocols.management import Alarm, NodeState, Overview
     from rabbitproxy.relay.service import Service
 

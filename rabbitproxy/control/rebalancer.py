@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from rabbitproxy.balancing.pool import Backend, Connection
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.rebalance import Balance, Share, balances, held, to_close
+from rabbitproxy.balancing.views import Connection
 from rabbitproxy.control.closer import BrokerCloser
 from rabbitproxy.relay.service import Service
 from rabbitproxy.tasks import OwnedTasks

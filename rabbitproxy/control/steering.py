@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from rabbitproxy.balancing.pool import AdminState, Backend
+from rabbitproxy.balancing.backend import AdminState, Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.closer import BrokerCloser, Cause, CloseStats
 from rabbitproxy.control.management import ManagementAPI, ManagementUnavailable, base_url_for

@@ -18,7 +18,8 @@ import aiohttp
 import structlog
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import Backend, Pool
+from rabbitproxy.balancing.backend import Backend
+from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
 from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster

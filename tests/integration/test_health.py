@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 from aiohttp import web
 
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster
@@ -30,7 +30,6 @@ FALL = 2
 # What the issue promises, plus room for a busy two-core machine to schedule the check task late.
 DOWN_WITHIN = FALL * INTERVAL + TIMEOUT
 SCHEDULING_SLACK = 2.0
-
 
 
 def _check(**extra: Any) -> dict[str, Any]:

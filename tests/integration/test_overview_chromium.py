@@ -23,7 +23,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster

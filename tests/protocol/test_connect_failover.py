@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import Backend, Pool
+from rabbitproxy.balancing.backend import Backend
+from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.feedback import Poller, apply_reply
 from rabbitproxy.control.health import ProbeResult, RiseFall, apply_result

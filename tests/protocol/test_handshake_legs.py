@@ -15,8 +15,7 @@ from structlog.testing import capture_logs
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.amqp import PROTOCOL_HEADER
-from rabbitproxy.relay import legs as legs_mod
-from rabbitproxy.relay import service as service_mod
+from rabbitproxy.relay import leg_state, outcomes
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
 from tests.support.waiting import wait_for
@@ -179,19 +178,19 @@ async def test_external_user_is_the_client_certificate_subject() -> None:
 async def test_vhost_labels_are_capped_with_an_other_bucket() -> None:
     svc = FakeService()
     pairs = []
-    for i in range(service_mod.MAX_VHOST_LABELS + 5):
+    for i in range(outcomes.MAX_VHOST_LABELS + 5):
         pair = make_pair(svc)
         converse(pair[1], pair[3], client_steps(vhost=f"tenant-{i}"), server_steps())
         pairs.append(pair)
-    assert len(svc.vhost_open) == service_mod.MAX_VHOST_LABELS + 1
-    assert svc.vhost_open[service_mod.OTHER_VHOST] == 5
+    assert len(svc.vhost_open) == outcomes.MAX_VHOST_LABELS + 1
+    assert svc.vhost_open[outcomes.OTHER_VHOST] == 5
     assert svc.vhost_open["tenant-0"] == 1
 
 
 @pytest.mark.asyncio
 async def test_auto_waits_for_the_heartbeat_then_closes_a_silent_client(monkeypatch: pytest.MonkeyPatch) -> None:
     # 2.5 x 1 s would do too; a smaller factor keeps the test short, the logic is the same.
-    monkeypatch.setattr(legs_mod, "HEARTBEAT_FACTOR", 0.1)
+    monkeypatch.setattr(leg_state, "HEARTBEAT_FACTOR", 0.1)
     _svc, client, _ct, leg, bt = make_pair()
     assert client.idle_handle is None, "no idle timeout before the heartbeat is known"
     converse(client, leg, client_steps(heartbeat=1), server_steps())
@@ -217,7 +216,7 @@ async def test_auto_waits_for_the_heartbeat_then_closes_a_silent_client(monkeypa
 @pytest.mark.asyncio
 async def test_a_heartbeating_client_is_not_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     # A 1-second watch, a beat every 50 ms for 2.5 s: a busy machine may delay a beat, never by 20 of them.
-    monkeypatch.setattr(legs_mod, "HEARTBEAT_FACTOR", 1.0)
+    monkeypatch.setattr(leg_state, "HEARTBEAT_FACTOR", 1.0)
     _svc, client, ct, leg, _bt = make_pair()
     converse(client, leg, client_steps(heartbeat=1), server_steps())
     loop = asyncio.get_running_loop()
@@ -230,7 +229,7 @@ async def test_a_heartbeating_client_is_not_closed(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.asyncio
 async def test_the_broker_giving_up_first_still_reports_the_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(legs_mod, "HEARTBEAT_FACTOR", 0.1)
+    monkeypatch.setattr(leg_state, "HEARTBEAT_FACTOR", 0.1)
     _svc, client, ct, leg, _bt = make_pair()
     converse(client, leg, client_steps(heartbeat=1), server_steps())
     # RabbitMQ closes a client silent for 2 to 3 heartbeats; our half to the frozen client is what is left.
@@ -259,7 +258,7 @@ async def test_auto_with_heartbeat_0_watches_nothing() -> None:
 
 
 def test_connection_ids_are_unique() -> None:
-    assert len({legs_mod._ids.__next__() for _ in range(3)}) == 3
+    assert len({leg_state._ids.__next__() for _ in range(3)}) == 3
 
 
 @pytest.mark.asyncio

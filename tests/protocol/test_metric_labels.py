@@ -7,7 +7,7 @@ import pytest
 from rabbitproxy import config as config_mod
 from rabbitproxy.admin.api import backend_view
 from rabbitproxy.admin.metrics import registry_for, render
-from rabbitproxy.balancing.pool import ADMIN_STATES, Backend
+from rabbitproxy.balancing.backend import ADMIN_STATES, Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.feedback import AgentUnavailableError, Poller
 from rabbitproxy.control.supervisor import Supervisor

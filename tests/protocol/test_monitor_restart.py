@@ -8,7 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.control import supervisor as supervisor_mod
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.relay.service import Service

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import ManagementStatus
+from rabbitproxy.balancing.views import ManagementStatus
 from rabbitproxy.control.management import ManagementUnavailable
 from rabbitproxy.control.node_monitor import NodeMonitor, alarm_kinds, maintenance_reason
 from rabbitproxy.control.supervisor import monitors_for

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.proxy_header import ProxyHeaderReader, build_v1, build_v2, source_trusted
 from rabbitproxy.relay.deadlines import Deadlines

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.steering import Steering
 from rabbitproxy.relay.service import Service

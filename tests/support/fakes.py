@@ -10,7 +10,8 @@ from collections import Counter
 from typing import Any
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import Backend, Pool
+from rabbitproxy.balancing.backend import Backend
+from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.service import Service

@@ -7,7 +7,7 @@ import pytest
 from rabbitproxy import config as config_mod
 from rabbitproxy.admin.api import _validate_patch, admin_token, backend_view, is_loopback, service_view
 from rabbitproxy.admin.metrics import registry_for, render
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError
 from rabbitproxy.control.supervisor import Supervisor

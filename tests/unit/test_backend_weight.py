@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.balancing.pool import SLOW_START_FLOOR, Backend, Pool
+from rabbitproxy.balancing.backend import SLOW_START_FLOOR, Backend
+from rabbitproxy.balancing.pool import Pool
 
 
 def _service(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rabbitproxy.balancing.pool import Backend
+from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.control.feedback import apply_reply
 from rabbitproxy.protocols.agent_reply import parse_agent_reply
 from tests.support.proxy import agent_service

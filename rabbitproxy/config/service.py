@@ -1,0 +1,248 @@
+"""A service (``[[services]]``) and its backends, and the whole file (:class:`Config`): the cross-key checks."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from rabbitproxy.addresses import DEFAULT_PORT, split_host_port
+from rabbitproxy.config.base import (
+    Port,
+    PositiveSeconds,
+    ProxyProtocolVersion,
+    Seconds,
+    _existing_file,
+    _Model,
+    check_host,
+)
+from rabbitproxy.config.rabbitmq import RabbitMQConfig, RebalanceConfig
+from rabbitproxy.config.sections import AdminConfig, FeedbackConfig, HealthCheckConfig, LogConfig, TLSConfig
+
+# ``source_address = "client"``: transparent mode.
+SOURCE_CLIENT = "client"
+
+
+class BackendConfig(_Model):
+    name: str = Field(min_length=1, max_length=128)
+    address: str = Field(min_length=1)
+    port: Port | None = None
+    weight: Annotated[int, Field(ge=0, le=1000)] = 100
+    backup: bool = False
+    check_port: Port | None = None
+    agent_port: Port | None = None
+    # 0 = no limit; a backend at its limit is skipped by the balancer.
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    # Overrides the service's send_proxy_protocol for this backend only.
+    send_proxy_protocol: ProxyProtocolVersion | None = None
+    # This node's management API port, when it differs from [services.rabbitmq] management_port.
+    management_port: Port | None = None
+
+    _address = field_validator("address")(check_host)
+
+
+Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
+
+
+class KeepaliveConfig(_Model):
+    """TCP keepalive probes on both legs of every connection (``tcp_keepalive = { idle, interval, count }``)."""
+
+    # Linux takes whole seconds for TCP_KEEPIDLE/TCP_KEEPINTVL (at most 32767) and at most 127 probes.
+    idle: Annotated[int, Field(ge=1, le=32767)] = 60
+    interval: Annotated[int, Field(ge=1, le=32767)] = 10
+    count: Annotated[int, Field(ge=1, le=127)] = 6
+
+
+class ServiceConfig(_Model):
+    name: str = Field(min_length=1, max_length=128)
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    balance: Algorithm = "weighted-round-robin"
+    connect_timeout: PositiveSeconds = 5.0
+    retries: Annotated[int, Field(ge=0, le=100)] = 2
+    max_connections: Annotated[int, Field(ge=1)] = 10000
+    # "amqp": the AMQP 0-9-1 handshake is read as it passes (identity, failed logins, heartbeat); "tcp": bytes only.
+    protocol: Literal["amqp", "tcp"] = "amqp"
+    # "auto": 2.5 x the heartbeat the client negotiated (AMQP services; off for "tcp"); a number: seconds; 0 = off.
+    client_idle_timeout: float | Literal["auto"] = "auto"
+    # The address backend connections come from: "" (the kernel's choice), an IP of this host, or "client" for
+    # transparent mode (each backend connection comes from its client's own address; rabbitproxy.relay.transparent).
+    source_address: str = ""
+    shutdown_timeout: Seconds = 30.0
+    # Seconds a close may spend flushing to a peer that does not read before both legs are aborted. Not 0: a
+    # close that drops what is buffered at once would cut every AMQP Connection.Close in flight.
+    close_timeout: PositiveSeconds = 10.0
+    # None (written ``tcp_keepalive = false``) turns keepalive off; ``true`` means the defaults.
+    tcp_keepalive: KeepaliveConfig | None = KeepaliveConfig()
+    # Write-buffer limits per leg: above high_water the other leg stops reading until we drop below low_water.
+    high_water: Annotated[int, Field(ge=1024)] = 256 * 1024
+    low_water: Annotated[int, Field(ge=0)] = 64 * 1024
+    backlog: Annotated[int, Field(ge=1)] = 1024
+    # Bind the listen address even when this host does not own it (yet): the standby of a keepalived pair listens
+    # on the VIP before the VIP arrives (IP_FREEBIND; Linux only).
+    freebind: bool = False
+    # A client must send the 8-byte AMQP protocol header within this many seconds (0 = no limit).
+    client_hello_timeout: Seconds = 10.0
+    send_proxy_protocol: ProxyProtocolVersion = "off"
+    accept_proxy_protocol: bool = False
+    # The sources (CIDRs or addresses) whose PROXY headers are believed: the load balancers in front of us.
+    proxy_protocol_from: list[str] = Field(default_factory=list, validate_default=True)
+    tls: TLSConfig | None = None
+    backend_tls: bool = False
+    backend_tls_ca: str = ""
+    backend_tls_server_name: str = ""
+    backend_tls_verify: bool = True
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    # Seconds over which a backend that becomes usable ramps from about 10 % to its full weight; 0 = off.
+    slow_start: Seconds = 0.0
+    rabbitmq: RabbitMQConfig | None = None
+    rebalance: RebalanceConfig = RebalanceConfig()
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        check_host(split_host_port(v, DEFAULT_PORT)[0])
+        return v
+
+    @field_validator("source_address")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v and v != SOURCE_CLIENT:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(
+                    f"{v!r} is not an IP address (or {SOURCE_CLIENT!r} for transparent mode, or empty)"
+                ) from None
+        return v
+
+    _backend_ca = field_validator("backend_tls_ca")(_existing_file)
+
+    @field_validator("client_idle_timeout", mode="before")
+    @classmethod
+    def _idle(cls, v: Any) -> Any:
+        # One message for both forms, instead of pydantic's two-part union error.
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ValueError(f'must be "auto" or a number of seconds >= 0 (0 = off), not {v!r}')
+        return float(v)
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _proxy_from(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for text in v:
+            try:
+                ipaddress.ip_network(text, strict=True)
+            except ValueError as exc:
+                # ip_network's own words say what is wrong ("has host bits set", "does not appear to be ...").
+                raise ValueError(f"{text!r} is not a network (CIDR) or IP address: {exc}") from None
+        if info.data.get("accept_proxy_protocol") and not v:
+            # Without it anyone who reaches the port could send a header and pick the address we log, hash and
+            # pass on to RabbitMQ.
+            raise ValueError(
+                "required with accept_proxy_protocol = true: the addresses or CIDRs of the load balancers whose"
+                ' PROXY headers are trusted, e.g. ["10.0.0.0/8"]'
+            )
+        return v
+
+    @field_validator("backend_tls_server_name")
+    @classmethod
+    def _server_name(cls, v: str) -> str:
+        return check_host(v) if v else v
+
+    @field_validator("tcp_keepalive", mode="before")
+    @classmethod
+    def _keepalive(cls, v: Any) -> Any:
+        # TOML has no null: the switch is a boolean, the settings a table.
+        if v is False:
+            return None
+        if v is True:
+            return {}
+        if v is None:
+            raise ValueError("must be false, true or a table { idle, interval, count }")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceConfig:
+        if not self.backend_tls and (self.backend_tls_ca or self.backend_tls_server_name):
+            raise ValueError("backend_tls_ca and backend_tls_server_name need backend_tls = true")
+        if self.backend_tls and any(self.proxy_protocol_for(b) != "off" for b in self.backends):
+            # The header would have to go out in clear before the TLS handshake; not supported (yet).
+            raise ValueError("send_proxy_protocol cannot be combined with backend_tls")
+        if self.low_water > self.high_water:
+            raise ValueError(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
+        if self.rebalance.enabled and self.rabbitmq is None:
+            raise ValueError("rebalance.enabled needs [services.rabbitmq]: connections are closed through the broker")
+        seen: set[str] = set()
+        for b in self.backends:
+            if b.name in seen:
+                raise ValueError(f"backend name {b.name!r} is used twice")
+            seen.add(b.name)
+        return self
+
+    @property
+    def heartbeat_idle(self) -> bool:
+        """Whether idle clients are timed by their negotiated heartbeat (``client_idle_timeout = "auto"``)."""
+        return self.client_idle_timeout == "auto" and self.protocol == "amqp"
+
+    @property
+    def idle_seconds(self) -> float:
+        """The fixed idle timeout in seconds; 0 when off or when it follows the heartbeat ("auto")."""
+        v = self.client_idle_timeout
+        return 0.0 if v == "auto" else v
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen, DEFAULT_PORT)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen, DEFAULT_PORT)[1]
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``proxy_protocol_from`` parsed (parsed on every call: the running service keeps its own copy)."""
+        return tuple(ipaddress.ip_network(text) for text in self.proxy_protocol_from)
+
+    def backend_port(self, backend: BackendConfig) -> int:
+        """A backend without a port uses the service's listen port (no port translation)."""
+        return backend.port if backend.port is not None else self.listen_port
+
+    def management_port_for(self, backend: BackendConfig) -> int | None:
+        """The port of ``backend``'s management API, or None when [services.rabbitmq] is not configured."""
+        if self.rabbitmq is None:
+            return None
+        return backend.management_port or self.rabbitmq.management_port
+
+    def proxy_protocol_for(self, backend: BackendConfig) -> ProxyProtocolVersion:
+        """The PROXY protocol version sent to ``backend``: its own setting, else the service's."""
+        return backend.send_proxy_protocol or self.send_proxy_protocol
+
+
+class Config(_Model):
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    services: list[ServiceConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        names: set[str] = set()
+        listens: dict[tuple[str, int], str] = {}
+        for s in self.services:
+            if s.name in names:
+                raise ValueError(f"service name {s.name!r} is used twice")
+            names.add(s.name)
+            key = (s.listen_host, s.listen_port)
+            if key in listens:
+                raise ValueError(f"services {listens[key]!r} and {s.name!r} both listen on {s.listen}")
+            listens[key] = s.name
+        return self
+
+    def service(self, name: str) -> ServiceConfig:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
