@@ -32,7 +32,7 @@ class ClientLoad:
     # Messages per second per publisher; a paced rate makes "back to 90 %" well defined.
     rate: float = 25.0
     # Publishes in flight per publisher (confirms outstanding).
-    window: int = 5
+    window: int = 10
     size: int = 256
     prefetch: int = 50
     heartbeat: int = 10
@@ -123,40 +123,54 @@ async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
         exchange = channel.default_exchange
         seq = 0
         retry: list[int] = []
-        period = load.window / load.rate
-        next_at = time.monotonic()
+        in_flight = asyncio.Semaphore(load.window)
+        tasks: set[asyncio.Task[None]] = set()
+        failed_at = 0.0
         first = True
-        while not stop.is_set():
-            ids = retry[: load.window]
-            del retry[: load.window]
-            while len(ids) < load.window:
-                ids.append(i * ID_BASE + seq)
-                seq += 1
-            outcomes = await asyncio.gather(*(publish_one(exchange, mid) for mid in ids))
-            now = time.time()
-            ok = 0
-            for mid, good in zip(ids, outcomes, strict=True):
-                if good:
+
+        async def one(mid: int) -> None:
+            nonlocal failed_at, first
+            try:
+                if await publish_one(exchange, mid):
                     confirmed.append(mid)
-                    ok += 1
+                    now = int(time.time())
+                    timeline[now] = timeline.get(now, 0) + 1
+                    if first:
+                        first = False
+                        with ready.get_lock():
+                            ready.value += 1
                 else:
                     retry.append(mid)
-            if ok:
-                timeline[int(now)] = timeline.get(int(now), 0) + ok
-                if first:
-                    first = False
-                    with ready.get_lock():
-                        ready.value += 1
-            if ok < len(ids):
+                    failed_at = time.monotonic()
+            finally:
+                in_flight.release()
+
+        # One message every 1/rate seconds, up to ``window`` awaiting their confirms: a smooth rate that a confirm
+        # latency of up to window/rate seconds does not slow down.
+        period = 1 / load.rate
+        next_at = time.monotonic()
+        while not stop.is_set():
+            await in_flight.acquire()
+            if time.monotonic() - failed_at < 0.2:
                 # The robust connection reconnects in the background; retrying at once would only spin.
                 await asyncio.sleep(0.2)
+            if retry:
+                mid = retry.pop(0)
+            else:
+                mid = i * ID_BASE + seq
+                seq += 1
+            task = asyncio.create_task(one(mid))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
             next_at += period
             lag = next_at - time.monotonic()
             if lag > 0:
                 await asyncio.sleep(lag)
-            elif lag < -period:
+            elif lag < -1.0:
                 # Fell behind (a fault): carry on at the paced rate instead of bursting to catch up.
                 next_at = time.monotonic()
+        # Publishes still in flight count if they are confirmed; they end within confirm_timeout.
+        await asyncio.gather(*tasks)
 
     async def consumer(i: int) -> None:
         nonlocal deliveries

@@ -72,6 +72,14 @@ def table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
     return markdown_table(header, out)
 
 
+def rate_seconds(rate: dict[str, int]) -> list[int]:
+    """Every second of a run's rate, gaps (no confirm at all) included, without the partial first and last one."""
+    if not rate:
+        return []
+    secs = [int(s) for s in rate]
+    return list(range(min(secs) + 1, max(secs)))
+
+
 def chart(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) -> None:
     import matplotlib
 
@@ -91,8 +99,9 @@ def chart(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) ->
         for r in rows:
             if r.get("queue_type") != qtype or r.get("scenario") != scenario or not r.get("rate"):
                 continue
-            xs = sorted(int(s) for s in r["rate"])
-            ax.plot(xs, [r["rate"][str(x)] for x in xs], label=r["target"], color=COLORS.get(r["target"]), lw=1.2)
+            xs = rate_seconds(r["rate"])
+            ys = [r["rate"].get(str(x), 0) for x in xs]
+            ax.plot(xs, ys, label=r["target"], color=COLORS.get(r["target"]), lw=1.2)
             release = max(release, r["marks"].get("released", 0.0))
         ax.axvspan(0, max(release, 0.5), color="#ddd", zorder=0)
         ax.set_title(f"{titles.get(scenario, scenario)} ({qtype})", fontsize=8)
@@ -245,10 +254,11 @@ def render(data: dict[str, Any], png_name: str) -> str:
         " target, and proxy idle timeouts (HAProxy `timeout client/server`) longer than the heartbeat, or the proxy"
         " cuts idle but healthy connections.",
         f"- **`fall` x `interval`.** The time until the proxy marks a failed node down ({checks['fall']} x"
-        f" {checks['interval']:g} s here, plus up to one `timeout`). rabbitproxy's AMQP check reads the broker's"
-        " protocol header, so a frozen node fails it; a TCP-connect check (HAProxy's `check`) still passes while the"
-        " kernel accepts connections for a frozen VM, so it never marks the node down: the clients find out by"
-        " their heartbeat.",
+        f" {checks['interval']:g} s here, plus up to one `timeout`). rabbitproxy's AMQP check sends the protocol"
+        " header and waits for the broker's `Connection.Start`, so a frozen node or one cut off fails it. A"
+        " TCP-connect check (HAProxy's plain `check`) still passes while the kernel accepts connections for a"
+        " frozen VM: HAProxy never marks it down, and its clients find out only by their own heartbeat, if the"
+        " freeze lasts long enough.",
         "- **`on_marked_down`.** With `close`, rabbitproxy closes the connections of a node it marks down, so the"
         " clients reconnect (to a healthy node) within `fall` x `interval` instead of waiting for their heartbeat."
         " `keep` leaves them; that is only right for clients that cannot reconnect. HAProxy's equivalent is"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import socketserver
@@ -139,6 +140,41 @@ class Agent:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# -- a network cut between the proxies and one node ------------------------------------------------------------------
+
+
+class Cut:
+    """Drop every packet to and from one node's AMQP port (nftables): the node runs on, clustered, unreachable.
+
+    Only the proxies (clients and health checks) use that port; the nodes talk to each other and to the CLI over
+    Erlang distribution ports, so the node stays a healthy cluster member that the proxies cannot reach, as after a
+    broken link or a bad firewall change. The table's name is unique to this process, so other users of the machine
+    and other runs are not touched.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.table = f"rabbitproxy_faults_{os.getpid()}_{port}"
+
+    def _nft(self, script: str) -> None:
+        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True, timeout=30)
+
+    def cut(self) -> None:
+        self._nft(
+            f"table inet {self.table} {{\n"
+            "  chain input {\n"
+            "    type filter hook input priority -10; policy accept;\n"
+            f"    tcp dport {self.port} drop\n"
+            f"    tcp sport {self.port} drop\n"
+            "  }\n"
+            "}\n"
+        )
+
+    def heal(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._nft(f"delete table inet {self.table}\n")
 
 
 # -- a running proxy --------------------------------------------------------------------------------------------------

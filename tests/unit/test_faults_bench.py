@@ -179,3 +179,8 @@ def test_render_names_every_scenario_and_what_was_not_done() -> None:
     assert "| node SIGKILLed, restarted | rabbitproxy | 3 | 0 |" in text
     assert "network namespace" in text
     assert "![confirmed messages per second around each fault](reliability.png)" in text
+
+
+def test_chart_seconds_include_gaps_and_drop_partial_ends() -> None:
+    assert fault_report.rate_seconds({"-3": 5, "-2": 25, "0": 25, "4": 25, "5": 3}) == [-2, -1, 0, 1, 2, 3, 4]
+    assert fault_report.rate_seconds({}) == []
