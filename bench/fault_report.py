@@ -201,8 +201,10 @@ def render(data: dict[str, Any], png_name: str) -> str:
         " lost). *Reconnects*: reconnections of the robust client connections. *Back to 90 %*: seconds from the"
         " fault until a publisher's rate (3-second windows) is back to 90 % of its warm-up median; median and worst"
         " over the publishers; 0 means no dip. *Conns on faulted node*: client connections the faulted RabbitMQ"
-        " node itself counts, while the fault holds (n/a when it cannot answer: killed or frozen) and after the"
-        " recovery window. *Proxy errors*: log lines at error level (rabbitproxy) or ALERT (HAProxy). *Proxy"
+        " node itself counts, while the fault holds (n/a when it cannot answer: killed or frozen; for the rolling"
+        " drain, once the last node was revived) and after the recovery window. Connections there while the node"
+        " is cut off are ones the proxy already closed whose close never reached the node: it drops them after two"
+        " missed heartbeats. *Proxy errors*: log lines at error level (rabbitproxy) or ALERT (HAProxy). *Proxy"
         " restarts*: the proxy process died by itself and had to be started again.",
         "",
         "## Publish rate around each fault",
@@ -242,7 +244,7 @@ def render(data: dict[str, Any], png_name: str) -> str:
         "- Rolling drain: each node in turn `rabbitmq-upgrade drain`, held, `rabbitmq-upgrade revive`, and the next"
         " one only when the proxy counts every backend up again.",
         "",
-        "Not done yet:",
+        "Where the harness differs from the issue:",
         "",
         *[f"- {text}" for text in s["not_done"].values()],
         "",
