@@ -162,6 +162,12 @@ def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def notes() -> list[str]:
+    """bench/fault-notes.md, the hand-written reading of the last run, included verbatim (like perf-notes.md)."""
+    path = HERE / "fault-notes.md"
+    return [path.read_text().rstrip(), ""] if path.exists() else []
+
+
 def render(data: dict[str, Any], png_name: str) -> str:
     s = data["settings"]
     load, checks, timing = s["load"], s["checks"], s["timing"]
@@ -199,14 +205,17 @@ def render(data: dict[str, Any], png_name: str) -> str:
         " still in the queue after the consumers gave up (so not lost, only late, if it equals the column before)."
         " *Duplicates*: deliveries of an id already seen (a lost ack, or a republish of a message whose confirm was"
         " lost). *Reconnects*: reconnections of the robust client connections. *Back to 90 %*: seconds from the"
-        " fault until a publisher's rate (3-second windows) is back to 90 % of its warm-up median; median and worst"
-        " over the publishers; 0 means no dip. *Conns on faulted node*: client connections the faulted RabbitMQ"
+        " fault until a publisher's rate (3-second windows) is back to 90 % of its warm-up median, after a dip"
+        " with at least one second below half of it, starting while the fault holds; median and worst over the"
+        " publishers; 0 means no such dip (shorter wobbles of a busy machine are not counted)."
+        " *Conns on faulted node*: client connections the faulted RabbitMQ"
         " node itself counts, while the fault holds (n/a when it cannot answer: killed or frozen; for the rolling"
         " drain, once the last node was revived) and after the recovery window. Connections there while the node"
         " is cut off are ones the proxy already closed whose close never reached the node: it drops them after two"
         " missed heartbeats. *Proxy errors*: log lines at error level (rabbitproxy) or ALERT (HAProxy). *Proxy"
         " restarts*: the proxy process died by itself and had to be started again.",
         "",
+        *notes(),
         "## Publish rate around each fault",
         "",
         f"![confirmed messages per second around each fault]({png_name})",
@@ -288,8 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json", type=Path)
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "reliability.md")
+    ap.add_argument("--rescore", action="store_true", help="compute the recovery columns again from the rates")
     args = ap.parse_args(argv)
-    write(json.loads(args.json.read_text()), args.out, args.out.with_suffix(".png"))
+    data = json.loads(args.json.read_text())
+    if args.rescore:
+        import faults
+
+        data["rows"] = [faults.rescore(r) for r in data["rows"]]
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    write(data, args.out, args.out.with_suffix(".png"))
     return 0
 
 

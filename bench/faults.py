@@ -354,19 +354,24 @@ def run_one(
 # -- counting (pure; unit-tested) -------------------------------------------------------------------------------------
 
 
-def recovery_seconds(timeline: dict[int, int], warm: float, fault: float, until: float) -> float:
+def recovery_seconds(
+    timeline: dict[int, int], warm: float, fault: float, until: float, released: float | None = None
+) -> float:
     """Seconds from the fault until this publisher's rate is back to 90 % of its baseline; 0 if it never dipped.
 
     The baseline is the median per-second rate of the warm-up. Rates are averaged over 3-second windows, because a
-    paced publisher on a busy machine jitters from one second to the next. The dip starts at the first window after
-    the fault below 90 %; recovery is the start of the next window at 90 % or more. A publisher that never
-    recovers before ``until`` (the end of the load) counts ``until - fault``. NaN if there is no baseline.
+    paced publisher on a busy machine jitters from one second to the next. The dip is the first window below 90 %
+    that holds a second below half the baseline (a stall, not a scheduling hiccup of a shared machine) and starts
+    while the fault holds (up to 3 s after ``released``; a dip that starts later is the machine, not the fault);
+    recovery is the start of the next window at 90 % or more. A publisher that never recovers before ``until``
+    (the end of the load) counts ``until - fault``. NaN if there is no baseline.
     """
     baseline = common.median([float(timeline.get(s, 0)) for s in range(int(warm) + 1, int(fault))])
     if math.isnan(baseline) or baseline <= 0:
         return math.nan
     # The last whole second before the load stopped; the partial one after it would look like a dip.
     end = int(until) - 1
+    last_start = end if released is None else min(end, int(released) + 3)
 
     def window(s: int) -> float:
         return sum(timeline.get(s + i, 0) for i in range(3)) / 3
@@ -374,11 +379,31 @@ def recovery_seconds(timeline: dict[int, int], warm: float, fault: float, until:
     dipped = False
     for s in range(int(fault), end - 2):
         low = window(s) < 0.9 * baseline
-        if low and not dipped:
+        stall = min(timeline.get(s + i, 0) for i in range(3)) < 0.5 * baseline
+        if low and stall and not dipped and s <= last_start:
             dipped = True
         elif dipped and not low:
             return max(0.0, s - fault)
     return until - fault if dipped else 0.0
+
+
+def rescore(row: dict[str, Any]) -> dict[str, Any]:
+    """The recovery columns of a stored row computed again from its per-publisher rates (seconds from the fault)."""
+    marks = row.get("marks") or {}
+    if not row.get("publisher_rates") or "stop" not in marks:
+        return row
+    recov = [
+        recovery_seconds(
+            {int(k): v for k, v in rates.items()}, marks["warm"], 0.0, marks["stop"], marks.get("released")
+        )
+        for rates in row["publisher_rates"]
+    ]
+    recov = [r for r in recov if not math.isnan(r)]
+    return row | {
+        "recovery_median_s": common.median(recov),
+        "recovery_worst_s": max(recov) if recov else math.nan,
+        "recovery_per_publisher_s": [round(r, 1) for r in recov],
+    }
 
 
 def summarize_run(results: Sequence[dict[str, Any]], **info: Any) -> dict[str, Any]:
@@ -402,7 +427,7 @@ def summarize_run(results: Sequence[dict[str, Any]], **info: Any) -> dict[str, A
         timelines += [{int(k): v for k, v in t.items()} for t in r["timelines"]]
     lost = sorted(confirmed - delivered)
     recov = [
-        recovery_seconds(t, marks["warm"], marks["fault"], marks["stop"])
+        recovery_seconds(t, marks["warm"], marks["fault"], marks["stop"], marks.get("released"))
         for t in timelines
         if "fault" in marks and "stop" in marks
     ]

@@ -184,3 +184,26 @@ def test_render_names_every_scenario_and_what_was_not_done() -> None:
 def test_chart_seconds_include_gaps_and_drop_partial_ends() -> None:
     assert fault_report.rate_seconds({"-3": 5, "-2": 25, "0": 25, "4": 25, "5": 3}) == [-2, -1, 0, 1, 2, 3, 4]
     assert fault_report.rate_seconds({}) == []
+
+
+def test_a_dip_long_after_the_fault_is_not_the_fault() -> None:
+    timeline = steady(100, 160)
+    for s in range(140, 144):
+        timeline[s] = 0
+    assert faults.recovery_seconds(timeline, warm=100.0, fault=110.0, until=160.0, released=120.0) == 0.0
+    # Without the release time it counts, as before.
+    assert faults.recovery_seconds(timeline, warm=100.0, fault=110.0, until=160.0) == 34.0
+
+
+def test_rescore_recomputes_recovery_from_stored_rates() -> None:
+    rates = {str(s): 10 for s in range(-10, 20)} | {"0": 0, "1": 0, "2": 0}
+    row = {"marks": {"warm": -10.0, "fault": 0.0, "released": 1.0, "stop": 20.0}, "publisher_rates": [rates]}
+    out = faults.rescore(row)
+    assert out["recovery_per_publisher_s"] == [3.0]
+    assert out["recovery_median_s"] == out["recovery_worst_s"] == 3.0
+
+
+def test_a_scheduling_hiccup_is_not_a_dip() -> None:
+    timeline = steady(100, 140)
+    timeline[115] = 6
+    assert faults.recovery_seconds(timeline, warm=100.0, fault=110.0, until=140.0, released=130.0) == 0.0
