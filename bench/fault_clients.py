@@ -79,6 +79,8 @@ async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
     connections: list[Any] = []
     confirmed: list[int] = []
     timelines: list[dict[int, int]] = []
+    # The publisher index of each timeline, in the same order.
+    publisher_ids: list[int] = []
     delivered: list[list[int]] = []
     deliveries = 0
     body = b"x" * load.size
@@ -118,6 +120,7 @@ async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
     async def publisher(i: int) -> None:
         timeline: dict[int, int] = {}
         timelines.append(timeline)
+        publisher_ids.append(i)
         conn = await connect(f"faults-pub-{i}")
         channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
         exchange = channel.default_exchange
@@ -227,6 +230,7 @@ async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
     return {
         "confirmed": confirmed,
         "timelines": timelines,
+        "publisher_ids": publisher_ids,
         "delivered": delivered,
         "deliveries": deliveries,
         "reconnects": reconnects,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import multiprocessing as mp
 import os
@@ -242,6 +243,26 @@ def heal(cluster: DevCluster) -> None:
             cluster.resume(node)
 
 
+def client_placement(cluster: DevCluster) -> dict[str, str]:
+    """Which node each of the harness's clients is connected to (by its connection name), just before the fault."""
+    try:
+        # list_connections has no node column; the server port of a connection is its node's own AMQP port.
+        rows = cluster.list_connections("client_properties", "port")
+    except (subprocess.SubprocessError, OSError, ValueError) as exc:
+        return {"error": str(exc)[:200]}
+    nodes = {str(n.amqp_port): n.name for n in cluster.nodes}
+    out: dict[str, str] = {}
+    for row in rows:
+        props = row.get("client_properties", "")
+        for role in ("pub", "con"):
+            marker = f"faults-{role}-"
+            at = props.find(marker)
+            if at >= 0:
+                name = marker + "".join(itertools.takewhile(str.isdigit, props[at + len(marker) :]))
+                out[name] = nodes.get(row.get("port", ""), row.get("port", "?"))
+    return dict(sorted(out.items()))
+
+
 def faulted_connections(cluster: DevCluster) -> int | None:
     try:
         return cluster.connection_counts().get(cluster.nodes[FAULTED].name)
@@ -296,6 +317,7 @@ def run_one(
             time.sleep(0.2)
         marks["warm"] = time.time()
         time.sleep(timing.warmup)
+        placement = client_placement(cluster)
         marks["fault"] = time.time()
         say(f"  inject: {scenario.title}")
         scenario.inject(ctx)
@@ -346,6 +368,7 @@ def run_one(
         during=during,
         after=after,
         in_queue=left,
+        placement=placement,
         proxy_errors=errors,
         restarts=unexpected_restarts,
     )
@@ -416,6 +439,7 @@ def summarize_run(results: Sequence[dict[str, Any]], **info: Any) -> dict[str, A
     reconnects = 0
     errors: dict[str, int] = {}
     timelines: list[dict[int, int]] = []
+    names: list[str] = []
     for r in good:
         confirmed.update(r["confirmed"])
         for ids in r["delivered"]:
@@ -425,6 +449,7 @@ def summarize_run(results: Sequence[dict[str, Any]], **info: Any) -> dict[str, A
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
         timelines += [{int(k): v for k, v in t.items()} for t in r["timelines"]]
+        names += [f"faults-pub-{i}" for i in r.get("publisher_ids", [None] * len(r["timelines"]))]
     lost = sorted(confirmed - delivered)
     recov = [
         recovery_seconds(t, marks["warm"], marks["fault"], marks["stop"], marks.get("released"))
@@ -462,6 +487,8 @@ def summarize_run(results: Sequence[dict[str, Any]], **info: Any) -> dict[str, A
         # Confirms per second of all publishers, seconds relative to the fault: the chart.
         "rate": {str(int(s - fault)): n for s, n in sorted(total.items())} if not math.isnan(fault) else {},
         "recovery_per_publisher_s": [round(r, 1) for r in recov],
+        "placement": info.get("placement", {}),
+        "publishers": names,
         "publisher_rates": [
             {str(int(s - fault)): n for s, n in sorted(t.items())} for t in timelines if not math.isnan(fault)
         ],

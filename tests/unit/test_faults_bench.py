@@ -207,3 +207,26 @@ def test_a_scheduling_hiccup_is_not_a_dip() -> None:
     timeline = steady(100, 140)
     timeline[115] = 6
     assert faults.recovery_seconds(timeline, warm=100.0, fault=110.0, until=140.0, released=130.0) == 0.0
+
+
+class FakeNode:
+    def __init__(self, name: str, amqp_port: int) -> None:
+        self.name = name
+        self.amqp_port = amqp_port
+
+
+class FakeCluster:
+    nodes = [FakeNode("rp1@localhost", 5001), FakeNode("rp2@localhost", 5002)]
+
+    def list_connections(self, *fields: str) -> list[dict[str, str]]:
+        assert fields == ("client_properties", "port")
+        return [
+            {"client_properties": '[["connection_name","longstr","faults-pub-12"]]', "port": "5002"},
+            {"client_properties": '[["connection_name","longstr","faults-con-0"]]', "port": "5001"},
+            {"client_properties": '[["product","longstr","other"]]', "port": "5001"},
+        ]
+
+
+def test_client_placement_names_each_harness_connection_and_its_node() -> None:
+    placement = faults.client_placement(FakeCluster())  # type: ignore[arg-type]
+    assert placement == {"faults-con-0": "rp1@localhost", "faults-pub-12": "rp2@localhost"}
