@@ -1,0 +1,313 @@
+"""docs/reliability.md and its chart from the results of ``bench/faults.py`` (``--update-docs``).
+
+Everything in the generated file comes from one run's JSON, except the explanations, which describe how the
+proxies and clients behave (mechanisms, not numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import fmt, markdown_table  # noqa: E402
+
+COLORS = {"rabbitproxy": "#e8743b", "haproxy": "#4c72b0"}
+
+
+def _n(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return fmt(value, digits)
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
+    header = [
+        "scenario",
+        "target",
+        "confirmed",
+        "confirmed, never consumed",
+        "left in queue",
+        "duplicates",
+        "reconnects",
+        "back to 90 %, median / worst (s)",
+        "conns on faulted node, during / after",
+        "proxy errors",
+        "proxy restarts",
+    ]
+    out = []
+    for r in rows:
+        if not r.get("complete"):
+            failures = "; ".join(str(f) for f in r.get("worker_failures", [])) or "incomplete"
+            out.append(
+                [titles.get(r["scenario"], r["scenario"]), r["target"], f"**run failed**: {failures}"]
+                + [""] * (len(header) - 3)
+            )
+            continue
+        lost = r["lost"]
+        out.append(
+            [
+                titles.get(r["scenario"], r["scenario"]),
+                r["target"],
+                _n(r["confirmed"]),
+                f"**{lost:,}**" if lost else "0",
+                _n(r["in_queue_at_end"]) if r["in_queue_at_end"] >= 0 else "n/a",
+                _n(r["duplicates"]),
+                _n(r["reconnects"]),
+                f"{fmt(r['recovery_median_s'], 0)} / {fmt(r['recovery_worst_s'], 0)}",
+                f"{_n(r['conns_on_node_during'])} / {_n(r['conns_on_node_after'])}",
+                _n(r["proxy_errors"]),
+                _n(r["proxy_restarts"]),
+            ]
+        )
+    return markdown_table(header, out)
+
+
+def rate_seconds(rate: dict[str, int]) -> list[int]:
+    """Every second of a run's rate, gaps (no confirm at all) included, without the partial first and last one."""
+    if not rate:
+        return []
+    secs = [int(s) for s in rate]
+    return list(range(min(secs) + 1, max(secs)))
+
+
+def chart(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["queue_type"], r["scenario"]) for r in rows if r.get("rate")}, key=lambda k: (k[0] != "quorum",))
+    order = list(dict.fromkeys(titles))
+    keys.sort(key=lambda k: (k[0] != "quorum", order.index(k[1]) if k[1] in order else 99))
+    if not keys:
+        return
+    cols = 2
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(11, 2.4 * nrows), squeeze=False)
+    for ax, (qtype, scenario) in zip(axes.flat, keys, strict=False):
+        release = 0.0
+        for r in rows:
+            if r.get("queue_type") != qtype or r.get("scenario") != scenario or not r.get("rate"):
+                continue
+            xs = rate_seconds(r["rate"])
+            ys = [r["rate"].get(str(x), 0) for x in xs]
+            ax.plot(xs, ys, label=r["target"], color=COLORS.get(r["target"]), lw=1.2)
+            release = max(release, r["marks"].get("released", 0.0))
+        ax.axvspan(0, max(release, 0.5), color="#ddd", zorder=0)
+        ax.set_title(f"{titles.get(scenario, scenario)} ({qtype})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    fig.supxlabel("seconds since the fault (grey: fault until released)", fontsize=8)
+    fig.supylabel("confirmed msg/s, all publishers", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The findings the numbers support, computed (pure; unit-tested)."""
+    lines = []
+    for target in ("rabbitproxy", "haproxy"):
+        mine = [r for r in rows if r["target"] == target]
+        if not mine:
+            continue
+        done = [r for r in mine if r.get("complete")]
+        lost = sum(r["lost"] for r in done)
+        confirmed = sum(r["confirmed"] for r in done)
+        failed = len(mine) - len(done)
+        where = ", ".join(f"{r['scenario']} ({r['queue_type']}): {r['lost']:,}" for r in done if r["lost"])
+        text = f"- **{target}**: {lost:,} of {confirmed:,} confirmed messages never consumed over {len(done)} runs"
+        text += f" ({where})." if where else "."
+        if failed:
+            text += f" {failed} run(s) did not complete (see the table)."
+        lines.append(text)
+    slower = []
+    for r in rows:
+        if r["target"] != "rabbitproxy" or not r.get("complete"):
+            continue
+        other = next(
+            (
+                h
+                for h in rows
+                if h["target"] == "haproxy"
+                and h.get("complete")
+                and h["scenario"] == r["scenario"]
+                and h["queue_type"] == r["queue_type"]
+            ),
+            None,
+        )
+        if other is None:
+            continue
+        mine, theirs = r["recovery_worst_s"], other["recovery_worst_s"]
+        if not math.isnan(mine) and not math.isnan(theirs) and mine > theirs + 2:
+            slower.append(f"{r['scenario']} ({r['queue_type']}: {mine:.0f} s vs {theirs:.0f} s)")
+    if slower:
+        lines.append("- Worst-case recovery more than 2 s slower than HAProxy's: " + ", ".join(slower) + ".")
+    else:
+        lines.append("- rabbitproxy's worst-case recovery was nowhere more than 2 s slower than HAProxy's.")
+    return lines
+
+
+def notes() -> list[str]:
+    """bench/fault-notes.md, the hand-written reading of the last run, included verbatim (like perf-notes.md)."""
+    path = HERE / "fault-notes.md"
+    return [path.read_text().rstrip(), ""] if path.exists() else []
+
+
+def render(data: dict[str, Any], png_name: str) -> str:
+    s = data["settings"]
+    load, checks, timing = s["load"], s["checks"], s["timing"]
+    titles: dict[str, str] = s["scenarios"]
+    m = data["machine"]
+    rows = data["rows"]
+    parts = [
+        "# Reliability under faults",
+        "",
+        f"> Generated by `bench/faults.py{' --quick' if data['mode'] == 'quick' else ''} --update-docs` on"
+        f" {data['started_at']} ({data['minutes']} min). Do not edit by hand; run it again.",
+        "",
+        "What happens to confirmed messages while a RabbitMQ node dies, freezes or is drained, and while the proxy",
+        "reloads or restarts: measured on a local 3-node cluster with real clients, through rabbitproxy and through",
+        "HAProxy configured as an operator would, with the same check interval, `fall` and `rise`.",
+        "",
+        "## Findings",
+        "",
+        *summary_lines(rows),
+        "",
+        "## Results",
+        "",
+    ]
+    for qtype in ("quorum", "classic"):
+        mine = [r for r in rows if r.get("queue_type") == qtype]
+        if not mine:
+            continue
+        kind = "quorum queue, 3 replicas"
+        if qtype == "classic":
+            kind = "classic durable queue on the faulted node, persistent messages"
+        parts += [f"### {kind.capitalize()}", "", table(mine, titles), ""]
+    parts += [
+        "Columns: *confirmed*: distinct message ids the broker acked to a publisher. *Confirmed, never consumed*:"
+        " of those, ids no consumer received by the end of the drain (**must be 0**). *Left in queue*: messages"
+        " still in the queue after the consumers gave up (so not lost, only late, if it equals the column before)."
+        " *Duplicates*: deliveries of an id already seen (a lost ack, or a republish of a message whose confirm was"
+        " lost). *Reconnects*: reconnections of the robust client connections. *Back to 90 %*: seconds from the"
+        " fault until a publisher's rate (3-second windows) is back to 90 % of its warm-up median, after a dip"
+        " with at least one second below half of it, starting while the fault holds; median and worst over the"
+        " publishers; 0 means no such dip (shorter wobbles of a busy machine are not counted)."
+        " *Conns on faulted node*: client connections the faulted RabbitMQ"
+        " node itself counts, while the fault holds (n/a when it cannot answer: killed or frozen; for the rolling"
+        " drain, once the last node was revived) and after the recovery window. Connections there while the node"
+        " is cut off are ones the proxy already closed whose close never reached the node: it drops them after two"
+        " missed heartbeats. *Proxy errors*: log lines at error level (rabbitproxy) or ALERT (HAProxy). *Proxy"
+        " restarts*: the proxy process died by itself and had to be started again.",
+        "",
+        *notes(),
+        "## Publish rate around each fault",
+        "",
+        f"![confirmed messages per second around each fault]({png_name})",
+        "",
+        "## Method",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, RabbitMQ"
+        f" {m['rabbitmq']}, HAProxy {m['haproxy']}. The machine is shared: load average"
+        f" {', '.join(str(x) for x in m['load_average_at_start'])} at the start and"
+        f" {', '.join(str(x) for x in data['load_average_at_end'])} at the end, so the rates are deliberately low.",
+        f"- Load per run: {load['publishers']} publishers at {load['rate']:g} msg/s each ({load['window']} confirms"
+        f" in flight, {load['size']} B bodies) and {load['consumers']} consumers (prefetch {load['prefetch']},"
+        f" manual acks), in {load['processes']} worker processes, aio-pika `connect_robust` (reconnect interval"
+        f" {load['reconnect_interval']:g} s, heartbeat {load['heartbeat']} s). Every message has a unique id; a"
+        f" publish without a confirm within {load['confirm_timeout']:g} s, a nack, a return or an error is"
+        " republished with the same id. Consumers record the id, then ack.",
+        f"- Each run: a fresh proxy and a fresh queue declared on node {s['faulted_node']} (the one every node fault"
+        f" hits: it holds the classic queue and the quorum queue's first leader); warm-up {timing['warmup']:g} s"
+        f" after every publisher had its first confirm (the baseline), the fault, held"
+        f" {', '.join(f'{k} {v:g} s' for k, v in s['hold'].items())}, then released; a recovery window of"
+        f" {timing['recover']:g} s; the publishers stop and the consumers drain until {load['idle']:g} s pass"
+        " without a delivery.",
+        f"- rabbitproxy: `rabbitproxy serve`, AMQP health check every {checks['interval']:g} s (timeout"
+        f" {checks['timeout']:g} s, `fall = {checks['fall']}`, `rise = {checks['rise']}`),"
+        f' `on_marked_down = "close"`, `close_timeout = {checks["close_timeout"]:g}`,'
+        f" `shutdown_timeout = {checks['shutdown_timeout']:g}`, least connections, a feedback agent per node"
+        ' (`type = "agent"`), maint through `PATCH /api/services/amqp/backends/rabbit1`, reload by SIGHUP, graceful'
+        " stop by SIGTERM.",
+        f"- HAProxy: `mode tcp`, `balance leastconn`, `check inter {int(checks['interval'] * 1000)} fall"
+        f" {checks['fall']} rise {checks['rise']} on-marked-down shutdown-sessions agent-check` on the same agents,"
+        f" `timeout client/server {3 * checks['heartbeat']}s` (three heartbeats), `hard-stop-after"
+        f" {int(checks['shutdown_timeout'])}s`; maint by `set server amqp/rabbit1 state maint` plus `shutdown"
+        " sessions server amqp/rabbit1` on the admin socket, reload by SIGUSR2 (master-worker), graceful stop by"
+        " SIGUSR1. Its `check` is a TCP connect, the check an operator usually writes for AMQP.",
+        "- Rolling drain: each node in turn `rabbitmq-upgrade drain`, held, `rabbitmq-upgrade revive`, and the next"
+        " one only when the proxy counts every backend up again.",
+        "",
+        "Where the harness differs from the issue:",
+        "",
+        *[f"- {text}" for text in s["not_done"].values()],
+        "",
+        "## What the numbers mean for an operator",
+        "",
+        f"- **Heartbeat.** A frozen node keeps its sockets open and answers nothing. Without a proxy that acts, a"
+        f" client notices only when its heartbeat times out (two missed heartbeats, {2 * load['heartbeat']} s here;"
+        " RabbitMQ's default of 60 s makes it two minutes). Keep client heartbeats short enough for your recovery"
+        " target, and proxy idle timeouts (HAProxy `timeout client/server`) longer than the heartbeat, or the proxy"
+        " cuts idle but healthy connections.",
+        f"- **`fall` x `interval`.** The time until the proxy marks a failed node down ({checks['fall']} x"
+        f" {checks['interval']:g} s here, plus up to one `timeout`). rabbitproxy's AMQP check sends the protocol"
+        " header and waits for the broker's `Connection.Start`, so a frozen node or one cut off fails it. A"
+        " TCP-connect check (HAProxy's plain `check`) still passes while the kernel accepts connections for a"
+        " frozen VM: HAProxy never marks it down, and its clients find out only by their own heartbeat, if the"
+        " freeze lasts long enough.",
+        "- **`on_marked_down`.** With `close`, rabbitproxy closes the connections of a node it marks down, so the"
+        " clients reconnect (to a healthy node) within `fall` x `interval` instead of waiting for their heartbeat."
+        " `keep` leaves them; that is only right for clients that cannot reconnect. HAProxy's equivalent is"
+        " `on-marked-down shutdown-sessions`.",
+        "- **`close_timeout` and `shutdown_timeout`.** How long a closing connection may take to flush before it is"
+        " cut, and how long a stopping proxy lets connections finish. A confirm the broker sent but the client never"
+        " received only means a republish (a duplicate for the consumer to drop), never a lost message: what the"
+        " client did not see confirmed, it publishes again. Consumers must therefore de-duplicate by message id.",
+        "- **Reload.** A rabbitproxy reload keeps every established connection. HAProxy's reload starts a new"
+        " worker; the old one keeps its connections until `hard-stop-after`, then cuts them, so long-lived AMQP"
+        " connections reconnect after each reload.",
+        "- **Classic queues** live on one node: while it is down they cannot take or deliver messages at all (publishes"
+        " are returned or not confirmed, and republished); a proxy cannot change that, only quorum queues can.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write(data: dict[str, Any], md: Path, png: Path) -> None:
+    chart(data["rows"], data["settings"]["scenarios"], png)
+    md.write_text(render(data, png.name))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("json", type=Path)
+    ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "reliability.md")
+    ap.add_argument("--rescore", action="store_true", help="compute the recovery columns again from the rates")
+    args = ap.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    if args.rescore:
+        import faults
+
+        data["rows"] = [faults.rescore(r) for r in data["rows"]]
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    write(data, args.out, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
