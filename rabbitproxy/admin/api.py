@@ -34,7 +34,6 @@ from rabbitproxy.admin.readiness import health_status
 from rabbitproxy.balancing.pool import ADMIN_STATES, AdminState, Backend, Connection, NodeView
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
-from rabbitproxy.control.close_one import close_connection
 from rabbitproxy.control.supervisor import ReloadRefusedError
 
 if TYPE_CHECKING:
@@ -475,7 +474,7 @@ async def delete_connection(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     service, conn = _find_connection(request.app[PROXY_KEY], request.match_info["id"])
     view = connections.connection_view(service.name, conn, time.monotonic())
-    outcome = await close_connection(service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, text)
+    outcome = await request.app[PROXY_KEY].steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, text)
     fields = {
         "id": view["id"],
         "service": service.name,

@@ -17,7 +17,6 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.control.close_one import close_connection
 from rabbitproxy.control.supervisor import Supervisor
 from tests.support.net import echo_handler, free_port, tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
@@ -236,9 +235,7 @@ async def test_close_falls_back_to_tcp_when_the_broker_does_not_know_the_connect
                 service = proxy.services["amqp"]
                 [conn] = service.connections
                 assert conn.backend is not None and conn.backend.name == "echo1"
-                outcome = await close_connection(
-                    service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, "bye", young=0
-                )
+                outcome = await proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "bye", young=0)
                 assert outcome.via == "tcp"
                 assert "echo2: the broker knows no connection" in outcome.detail
                 assert len(fake.calls) == 1
@@ -257,9 +254,7 @@ async def test_a_young_connection_unknown_to_the_broker_is_asked_for_again() -> 
                 service = proxy.services["amqp"]
                 [conn] = service.connections
                 task = asyncio.create_task(
-                    close_connection(
-                        service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, "bye", young=60
-                    )
+                    proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "bye", young=60)
                 )
                 # The management API learns of connections late: a second 404 is asked for, then it knows it.
                 await wait_for(lambda: len(fake.calls) >= 2, timeout=30, what="a second DELETE")
@@ -290,9 +285,7 @@ async def test_with_a_proxy_header_the_broker_is_asked_by_the_header_s_two_addre
             service = proxy.services["amqp"]
             await wait_for(lambda: any(c.backend is not None for c in service.connections), what="attached")
             [conn] = service.connections
-            outcome = await close_connection(
-                service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, "bye"
-            )
+            outcome = await proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "bye")
             assert outcome.via == "broker"
             client = writer.get_extra_info("sockname")
             assert fake.calls == [(f"{client[0]}:{client[1]} -> {listen[0]}:{listen[1]}", "bye")]

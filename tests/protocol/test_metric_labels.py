@@ -80,7 +80,7 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
                     | {"ok", "unreachable", "bad reply", "error"},
                     "state": set(ADMIN_STATES),
                     "reason": set(CloseReason),
-                    "cause": {"drain", "maint", "rebalance"},
+                    "cause": {"drain", "maint", "rebalance", "operator"},
                     "via": {"broker", "tcp"},
                     "kind": {"memory", "disk"},
                 }[label]
