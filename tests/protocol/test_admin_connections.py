@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from rabbitproxy.balancing.pool import Connection
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.supervisor import Supervisor
 from tests.support.net import echo_handler, free_port, tcp_server
@@ -265,6 +266,13 @@ async def test_a_young_connection_unknown_to_the_broker_is_asked_for_again() -> 
                 writer.close()
 
 
+def _broker_name(conn: Connection) -> str:
+    ends = conn.backend_endpoints()
+    assert ends is not None
+    (lhost, lport), (bhost, bport) = ends
+    return f"{lhost}:{lport} -> {bhost}:{bport}"
+
+
 async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     # A backend that reads everything (the PROXY header included) and answers nothing.
     while await reader.read(65536):
@@ -290,3 +298,29 @@ async def test_with_a_proxy_header_the_broker_is_asked_by_the_header_s_two_addre
             client = writer.get_extra_info("sockname")
             assert fake.calls == [(f"{client[0]}:{client[1]} -> {listen[0]}:{listen[1]}", "bye")]
             writer.close()
+
+
+@pytest.mark.asyncio
+async def test_an_operator_close_does_not_wait_behind_a_running_maint_batch() -> None:
+    # close_rate 0.01: the maint batch closes its first connection and then waits 100 s for the next token. The
+    # operator's close goes through the same closer but neither draws from the bucket nor waits for the batch.
+    async with fake_management(204) as (fake, mport), tcp_server(echo_handler) as p1:
+        backends = [{"name": "echo1", "address": "127.0.0.1", "port": p1}]
+        svc = service_config(backends, rabbitmq={"management_port": mport, "close_rate": 0.01, "quorum_guard": False})
+        async with run_proxy(svc) as proxy:
+            writers = [(await echo_client(proxy, b"x"))[1] for _ in range(3)]
+            service = proxy.services["amqp"]
+            backend = service.pool.by_name["echo1"]
+            proxy.steering.set_state(service, backend, "maint")
+            await wait_for(lambda: len(fake.calls) == 1, what="the batch's first close")
+            # One the batch has not asked for yet (the stand-in answers 204 but closes nothing).
+            asked = fake.calls[0][0]
+            conn = next(c for c in backend.connections if _broker_name(c) != asked)
+            outcome = await asyncio.wait_for(
+                proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "now"), 10
+            )
+            assert outcome.via == "broker"
+            assert len(fake.calls) == 2 and fake.calls[1][1] == "now"
+            assert proxy.steering.stats["amqp"].counts["operator", "broker"] == 1
+            for w in writers:
+                w.close()
