@@ -236,7 +236,6 @@ class BrokerCloser:
             log.info("connections closed", **fields, through_broker=len(by_broker), by_tcp=by_tcp, reason=text)
         return len(by_broker), by_tcp
 
-
     async def close_one(
         self,
         conn: Connection,
