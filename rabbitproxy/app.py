@@ -84,7 +84,8 @@ async def serve(
         health_file = HealthFile(config.admin.health_file)
         health_file.update("starting")
     if config.admin.enabled:
-        from rabbitproxy.admin.api import admin_token, start_admin
+        from rabbitproxy.admin.access import admin_token
+        from rabbitproxy.admin.api import start_admin
 
         # A missing token on a non-loopback admin address is a config error: refuse before binding anything.
         admin_token(config.admin)

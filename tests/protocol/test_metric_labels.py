@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.admin.api import backend_view
 from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.admin.views import backend_view
 from rabbitproxy.balancing.pool import ADMIN_STATES, Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.feedback import AgentUnavailableError, Poller
