@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from rabbitproxy.config import Config, ConfigError
-from rabbitproxy.control.supervisor import ReloadRefusedError, Supervisor
+from rabbitproxy.control.reload import ReloadRefusedError
+from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.tasks import run_restarting
 
 log = structlog.get_logger("rabbitproxy.app")

@@ -11,7 +11,7 @@ from rabbitproxy.admin.common import PROXY_KEY, REGISTRY_KEY, error, json_body, 
 from rabbitproxy.admin.metrics import render
 from rabbitproxy.admin.readiness import health_status
 from rabbitproxy.config import ConfigError
-from rabbitproxy.control.supervisor import ReloadRefusedError
+from rabbitproxy.control.reload import ReloadRefusedError
 
 log = structlog.get_logger("rabbitproxy.admin")
 
