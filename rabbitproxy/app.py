@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from rabbitproxy.config import Config, ConfigError
-from rabbitproxy.control.supervisor import ReloadRefusedError, Supervisor
+from rabbitproxy.control.reload import ReloadRefusedError
+from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.tasks import run_restarting
 
 log = structlog.get_logger("rabbitproxy.app")
@@ -84,7 +85,8 @@ async def serve(
         health_file = HealthFile(config.admin.health_file)
         health_file.update("starting")
     if config.admin.enabled:
-        from rabbitproxy.admin.api import admin_token, start_admin
+        from rabbitproxy.admin.access import admin_token
+        from rabbitproxy.admin.api import start_admin
 
         # A missing token on a non-loopback admin address is a config error: refuse before binding anything.
         admin_token(config.admin)

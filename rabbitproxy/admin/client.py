@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9080"
 # Closing a connection through the broker may ask several nodes, and asks again for a few seconds while the
-# management API has not learnt of a young connection yet (rabbitproxy.control.close_one).
+# management API has not learnt of a young connection yet (rabbitproxy.control.closer, BrokerCloser.close_one).
 CLOSE_TIMEOUT = 60.0
 
 

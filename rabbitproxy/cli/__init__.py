@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-# The healthcheck options the fast path understands, as the typer command in commands.py declares them; a unit
+# The healthcheck options the fast path understands, as the typer command in cli/admin.py declares them; a unit
 # test compares the two sets, so an option added there is not silently ignored here.
 _VALUE_OPTIONS = {"--admin": "admin", "--config": "config", "-c": "config", "--timeout": "timeout"}
 _FLAG_OPTIONS = {"--quiet": "quiet", "-q": "quiet"}

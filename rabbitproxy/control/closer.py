@@ -11,6 +11,11 @@ cannot close a connection (unreachable, or it knows no connection of that name) 
 and says so. Every close of a service (drains, maint, the rebalancer) draws from one :class:`TokenBucket`, so a
 drain of a node carrying thousands of clients spreads their reconnects over time instead of hitting the other
 nodes all at once.
+
+An operator's close of one connection (``DELETE /api/connections/{id}``, :meth:`BrokerCloser.close_one`) takes the
+same path, naming, node order, retry-while-young and TCP fallback, but neither draws from the bucket nor waits for
+a running batch: one close is no reconnect wave, and an operator waiting for the answer must not sit behind a
+drain of thousands at close_rate.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import aiohttp
@@ -34,8 +40,8 @@ from rabbitproxy.protocols.management import connection_name
 log = structlog.get_logger("rabbitproxy.closer")
 
 # Why a connection was closed by us, and how: fixed sets, because they are metric labels.
-Cause = Literal["drain", "maint", "rebalance"]
-CAUSES: Final[tuple[Cause, ...]] = ("drain", "maint", "rebalance")
+Cause = Literal["drain", "maint", "rebalance", "operator"]
+CAUSES: Final[tuple[Cause, ...]] = ("drain", "maint", "rebalance", "operator")
 Via = Literal["broker", "tcp"]
 VIAS: Final[tuple[Via, ...]] = ("broker", "tcp")
 # A client told to go by the broker answers close-ok and the broker then closes the socket; one that does not
@@ -44,6 +50,21 @@ BROKER_CLOSE_GRACE = 15.0
 # The management API learns of a new connection a moment after its handshake (its statistics are collected every
 # few seconds), so a 404 for a connection younger than this is asked again, once a second, before TCP is used.
 YOUNG = 10.0
+RETRY_EVERY = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOutcome:
+    """How one close went: ``broker`` (320 sent), ``tcp``, or ``ended`` (it went away by itself meanwhile)."""
+
+    via: Literal["broker", "tcp", "ended"]
+    # The node that closed it, or why it was not closed through the broker.
+    detail: str
+
+
+def _open(conn: Connection) -> bool:
+    backend = conn.backend
+    return backend is not None and conn in backend.connections
 
 
 class TokenBucket:
@@ -117,6 +138,10 @@ class BrokerCloser:
         # One close batch at a time per service: the bucket would keep the rate anyway, but the order in which
         # several batches interleave would be arbitrary.
         self.lock = asyncio.Lock()
+        # Operator closes in flight (they take no lock): a reload closes the old session only once they are done.
+        self.singles = 0
+        self.singles_done = asyncio.Event()
+        self.singles_done.set()
 
     async def aclose(self) -> None:
         if self.session is not None:
@@ -124,7 +149,7 @@ class BrokerCloser:
 
     def _apis(self, backend: Backend, pool: Iterable[Backend]) -> list[tuple[str, ManagementAPI]]:
         """The APIs to ask, the backend's own node first: any node of the cluster can close any connection."""
-        if self.session is None or self.config.rabbitmq is None:
+        if self.session is None or self.session.closed or self.config.rabbitmq is None:
             return []
         out: list[tuple[str, ManagementAPI]] = []
         for b in [backend, *(b for b in pool if b is not backend)]:
@@ -174,38 +199,18 @@ class BrokerCloser:
         while queue or retries:
             if not queue:
                 # Only connections too young for the API to know them are left: ask again a little later.
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(RETRY_EVERY)
                 queue, retries = retries, []
             conn = queue.pop(0)
-            current = conn.backend
-            if current is None or conn not in current.connections:
+            if not _open(conn):
                 continue  # it ended by itself while the batch waited its turn
             await self._pace()
-            if conn.backend is None or conn not in conn.backend.connections:
+            if not _open(conn):
                 continue
             if conn.reason is None:
                 # Set first: the broker's close reaches the proxy as the backend hanging up, which is not the cause.
                 conn.reason = reason
-            ends = conn.backend_endpoints()
-            header = (conn.client_src, conn.client_dst) if proxy_protocol else None
-            name = broker_connection_name(ends[0], ends[1], header) if ends else None
-            closed = False
-            unknown = False
-            problem = "no [services.rabbitmq]" if not apis else "the connection's name is unknown"
-            if name is not None:
-                while apis and not closed:
-                    node, api = apis[0]
-                    try:
-                        closed = await api.close_connection(name, text)
-                    except ManagementUnavailable as exc:
-                        # This API is out for the rest of the batch; the next node is asked instead.
-                        problem = f"{node}: {exc}"
-                        apis.pop(0)
-                        continue
-                    if not closed:
-                        unknown = True
-                        problem = f"{node}: the broker knows no connection {name!r}"
-                        break
+            closed, unknown, problem = await _ask(conn, apis, proxy_protocol, text)
             if closed:
                 by_broker.append(conn)
                 self.stats.counts[cause, "broker"] += 1
@@ -232,9 +237,92 @@ class BrokerCloser:
             log.info("connections closed", **fields, through_broker=len(by_broker), by_tcp=by_tcp, reason=text)
         return len(by_broker), by_tcp
 
+    async def close_one(
+        self,
+        conn: Connection,
+        *,
+        pool: Iterable[Backend],
+        reason: CloseReason,
+        text: str,
+        young: float = YOUNG,
+    ) -> CloseOutcome:
+        """Close one connection for an operator, through the broker when possible, else by TCP.
+
+        Not paced and not queued behind a running batch (see the module's docstring); counted as cause
+        ``operator``.
+        """
+        self.singles += 1
+        self.singles_done.clear()
+        try:
+            return await self._close_one(conn, list(pool), reason, text, young)
+        finally:
+            self.singles -= 1
+            if not self.singles:
+                self.singles_done.set()
+
+    async def _close_one(
+        self, conn: Connection, pool: list[Backend], reason: CloseReason, text: str, young: float
+    ) -> CloseOutcome:
+        backend = conn.backend
+        if self.config.rabbitmq is None or backend is None:
+            conn.close(reason)
+            self.stats.counts["operator", "tcp"] += 1
+            why = "no [services.rabbitmq]" if backend is not None else "not connected to a backend"
+            return CloseOutcome("tcp", why)
+        apis = self._apis(backend, pool)
+        proxy_protocol = self.config.proxy_protocol_for(backend.config) != "off"
+        if conn.reason is None:
+            # Named first: the broker's close reaches the proxy as the backend hanging up, which is not why it ended.
+            conn.reason = reason
+        while True:
+            if not _open(conn):
+                return CloseOutcome("ended", "the connection ended while the broker was asked")
+            closed, unknown, problem = await _ask(conn, apis, proxy_protocol, text)
+            if closed:
+                self.stats.counts["operator", "broker"] += 1
+                # The client answers close-ok and the broker hangs up; if either does not, TCP ends it.
+                self.loop.call_later(BROKER_CLOSE_GRACE, _close_leftovers, [conn], reason)
+                return CloseOutcome("broker", problem)
+            if not unknown or time.monotonic() - conn.started >= young:
+                break
+            await asyncio.sleep(RETRY_EVERY)
+        if not _open(conn):
+            return CloseOutcome("ended", "the connection ended while the broker was asked")
+        conn.close(reason)
+        self.stats.counts["operator", "tcp"] += 1
+        return CloseOutcome("tcp", problem)
+
+
+async def _ask(
+    conn: Connection, apis: list[tuple[str, ManagementAPI]], proxy_protocol: bool, text: str
+) -> tuple[bool, bool, str]:
+    """Ask the nodes in ``apis`` in turn to close ``conn``: (closed, the broker knows no such name, detail).
+
+    The detail is the node that closed it, or why it was not closed. A node whose API does not answer is dropped
+    from ``apis`` (for the rest of a batch); the next node is asked instead, since any node of a cluster can close
+    any of its connections.
+    """
+    ends = conn.backend_endpoints()
+    header = (conn.client_src, conn.client_dst) if proxy_protocol else None
+    name = broker_connection_name(ends[0], ends[1], header) if ends else None
+    problem = "no backend has a management API" if not apis else "the connection's ends are unknown"
+    if name is None:
+        return False, False, problem
+    while apis:
+        node, api = apis[0]
+        try:
+            closed = await api.close_connection(name, text)
+        except ManagementUnavailable as exc:
+            problem = f"{node}: {exc}"
+            apis.pop(0)
+            continue
+        if closed:
+            return True, False, node
+        return False, True, f"{node}: the broker knows no connection {name!r}"
+    return False, False, problem
+
 
 def _close_leftovers(conns: list[Connection], reason: CloseReason) -> None:
     for conn in conns:
-        backend = conn.backend
-        if backend is not None and conn in backend.connections:
+        if _open(conn):
             conn.close(reason)

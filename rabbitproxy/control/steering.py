@@ -9,6 +9,7 @@ and then to apply an operator's state; reloads and the shutdown tell it which se
   backend (ready, maint, a new drain) cancels a pending deadline.
 - **Maint** with ``[services.rabbitmq]``: the open connections are closed through the broker at close_rate
   instead of by TCP at once.
+- **Operator closes** of one connection (``DELETE /api/connections/{id}``) go through the same closer, unpaced.
 - **Quorum guard**: before a backend leaves ``ready`` for drain or maint, its node is asked whether it is
   quorum-critical; the answer decides between going ahead, 409 (naming the queues) and 503 (the check could not
   be made), unless the operator forces it.
@@ -24,7 +25,8 @@ import structlog
 
 from rabbitproxy.balancing.backend import AdminState, Backend
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.control.closer import BrokerCloser, Cause, CloseStats
+from rabbitproxy.balancing.views import Connection
+from rabbitproxy.control.closer import YOUNG, BrokerCloser, Cause, CloseOutcome, CloseStats
 from rabbitproxy.control.management import ManagementAPI, ManagementUnavailable, base_url_for
 from rabbitproxy.control.rebalancer import Rebalancer
 from rabbitproxy.relay.service import Service
@@ -183,6 +185,17 @@ class Steering:
             out["deadline"] = deadline
         return out
 
+    async def close_one(
+        self, service: Service, conn: Connection, reason: CloseReason, text: str, *, young: float = YOUNG
+    ) -> CloseOutcome:
+        """An operator's close of one connection, through the service's closer (unpaced: see control.closer)."""
+        closer = self.closers.get(service.name)
+        if closer is None:
+            # The service is being removed or the proxy is stopping; its closer and session are gone.
+            conn.close(reason)
+            return CloseOutcome("tcp", "the service is stopping")
+        return await closer.close_one(conn, pool=service.pool.backends, reason=reason, text=text, young=young)
+
     def deadline_left(self, service: str, backend: str) -> float | None:
         """Seconds until ``backend``'s drain deadline, or None when none is pending."""
         entry = self.pending.get((service, backend))
@@ -227,4 +240,5 @@ class Steering:
 
 async def _close_when_idle(closer: BrokerCloser) -> None:
     async with closer.lock:
+        await closer.singles_done.wait()
         await closer.aclose()

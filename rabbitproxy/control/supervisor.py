@@ -1,16 +1,16 @@
 """The supervisor: every running service, the monitors that watch its backends, reload and shutdown.
 
 It owns what changes while the process runs. The data path (:mod:`rabbitproxy.relay`) knows nothing of it; the
-admin API steers it; :func:`rabbitproxy.app.serve` creates it, starts it and stops it.
+admin API steers it; :func:`rabbitproxy.app.serve` creates it, starts it and stops it. How a reload prepares and
+swaps in a new configuration is :mod:`rabbitproxy.control.reload`; this module only serialises reloads and refuses
+them once shutdown has begun.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,12 @@ import structlog
 
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
-from rabbitproxy.balancing.pool import Pool
-from rabbitproxy.config import Config, ConfigError, ServiceConfig
+from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task
 from rabbitproxy.control.management import session_for
 from rabbitproxy.control.node_monitor import node_monitor_task
+from rabbitproxy.control.reload import ReloadRefusedError, ReloadResult, apply
 from rabbitproxy.control.steering import Steering
 from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
 from rabbitproxy.relay.service import Service
@@ -33,28 +33,6 @@ from rabbitproxy.relay.transparent import check_transparent
 from rabbitproxy.tasks import Backoff, OwnedTasks, cancel_and_wait, log_failure, run_restarting
 
 log = structlog.get_logger("rabbitproxy.supervisor")
-
-
-class ReloadRefusedError(ConfigError):
-    """A reload that cannot be applied now, whatever the file says: the proxy is shutting down."""
-
-
-@dataclass
-class ReloadResult:
-    """What a reload changed, for the log and the admin API."""
-
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, list[str]]:
-        return {
-            "added": self.added,
-            "removed": self.removed,
-            "changed": self.changed,
-            "unchanged": self.unchanged,
-        }
 
 
 class Supervisor:
@@ -89,7 +67,7 @@ class Supervisor:
         for sc in self.config.services:
             service = Service(sc, tls=tls[sc.name])
             self.services[sc.name] = service
-            self._watch_service(service)
+            self.watch_service(service)
             self.steering.service_added(service)
         # The sockets already listen, so clients arriving now wait in the backlog. Serving starts once every
         # backend's first check has answered (or its timeout passed): otherwise the first clients after a start or
@@ -120,7 +98,7 @@ class Supervisor:
         await asyncio.gather(*(s.drain(s.config.shutdown_timeout) for s in self.services.values()))
         await self._stop_all_monitors()
         for name in list(self.management):
-            await self._close_management(name)
+            await self.close_management(name)
         await self.background.cancel_all()
         log.info("stopped")
 
@@ -130,14 +108,14 @@ class Supervisor:
 
     # -- monitors ------------------------------------------------------------------------------------------------
 
-    def _watch_service(self, service: Service) -> None:
+    def watch_service(self, service: Service) -> None:
         rmq = service.config.rabbitmq
         if rmq is not None and service.name not in self.management:
             self.management[service.name] = session_for(rmq)
         for backend in service.pool.backends:
             self._watch(service, backend)
 
-    async def _close_management(self, service_name: str) -> None:
+    async def close_management(self, service_name: str) -> None:
         """Close a service's management session (its monitors must already be stopped)."""
         session = self.management.pop(service_name, None)
         if session is not None:
@@ -166,7 +144,7 @@ class Supervisor:
 
     # -- reload --------------------------------------------------------------------------------------------------
 
-    def _refuse_if_stopping(self) -> None:
+    def refuse_if_stopping(self) -> None:
         if self.state == "stopping":
             # A reload now would bind listeners the shutdown already closed, and add services its drain misses.
             raise ReloadRefusedError(["the proxy is shutting down; reload refused"])
@@ -177,190 +155,16 @@ class Supervisor:
         Raises :class:`ConfigError` and changes nothing when the new configuration is invalid or a new listener
         cannot be bound, and :class:`ReloadRefusedError` (a ConfigError) once shutdown has begun.
         """
-        self._refuse_if_stopping()
+        self.refuse_if_stopping()
         async with self.reload_lock:
-            self._refuse_if_stopping()
+            self.refuse_if_stopping()
             if new is None:
                 if self.config_path is None:
                     raise ConfigError(["no configuration file to reload (started from command-line options)"])
                 new = config_mod.load(self.config_path)
-            return await self._apply(new)
+            return await apply(self, new)
 
-    async def _apply(self, new: Config) -> ReloadResult:
-        """Prepare everything the new configuration needs, swap it in without an await, then clean up.
-
-        House rule 13: an admin PATCH, a health verdict, an agent reply or a connect that completes while this runs
-        must land on the objects that stay. So the awaits (first checks of new backends, new servers) come before
-        anything visible changes; copying the runtime state into the new pools and installing them is one
-        synchronous step; the old monitors are cancelled in that same step and only awaited afterwards.
-        """
-        # Certificates and keys are read again on every reload (that is how a renewed one is picked up); a file
-        # that cannot be loaded refuses the reload before anything changes.
-        tls = {sc.name: ServiceTLS(sc) for sc in new.services}
-        check_transparent(new.services)
-        # Everything that can fail (binding new or moved listeners) before anything changes. A moved listener that
-        # takes a port another (removed or moved) service still holds is refused rather than half-applied: two
-        # listeners cannot share a port.
-        fresh_socks = bind_all(
-            [
-                sc
-                for sc in new.services
-                if sc.name not in self.services or self.services[sc.name].config.listen != sc.listen
-            ]
-        )
-        plan = _Plan(new, tls, fresh_socks)
-        try:
-            await self._prepare(plan)
-            # Shutdown may have begun during the awaits; from here to the swap nothing awaits.
-            self._refuse_if_stopping()
-        except BaseException:
-            await self._discard(plan)
-            raise
-        old_tasks = self._swap(plan)
-        # The swap closed the old servers; the new ones accept from now on (connects meanwhile waited in the
-        # backlog). A shutdown that began since has closed them already, and a closed server must not start.
-        for server in plan.servers.values():
-            if self.state != "stopping" and server.sockets:
-                await server.start_serving()
-        await cancel_and_wait(old_tasks)
-        # What the swap left to clean up and has to await: the steering of removed and changed services, and the
-        # management sessions their old monitors used.
-        for name in plan.removed:
-            await self.steering.service_removed(name)
-            await self._close_management(name)
-        for service in plan.changed:
-            await self.steering.service_changed(service)
-        for session in plan.old_sessions:
-            await session.close()
-        log.info("configuration reloaded", **plan.result.as_dict())
-        return plan.result
-
-    async def _prepare(self, plan: _Plan) -> None:
-        """The awaiting half of a reload: nothing here is visible to clients, the admin API or the monitors."""
-        new = plan.config
-        waits: list[Awaitable[Any]] = []
-        for sc in new.services:
-            old = self.services.get(sc.name)
-            if old is None:
-                # A new service checks its backends before it accepts anyone, as at start: otherwise its first
-                # clients would all be turned away with "no backend". Its monitors are the permanent ones.
-                service = Service(sc, tls=plan.tls[sc.name])
-                plan.added[sc.name] = service
-                self._watch_service(service)
-                waits.append(service.first_checks.wait())
-                continue
-            if old.config != sc and sc.health_check.type != "none":
-                staged = self._stage_new_servers(old, sc, plan.tls[sc.name])
-                if staged is not None:
-                    plan.staged[sc.name] = staged
-                    waits.append(staged.service.first_checks.wait())
-        if waits:
-            grace = max(sc.health_check.timeout for sc in new.services) + 1.0
-            try:
-                async with asyncio.timeout(grace):
-                    await asyncio.gather(*waits)
-            except TimeoutError:
-                log.warning("reload goes on before every new backend's first health check answered", waited=grace)
-        for sc in new.services:
-            target = plan.added.get(sc.name) or self.services[sc.name]
-            old_server_tls = target.tls.server is not None if sc.name not in plan.added else False
-            sock = plan.socks.pop(sc.name, None)
-            if sock is None and (old_server_tls or plan.tls[sc.name].server is not None):
-                # A terminating service gets a new listener with a fresh context on every reload (see relay.tls:
-                # a session cached by the old context must not be resumed under new settings); TLS switched on or
-                # off needs one too. It takes over a duplicate of the same socket, so the port never closes.
-                sock = target.duplicate_listener()
-            if sock is None:
-                continue
-            plan.owned_socks.append(sock)
-            server = await target.open_server(sock, sc, plan.tls[sc.name], serving=False)
-            plan.owned_socks.remove(sock)
-            plan.servers[sc.name] = server
-
-    def _stage_new_servers(self, service: Service, sc: ServiceConfig, tls: ServiceTLS) -> _Staged | None:
-        """Backends of ``sc`` that are new servers (new name or new address), checked once before the swap.
-
-        They run their first checks on a stand-in service with the new configuration, so that when the swap puts
-        them in the pool they already have a verdict: a service whose backends all moved keeps serving from the
-        old ones until then, instead of answering "no backend" until the first check after the swap.
-        """
-        fresh: list[Backend] = []
-        for bc in sc.backends:
-            port = sc.backend_port(bc)
-            prev = service.pool.by_name.get(bc.name)
-            if prev is None or prev.address != bc.address or prev.port != port:
-                fresh.append(Backend.for_service(sc, bc, healthy=False))
-        if not fresh:
-            return None
-        stand_in = Service(sc, pool=Pool(fresh, sc.balance), tls=tls)
-        tasks = [asyncio.ensure_future(health_task(stand_in, b)) for b in fresh]
-        for t in tasks:
-            t.add_done_callback(log_failure)
-        return _Staged(stand_in, {b.name: b for b in fresh}, tasks)
-
-    async def _discard(self, plan: _Plan) -> None:
-        """Undo a reload that failed or was refused before its swap: nothing of it may outlive it."""
-        for server in plan.servers.values():
-            server.close()
-        for sock in [*plan.socks.values(), *plan.owned_socks]:
-            sock.close()
-        tasks: list[asyncio.Task[Any]] = []
-        for service in plan.added.values():
-            for b in service.pool.backends:
-                tasks.extend(self.monitors.pop(id(b), []))
-        for staged in plan.staged.values():
-            tasks.extend(staged.tasks)
-        await cancel_and_wait(tasks)
-        for name in plan.added:
-            await self._close_management(name)
-
-    def _swap(self, plan: _Plan) -> list[asyncio.Task[Any]]:
-        """Install the prepared reload. Synchronous by design: nothing else runs on the loop until it returns.
-
-        Returns the tasks it cancelled (old monitors, first-check stand-ins), for the caller to await.
-        """
-        new, result = plan.config, plan.result
-        cancelled: list[asyncio.Task[Any]] = []
-        new_names = {s.name for s in new.services}
-        # Removed services stop accepting and drain in the background.
-        for name in [n for n in self.services if n not in new_names]:
-            service = self.services.pop(name)
-            # Close the listener now, not when the drain task first runs: by the time the reload is reported
-            # done, a new connect to a removed service must already be refused.
-            service.stop_accepting()
-            cancelled.extend(self._cancel_monitors(service.pool.backends))
-            # Its management session and its steering (pending closes, rebalancer) go after the swap: they await.
-            plan.removed.append(name)
-            self.spawn(service.remove(), name=f"drain {name}")
-            result.removed.append(name)
-        for sc in new.services:
-            added = plan.added.get(sc.name)
-            if added is not None:
-                self.services[sc.name] = added
-                added.replace_server(plan.servers[sc.name])
-                self.steering.service_added(added)
-                log.info("service listening", service=sc.name, listen=sc.listen, backends=len(sc.backends))
-                result.added.append(sc.name)
-                continue
-            service = self.services[sc.name]
-            staged = plan.staged.get(sc.name)
-            if staged is not None:
-                for t in staged.tasks:
-                    t.cancel()
-                cancelled.extend(staged.tasks)
-            service.tls = plan.tls[sc.name]
-            if sc.name in plan.servers:
-                service.replace_server(plan.servers[sc.name])
-            if service.config == sc:
-                result.unchanged.append(sc.name)
-                continue
-            cancelled.extend(self._update_service(service, sc, staged, plan))
-            plan.changed.append(service)
-            result.changed.append(sc.name)
-        self.config = new
-        return cancelled
-
-    def _cancel_monitors(self, backends: list[Backend]) -> list[asyncio.Task[Any]]:
+    def cancel_monitors(self, backends: list[Backend]) -> list[asyncio.Task[Any]]:
         """Cancel the monitors of ``backends`` at once and return them (awaited later, outside the swap).
 
         A cancelled task resumes only by raising CancelledError at its await, so none of them writes another
@@ -372,94 +176,6 @@ class Supervisor:
         for t in tasks:
             t.cancel()
         return tasks
-
-    def _update_service(
-        self, service: Service, sc: ServiceConfig, staged: _Staged | None, plan: _Plan
-    ) -> list[asyncio.Task[Any]]:
-        """Give ``service`` its new config and pool (part of the synchronous swap); return the monitors cancelled."""
-        old_cfg = service.config
-        old_pool = service.pool
-        healthy_default = sc.health_check.type == "none"
-        checked = staged.backends if staged is not None else {}
-        backends: list[Backend] = []
-        for bc in sc.backends:
-            prev = old_pool.by_name.get(bc.name)
-            port = sc.backend_port(bc)
-            if prev is not None and prev.address == bc.address and prev.port == port:
-                b = Backend.for_service(sc, bc, healthy=healthy_default)
-                b.adopt_runtime_state(prev)
-                if healthy_default:
-                    b.healthy = True
-                    b.health_detail = "no check configured"
-            else:
-                # A new server: the one whose first check ran before the swap, when there is one.
-                b = checked.get(bc.name) or Backend.for_service(sc, bc, healthy=healthy_default)
-                if prev is not None:
-                    # Same name, new address: a different server. Its open connections stay with the old one, but
-                    # what the operator set (drain, maint, a weight) is about the name and carries over.
-                    b.adopt_operator_state(prev)
-            backends.append(b)
-        pool = Pool(backends, sc.balance)
-        if old_cfg.balance == sc.balance:
-            # Keep the balancer's position (smooth WRR's running weights) so a reload does not restart the
-            # sequence; only the state of backends that are gone is dropped.
-            pool.balancer = old_pool.balancer
-            for name in old_pool.by_name.keys() - pool.by_name.keys():
-                pool.balancer.forget(name)
-        # Connects in flight are counted per Backend object (max_connections); the count moves with the server.
-        connecting = service.connecting
-        for old_b in [b for b in connecting if b.successor is not None]:
-            connecting[old_b.current()] += connecting.pop(old_b)
-        cancelled = self._cancel_monitors(old_pool.backends)
-        # The credentials or the CA may have changed: the new monitors get a new session, the old one is closed
-        # after the swap.
-        session = self.management.pop(service.name, None)
-        if session is not None:
-            plan.old_sessions.append(session)
-        service.pool = pool
-        service.config = sc
-        service.cancel_connects_to_removed()
-        self._watch_service(service)
-        # One event per backend that came or went, so a filter on backend= tells that backend's whole story.
-        new_names = {b.name for b in backends}
-        for b in backends:
-            if b.name not in old_pool.by_name:
-                log.info("backend added", service=sc.name, backend=b.name, address=f"{b.address}:{b.port}")
-        for b in old_pool.backends:
-            if b.name not in new_names:
-                log.info("backend removed", service=sc.name, backend=b.name, open_connections=b.active)
-        log.info("service updated", service=sc.name, backends=[b.name for b in backends])
-        return cancelled
-
-
-@dataclass
-class _Staged:
-    """New servers of a changed service, checked on a stand-in before the swap puts them in the pool."""
-
-    service: Service
-    backends: dict[str, Backend]
-    tasks: list[asyncio.Task[None]]
-
-
-@dataclass
-class _Plan:
-    """Everything a reload prepares before its swap."""
-
-    config: Config
-    tls: dict[str, ServiceTLS]
-    # Bound for new and moved listeners, not yet handed to a server.
-    socks: dict[str, socket.socket]
-    result: ReloadResult = field(default_factory=ReloadResult)
-    added: dict[str, Service] = field(default_factory=dict)
-    staged: dict[str, _Staged] = field(default_factory=dict)
-    # Servers opened (not serving) for the new services and for services whose listener is replaced.
-    servers: dict[str, asyncio.Server] = field(default_factory=dict)
-    # A socket being handed to a server right now; closed by _discard if that fails.
-    owned_socks: list[socket.socket] = field(default_factory=list)
-    # Left by the swap for the cleanup after it (steering and management sessions await).
-    removed: list[str] = field(default_factory=list)
-    changed: list[Service] = field(default_factory=list)
-    old_sessions: list[aiohttp.ClientSession] = field(default_factory=list)
 
 
 Monitor = tuple[str, Callable[[], Awaitable[None]]]

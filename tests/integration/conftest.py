@@ -14,9 +14,6 @@ import pytest
 from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.dev.nodes import Node, free_ports
 
-# TEMPORARY: tests written before tests/support/ import backends_for from here; it goes after merging.
-from tests.support.cluster import backends_for as backends_for
-
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[DevCluster]:

@@ -17,7 +17,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.control.close_one import close_connection
+from rabbitproxy.balancing.views import Connection
 from rabbitproxy.control.supervisor import Supervisor
 from tests.support.net import echo_handler, free_port, tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
@@ -236,9 +236,7 @@ async def test_close_falls_back_to_tcp_when_the_broker_does_not_know_the_connect
                 service = proxy.services["amqp"]
                 [conn] = service.connections
                 assert conn.backend is not None and conn.backend.name == "echo1"
-                outcome = await close_connection(
-                    service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, "bye", young=0
-                )
+                outcome = await proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "bye", young=0)
                 assert outcome.via == "tcp"
                 assert "echo2: the broker knows no connection" in outcome.detail
                 assert len(fake.calls) == 1
@@ -257,9 +255,7 @@ async def test_a_young_connection_unknown_to_the_broker_is_asked_for_again() -> 
                 service = proxy.services["amqp"]
                 [conn] = service.connections
                 task = asyncio.create_task(
-                    close_connection(
-                        service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, "bye", young=60
-                    )
+                    proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "bye", young=60)
                 )
                 # The management API learns of connections late: a second 404 is asked for, then it knows it.
                 await wait_for(lambda: len(fake.calls) >= 2, timeout=30, what="a second DELETE")
@@ -268,6 +264,13 @@ async def test_a_young_connection_unknown_to_the_broker_is_asked_for_again() -> 
                 assert outcome.via == "broker"
                 assert conn in service.connections
                 writer.close()
+
+
+def _broker_name(conn: Connection) -> str:
+    ends = conn.backend_endpoints()
+    assert ends is not None
+    (lhost, lport), (bhost, bport) = ends
+    return f"{lhost}:{lport} -> {bhost}:{bport}"
 
 
 async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -290,10 +293,34 @@ async def test_with_a_proxy_header_the_broker_is_asked_by_the_header_s_two_addre
             service = proxy.services["amqp"]
             await wait_for(lambda: any(c.backend is not None for c in service.connections), what="attached")
             [conn] = service.connections
-            outcome = await close_connection(
-                service.config, conn, service.pool.backends, CloseReason.OPERATOR_CLOSE, "bye"
-            )
+            outcome = await proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "bye")
             assert outcome.via == "broker"
             client = writer.get_extra_info("sockname")
             assert fake.calls == [(f"{client[0]}:{client[1]} -> {listen[0]}:{listen[1]}", "bye")]
             writer.close()
+
+
+@pytest.mark.asyncio
+async def test_an_operator_close_does_not_wait_behind_a_running_maint_batch() -> None:
+    # close_rate 0.01: the maint batch closes its first connection and then waits 100 s for the next token. The
+    # operator's close goes through the same closer but neither draws from the bucket nor waits for the batch.
+    async with fake_management(204) as (fake, mport), tcp_server(echo_handler) as p1:
+        backends = [{"name": "echo1", "address": "127.0.0.1", "port": p1}]
+        svc = service_config(backends, rabbitmq={"management_port": mport, "close_rate": 0.01, "quorum_guard": False})
+        async with run_proxy(svc) as proxy:
+            writers = [(await echo_client(proxy, b"x"))[1] for _ in range(3)]
+            service = proxy.services["amqp"]
+            backend = service.pool.by_name["echo1"]
+            proxy.steering.set_state(service, backend, "maint")
+            await wait_for(lambda: len(fake.calls) == 1, what="the batch's first close")
+            # One the batch has not asked for yet (the stand-in answers 204 but closes nothing).
+            asked = fake.calls[0][0]
+            conn = next(c for c in backend.connections if _broker_name(c) != asked)
+            outcome = await asyncio.wait_for(
+                proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, "now"), 10
+            )
+            assert outcome.via == "broker"
+            assert len(fake.calls) == 2 and fake.calls[1][1] == "now"
+            assert proxy.steering.stats["amqp"].counts["operator", "broker"] == 1
+            for w in writers:
+                w.close()

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from rabbitproxy.admin import access
 from rabbitproxy.admin import api as admin
 from rabbitproxy.control.supervisor import Supervisor
 from tests.support.net import free_port
@@ -57,7 +58,7 @@ async def test_every_mutating_endpoint_needs_the_token(monkeypatch: pytest.Monke
         return real(a, b)
 
     # The token check must go through hmac.compare_digest (constant time), not ==.
-    monkeypatch.setattr(admin.hmac, "compare_digest", spy)
+    monkeypatch.setattr(access.hmac, "compare_digest", spy)
     async with (
         run_proxy(svc(), admin={"listen": f"127.0.0.1:{port}", "token": TOKEN}) as p,
         aiohttp.ClientSession() as http,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.admin.api import backend_view
 from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.admin.views import backend_view
 from rabbitproxy.balancing.backend import ADMIN_STATES, Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.feedback import AgentUnavailableError, Poller
@@ -80,7 +80,7 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
                     | {"ok", "unreachable", "bad reply", "error"},
                     "state": set(ADMIN_STATES),
                     "reason": set(CloseReason),
-                    "cause": {"drain", "maint", "rebalance"},
+                    "cause": {"drain", "maint", "rebalance", "operator"},
                     "via": {"broker", "tcp"},
                     "kind": {"memory", "disk"},
                 }[label]

@@ -123,7 +123,7 @@ async def test_supervisor_restarts_a_health_task_that_dies(monkeypatch: pytest.M
     service = Service(cfg.services[0])
     proxy.services["amqp"] = service
     with capture_logs() as logs:
-        proxy._watch_service(service)
+        proxy.watch_service(service)
         (task,) = proxy.monitors[id(service.pool.backends[0])]
         try:
             # The first restart comes after the default back-off's first step (1 s).

@@ -20,8 +20,9 @@ from aiohttp import web
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import Config
-from rabbitproxy.control import supervisor as supervisor_mod
-from rabbitproxy.control.supervisor import ReloadRefusedError, Supervisor
+from rabbitproxy.control import reload as reload_mod
+from rabbitproxy.control.reload import ReloadRefusedError
+from rabbitproxy.control.supervisor import Supervisor
 from tests.support.net import echo_handler, free_port, tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
@@ -93,7 +94,7 @@ async def test_a_patch_landing_while_a_reload_awaits_is_kept(monkeypatch: pytest
         svc = service_config(backends, connect_timeout=5.0)
         async with proxy_with_admin(svc) as (proxy, url, admin_port), aiohttp.ClientSession() as http:
             answers: list[int] = []
-            real = supervisor_mod.cancel_and_wait
+            real = reload_mod.cancel_and_wait
 
             async def patch_in_the_window(tasks: Iterable[asyncio.Task[Any]]) -> None:
                 # Waiting for cancelled monitors is an await inside the reload: an API request can be served here.
@@ -103,7 +104,7 @@ async def test_a_patch_landing_while_a_reload_awaits_is_kept(monkeypatch: pytest
                             answers.append(resp.status)
                 await real(tasks)
 
-            monkeypatch.setattr(supervisor_mod, "cancel_and_wait", patch_in_the_window)
+            monkeypatch.setattr(reload_mod, "cancel_and_wait", patch_in_the_window)
             await proxy.reload(full_config(dict(svc, connect_timeout=6.0), admin_port=admin_port))
             assert answers == [200, 200]
             b1 = proxy.services["amqp"].pool.by_name["b1"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.admin.api import _validate_patch, admin_token, backend_view, is_loopback, service_view
+from rabbitproxy.admin.access import admin_token, is_loopback
 from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.admin.routes.services import validate_patch
+from rabbitproxy.admin.views import backend_view, service_view
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import AdminConfig, ConfigError
@@ -73,13 +75,13 @@ def test_empty_environment_token_counts_as_none() -> None:
     ],
 )
 def test_valid_patch_bodies(body: object, expected: tuple[str | None, int | None]) -> None:
-    patch, errors = _validate_patch(body)
+    patch, errors = validate_patch(body)
     assert errors == []
     assert (patch.state, patch.weight) == expected
 
 
 def test_a_drain_patch_carries_its_deadline_and_force() -> None:
-    patch, errors = _validate_patch({"state": "drain", "deadline": 300, "force": True})
+    patch, errors = validate_patch({"state": "drain", "deadline": 300, "force": True})
     assert errors == []
     assert (patch.state, patch.deadline, patch.force) == ("drain", 300.0, True)
 
@@ -106,7 +108,7 @@ def test_a_drain_patch_carries_its_deadline_and_force() -> None:
     ],
 )
 def test_invalid_patch_bodies_name_the_problem(body: object, fragment: str) -> None:
-    _, errors = _validate_patch(body)
+    _, errors = validate_patch(body)
     assert any(fragment in e for e in errors), errors
 
 

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitproxy import config as config_mod
-from rabbitproxy.admin.api import backend_view, service_view
 from rabbitproxy.admin.client import print_status, rabbitmq_text
 from rabbitproxy.admin.metrics import registry_for, render
+from rabbitproxy.admin.views import backend_view, service_view
 from rabbitproxy.balancing.views import ManagementStatus, NodeStats, NodeView
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.relay.service import Service

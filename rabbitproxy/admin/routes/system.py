@@ -1,0 +1,66 @@
+"""The rest of the admin surface: /healthz, /livez, /metrics, the overview page and ``POST /api/reload``."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import structlog
+from aiohttp import web
+
+from rabbitproxy.admin.common import PROXY_KEY, REGISTRY_KEY, error, json_body, who
+from rabbitproxy.admin.metrics import render
+from rabbitproxy.admin.readiness import health_status
+from rabbitproxy.config import ConfigError
+from rabbitproxy.control.reload import ReloadRefusedError
+
+log = structlog.get_logger("rabbitproxy.admin")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    status = health_status(request.app[PROXY_KEY])
+    return web.json_response({"status": status}, status=200 if status == "ok" else 503)
+
+
+async def livez(request: web.Request) -> web.Response:
+    # Liveness only: the loop answers. A proxy whose nodes are all down is not helped by a restart.
+    return web.json_response({"status": "alive", "state": request.app[PROXY_KEY].state})
+
+
+async def reload(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    await json_body(request)
+    caller = who(request)
+    log.info("reload requested", who=caller, path=str(proxy.config_path) if proxy.config_path else None)
+    try:
+        result = await proxy.reload()
+    except ReloadRefusedError as exc:
+        # Not the file's fault: the proxy is stopping. 409, so a client does not "fix" a valid file.
+        log.warning("reload refused", reason="; ".join(exc.errors), who=caller)
+        return error(409, "; ".join(exc.errors), errors=exc.errors)
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays", errors=exc.errors, who=caller)
+        return error(400, "invalid configuration; nothing was changed", errors=exc.errors)
+    return web.json_response({"status": "reloaded", **result.as_dict()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = render(request.app[REGISTRY_KEY])
+    # prometheus-client's content type carries a version parameter that aiohttp wants passed as a header.
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def overview(request: web.Request) -> web.Response:
+    page = resources.files("rabbitproxy").joinpath("admin/static/overview.html").read_bytes()
+    return web.Response(
+        body=page,
+        content_type="text/html",
+        charset="utf-8",
+        # The page embeds its own script; nothing may be loaded from elsewhere, and no other site may frame it.
+        headers={
+            "Content-Security-Policy": (
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+            ),
+            "Cache-Control": "no-store",
+        },
+    )

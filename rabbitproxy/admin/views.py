@@ -1,0 +1,114 @@
+"""What the admin API answers about services and backends, as JSON-ready data (also the overview page's)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rabbitproxy.balancing.backend import Backend
+from rabbitproxy.balancing.views import NodeView
+
+if TYPE_CHECKING:
+    from rabbitproxy.control.supervisor import Supervisor
+    from rabbitproxy.relay.service import Service
+
+
+def backend_view(backend: Backend) -> dict[str, Any]:
+    """Everything an operator wants to know about one backend, as JSON-ready data."""
+    traffic_in, traffic_out = backend.traffic()
+    return {
+        "name": backend.name,
+        "address": backend.address,
+        "port": backend.port,
+        "backup": backend.backup,
+        "status": backend.status,
+        "weight": backend.configured_weight,
+        "configured_weight": backend.config.weight,
+        "weight_overridden": backend.weight_overridden,
+        "effective_weight": backend.effective_weight,
+        "health": {
+            "status": "up" if backend.healthy else "down",
+            "detail": backend.health_detail,
+            "time": backend.health_time,
+            "duration": backend.check_duration,
+        },
+        "admin_state": backend.admin_state,
+        "operator_state": backend.operator_state,
+        "agent": {
+            "state": backend.agent_state,
+            "status": backend.agent_status,
+            "detail": backend.agent_detail,
+            "percent": backend.agent_percent,
+            "reply": backend.agent_reply,
+            "duration": backend.agent_duration,
+        },
+        "connections": {"active": backend.active, "total": backend.total, "connect_errors": backend.connect_errors},
+        "rebalance_hold": backend.rebalance_hold,
+        "bytes": {"in": traffic_in, "out": traffic_out},
+        "slow_start": _slow_start_view(backend),
+        "rabbitmq": rabbitmq_view(backend.rabbitmq),
+    }
+
+
+def _slow_start_view(backend: Backend) -> dict[str, Any] | None:
+    """The running slow-start ramp, or None when none runs (or slow start is off)."""
+    start = backend.ramp_start
+    if start is None or not backend.slow_start:
+        return None
+    elapsed = time.monotonic() - start
+    return {
+        "seconds": backend.slow_start,
+        "elapsed": round(elapsed, 3),
+        "remaining": max(0.0, backend.slow_start - elapsed),
+    }
+
+
+def rabbitmq_view(node: NodeView | None) -> dict[str, Any] | None:
+    """What the node monitor knows of the backend's RabbitMQ node; None without [services.rabbitmq]."""
+    if node is None:
+        return None
+    stats = node.stats
+    return {
+        "node": node.node,
+        "version": node.version,
+        "alarms": list(node.alarms),
+        "maintenance": node.maintenance,
+        "maintenance_detail": node.maintenance_detail,
+        "management": {"status": node.status, "detail": node.detail},
+        "poll_time": node.poll_time,
+        "stats_time": node.stats_time,
+        "fd": {"used": stats.fd_used, "total": stats.fd_total} if stats else None,
+        "sockets": {"used": stats.sockets_used, "total": stats.sockets_total} if stats else None,
+        "memory": {"used": stats.mem_used, "limit": stats.mem_limit} if stats else None,
+        "processes": {"used": stats.proc_used, "total": stats.proc_total} if stats else None,
+    }
+
+
+def service_view(service: Service) -> dict[str, Any]:
+    cfg = service.config
+    return {
+        "name": service.name,
+        "listen": cfg.listen,
+        "bound": [f"{h}:{p}" for h, p in service.bound],
+        "balance": cfg.balance,
+        "accepting": service.accepting,
+        "health_check": cfg.health_check.type,
+        "feedback": cfg.feedback.type,
+        "rabbitmq": cfg.rabbitmq is not None,
+        "slow_start": cfg.slow_start,
+        "connections": {"active": service.active, "total": service.total},
+        "ended": dict(sorted(service.ended.items())),
+        "backends": [backend_view(b) for b in service.pool.backends],
+    }
+
+
+def steered_backend(proxy: Supervisor, service: str, view: dict[str, Any]) -> dict[str, Any]:
+    """A backend's view plus what the control plane steers: the seconds left of a drain's deadline, the hold."""
+    view["drain_deadline"] = proxy.steering.deadline_left(service, view["name"])
+    return view
+
+
+def steered(proxy: Supervisor, service: str, view: dict[str, Any]) -> dict[str, Any]:
+    for b in view["backends"]:
+        steered_backend(proxy, service, b)
+    return view
