@@ -124,6 +124,7 @@ def connection_closed(self: Service, conn: LegState) -> None:
         bytes_in=conn.bytes_in,
         bytes_out=conn.bytes_out,
         duration=round(conn.duration, 3),
-        reason=reason,
+        # The value, not the member: a terminal's ConsoleRenderer would print the enum's repr.
+        reason=reason.value,
         **extra,
     )

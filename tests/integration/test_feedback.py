@@ -13,6 +13,7 @@ import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.dev.cluster import DevCluster
+from tests.support.agents import ScriptedAgent
 from tests.support.amqp import client_dead, close_all, connect_through
 from tests.support.cluster import backends_for
 from tests.support.proxy import run_proxy, service_config
@@ -20,34 +21,6 @@ from tests.support.waiting import wait_for
 
 CHECK = {"type": "amqp", "interval": 0.3, "timeout": 2.0, "rise": 1, "fall": 2}
 POLL = 0.3
-
-
-class ScriptedAgent:
-    """Answers each connection with ``line`` and closes, like a Loadbalancer.org agent."""
-
-    def __init__(self, line: str) -> None:
-        self.line = line
-        self.server: asyncio.Server | None = None
-        self.polls = 0
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.polls += 1
-        writer.write(self.line.encode())
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
 
 
 async def _agents_for(cluster: DevCluster, lines: list[str]) -> tuple[list[ScriptedAgent], list[dict[str, Any]]]:

@@ -21,6 +21,7 @@ from rabbitproxy.app import serve
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.dev.cluster import DevCluster
+from tests.support.agents import ScriptedAgent
 from tests.support.amqp import client_dead, close_all
 from tests.support.cluster import backends_for
 from tests.support.proxy import listen_addr, run_proxy, service_config
@@ -196,32 +197,6 @@ async def test_a_killed_broker_with_unread_data_ends_its_connections_with_reason
 
 
 # -- a feedback agent says down, then up -------------------------------------------------------------------------
-
-
-class ScriptedAgent:
-    """A feedback agent that answers every poll with ``line`` and closes, like a Loadbalancer.org agent."""
-
-    def __init__(self, line: str) -> None:
-        self.line = line
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(self.line.encode())
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
 
 
 @pytest.mark.asyncio

@@ -10,22 +10,12 @@ from pamqp.header import ProtocolHeader
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.dev.cluster import DevCluster
 from tests.support.cluster import backends_for
+from tests.support.net import push
 from tests.support.process import open_fds
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-async def push(writer: asyncio.StreamWriter, total: int) -> None:
-    """Write ``total`` bytes as fast as the proxy takes them; a connection the proxy ends stops it quietly."""
-    chunk = b"x" * (1 << 20)
-    try:
-        for _ in range(total // len(chunk)):
-            writer.write(chunk)
-            await writer.drain()
-    except ConnectionError:
-        pass
 
 
 @pytest.mark.asyncio

@@ -10,26 +10,13 @@ from structlog.testing import capture_logs
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.control import feedback
-from rabbitproxy.control.feedback import STATUS_OK, AgentUnavailableError, Poller
+from rabbitproxy.control.feedback import STATUS_OK, AgentUnavailableError
 from rabbitproxy.relay.service import Service
 from rabbitproxy.tasks import cancel_and_wait
+from tests.support.agents import ScriptedPoller
 from tests.support.fakes import FakeConn
 from tests.support.proxy import agent_service
 from tests.support.waiting import wait_for
-
-
-class ScriptedPoller(Poller):
-    """A poller whose agent is a list of answers: bytes, or an exception to raise."""
-
-    def __init__(self, service: Service, answers: list[bytes | Exception]) -> None:
-        super().__init__(service, service.pool.backends[0])
-        self.answers = answers
-
-    async def ask(self) -> bytes:
-        answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
 
 @pytest.mark.asyncio

@@ -17,6 +17,7 @@ from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.amqp import PROTOCOL_HEADER
 from rabbitproxy.relay import leg_state, outcomes
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
+from tests.support import fakes
 from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
 from tests.support.waiting import wait_for
 from tests.unit.test_amqp_handshake import SECRET, client_steps, method, server_steps, shortstr
@@ -27,17 +28,7 @@ HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 def make_pair(
     svc: FakeService | None = None, **service: Any
 ) -> tuple[FakeService, ClientLeg, FakeTransport, BackendLeg, FakeTransport]:
-    svc = svc or FakeService(**service)
-    client = HandClientLeg(svc)  # type: ignore[arg-type]
-    ct = FakeTransport()
-    ct.protocol = client
-    client.connection_made(ct)  # type: ignore[arg-type]
-    leg = BackendLeg(client)
-    bt = FakeTransport(("127.0.0.1", 1))
-    bt.protocol = leg
-    leg.connection_made(bt)  # type: ignore[arg-type]
-    client._attach(svc.pool.backends[0], leg, bt)  # type: ignore[arg-type]
-    return svc, client, ct, leg, bt
+    return fakes.make_pair(svc, attach=True, **service)
 
 
 def converse(client: ClientLeg, leg: BackendLeg, cs: list[bytes], ss: list[bytes], chunk: int = 1 << 20) -> None:

@@ -7,11 +7,12 @@ import pytest
 from rabbitproxy import config as config_mod
 from rabbitproxy.admin.metrics import registry_for, render
 from rabbitproxy.admin.views import backend_view
-from rabbitproxy.balancing.backend import ADMIN_STATES, Backend
+from rabbitproxy.balancing.backend import ADMIN_STATES
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.control.feedback import AgentUnavailableError, Poller
+from rabbitproxy.control.feedback import AgentUnavailableError
 from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.relay.service import Service
+from tests.support.agents import ScriptedPoller
 from tests.support.metrics import samples
 from tests.support.proxy import proxy_config, service_config
 
@@ -25,20 +26,6 @@ def _proxy() -> Supervisor:
     proxy = Supervisor(cfg)
     proxy.services["amqp"] = Service(cfg.services[0])
     return proxy
-
-
-class _ScriptedAgent(Poller):
-    """A poller whose agent answers from a list: bytes, or an exception to raise."""
-
-    def __init__(self, service: Service, backend: Backend, answers: list[bytes | Exception]) -> None:
-        super().__init__(service, backend)
-        self.answers = answers
-
-    async def ask(self) -> bytes:
-        answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
 
 @pytest.mark.asyncio
@@ -60,7 +47,7 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
         b"weight:abc\n",
         b"60%\n",
     ]
-    poller = _ScriptedAgent(service, r1, answers)
+    poller = ScriptedPoller(service, answers, r1)
     registry = registry_for(proxy)
     series: list[set[tuple[str, tuple[tuple[str, str], ...]]]] = []
     statuses: set[str] = set()

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.relay.legs import BackendLeg, ClientLeg
-from tests.support.fakes import FakeService, FakeTransport, HandClientLeg
-
-
-def make_pair(**service: Any) -> tuple[FakeService, ClientLeg, FakeTransport, BackendLeg, FakeTransport]:
-    svc = FakeService(**service)
-    client = HandClientLeg(svc)  # type: ignore[arg-type]
-    ct = FakeTransport()
-    ct.protocol = client
-    client.connection_made(ct)  # type: ignore[arg-type]
-    leg = BackendLeg(client)
-    bt = FakeTransport(("127.0.0.1", 1))
-    bt.protocol = leg
-    leg.connection_made(bt)  # type: ignore[arg-type]
-    return svc, client, ct, leg, bt
+from tests.support.fakes import FakeService, FakeTransport, HandClientLeg, make_pair
 
 
 async def settle() -> None:

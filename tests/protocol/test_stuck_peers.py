@@ -13,7 +13,7 @@ import pytest
 
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.relay.legs import ClientLeg
-from tests.support.net import echo_handler, silent_backend, tcp_server
+from tests.support.net import echo_handler, push, silent_backend, tcp_server
 from tests.support.process import open_fds
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
@@ -50,17 +50,6 @@ def held(conn: ClientLeg) -> int:
         if t is not None and not t.is_closing():
             total += t.get_write_buffer_size()
     return total
-
-
-async def push(writer: asyncio.StreamWriter, total: int) -> None:
-    """Write ``total`` bytes as fast as the proxy takes them; a connection the proxy ends stops it quietly."""
-    chunk = b"x" * (1 << 20)
-    try:
-        for _ in range(total // len(chunk)):
-            writer.write(chunk)
-            await writer.drain()
-    except ConnectionError:
-        pass
 
 
 @pytest.mark.asyncio

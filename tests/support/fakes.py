@@ -13,7 +13,7 @@ from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.relay.deadlines import Deadlines
-from rabbitproxy.relay.legs import ClientLeg
+from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from rabbitproxy.relay.service import Service
 
 from .proxy import service_config
@@ -126,3 +126,21 @@ class FakeService:
         self.connections.discard(conn)
         self.ended[conn.reason or "?"] += 1
         self.closed.append(conn)
+
+
+def make_pair(
+    svc: FakeService | None = None, *, attach: bool = False, **service: Any
+) -> tuple[FakeService, ClientLeg, FakeTransport, BackendLeg, FakeTransport]:
+    """A client leg and a backend leg over fake transports (a fresh FakeService unless given); ``attach`` joins them."""
+    svc = svc or FakeService(**service)
+    client = HandClientLeg(svc)  # type: ignore[arg-type]
+    ct = FakeTransport()
+    ct.protocol = client
+    client.connection_made(ct)  # type: ignore[arg-type]
+    leg = BackendLeg(client)
+    bt = FakeTransport(("127.0.0.1", 1))
+    bt.protocol = leg
+    leg.connection_made(bt)  # type: ignore[arg-type]
+    if attach:
+        client._attach(svc.pool.backends[0], leg, bt)  # type: ignore[arg-type]
+    return svc, client, ct, leg, bt

@@ -80,3 +80,14 @@ def dead_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+async def push(writer: asyncio.StreamWriter, total: int) -> None:
+    """Write ``total`` bytes as fast as the proxy takes them; a connection the proxy ends stops it quietly."""
+    chunk = b"x" * (1 << 20)
+    try:
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+    except ConnectionError:
+        pass
