@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from rabbitproxy.dev import ctl, nodes, processes, rootfs, waits
 from rabbitproxy.dev.ctl import (
@@ -33,6 +32,7 @@ from rabbitproxy.dev.ctl import (
 )
 from rabbitproxy.dev.node_process import STOP_GRACE, NodeProcess
 from rabbitproxy.dev.nodes import Node
+from rabbitproxy.dev.queries import BrokerQueries
 
 __all__ = [
     "INSTALL_HINT",
@@ -56,7 +56,7 @@ _BOOT_ATTEMPTS = 3
 RELEASES = ("system", "4.0")
 
 
-class DevCluster:
+class DevCluster(BrokerQueries):
     """N clustered local RabbitMQ nodes; use as a context manager or call start() and stop()."""
 
     def __init__(
@@ -223,68 +223,12 @@ class DevCluster:
         """
         return ctl.rabbitmqctl(RABBITMQ_BIN_DIR, self._home, self._node(node), *args, timeout=timeout, root=self._root)
 
-    def drain(self, node: Node, timeout: float = 120) -> None:
-        """Put the node in maintenance mode (``rabbitmq-upgrade drain``).
-
-        On 3.10.8 this closes its client connections and its AMQP *and* management listeners; the node keeps running
-        and its peers still report it running. Undo with :meth:`revive`.
-        """
-        ctl.rabbitmqctl(
-            RABBITMQ_BIN_DIR,
-            self._home,
-            self._node(node),
-            "drain",
-            timeout=timeout,
-            tool="rabbitmq-upgrade",
-            root=self._root,
+    def rabbitmq_upgrade(self, node: Node, *args: str, timeout: float = 120) -> str:
+        """Run ``rabbitmq-upgrade -n <node> args...`` (maintenance mode), like :meth:`rabbitmqctl`."""
+        target = self._node(node)
+        return ctl.rabbitmqctl(
+            RABBITMQ_BIN_DIR, self._home, target, *args, timeout=timeout, tool="rabbitmq-upgrade", root=self._root
         )
-
-    def revive(self, node: Node, timeout: float = 120) -> None:
-        """Take the node out of maintenance mode (``rabbitmq-upgrade revive``): its listeners open again."""
-        ctl.rabbitmqctl(
-            RABBITMQ_BIN_DIR,
-            self._home,
-            self._node(node),
-            "revive",
-            timeout=timeout,
-            tool="rabbitmq-upgrade",
-            root=self._root,
-        )
-
-    def list_connections(self, *fields: str) -> list[dict[str, str]]:
-        """Client connections of the whole cluster with the given ``list_connections`` columns.
-
-        Asks the first node that is neither paused nor down; it still waits for every other cluster
-        member, so it fails (after the CLI timeout) while a node is paused.
-
-        Values that are not strings in rabbitmqctl's JSON (ports, counters, client properties) are
-        returned JSON-encoded, so every value is a string.
-        """
-        columns = fields or ("name",)
-        out = self.rabbitmqctl(self._any_responsive_node(), "list_connections", "--formatter", "json", "-q", *columns)
-        rows: list[dict[str, Any]] = json.loads(out) if out.strip() else []
-        return [{key: ctl.as_text(value) for key, value in row.items()} for row in rows]
-
-    def connection_counts(self) -> dict[str, int]:
-        """Client AMQP connections per node, as each broker itself counts them.
-
-        Killed or stopped nodes count 0. Paused nodes are left out: they cannot answer, and a guess
-        would be wrong as soon as clients notice the pause.
-        """
-        # Each node is asked for its own count. The cluster-wide list_connections would be one CLI
-        # run instead of N, but it waits on every member, so one paused node makes it hang, and its
-        # JSON pids ("#PID<11016.1213.0>") do not name the node.
-        asked = [node for node in self.nodes if not self._proc(node).paused]
-        with ThreadPoolExecutor(max_workers=max(1, len(asked))) as pool:
-            counts = list(pool.map(self._local_connection_count, asked))
-        return {node.name: count for node, count in zip(asked, counts, strict=True)}
-
-    def _local_connection_count(self, node: Node) -> int:
-        if not self._alive(node):
-            return 0
-        # The same registry list_connections reads, restricted to this node.
-        out = self.rabbitmqctl(node, "eval", "length(rabbit_networking:local_connections()).", timeout=60)
-        return int(out.strip())
 
     def amqp_url(self, node: Node) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self._node(node).amqp_port}/"
