@@ -40,10 +40,9 @@ sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
 import placement  # noqa: E402
-from common import Route, Target, fmt, median, percentile  # noqa: E402
+from common import Route, Target, median, percentile  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 ALL_TARGETS = ("direct", "rabbitproxy", "haproxy")
 _STAMP = struct.Struct("!q")
@@ -355,8 +354,6 @@ def summarize(raw: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float
 
 
 def print_table(summary: dict[str, dict[str, float]], load: Load) -> None:
-    table = Table(title=f"AMQP load (medians; {load.size} B, confirms {'on' if load.confirms else 'off'})")
-    table.add_column("target")
     cols = [
         ("published msg/s", "published_per_s", 0),
         ("consumed msg/s", "consumed_per_s", 0),
@@ -366,15 +363,8 @@ def print_table(summary: dict[str, dict[str, float]], load: Load) -> None:
         ("proxy peak RSS MiB", "proxy_peak_rss_mib", 1),
         ("errors", "errors", 0),
     ]
-    for title, _, _ in cols:
-        table.add_column(title, justify="right")
-    for name, row in summary.items():
-        cells = []
-        for _, key, d in cols:
-            v = row.get(key, math.nan)
-            cells.append(fmt(v / 1000 if key.startswith("latency") else v, d))
-        table.add_row(name, *cells)
-    console.print(table)
+    title = f"AMQP load (medians; {load.size} B, confirms {'on' if load.confirms else 'off'})"
+    common.print_medians(title, cols, summary, console)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

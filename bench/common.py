@@ -479,3 +479,22 @@ def have(tool: str) -> bool:
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def print_medians(
+    title: str, cols: Sequence[tuple[str, str, int]], summary: dict[str, dict[str, float]], console: Any
+) -> None:
+    """A rich table of per-target medians; ``cols`` are (title, key, decimals), latencies stored in µs shown in ms."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("target")
+    for col_title, _, _ in cols:
+        table.add_column(col_title, justify="right")
+    for name, row in summary.items():
+        cells = []
+        for _, key, d in cols:
+            v = row.get(key, math.nan)
+            cells.append(fmt(v / 1000 if key.startswith("latency") else v, d))
+        table.add_row(name, *cells)
+    console.print(table)

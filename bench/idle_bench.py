@@ -37,9 +37,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
 import placement  # noqa: E402
-from common import Route, Target, fmt, median, percentile  # noqa: E402
+from common import Route, Target, median, percentile  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 ALL_TARGETS = ("direct", "rabbitproxy", "haproxy")
 HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
@@ -415,8 +414,6 @@ def summarize(raw: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float
 
 
 def print_table(summary: dict[str, dict[str, float]]) -> None:
-    table = Table(title="Idle AMQP connections (medians)")
-    table.add_column("target")
     cols = [
         ("connections", "connections", 0),
         ("failed", "failed", 0),
@@ -428,15 +425,7 @@ def print_table(summary: dict[str, dict[str, float]]) -> None:
         ("proxy RSS MiB", "proxy_rss_mib", 1),
         ("proxy KiB / conn", "proxy_kib_per_conn", 1),
     ]
-    for title, _, _ in cols:
-        table.add_column(title, justify="right")
-    for name, row in summary.items():
-        cells = []
-        for _, key, d in cols:
-            v = row.get(key, math.nan)
-            cells.append(fmt(v / 1000 if key.startswith("latency") else v, d))
-        table.add_row(name, *cells)
-    console.print(table)
+    common.print_medians("Idle AMQP connections (medians)", cols, summary, console)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
