@@ -2,8 +2,10 @@
 
 This is what a container ``HEALTHCHECK``, a Kubernetes exec probe or a keepalived ``track_script`` runs, every one
 to ten seconds. It is a separate short-lived process, so it uses blocking stdlib HTTP and imports only the standard
-library and :mod:`rabbitproxy.addresses`: no typer, pydantic, asyncio or aiohttp, which would cost a few hundred
-milliseconds of CPU per run (issue 19; tests/integration/test_probe_cost.py keeps it so). Only an error path (an
+library, :mod:`rabbitproxy.addresses` and :mod:`rabbitproxy.admin.tomlscan`: no typer, pydantic, asyncio or
+aiohttp, which would cost a few hundred milliseconds of CPU per run, and on the usual path not even pathlib,
+tomllib, json, urllib.parse or the socket module, each a millisecond or more against a budget of a few (issue 19;
+tests/integration/test_probe_cost.py keeps it so). Only an error path (an
 unusual ``[admin]`` table, a bad ``--admin``) loads :mod:`rabbitproxy.config`, so that the message is the one
 ``serve`` would print. It talks to the admin address directly and deliberately ignores ``HTTP_PROXY``-style
 variables, which a container often inherits and which would send the probe somewhere else.
@@ -11,13 +13,16 @@ variables, which a container often inherits and which would send the probe somew
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from urllib.parse import urlsplit
 
 from rabbitproxy.addresses import DEFAULT_ADMIN_LISTEN, DEFAULT_CONFIG_FILE, format_host_port, split_host_port
+from rabbitproxy.admin.tomlscan import admin_table
+
+# Not ``typing.TYPE_CHECKING``: every import on this path is paid at every probe; mypy honours the name anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Mapping
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -27,6 +32,11 @@ HEALTHZ_PATH = "/healthz"
 MAX_BODY = 64 * 1024
 # A wildcard listen address cannot be connected to; the probe runs beside the proxy, so loopback reaches it.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+# Host names and IPv4 addresses made of these characters mean the same to urllib.parse.urlsplit as to the few lines
+# that read them here (tests/unit/test_probe_urls.py checks that); anything else goes through urlsplit.
+_PLAIN_HOST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-")
+# aiohttp's ``json_response({"status": "ok"})``, byte for byte: the one answer that needs no JSON parser.
+_OK_BODY = b'{"status": "ok"}'
 
 
 class HealthResult:
@@ -67,9 +77,10 @@ def run(
     read, or whose ``[admin]`` table is invalid, is a configuration error (exit 2); so is a bad ``--admin``. The
     rest of the file is not validated: the probe asks the running proxy, ``check-config`` judges the file.
     """
-    path = Path(config) if config is not None else None
+    # A str, not a Path: pathlib costs the probe more than its own code (only the messages below need one).
+    path = os.fspath(config) if config is not None else None
     if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
-        path = Path(DEFAULT_CONFIG_FILE)
+        path = DEFAULT_CONFIG_FILE
     listen: str | None = None
     if path is not None:
         try:
@@ -78,7 +89,9 @@ def run(
             return Outcome(EXIT_CONFIG, str(exc), True)
         if not enabled:
             return Outcome(
-                EXIT_UNHEALTHY, f"{path}: the admin API is disabled (admin.enabled = false); nothing to probe", True
+                EXIT_UNHEALTHY,
+                f"{_shown(path)}: the admin API is disabled (admin.enabled = false); nothing to probe",
+                True,
             )
     try:
         url = admin_url(admin, env, listen)
@@ -91,23 +104,42 @@ def run(
     return Outcome(EXIT_HEALTHY if result.healthy else EXIT_UNHEALTHY, message, not result.healthy)
 
 
+def _shown(path: str) -> str:
+    """``path`` as a message shows it: the way typer's Path option (and ``load_admin``) print it."""
+    from pathlib import Path
+
+    return str(Path(path))
+
+
 _ADMIN_KEYS = frozenset({"listen", "token", "enabled"})
 
 
-def admin_settings(path: Path) -> tuple[bool, str]:
+def admin_settings(path: str | os.PathLike[str]) -> tuple[bool, str]:
     """``(enabled, listen)`` from a config file's ``[admin]`` table, validated as ``serve`` validates it.
 
-    The usual table (strings and a boolean, a listen address that parses) is read here with ``tomllib`` alone.
-    Anything else, including a file that cannot be read or parsed, goes to :func:`rabbitproxy.config.load_admin`,
-    which either raises the error ``serve`` would raise (as :class:`AdminConfigError`) or accepts what pydantic
-    accepts (``enabled = "false"``, say), so the probe never disagrees with the proxy about the address.
+    The usual table (strings and a boolean, a listen address that parses) is read here, by
+    :func:`~rabbitproxy.admin.tomlscan.admin_table` where it is sure of the answer and by ``tomllib`` where it is
+    not. Anything else, including a file that cannot be read or parsed, goes to
+    :func:`rabbitproxy.config.load_admin`, which either raises the error ``serve`` would raise (as
+    :class:`AdminConfigError`) or accepts what pydantic accepts (``enabled = "false"``, say), so the probe never
+    disagrees with the proxy about the address.
     """
+    section: object = None
     try:
-        import tomllib
-
-        section = tomllib.loads(path.read_text(encoding="utf-8")).get("admin", {})
+        # Text mode, as Path.read_text reads it for tomllib: universal newlines.
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
     except (OSError, ValueError):
-        section = None
+        pass
+    else:
+        section = admin_table(text)
+        if section is None:
+            try:
+                import tomllib
+
+                section = tomllib.loads(text).get("admin", {})
+            except ValueError:
+                pass
     if isinstance(section, dict) and section.keys() <= _ADMIN_KEYS:
         listen = section.get("listen", DEFAULT_ADMIN_LISTEN)
         enabled = section.get("enabled", True)
@@ -146,7 +178,18 @@ def admin_url(value: str | None, env: Mapping[str, str], config_listen: str | No
     raw = raw.strip()
     if "://" not in raw:
         host, port = split_host_port(raw)
-        raw = f"http://{format_host_port(_WILDCARDS.get(host, host), port)}"
+        host = _WILDCARDS.get(host, host)
+        if raw.isascii() and _PLAIN_HOST.issuperset(host):
+            # The usual ``host:port``: the URL urlsplit would give (below), without importing urllib.parse.
+            return f"http://{host.lower()}:{port}{HEALTHZ_PATH}"
+        raw = f"http://{format_host_port(host, port)}"
+    return _healthz_url(raw)
+
+
+def _healthz_url(raw: str) -> str:
+    """``raw``, a URL, as the ``/healthz`` URL to probe: wildcards to loopback, the path completed."""
+    from urllib.parse import urlsplit
+
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"{raw!r}: the admin URL must start with http:// or https://")
@@ -168,6 +211,34 @@ class _NotHTTP(Exception):  # noqa: N818 - an answer, not an error of ours
     """The peer answered with something that is not an HTTP response."""
 
 
+def _connect(host: str, port: int, timeout: float) -> _socket.socket:
+    """``socket.create_connection((host, port), timeout)``, on the ``_socket`` extension module.
+
+    The ``socket`` module wraps ``_socket`` in Python and imports ``selectors``, ``array`` and ``enum`` to do so,
+    which costs a probe more than its whole request; nothing of that wrapper is needed for one blocking request.
+    An ASCII host is passed as bytes: getaddrinfo encodes a str host with the ``idna`` codec, whose import (with
+    ``stringprep`` and ``unicodedata``) costs another millisecond and changes nothing for an ASCII name.
+    """
+    import _socket
+
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
+    # Like create_connection: try each address in turn and raise the first error if none connects.
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in _socket.getaddrinfo(name, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+        else:
+            return sock
+    if errors:
+        raise errors[0]
+    raise OSError("getaddrinfo returns an empty list")
+
+
 def _get_plain(host: str, port: int, path: str, timeout: float) -> tuple[int, bytes]:
     """``GET path`` over plain HTTP/1.1 with ``Connection: close``; the status and at most MAX_BODY bytes of body.
 
@@ -175,10 +246,9 @@ def _get_plain(host: str, port: int, path: str, timeout: float) -> tuple[int, by
     was the largest part of a probe's CPU (keepalived runs the probe every second). The admin API is ours and
     answers a small JSON body, so reading to the end of the stream and finding the status line is all it takes.
     """
-    import socket
-
     request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    sock = _connect(host, port, timeout)
+    try:
         sock.sendall(request.encode("ascii"))
         chunks: list[bytes] = []
         size = 0
@@ -189,6 +259,8 @@ def _get_plain(host: str, port: int, path: str, timeout: float) -> tuple[int, by
                 break
             chunks.append(chunk)
             size += len(chunk)
+    finally:
+        sock.close()
     raw = b"".join(chunks)
     head, sep, body = raw.partition(b"\r\n\r\n")
     status_line, _, header_block = head.partition(b"\r\n")
@@ -216,16 +288,43 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _plain_target(url: str) -> tuple[str, str, int | None, str] | None:
+    """``(scheme, host, port, path)`` of an ``http://`` URL in the form :func:`admin_url` writes for a host name or
+    an IPv4 address, exactly as urlsplit would split it; None for any other URL (urlsplit splits those)."""
+    if not url.startswith("http://"):
+        return None
+    netloc, slash, path = url[7:].partition("/")
+    host, colon, port_text = netloc.partition(":")
+    if not host or not _PLAIN_HOST.issuperset(host):
+        return None
+    port: int | None = None
+    if colon:
+        if not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
+            return None
+        port = int(port_text)
+    # urlsplit ends the path at '?' or '#' and drops blanks and control characters; a path free of them is
+    # taken as it is.
+    if slash and (not path.isascii() or not path.isprintable() or any(c in path for c in " ?#")):
+        return None
+    return "http", host.lower(), port, slash + path
+
+
+def _split_target(url: str) -> tuple[str, str, int | None, str]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "127.0.0.1", parts.port, parts.path
+
+
 def check(url: str, timeout: float) -> HealthResult:
     """GET ``url``: healthy only on HTTP 200 with a JSON body whose ``status`` is ``"ok"``."""
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    path = parts.path or HEALTHZ_PATH
+    scheme, host, port, path = _plain_target(url) or _split_target(url)
+    path = path or HEALTHZ_PATH
     try:
-        if parts.scheme == "https":
-            status, body = _get_tls(host, parts.port, path, timeout)
+        if scheme == "https":
+            status, body = _get_tls(host, port, path, timeout)
         else:
-            status, body = _get_plain(host, parts.port or 80, path, timeout)
+            status, body = _get_plain(host, port or 80, path, timeout)
     except _NotHTTP as exc:
         return HealthResult(False, f"{url}: not an HTTP answer ({exc})")
     except OSError as exc:
@@ -257,6 +356,11 @@ def _get_tls(host: str, port: int | None, path: str, timeout: float) -> tuple[in
 
 
 def _status_of(body: bytes) -> str | None:
+    if body == _OK_BODY:
+        # What our admin API sends when healthy; json.loads would say the same, at the cost of importing json.
+        return "ok"
+    import json
+
     try:
         data = json.loads(body)
     except ValueError:

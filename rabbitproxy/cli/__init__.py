@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
 
 # Not ``typing.TYPE_CHECKING``: importing typing costs the probe a few milliseconds; mypy honours the name anyway.
+# collections.abc and pathlib are only annotations here, and each would cost the probe about as much as typing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Mapping, Sequence
     from typing import Any
 
 # The healthcheck options the fast path understands, as the typer command in cli/admin.py declares them; a unit
@@ -37,7 +37,7 @@ class HealthcheckArgs:
 
     __slots__ = ("admin", "config", "quiet", "timeout")
 
-    def __init__(self, admin: str | None, config: Path | None, timeout: float, quiet: bool) -> None:
+    def __init__(self, admin: str | None, config: str | None, timeout: float, quiet: bool) -> None:
         self.admin = admin
         self.config = config
         self.timeout = timeout
@@ -79,12 +79,8 @@ def parse_healthcheck(args: Sequence[str], env: Mapping[str, str]) -> Healthchec
         return None
     # An empty variable counts as unset, as in click.
     admin = values.get("admin", env.get("RABBITPROXY_ADMIN") or None)
-    config_text = values.get("config", env.get("RABBITPROXY_CONFIG") or None)
-    config = None
-    if config_text is not None:
-        from pathlib import Path
-
-        config = Path(config_text)
+    # The path as given, not a Path: pathlib is not free to import, and probe.run takes either.
+    config = values.get("config", env.get("RABBITPROXY_CONFIG") or None)
     return HealthcheckArgs(admin, config, timeout, quiet)
 
 

@@ -64,7 +64,9 @@ def test_plain_forms_parse_as_typer_parses_them(
 ) -> None:
     fast = parse_healthcheck(args, env)
     assert fast is not None
-    assert (fast.admin, fast.config, fast.timeout, fast.quiet) == _typer_parse(args, env, monkeypatch)
+    # The fast path hands probe.run the path as given, typer a Path; the probe opens and shows either alike.
+    config = Path(fast.config) if fast.config is not None else None
+    assert (fast.admin, config, fast.timeout, fast.quiet) == _typer_parse(args, env, monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -118,6 +120,10 @@ def _file(tmp_path: Path, admin: str) -> Path:
         ("[admin]\nenabled = false\n", (False, "127.0.0.1:9080")),
         # Not the usual shape, but pydantic accepts it, so serve does and the probe must too.
         ('[admin]\nenabled = "false"\nlisten = "[::1]:9081"\n', (False, "[::1]:9081")),
+        # Forms the probe's own scanner leaves to tomllib (rabbitproxy.admin.tomlscan).
+        ('[admin]\nlisten = """0.0.0.0:9999"""\n', (True, "0.0.0.0:9999")),
+        ('admin = { listen = "127.0.0.1:\\u0039998", enabled = false }\n', (False, "127.0.0.1:9998")),
+        ("admin.listen = '127.0.0.1:9997'\n", (True, "127.0.0.1:9997")),
     ],
 )
 def test_admin_table_agrees_with_serve(tmp_path: Path, admin: str, expected: tuple[bool, str]) -> None:
@@ -168,6 +174,22 @@ def test_run_with_the_admin_api_disabled_probes_nothing(tmp_path: Path, monkeypa
     outcome = probe.run(None, path, 1.0, False, {})
     assert (outcome.code, outcome.to_stderr) == (1, True)
     assert outcome.message == f"{path}: the admin API is disabled (admin.enabled = false); nothing to probe"
+
+
+def test_run_names_a_str_path_as_typer_names_its_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fast dispatcher hands probe.run the --config text as given; the message shows it as a Path would.
+    monkeypatch.setattr(probe, "check", lambda url, timeout: pytest.fail("must not probe"))
+    path = _file(tmp_path, "[admin]\nenabled = false\n")
+    given = f"{tmp_path}//./{path.name}"
+    outcome = probe.run(None, given, 1.0, False, {})
+    assert outcome.message == f"{path}: the admin API is disabled (admin.enabled = false); nothing to probe"
+
+
+def test_an_empty_config_path_is_the_current_directory_as_before() -> None:
+    # typer hands over Path("") (the current directory); the fast dispatcher hands over "", which must read alike.
+    fast, typer_path = probe.run(None, "", 1.0, True, {}), probe.run(None, Path(""), 1.0, True, {})
+    assert (fast.code, fast.message) == (typer_path.code, typer_path.message)
+    assert fast.code == 2
 
 
 def test_run_quiet_prints_nothing_and_passes_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
