@@ -26,18 +26,29 @@ def _doc(hc_wall: float, hc_cpu: float) -> dict[str, Any]:
         "machine": {"load_average_at_start": [1.0, 1.0, 1.0], "python": "3.11.7"},
         "load_average_at_end": [2.0, 1.0, 1.0],
         "settings": {"runs": 5, "baseline": "abc1234"},
-        "interpreter": _stats(20.0, 15.0),
-        "results": {"before/healthcheck": _stats(300.0, 250.0), "current/healthcheck": _stats(hc_wall, hc_cpu)},
+        "interpreter": {"editable": _stats(20.0, 15.0), "wheel": _stats(10.0, 9.0)},
+        "results": {
+            "before/editable/healthcheck": _stats(300.0, 250.0),
+            "before/wheel/healthcheck": _stats(30.0, 20.0),
+            "current/editable/healthcheck": _stats(hc_wall, hc_cpu),
+            "current/wheel/healthcheck": _stats(15.0, 12.0),
+            "current/editable/--help": _stats(150.0, 140.0),
+        },
     }
 
 
-def test_section_names_the_target_verdict_and_both_trees() -> None:
+def test_section_names_the_target_verdict_and_both_trees_and_installs() -> None:
     met = probe_cost.render_section(_doc(35.0, 25.0))
     assert met.startswith(probe_cost.SECTION + "\n")
-    assert "(median): met (35.0 ms wall, 25.0 ms CPU)" in met
-    assert "| `rabbitproxy healthcheck` | before | 300.0 | 600.0 | 250.0 | 500.0 |" in met
+    editable, wheel = probe_cost.INSTALLS["editable"], probe_cost.INSTALLS["wheel"]
+    assert f"(median); {editable}: met (35.0 ms wall, 25.0 ms CPU); {wheel}: met (15.0 ms wall, 12.0 ms CPU)." in met
+    assert f"| `rabbitproxy healthcheck` | before | {editable} | 300.0 | 600.0 | 250.0 | 500.0 |" in met
+    assert f"| `rabbitproxy healthcheck` | before | {wheel} | 30.0 | 60.0 | 20.0 | 40.0 |" in met
+    assert f"| `rabbitproxy --help` | current | {editable} | 150.0 |" in met
+    assert f"{editable}: 20.0 ms wall, 15.0 ms CPU; {wheel}: 10.0 ms wall, 9.0 ms CPU." in met
+    assert "Load average at start [1.0, 1.0, 1.0], at the end [2.0, 1.0, 1.0]" in met
     assert "`abc1234`" in met
-    assert "**not met** (45.0 ms wall, 25.0 ms CPU)" in probe_cost.render_section(_doc(45.0, 25.0))
+    assert f"{editable}: **not met** (45.0 ms wall, 25.0 ms CPU)" in probe_cost.render_section(_doc(45.0, 25.0))
 
 
 def test_update_docs_inserts_before_the_profile_notes_then_replaces(tmp_path: Path) -> None:
