@@ -105,9 +105,25 @@ def install_wheel(tree: Path, work: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     wheels = sorted(dist.glob("rabbitproxy-*.whl"))
+    # Without PYTHONPATH: with the checkout on it, pip finds its rabbitproxy.egg-info, takes the package for
+    # installed already and installs nothing.
     subprocess.run(
-        [*pip, "--python", str(python), "install", "-q", "--no-deps", "--no-index", *map(str, wheels)], check=True
+        [*pip, "--python", str(python), "install", "-q", "--no-deps", "--no-index", *map(str, wheels)],
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
+    if not (venv / "bin" / "rabbitproxy").is_file():
+        raise RuntimeError(f"installing {wheels} into {venv} gave no rabbitproxy script")
+    where = subprocess.run(
+        [str(python), "-c", "import rabbitproxy; print(rabbitproxy.__file__)"],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not where.startswith(str(venv)):
+        raise RuntimeError(f"the venv {venv} imports rabbitproxy from {where}, not from the wheel")
     return python
 
 
@@ -155,10 +171,12 @@ def wait_healthy(port: int, proc: Proc, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def run_once(argv: Sequence[str], env: Mapping[str, str]) -> tuple[int, float, float]:
+def run_once(argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> tuple[int, float, float]:
     """Run ``argv`` to completion: exit status, wall seconds, CPU seconds (user + system, from wait4)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     # wait4 reports this child's own rusage; Popen.wait would reap it without.
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -199,16 +217,20 @@ class Row:
         self.env = env
 
 
-def measure(rows: Sequence[Row], runs: int) -> dict[str, dict[str, Any]]:
-    """Run every row ``runs`` times, interleaved, after one warm-up run each; per key: wall and CPU summaries."""
+def measure(rows: Sequence[Row], runs: int, cwd: Path) -> dict[str, dict[str, Any]]:
+    """Run every row ``runs`` times, interleaved, after one warm-up run each; per key: wall and CPU summaries.
+
+    The commands run in ``cwd``, away from the checkout, so that nothing imports this tree by accident (a
+    ``python -c`` puts its working directory first on ``sys.path``).
+    """
     for row in rows:
         # Fills the bytecode cache, as the first run after an install does.
-        run_once(row.argv, row.env)
+        run_once(row.argv, row.env, cwd)
     walls: dict[str, list[float]] = {row.key: [] for row in rows}
     cpus: dict[str, list[float]] = {row.key: [] for row in rows}
     for _ in range(runs):
         for row in rows:
-            _, wall, cpu = run_once(row.argv, row.env)
+            _, wall, cpu = run_once(row.argv, row.env, cwd)
             walls[row.key].append(wall)
             cpus[row.key].append(cpu)
     return {key: {"runs": len(walls[key]), "wall": summary(walls[key]), "cpu": summary(cpus[key])} for key in walls}
@@ -362,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ]
                 if "current" in wheels:
                     bare.append(Row("wheel", [wheels["current"], "-c", "pass"], no_path))
-                interpreter = measure(bare, args.runs)
-                results = measure(rows, args.runs)
+                interpreter = measure(bare, args.runs, work)
+                results = measure(rows, args.runs, work)
             finally:
                 proxy.stop()
     doc: dict[str, Any] = {
