@@ -156,13 +156,12 @@ class ServiceConfig(_Model):
     @field_validator("tcp_keepalive", mode="before")
     @classmethod
     def _keepalive(cls, v: Any) -> Any:
-        # TOML has no null: the switch is a boolean, the settings a table.
-        if v is False:
+        # TOML has no null: the switch is a boolean, the settings a table. None is "off" too: it is what a
+        # validated model dumps for ``false``, and serve validates the file's settings again after merging flags.
+        if v is False or v is None:
             return None
         if v is True:
             return {}
-        if v is None:
-            raise ValueError("must be false, true or a table { idle, interval, count }")
         return v
 
     @model_validator(mode="after")

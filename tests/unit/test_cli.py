@@ -84,3 +84,23 @@ def test_check_config_refuses_a_backend_address_that_cannot_be_a_host_name(tmp_p
     assert "services['amqp'].backends['rabbit1'].address: 'rabbit1..example.com' is not a valid host name" in (
         result.stderr
     )
+
+
+# Switches written as ``false`` in TOML that the models store as None: serve re-validates the file's settings after
+# merging the flags, so each must survive that second pass (tcp_keepalive = false once made serve refuse the file).
+ROUND_TRIP = CONFIG.replace(
+    'listen = "127.0.0.1:5672"',
+    'listen = "127.0.0.1:5672"\ntcp_keepalive = false\nclient_idle_timeout = "auto"\nprotocol = "tcp"',
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [ROUND_TRIP, *(p.read_text() for p in sorted((Path(__file__).parents[2] / "examples").rglob("*.toml")))],
+)
+def test_serve_reads_a_file_as_check_config_does(tmp_path: Path, text: str) -> None:
+    from rabbitproxy import config as config_mod
+
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    assert build_config(p, None, None, {}) == config_mod.load(p)
