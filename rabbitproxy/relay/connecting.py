@@ -166,6 +166,16 @@ class ConnectingLeg(LegState):
         if not self._ending():
             self._connect_next()
 
+    def keepalive_due(self) -> None:
+        """The backend leg has been attached for KEEPALIVE_AFTER seconds: switch its TCP keepalive on now.
+
+        Settings as the service has them now (a reload in between may have changed or disabled them).
+        """
+        transport = self.backend_transport
+        if transport is None or self.close_started or self.closed or transport.is_closing():
+            return
+        set_keepalive(transport.get_extra_info("socket"), self.service.config.tcp_keepalive)
+
     def _follow_reload(self) -> Backend:
         """A reload replaced the Backend objects this connect was started with: use the ones now in the pool.
 
@@ -184,9 +194,10 @@ class ConnectingLeg(LegState):
         backend.opened(self)
         cfg = self.service.config
         transport.set_write_buffer_limits(high=cfg.high_water, low=cfg.low_water)
-        # The client socket inherited keepalive from the listener; this one has to be told (see keepalive.py).
+        # The client socket inherited keepalive from the listener; this one is told a little later (keepalive.py):
+        # a connection that ends within KEEPALIVE_AFTER never pays for it.
         if cfg.tcp_keepalive is not None:
-            set_keepalive(transport.get_extra_info("socket"), cfg.tcp_keepalive)
+            self.service.keepalive_deadlines.add(self)
         if logs.info_enabled:
             # Only the connection log shows the proxy's own address; skip the system call when nothing logs it.
             self.backend_local = _addr(transport.get_extra_info("sockname"))

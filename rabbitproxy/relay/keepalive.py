@@ -6,13 +6,13 @@ a flush sends no heartbeats at all; keepalive probes are the kernel's own check 
 Cost on the data path: nothing per client. On Linux an accepted socket inherits ``SO_KEEPALIVE`` and the
 ``TCP_KEEP*`` settings from its listening socket (``sk_clone_lock`` copies them and ``tcp_create_openreq_child``
 starts the keepalive timer), so they are set once on the listener. The backend socket is made by
-``create_connection``, which has no hook before connecting, so each backend leg pays at attach for one socket
-object wrapped around its descriptor and four ``setsockopt`` system calls: 10 µs per leg on both loops, measured
-on a 2-core machine under a load average of 11 (going through uvloop's socket stand-in, which builds a socket object
-per ``setsockopt``, took 64 µs). In an interleaved churn run (client, proxy and echo backend in one uvloop process,
-1500 connections a round) a connection cost 258 µs of CPU with keepalive and 246 µs without: about 5% of a short
-connection, nothing for long-lived AMQP connections. ``tcp_keepalive = false`` gives it back to a service whose
-clients connect for one message each.
+``create_connection``, which has no hook before connecting: setting it costs one socket object wrapped around its
+descriptor and four ``setsockopt`` system calls, which was about 19 µs of the proxy's CPU per short connection
+(155 against 136 µs, interleaved, one service relaying one-byte echo connections). So the backend leg is told
+:data:`KEEPALIVE_AFTER` seconds after it attached, by one timer for all connections (``Service.keepalive_deadlines``):
+a connection that ends before that never pays, and one that lives on gets its first probe at most that much later
+than its ``idle`` (60 s by default), which changes nothing for the dead peers keepalive is there to find.
+``tcp_keepalive = false`` turns it off for both legs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import socket
 from typing import Any
 
 from rabbitproxy.config import KeepaliveConfig
+
+# Seconds after attach at which a backend leg gets its keepalive settings (see the module docstring).
+KEEPALIVE_AFTER = 1.0
 
 
 def set_keepalive(sock: Any, keepalive: KeepaliveConfig | None) -> None:

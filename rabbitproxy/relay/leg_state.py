@@ -284,6 +284,9 @@ class LegState(asyncio.Protocol):
             self.service.close_deadlines.discard(self)
         backend = self.backend
         if backend is not None:
+            # Not left for the keepalive timer to skip: held there for a second, short connections would outlive
+            # the young generation and cost the collector more than the keepalive system calls saved.
+            self.service.keepalive_deadlines.discard(self)
             backend.closed(self, self.bytes_in, self.bytes_out)
         self.service.connection_closed(self)
 

@@ -20,7 +20,7 @@ from rabbitproxy.protocols.proxy_header import source_trusted
 from rabbitproxy.relay import outcomes
 from rabbitproxy.relay.connecting import ConnectingLeg
 from rabbitproxy.relay.deadlines import Deadlines
-from rabbitproxy.relay.keepalive import set_keepalive
+from rabbitproxy.relay.keepalive import KEEPALIVE_AFTER, set_keepalive
 from rabbitproxy.relay.leg_state import LegState
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.listeners import bind_listener
@@ -74,6 +74,7 @@ class Service:
         self.hello_deadlines: Deadlines[LegState]
         self.header_deadlines: Deadlines[LegState]
         self.close_deadlines: Deadlines[LegState]
+        self.keepalive_deadlines: Deadlines[ConnectingLeg]
         self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -112,6 +113,7 @@ class Service:
         self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, LegState.hello_expired)
         self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, LegState.header_expired)
         self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, LegState.close_expired)
+        self.keepalive_deadlines = Deadlines(self.loop, KEEPALIVE_AFTER, ConnectingLeg.keepalive_due)
 
     async def open_server(
         self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool

@@ -168,12 +168,18 @@ async def test_both_legs_have_tcp_keepalive_as_configured(setting: Any, expected
             writer.write(b"x")
             assert await asyncio.wait_for(reader.readexactly(1), 30) == b"x"
             conn = next(iter(p.services["amqp"].connections))
-            for leg, transport in (("client", conn.transport), ("backend", conn.backend_transport)):
-                got = _keepalive_of(transport.get_extra_info("socket"))
-                if expected is None:
-                    assert got[0] == 0, f"{leg} leg has SO_KEEPALIVE"
-                else:
-                    assert got == expected, f"{leg} leg keepalive {got}"
+            client = conn.transport.get_extra_info("socket")
+            backend = conn.backend_transport.get_extra_info("socket")
+            if expected is None:
+                assert _keepalive_of(client)[0] == 0, "client leg has SO_KEEPALIVE"
+                # Nor will the backend leg get it later: no keepalive deadline is waiting for it.
+                assert _keepalive_of(backend)[0] == 0, "backend leg has SO_KEEPALIVE"
+                assert conn not in p.services["amqp"].keepalive_deadlines
+            else:
+                # The client leg inherits it from the listener at accept; the backend leg is told shortly after
+                # attach, so a connection that ends at once never pays for the system calls.
+                assert _keepalive_of(client) == expected, f"client leg keepalive {_keepalive_of(client)}"
+                await wait_for(lambda: _keepalive_of(backend) == expected, what=f"backend leg keepalive {expected}")
         finally:
             writer.close()
 
@@ -192,6 +198,7 @@ async def test_a_reload_changes_keepalive_for_clients_accepted_afterwards() -> N
             writer.write(b"x")
             assert await asyncio.wait_for(reader.readexactly(1), 30) == b"x"
             conn = next(iter(service.connections))
+            assert conn not in service.keepalive_deadlines, "the backend leg would get keepalive later"
             for transport in (conn.transport, conn.backend_transport):
                 assert _keepalive_of(transport.get_extra_info("socket"))[0] == 0
         finally:
