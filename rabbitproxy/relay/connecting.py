@@ -14,7 +14,6 @@ from rabbitproxy import logs
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import SOURCE_CLIENT
 from rabbitproxy.protocols.proxy_header import header_for
-from rabbitproxy.relay.keepalive import set_keepalive
 from rabbitproxy.relay.leg_state import LegState, _addr
 from rabbitproxy.relay.transparent import connect_as_client
 
@@ -165,16 +164,6 @@ class ConnectingLeg(LegState):
         service.connect_failed(backend, self.client_addr, exc)
         if not self._ending():
             self._connect_next()
-
-    def keepalive_due(self) -> None:
-        """The backend leg has been attached for KEEPALIVE_AFTER seconds: switch its TCP keepalive on now.
-
-        Settings as the service has them now (a reload in between may have changed or disabled them).
-        """
-        transport = self.backend_transport
-        if transport is None or self.close_started or self.closed or transport.is_closing():
-            return
-        set_keepalive(transport.get_extra_info("socket"), self.service.config.tcp_keepalive)
 
     def _follow_reload(self) -> Backend:
         """A reload replaced the Backend objects this connect was started with: use the ones now in the pool.

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from rabbitproxy.balancing.algorithms import source_key
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.relay.keepalive import set_keepalive
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.backend import Backend
@@ -264,6 +265,16 @@ class LegState(asyncio.Protocol):
         for t in (self.transport, self.backend_transport):
             if t is not None:
                 t.abort()
+
+    def keepalive_due(self) -> None:
+        """The backend leg has been attached for ``KEEPALIVE_AFTER`` seconds: switch its TCP keepalive on now.
+
+        Settings as the service has them now (a reload in between may have changed or disabled them).
+        """
+        transport = self.backend_transport
+        if transport is None or self.close_started or self.closed or transport.is_closing():
+            return
+        set_keepalive(transport.get_extra_info("socket"), self.service.config.tcp_keepalive)
 
     def _maybe_done(self) -> None:
         if self.closed:

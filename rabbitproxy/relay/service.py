@@ -74,7 +74,7 @@ class Service:
         self.hello_deadlines: Deadlines[LegState]
         self.header_deadlines: Deadlines[LegState]
         self.close_deadlines: Deadlines[LegState]
-        self.keepalive_deadlines: Deadlines[ConnectingLeg]
+        self.keepalive_deadlines: Deadlines[LegState]
         self.conn_log: structlog.typing.FilteringBoundLogger
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -113,7 +113,7 @@ class Service:
         self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, LegState.hello_expired)
         self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, LegState.header_expired)
         self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, LegState.close_expired)
-        self.keepalive_deadlines = Deadlines(self.loop, KEEPALIVE_AFTER, ConnectingLeg.keepalive_due)
+        self.keepalive_deadlines = Deadlines(self.loop, KEEPALIVE_AFTER, LegState.keepalive_due)
 
     async def open_server(
         self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool
