@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import math
 import os
@@ -40,7 +41,7 @@ log = structlog.get_logger("rabbitproxy.workers")
 
 
 def share_limits(config: Config, workers: int) -> Config:
-    """``config`` with each ``max_connections`` (service and backend) split into per-worker shares.
+    """``config`` with each ``max_connections`` (service and backend) and ``close_rate`` split into worker shares.
 
     SO_REUSEPORT spreads connects evenly over the workers, so ceil(max / N) each keeps the total within N-1 of the
     limit while every worker decides alone, with nothing shared on the data path (docs/configuration.md).
@@ -53,9 +54,11 @@ def share_limits(config: Config, workers: int) -> Config:
             bc.model_copy(update={"max_connections": math.ceil(bc.max_connections / workers)})
             for bc in sc.backends
         ]
-        services.append(
-            sc.model_copy(update={"max_connections": math.ceil(sc.max_connections / workers), "backends": backends})
-        )
+        update: dict[str, Any] = {"max_connections": math.ceil(sc.max_connections / workers), "backends": backends}
+        if sc.rabbitmq is not None:
+            # Each worker closes its own connections through the broker; together they keep to close_rate.
+            update["rabbitmq"] = sc.rabbitmq.model_copy(update={"close_rate": sc.rabbitmq.close_rate / workers})
+        services.append(sc.model_copy(update=update))
     return config.model_copy(update={"services": services})
 
 
@@ -108,6 +111,8 @@ class Worker:
             await self.channel.writer.drain()
             await sup.shutdown()
             return 2
+        # As in the single process (app.serve): what start-up allocated lives for the whole run.
+        gc.freeze()
         self.channel.send({"t": "ready", "pid": os.getpid()})
         stats = asyncio.ensure_future(self.send_stats())
         stopping = asyncio.ensure_future(self.stop.wait())

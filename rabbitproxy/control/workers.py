@@ -209,8 +209,9 @@ class WorkerSet:
                 }
             )
             await channel.serve(lambda m: self._notified(slot, m), _no_requests)
-        except ChannelError as exc:
-            log.error("worker channel failed", worker=slot.index, error=str(exc))
+        except (ChannelError, OSError) as exc:
+            # A bad frame, or the worker died hard (a reset): either way this worker ends here and is restarted.
+            log.error("worker channel failed", worker=slot.index, error=str(exc) or type(exc).__name__)
         finally:
             channel.close()
             slot.channel = None

@@ -17,6 +17,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import aiormq
 import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
@@ -363,3 +364,126 @@ async def test_amqp_through_two_workers(cluster: DevCluster, tmp_path: Path) -> 
             await c.close()
     finally:
         assert await stop(proxy) == 0
+
+
+async def test_workers_stop_when_the_parent_dies(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        pids = [w["pid"] for w in await workers(admin)]
+        os.kill(proxy.pid, signal.SIGKILL)
+        await wait_for(lambda: not any(alive(p) for p in pids), timeout=20, what="orphaned workers exiting")
+        assert proxy.log().count("the parent process is gone") == 2
+        await stop(proxy)
+
+
+async def test_a_second_signal_ends_the_workers_at_once(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries, shutdown_timeout=300.0)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        clients = await spread(proxy.addr, admin, 8)
+        pids = [w["pid"] for w in await workers(admin)]
+        assert proxy.proc is not None
+        proxy.proc.terminate()
+        await wait_for(lambda: "shutting down" in proxy.log(), timeout=10, what="the drain begun")
+        assert all([await c.echoes() for c in clients]), "still draining"
+        proxy.proc.terminate()
+        # Well before the 300 s grace period: the operator asked twice.
+        assert await asyncio.to_thread(proxy.proc.wait, 30) == 1
+        await wait_for(lambda: not any(alive(p) for p in pids), timeout=10, what="workers killed")
+        assert all([await c.ended() for c in clients])
+        for c in clients:
+            c.close()
+        await stop(proxy)
+
+
+async def test_maint_closes_through_the_broker_in_every_worker(cluster: DevCluster, tmp_path: Path) -> None:
+    port = free_port()
+    entries = backends_for(cluster)
+    for entry, node in zip(entries, cluster.nodes, strict=True):
+        entry["management_port"] = node.management_port
+    service = service_config(entries, rabbitmq={"timeout": 15.0})
+    data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
+    data["workers"] = 2
+    admin = f"http://127.0.0.1:{port}"
+    proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+    try:
+        host, lport = proxy.addr
+        conns: list[aio_pika.abc.AbstractConnection] = []
+        closes: list[list[BaseException | None]] = []
+        for i in range(12):
+            conn = await aio_pika.connect(
+                f"amqp://guest:guest@{host}:{lport}/", timeout=30, client_properties={"connection_name": f"w-{i}"}
+            )
+            seen: list[BaseException | None] = []
+            conn.close_callbacks.add(lambda _c, exc=None, seen=seen: seen.append(exc))
+            conns.append(conn)
+            closes.append(seen)
+        listing = await get(f"{admin}/api/connections?limit=100&backend=rabbit1")
+        on_r1 = {c["connection_name"] for c in listing["connections"]}
+        assert {c["worker"] for c in listing["connections"]} == {0, 1}, "rabbit1 has clients in both workers"
+        await patch(f"{admin}/api/services/amqp/backends/rabbit1", {"state": "maint", "force": True})
+        text = "rabbitproxy: node rabbit1 is in maintenance"
+        mine = [seen for i, seen in enumerate(closes) if f"w-{i}" in on_r1]
+        await wait_for(lambda: all(mine), timeout=60, what="every client on rabbit1 closed")
+
+        def by_broker(exc: BaseException | None) -> bool:
+            return isinstance(exc, aiormq.exceptions.ConnectionClosed) and exc.args[0] == 320 and text in str(exc)
+
+        assert all(by_broker(seen[0]) for seen in mine), [seen[:1] for seen in mine]
+        assert not any(seen for i, seen in enumerate(closes) if f"w-{i}" not in on_r1)
+        for c in conns:
+            if not c.is_closed:
+                await c.close()
+    finally:
+        assert await stop(proxy) == 0
+
+
+async def test_the_rebalancer_runs_in_every_worker(cluster: DevCluster, tmp_path: Path) -> None:
+    port = free_port()
+    entries = backends_for(cluster)
+    for entry, node in zip(entries, cluster.nodes, strict=True):
+        entry["management_port"] = node.management_port
+    service = service_config(
+        entries, rabbitmq={"timeout": 15.0, "close_rate": 50.0}, rebalance={"enabled": True, "after": 1.0}
+    )
+    data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
+    data["workers"] = 2
+    admin = f"http://127.0.0.1:{port}"
+    proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+    try:
+        for name in ("rabbit2", "rabbit3"):
+            await patch(f"{admin}/api/services/amqp/backends/{name}", {"state": "drain", "force": True})
+        host, lport = proxy.addr
+        conns = [await aio_pika.connect(f"amqp://guest:guest@{host}:{lport}/", timeout=30) for _ in range(18)]
+        closed: list[BaseException | None] = []
+        for c in conns:
+            c.close_callbacks.add(lambda _c, exc=None: closed.append(exc))
+        listing = await get(f"{admin}/api/connections?limit=100&backend=rabbit1")
+        assert listing["total"] == 18 and {c["worker"] for c in listing["connections"]} == {0, 1}
+        for name in ("rabbit2", "rabbit3"):
+            await patch(f"{admin}/api/services/amqp/backends/{name}", {"state": "ready"})
+        # Each worker holds its own share of rabbit1's clients and moves its own surplus.
+        await wait_for(
+            lambda: all(f"worker={i}" in line for i, line in enumerate(_lines(proxy.log(), "rebalancing", 2))),
+            timeout=60,
+            what="a rebalancing round in each worker",
+        )
+        await wait_for(lambda: len(closed) >= 6, timeout=60, what="clients moved off rabbit1")
+        assert all(isinstance(exc, aiormq.exceptions.ConnectionClosed) and exc.args[0] == 320 for exc in closed)
+        for c in conns:
+            if not c.is_closed:
+                await c.close()
+    finally:
+        assert await stop(proxy) == 0
+
+
+def _lines(log: str, event: str, n: int) -> list[str]:
+    """The first line of ``event`` from each of ``n`` workers, in worker order (fewer while some are missing)."""
+    found = {}
+    for line in log.splitlines():
+        if event in line:
+            for i in range(n):
+                if f"worker={i}" in line:
+                    found.setdefault(i, line)
+    return [found[i] for i in sorted(found)] if len(found) == n else ["missing"]

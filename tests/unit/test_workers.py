@@ -117,6 +117,8 @@ def test_max_connections_is_shared_out_rounding_up() -> None:
     shared = share_limits(config_mod.validate({"workers": 4, "services": [service]}), 4)
     assert shared.services[0].max_connections == 3
     assert shared.services[0].backends[0].max_connections == 2
+    rmq = dict(service, rabbitmq={"close_rate": 10.0})
+    assert share_limits(config_mod.validate({"services": [rmq]}), 4).services[0].rabbitmq.close_rate == 2.5  # type: ignore[union-attr]
     # 0 is "no limit" and stays so.
     unlimited = config_mod.validate({"workers": 4, "services": [SERVICE]})
     assert share_limits(unlimited, 4).services[0].backends[0].max_connections == 0
