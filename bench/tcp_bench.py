@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "uvloop process), the echo backend and the other idle proxies share: a rate there is what the "
                 "proxy gets with a busy neighbour, not what two free cores give",
             },
-                        "pinning": {
+            "pinning": {
                 "proxy_under_test": sorted(PROXY_CPU),
                 "driver_clients_and_backends": sorted(LOAD_CPU),
                 "note": "the proxy has CPU 1 to itself; iperf3/sockperf clients and servers, the echo backend "

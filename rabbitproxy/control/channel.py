@@ -87,24 +87,27 @@ Answer = Callable[[Message], Awaitable[Message]]
 class Channel:
     """One end of a socketpair: send notifications, send requests and await answers, serve the peer's."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, max_buffered: int = MAX_BUFFERED
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.max_buffered = max_buffered
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._answers = OwnedTasks()
         self.closed = False
 
     @classmethod
-    async def open(cls, sock: Any) -> Channel:
+    async def open(cls, sock: Any, *, max_buffered: int = MAX_BUFFERED) -> Channel:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-        return cls(reader, writer)
+        return cls(reader, writer, max_buffered=max_buffered)
 
     def send(self, message: Message) -> None:
         if self.closed:
             raise ChannelError("channel closed")
-        if self.writer.transport.get_write_buffer_size() > MAX_BUFFERED:
-            raise ChannelFullError(f"the peer has not read {MAX_BUFFERED} bytes")
+        if self.writer.transport.get_write_buffer_size() > self.max_buffered:
+            raise ChannelFullError(f"the peer has not read {self.max_buffered} bytes")
         self.writer.write(encode(message))
 
     async def request(self, message: Message, deadline: float = REQUEST_TIMEOUT) -> Message:

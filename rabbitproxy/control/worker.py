@@ -51,8 +51,7 @@ def share_limits(config: Config, workers: int) -> Config:
     services = []
     for sc in config.services:
         backends = [
-            bc.model_copy(update={"max_connections": math.ceil(bc.max_connections / workers)})
-            for bc in sc.backends
+            bc.model_copy(update={"max_connections": math.ceil(bc.max_connections / workers)}) for bc in sc.backends
         ]
         update: dict[str, Any] = {"max_connections": math.ceil(sc.max_connections / workers), "backends": backends}
         if sc.rabbitmq is not None:
@@ -82,7 +81,6 @@ class Worker:
             return 1
         start = self.started.result()
         self.workers = int(start["workers"])
-        self.state = start["state"]
         try:
             config = self.config_from(start["config"])
         except ConfigError as exc:
@@ -134,6 +132,8 @@ class Worker:
     def notified(self, message: Message) -> None:
         kind = message.get("t")
         if kind == "start" and not self.started.done():
+            # Taken here, not when run() resumes: "state" messages behind it in the same read are newer.
+            self.state = message["state"]
             self.started.set_result(message)
         elif kind == "state":
             self.state = message["services"]

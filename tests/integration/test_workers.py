@@ -148,7 +148,7 @@ async def test_connections_land_on_every_worker_and_the_admin_api_adds_them_up(t
             assert len({c["id"] for c in listing["connections"]}) == 40, "ids are unique over the workers"
 
             async def counted() -> bool:
-                service = (await get(f"{admin}/api/services/amqp"))
+                service = await get(f"{admin}/api/services/amqp")
                 text = await get(f"{admin}/metrics")
                 return (
                     service["connections"] == {"active": 40, "total": 40}
