@@ -117,9 +117,15 @@ class Route:
     backends: tuple[tuple[str, int], ...]
 
 
-def rabbitproxy_config(routes: Sequence[Route], *, max_connections: int = 20000, log_level: str = "warning") -> str:
-    """TOML for ``rabbitproxy serve``: one service per route, round robin, no health checks (HAProxy's are off too)."""
-    lines = ["[admin]", "enabled = false", "", "[log]", f'level = "{log_level}"', ""]
+def rabbitproxy_config(
+    routes: Sequence[Route], *, max_connections: int = 20000, log_level: str = "warning", workers: int = 1
+) -> str:
+    """TOML for ``rabbitproxy serve``: one service per route, round robin, no health checks (HAProxy's are off too).
+
+    ``workers`` > 1 runs that many data-path processes (a top-level key, so it comes before every table).
+    """
+    lines = [f"workers = {workers}", ""] if workers > 1 else []
+    lines += ["[admin]", "enabled = false", "", "[log]", f'level = "{log_level}"', ""]
     for r in routes:
         lines += [
             "[[services]]",
@@ -141,17 +147,22 @@ def rabbitproxy_config(routes: Sequence[Route], *, max_connections: int = 20000,
 TUNED_MAXPIPES = 512
 
 
-def haproxy_config(routes: Sequence[Route], *, tuned: bool = False, maxconn: int = 9900) -> str:
+def haproxy_config(
+    routes: Sequence[Route], *, tuned: bool = False, maxconn: int = 9900, nbthread: int | None = None
+) -> str:
     """An HAProxy TCP-mode config equivalent to :func:`rabbitproxy_config` for the same routes.
 
     The default variant is what an operator writes from the Loadbalancer.org guide: ``mode tcp``, round robin,
     long client/server timeouts. The tuned one adds kernel splicing and bigger buffers, the usual first steps.
+    ``nbthread`` fixes the number of threads (HAProxy's default is one per CPU it may run on).
     """
     lines = [
         "global",
         f"    maxconn {maxconn}",
         "    log stderr format raw local0 err",
     ]
+    if nbthread is not None:
+        lines.append(f"    nbthread {nbthread}")
     if tuned:
         # Splicing needs a pipe (two descriptors) per busy connection; a fixed pool keeps maxconn under the
         # descriptor limit.
@@ -387,20 +398,27 @@ class Target:
 def start_target(kind: str, routes: Sequence[Route], workdir: Path, cpus: set[int] | None) -> Target:
     """Start one proxy of ``kind`` for ``routes`` and wait until every listener accepts.
 
-    kinds: rabbitproxy, rabbitproxy-info (connection logs at info), haproxy, haproxy-tuned, nginx.
+    kinds: rabbitproxy, rabbitproxy-info (connection logs at info), haproxy, haproxy-tuned, nginx; and for the
+    scaling comparison rabbitproxy-w1/-w2 (``workers = 1``/``2``), haproxy-nbthread1/-nbthread2.
     """
     # Not named after the kind: a directory called "rabbitproxy" in the cwd would shadow the package for -m.
     d = workdir / f"target-{kind}"
     d.mkdir(parents=True, exist_ok=True)
-    if kind in ("rabbitproxy", "rabbitproxy-info"):
+    if kind in ("rabbitproxy", "rabbitproxy-info") or kind.startswith("rabbitproxy-w"):
         level = "info" if kind == "rabbitproxy-info" else "warning"
-        (d / "rabbitproxy.toml").write_text(rabbitproxy_config(routes, log_level=level))
+        workers = int(kind.removeprefix("rabbitproxy-w")) if kind.startswith("rabbitproxy-w") else 1
+        (d / "rabbitproxy.toml").write_text(rabbitproxy_config(routes, log_level=level, workers=workers))
         argv = [*RABBITPROXY, "serve", "--config", str(d / "rabbitproxy.toml"), "--loop", "uvloop"]
         argv += ["--log-level", level]
     elif kind in ("haproxy", "haproxy-tuned"):
         tuned = kind == "haproxy-tuned"
         maxconn = (nofile_limit() - 200 - (2 * TUNED_MAXPIPES if tuned else 0)) // 2
         (d / "haproxy.cfg").write_text(haproxy_config(routes, tuned=tuned, maxconn=maxconn))
+        argv = ["haproxy", "-W", "-db", "-f", str(d / "haproxy.cfg")]
+    elif kind.startswith("haproxy-nbthread"):
+        nbthread = int(kind.removeprefix("haproxy-nbthread"))
+        maxconn = (nofile_limit() - 200) // 2
+        (d / "haproxy.cfg").write_text(haproxy_config(routes, maxconn=maxconn, nbthread=nbthread))
         argv = ["haproxy", "-W", "-db", "-f", str(d / "haproxy.cfg")]
     elif kind == "nginx":
         (d / "nginx.conf").write_text(nginx_config(routes, workdir=d, nofile=nofile_limit()))

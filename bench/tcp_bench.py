@@ -44,6 +44,10 @@ ALL_TARGETS = ("direct", "rabbitproxy", "haproxy", "haproxy-tuned", "nginx")
 # Connection logs at info cost something per connection, so that variant is only measured where it shows.
 CONNRATE_EXTRA = ("rabbitproxy-info",)
 TESTS = ("bulk1", "bulk8", "lat64", "lat1k", "conn_client_close", "conn_server_close")
+# Worker processes against HAProxy's threads (issue 17), short connections only. These run on both cores, unpinned:
+# N processes or threads need N cores, and this machine has two, which the driver and the echo backend share.
+SCALING = ("rabbitproxy-w1", "rabbitproxy-w2", "haproxy-nbthread1", "haproxy-nbthread2")
+CONN_TESTS = ("conn_client_close", "conn_server_close")
 
 console = Console(stderr=True, width=170)
 
@@ -226,7 +230,10 @@ def summarize(
 ) -> dict[str, dict[str, float]]:
     """Medians per target of every metric, plus latency added over direct (same-run medians)."""
     out: dict[str, dict[str, float]] = {}
-    for t in [*targets, *CONNRATE_EXTRA]:
+    for t in [*targets, *CONNRATE_EXTRA, *SCALING]:
+        if t in SCALING and not any(t in runs for runs in raw.values()):
+            # Measured only with --scaling.
+            continue
         row: dict[str, float] = {}
 
         def med(test: str, key: str, t: str = t) -> float:
@@ -290,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--targets", default=",".join(ALL_TARGETS), help="comma-separated subset of " + ",".join(ALL_TARGETS)
     )
+    ap.add_argument(
+        "--scaling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure short connections through " + ", ".join(SCALING) + " (unpinned, both cores)",
+    )
     ap.add_argument("--idle-connections", type=int, default=10000)
     ap.add_argument("--json", type=Path, help="write raw results and medians here")
     ap.add_argument("--png", type=Path, help="write a chart of the medians here")
@@ -344,6 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind in kinds:
                 by_name[kind] = common.start_target(kind, per_kind[kind], work, PROXY_CPU)
                 running.append(by_name[kind])
+            scaling = list(SCALING) if args.scaling else []
+            scaling_routes = common.target_routes(routes, scaling)
+            for kind in scaling:
+                by_name[kind] = common.start_target(kind, scaling_routes[kind], work, None)
+                running.append(by_name[kind])
             raw: dict[str, dict[str, list[dict[str, float]]]] = {}
 
             def record(test: str, target: str, result: dict[str, float]) -> None:
@@ -355,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plan += [(test, t, rep) for test in TESTS]
                 if t == "rabbitproxy":
                     plan += [(test, x, rep) for x in CONNRATE_EXTRA for test in TESTS if test.startswith("conn")]
+            for rep, t in common.interleave(scaling, repeats):
+                plan += [(test, t, rep) for test in CONN_TESTS]
             # RSS per idle connection barely varies; one pass per proxy, after the repeats.
             plan += [("idle", t, 0) for t in targets if t != "direct"]
             with Progress(console=console, transient=False) as progress:
@@ -407,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": repeats,
             "targets": targets,
             "idle_connections": idle_count,
+            "scaling": {
+                "targets": scaling,
+                "note": "worker processes and HAProxy threads run unpinned on both cores, which the driver (one "
+                "uvloop process), the echo backend and the other idle proxies share: a rate there is what the "
+                "proxy gets with a busy neighbour, not what two free cores give",
+            },
             "pinning": {
                 "proxy_under_test": sorted(PROXY_CPU),
                 "driver_clients_and_backends": sorted(LOAD_CPU),

@@ -50,13 +50,18 @@ def sd_notify(state: str, environ: dict[str, str] | None = None) -> bool:
 
 
 def install_signal_handlers(
-    loop: asyncio.AbstractEventLoop, shutdown: asyncio.Event, reload: Callable[[], None] | None
+    loop: asyncio.AbstractEventLoop,
+    shutdown: asyncio.Event,
+    reload: Callable[[], None] | None,
+    force: Callable[[], None] | None = None,
 ) -> None:
-    """SIGTERM/SIGINT set the shutdown event; a second one exits at once. SIGHUP reloads."""
+    """SIGTERM/SIGINT set the shutdown event; a second one exits at once (``force`` first). SIGHUP reloads."""
 
     def on_stop(signame: str) -> None:
         if shutdown.is_set():
             log.warning("second signal: exiting now", signal=signame)
+            if force is not None:
+                force()
             raise SystemExit(1)
         log.info("signal received, shutting down", signal=signame)
         shutdown.set()
@@ -75,7 +80,8 @@ async def serve(
     ready: Callable[[Supervisor], None] | None = None,
 ) -> None:
     """Run the proxy until ``shutdown_trigger`` returns (default: SIGTERM or SIGINT), then shut down gracefully."""
-    proxy = Supervisor(config, config_path=config_path)
+    # workers > 1: this process supervises and N worker processes serve (rabbitproxy.control.workers).
+    proxy = Supervisor(config, config_path=config_path, role="parent" if config.worker_count > 1 else "single")
     admin_runner = None
     health_file = None
     if config.admin.health_file:
@@ -109,7 +115,7 @@ async def serve(
                 return
             proxy.spawn(_reload_from_signal(proxy), name="reload")
 
-        install_signal_handlers(asyncio.get_running_loop(), stop, on_hup)
+        install_signal_handlers(asyncio.get_running_loop(), stop, on_hup, proxy.kill_workers)
         shutdown_trigger = stop.wait
     if health_file is not None:
         # A dead updater would freeze the file at its last value, which keepalived would go on believing.

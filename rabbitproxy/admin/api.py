@@ -42,6 +42,7 @@ def make_app(proxy: Supervisor, token: str | None) -> web.Application:
     app.router.add_get("/api/services/{service}/backends/{backend}", services.get_backend)
     app.router.add_patch("/api/services/{service}/backends/{backend}", services.patch_backend)
     app.router.add_post("/api/reload", system.reload)
+    app.router.add_get("/api/workers", system.workers)
     app.router.add_get("/api/connections", connections.list_connections)
     app.router.add_get("/api/connections/{id}", connections.get_connection)
     app.router.add_delete("/api/connections/{id}", connections.delete_connection)

@@ -91,6 +91,10 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     log_format: Annotated[str | None, typer.Option(help="console or json.")] = None,
     loop: Annotated[str, typer.Option(help="Event loop: uvloop or asyncio.")] = "uvloop",
+    workers: Annotated[
+        str | None,
+        typer.Option(help='Data-path processes sharing each listener: a number, or "auto" (one per core).'),
+    ] = None,
 ) -> None:
     """Run the load balancer."""
     from rabbitproxy import logs
@@ -104,6 +108,8 @@ def serve(
         overrides["log.level"] = log_level
     if log_format is not None:
         overrides["log.format"] = log_format
+    if workers is not None:
+        overrides["workers"] = int(workers) if workers.isdigit() else workers
     if loop not in ("uvloop", "asyncio"):
         fail_config(ConfigError([f"--loop: {loop!r} is not one of uvloop, asyncio"]))
     config = config_or_env(config, dict(os.environ))

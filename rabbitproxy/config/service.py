@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -221,10 +222,23 @@ class ServiceConfig(_Model):
         return backend.send_proxy_protocol or self.send_proxy_protocol
 
 
+Workers = Annotated[int, Field(ge=1, le=256)] | Literal["auto"]
+
+
 class Config(_Model):
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    # Data-path processes sharing each listener (SO_REUSEPORT); "auto" is one per core this process may run on.
+    # 1 is the single-process proxy, with no worker code on its path. See docs/architecture.md, "Worker processes".
+    workers: Workers = 1
     services: list[ServiceConfig] = Field(min_length=1)
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number: "auto" is the number of cores this process may run on."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

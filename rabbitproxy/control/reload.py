@@ -22,7 +22,6 @@ from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
 from rabbitproxy.control.health import health_task
-from rabbitproxy.relay.listeners import bind_all
 from rabbitproxy.relay.service import Service
 from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.relay.transparent import check_transparent
@@ -71,7 +70,7 @@ async def apply(sup: Supervisor, new: Config) -> ReloadResult:
     # Everything that can fail (binding new or moved listeners) before anything changes. A moved listener that
     # takes a port another (removed or moved) service still holds is refused rather than half-applied: two
     # listeners cannot share a port.
-    fresh_socks = bind_all(
+    fresh_socks = sup.bind(
         [sc for sc in new.services if sc.name not in sup.services or sup.services[sc.name].config.listen != sc.listen]
     )
     plan = _Plan(new, tls, fresh_socks)
@@ -111,12 +110,13 @@ async def _prepare(sup: Supervisor, plan: _Plan) -> None:
         if old is None:
             # A new service checks its backends before it accepts anyone, as at start: otherwise its first
             # clients would all be turned away with "no backend". Its monitors are the permanent ones.
-            service = Service(sc, tls=plan.tls[sc.name])
+            service = sup.new_service(sc, plan.tls[sc.name])
             plan.added[sc.name] = service
             sup.watch_service(service)
             waits.append(service.first_checks.wait())
             continue
-        if old.config != sc and sc.health_check.type != "none":
+        if old.config != sc and sc.health_check.type != "none" and sup.role != "worker":
+            # (A worker checks nothing: its new backends' state comes from the parent, applied in the swap.)
             staged = _stage_new_servers(old, sc, plan.tls[sc.name])
             if staged is not None:
                 plan.staged[sc.name] = staged
@@ -128,6 +128,9 @@ async def _prepare(sup: Supervisor, plan: _Plan) -> None:
                 await asyncio.gather(*waits)
         except TimeoutError:
             log.warning("reload goes on before every new backend's first health check answered", waited=grace)
+    if sup.role == "parent":
+        # The parent opens no server: the workers listen; its new sockets only hold the ports (sup.hold).
+        return
     for sc in new.services:
         target = plan.added.get(sc.name) or sup.services[sc.name]
         old_server_tls = target.tls.server is not None if sc.name not in plan.added else False
@@ -207,7 +210,8 @@ def _swap(sup: Supervisor, plan: _Plan) -> list[asyncio.Task[Any]]:
         added = plan.added.get(sc.name)
         if added is not None:
             sup.services[sc.name] = added
-            added.replace_server(plan.servers[sc.name])
+            if sc.name in plan.servers:
+                added.replace_server(plan.servers[sc.name])
             sup.steering.service_added(added)
             log.info("service listening", service=sc.name, listen=sc.listen, backends=len(sc.backends))
             result.added.append(sc.name)
@@ -227,7 +231,13 @@ def _swap(sup: Supervisor, plan: _Plan) -> list[asyncio.Task[Any]]:
         cancelled.extend(_update_service(sup, service, sc, staged, plan))
         plan.changed.append(service)
         result.changed.append(sc.name)
+    if sup.role == "parent":
+        sup.release_held(plan.removed)
+        sup.hold(plan.socks)
+        plan.socks = {}
     sup.config = new
+    if sup.on_swap is not None:
+        sup.on_swap()
     return cancelled
 
 

@@ -18,7 +18,7 @@ and then to apply an operator's state; reloads and the shutdown tell it which se
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -69,6 +69,11 @@ class Steering:
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.rebalancers: dict[str, tuple[Rebalancer, asyncio.Task[None]]] = {}
         self.tasks = OwnedTasks()
+        # With workers = N the parent holds no connection: a drain deadline or a maint close is sent to every
+        # worker (service, backend, cause), which closes its own through its own closer (close_for).
+        self.remote: Callable[[str, str, Cause], None] | None = None
+        # Whether the rebalancers run here: not in the parent of workers, where each worker balances its own share.
+        self.rebalancing = True
 
     # -- services coming and going ----------------------------------------------------------------------------
 
@@ -107,7 +112,7 @@ class Steering:
         self.closers.clear()
 
     def _start_rebalancer(self, service: Service) -> None:
-        if not service.config.rebalance.enabled:
+        if not service.config.rebalance.enabled or not self.rebalancing:
             return
         name = service.name
         rebalancer = Rebalancer(name, self.services, lambda: self.closers.get(name))
@@ -170,7 +175,7 @@ class Steering:
         out: dict[str, object] = {"closed_connections": closed}
         if cancelled is not None:
             out["cancelled"] = cancelled
-        if state == "maint" and through_broker and backend.connections:
+        if state == "maint" and through_broker and (backend.connections or self.remote is not None):
             conns = list(backend.connections)
             task = self.tasks.spawn(
                 self._close(key, "maint", CloseReason.BACKEND_MAINT, maint_text(backend.name)),
@@ -195,6 +200,15 @@ class Steering:
             conn.close(reason)
             return CloseOutcome("tcp", "the service is stopping")
         return await closer.close_one(conn, pool=service.pool.backends, reason=reason, text=text, young=young)
+
+    def close_for(self, service: str, backend: str, cause: Cause) -> None:
+        """In a worker: close this worker's connections of ``backend`` as the parent's steering decided."""
+        key = (service, backend)
+        if cause == "drain":
+            coro = self._close(key, "drain", CloseReason.DRAIN_DEADLINE, drain_text(backend))
+        else:
+            coro = self._close(key, "maint", CloseReason.BACKEND_MAINT, maint_text(backend))
+        self.tasks.spawn(coro, name=f"{cause} {service}/{backend}")
 
     def deadline_left(self, service: str, backend: str) -> float | None:
         """Seconds until ``backend``'s drain deadline, or None when none is pending."""
@@ -227,6 +241,9 @@ class Steering:
                 return
             expected: AdminState = "drain" if cause == "drain" else "maint"
             if backend.operator_state != expected:
+                return
+            if self.remote is not None:
+                self.remote(key[0], key[1], cause)
                 return
             conns = sorted(backend.connections, key=lambda c: c.started, reverse=True)
             await closer.close(backend, conns, pool=service.pool.backends, cause=cause, reason=reason, text=text)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import structlog
 
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
-from rabbitproxy.config import Config, ConfigError
+from rabbitproxy.config import Config, ConfigError, ServiceConfig
 from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task
 from rabbitproxy.control.management import session_for
@@ -32,15 +33,30 @@ from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.relay.transparent import check_transparent
 from rabbitproxy.tasks import Backoff, OwnedTasks, cancel_and_wait, log_failure, run_restarting
 
+if TYPE_CHECKING:
+    from rabbitproxy.control.workers import WorkerSet
+
 log = structlog.get_logger("rabbitproxy.supervisor")
+
+# "single": one process does everything (workers = 1). With workers > 1 the supervising process is the "parent":
+# monitors, steering, the admin API, no accepting; each worker process runs a "worker" supervisor: the data path
+# only, its backends' state copied from the parent (rabbitproxy.control.workers).
+Role = Literal["single", "parent", "worker"]
 
 
 class Supervisor:
     """All services of one process and what runs beside them."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None, role: Role = "single") -> None:
         self.config = config
         self.config_path = config_path
+        self.role: Role = role
+        # The parent's bound, not listening, sockets (one per service): they hold each port for the workers.
+        self.held: dict[str, socket.socket] = {}
+        self.workers: WorkerSet | None = None
+        # Called once the services exist and at the end of every reload's swap (synchronously): a worker copies
+        # the parent's backend state onto its new Backend objects there, before any of them takes a client.
+        self.on_swap: Callable[[], None] | None = None
         self.services: dict[str, Service] = {}
         self.state = "starting"
         # Monitor tasks (health checks, agents, node monitors) per backend object; restarted when a reload changes them.
@@ -51,6 +67,9 @@ class Supervisor:
         self.background = OwnedTasks()
         # Drain deadlines, closes through the broker, the rebalancers (issue 13).
         self.steering = Steering(self.services)
+        if role == "parent":
+            self.steering.rebalancing = False
+            self.steering.remote = self._steer_workers
         self.reload_lock = asyncio.Lock()
         self.listeners_ready = asyncio.Event()
 
@@ -63,12 +82,14 @@ class Supervisor:
         # Transparent mode needs a capability: refuse now, not at the first client.
         check_transparent(self.config.services)
         # Bind every socket before serving any, so a port conflict fails the start as a whole.
-        socks = bind_all(self.config.services)
+        socks = self.bind(self.config.services)
         for sc in self.config.services:
-            service = Service(sc, tls=tls[sc.name])
+            service = self.new_service(sc, tls[sc.name])
             self.services[sc.name] = service
             self.watch_service(service)
             self.steering.service_added(service)
+        if self.on_swap is not None:
+            self.on_swap()
         # The sockets already listen, so clients arriving now wait in the backlog. Serving starts once every
         # backend's first check has answered (or its timeout passed): otherwise the first clients after a start or
         # restart would find no healthy backend and be turned away from a perfectly healthy cluster.
@@ -78,12 +99,82 @@ class Supervisor:
                 await asyncio.gather(*(s.first_checks.wait() for s in self.services.values()))
         except TimeoutError:
             log.warning("serving before every backend's first health check answered", waited=grace)
-        for sc in self.config.services:
-            service = self.services[sc.name]
-            await service.start(socks[sc.name])
-            log.info("service listening", service=sc.name, listen=sc.listen, backends=len(sc.backends))
+        if self.role == "parent":
+            self.hold(socks)
+            await self._start_workers()
+        else:
+            for sc in self.config.services:
+                service = self.services[sc.name]
+                await service.start(socks[sc.name])
+                if self.role == "single":
+                    log.info("service listening", service=sc.name, listen=sc.listen, backends=len(sc.backends))
         self.state = "running"
         self.listeners_ready.set()
+
+    async def _start_workers(self) -> None:
+        from rabbitproxy.control.workers import WorkerSet
+
+        self.workers = WorkerSet(self)
+        try:
+            await self.workers.start()
+        except BaseException:
+            await self.workers.shutdown()
+            self.release_held()
+            await self._stop_all_monitors()
+            await self.steering.stop()
+            raise
+        for sc in self.config.services:
+            log.info(
+                "service listening",
+                service=sc.name,
+                listen=sc.listen,
+                backends=len(sc.backends),
+                workers=self.config.worker_count,
+            )
+
+    def bind(self, configs: list[ServiceConfig]) -> dict[str, socket.socket]:
+        """Bind listeners as this role does: a worker with SO_REUSEPORT, the parent without listening."""
+        if self.role == "single":
+            return bind_all(configs)
+        return bind_all(configs, reuse_port=True, listen=self.role == "worker")
+
+    def new_service(self, sc: ServiceConfig, tls: ServiceTLS) -> Service:
+        service = Service(sc, tls=tls)
+        if self.role == "worker":
+            # A worker's backends are checked by the parent, which sends their state before the worker serves.
+            service.first_checks.set()
+        return service
+
+    def hold(self, socks: dict[str, socket.socket]) -> None:
+        """The parent keeps ``socks`` (bound, not listening) in place of any it held for the same services."""
+        for name, sock in socks.items():
+            old = self.held.pop(name, None)
+            if old is not None:
+                old.close()
+            self.held[name] = sock
+            self.services[name].bound = [sock.getsockname()[:2]]
+
+    def release_held(self, names: list[str] | None = None) -> None:
+        for name in list(self.held) if names is None else names:
+            sock = self.held.pop(name, None)
+            if sock is not None:
+                sock.close()
+
+    def _steer_workers(self, service: str, backend: str, cause: str) -> None:
+        if self.workers is not None:
+            # The state goes first: a worker closes only if the backend is still in the state the close is for.
+            self.workers.push_state()
+            self.workers.tell_all({"t": "steer", "service": service, "backend": backend, "cause": cause})
+
+    def kill_workers(self) -> None:
+        """The operator asked twice to stop: the workers end now too, with their connections."""
+        if self.workers is not None:
+            self.workers.kill_all()
+
+    def state_changed(self) -> None:
+        """A backend's state changed outside a monitor (the admin API): the workers get it now, not at the next poll."""
+        if self.workers is not None:
+            self.workers.push_state()
 
     async def shutdown(self) -> None:
         if self.state == "stopping":
@@ -95,7 +186,12 @@ class Supervisor:
         log.info("shutting down", open_connections=total)
         # No deadline or rebalancer may close anything while the services drain for the last time.
         await self.steering.stop()
-        await asyncio.gather(*(s.drain(s.config.shutdown_timeout) for s in self.services.values()))
+        if self.workers is not None:
+            # Each worker drains its own connections with shutdown_timeout; the parent has none.
+            await self.workers.shutdown()
+            self.release_held()
+        else:
+            await asyncio.gather(*(s.drain(s.config.shutdown_timeout) for s in self.services.values()))
         await self._stop_all_monitors()
         for name in list(self.management):
             await self.close_management(name)
@@ -122,6 +218,9 @@ class Supervisor:
             await session.close()
 
     def _watch(self, service: Service, backend: Backend) -> None:
+        if self.role == "worker":
+            # The parent watches every backend; a worker only copies what it learns.
+            return
         # A monitor that dies would freeze the backend's state (up for a dead node, say), so each runs under
         # run_restarting: started again with back-off until a reload or the shutdown cancels it.
         loop = asyncio.get_running_loop()
@@ -162,7 +261,20 @@ class Supervisor:
                 if self.config_path is None:
                     raise ConfigError(["no configuration file to reload (started from command-line options)"])
                 new = config_mod.load(self.config_path)
-            return await apply(self, new)
+            if "workers" not in new.model_fields_set:
+                # A file without the key keeps what runs (set by `serve --workers`, say): not a change.
+                new = new.model_copy(update={"workers": self.config.workers})
+            if new.worker_count != self.config.worker_count:
+                raise ConfigError(
+                    [
+                        f"workers: the number of worker processes cannot change by reload (running "
+                        f"{self.config.worker_count}, the new configuration says {new.worker_count}); restart instead"
+                    ]
+                )
+            result = await apply(self, new)
+            if self.workers is not None:
+                await self.workers.reload(new)
+            return result
 
     def cancel_monitors(self, backends: list[Backend]) -> list[asyncio.Task[Any]]:
         """Cancel the monitors of ``backends`` at once and return them (awaited later, outside the swap).

@@ -77,11 +77,16 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> AcceptErrorFilter:
 IP_FREEBIND = 15
 
 
-def bind_listener(config: ServiceConfig) -> socket.socket:
+def bind_listener(config: ServiceConfig, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     """Create the service's listening socket (SO_REUSEADDR; IPv6 sockets only IPv6, like nginx's ipv6only).
 
     With ``freebind`` the address need not be local yet, as with ``net.ipv4.ip_nonlocal_bind = 1`` but for this
     socket only: a keepalived standby listens on the VIP before it owns it.
+
+    ``reuse_port`` (worker processes) sets SO_REUSEPORT, so every worker binds the same port and the kernel spreads
+    the connects over them. ``listen=False`` only binds: the supervising process of the workers holds each port
+    that way (a port another program holds still fails the start) without taking a share of the connects, which
+    the kernel hands only to listening sockets.
     """
     host = config.listen_host
     port = config.listen_port
@@ -94,8 +99,11 @@ def bind_listener(config: ServiceConfig) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if config.freebind:
             sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
-        sock.listen(config.backlog)
+        if listen:
+            sock.listen(config.backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -103,12 +111,14 @@ def bind_listener(config: ServiceConfig) -> socket.socket:
     return sock
 
 
-def bind_all(configs: list[ServiceConfig]) -> dict[str, socket.socket]:
+def bind_all(
+    configs: list[ServiceConfig], *, reuse_port: bool = False, listen: bool = True
+) -> dict[str, socket.socket]:
     """Bind the listeners of ``configs``; on any failure close those already bound and raise ConfigError."""
     socks: dict[str, socket.socket] = {}
     for sc in configs:
         try:
-            socks[sc.name] = bind_listener(sc)
+            socks[sc.name] = bind_listener(sc, reuse_port=reuse_port, listen=listen)
         except OSError as exc:
             for s in socks.values():
                 s.close()

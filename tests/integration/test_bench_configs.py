@@ -17,7 +17,9 @@ def test_haproxy_config_matches_routes_and_is_accepted_by_haproxy(tmp_path: Path
     tuned = common.haproxy_config(ROUTES, tuned=True, maxconn=1000)
     assert "option splice-auto" in tuned
     assert f"maxpipes {common.TUNED_MAXPIPES}" in tuned
-    for i, cfg in enumerate((text, tuned)):
+    threads = common.haproxy_config(ROUTES, maxconn=1000, nbthread=2)
+    assert "    nbthread 2\n" in threads
+    for i, cfg in enumerate((text, tuned, threads)):
         path = tmp_path / f"h{i}.cfg"
         path.write_text(cfg)
         check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, check=False)

@@ -46,6 +46,32 @@ def test_rabbitproxy_config_is_valid_and_equivalent() -> None:
     assert cfg.admin.enabled is False
 
 
+def test_the_scaling_targets_configure_workers_and_threads() -> None:
+    two = config_mod.validate(tomllib.loads(common.rabbitproxy_config(ROUTES, workers=2)))
+    assert two.worker_count == 2
+    assert "workers" not in common.rabbitproxy_config(ROUTES)
+    assert "    nbthread 2\n" in common.haproxy_config(ROUTES, nbthread=2)
+    assert "nbthread" not in common.haproxy_config(ROUTES)
+
+
+def test_the_scaling_section_compares_two_with_one_and_projects() -> None:
+    def row(rate: float) -> dict[str, float]:
+        return {"conn_client_close_s": rate, "conn_server_close_s": rate}
+
+    runs = {t: [{"cpu_s": 1.0, "ok": 10000.0}] for t in tcp_bench.SCALING}
+    doc = {
+        "summary": {"rabbitproxy-w1": row(4000.0), "rabbitproxy-w2": row(6000.0), "haproxy-nbthread1": row(10000.0),
+                    "haproxy-nbthread2": row(12000.0)},
+        "settings": {"duration_s": 2.0, "scaling": {"note": "shared cores"}},
+        "raw": {"conn_client_close": runs},
+    }  # fmt: skip
+    text = "\n".join(report.scaling_section(doc))
+    assert "rabbitproxy 1.50 x, HAProxy 1.20 x" in text
+    assert "| rabbitproxy-w2 | 6,000 | 6,000 | 100 | 50% |" in text
+    assert "What N cores should give" in text and "Shared cores." in text
+    assert report.scaling_section({"summary": {"rabbitproxy": row(1.0)}, "settings": {"duration_s": 2.0}}) == []
+
+
 SOCKPERF = """sockperf: Summary: Round trip is 8.137 usec
 sockperf: ---> <MAX> observation = 64016.664
 sockperf: ---> percentile 99.999 = 26461.261

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -32,9 +32,26 @@ def _live(proxy: Supervisor) -> Iterator[tuple[str, Connection]]:
             yield name, conn
 
 
-def _find_connection(proxy: Supervisor, raw_id: str) -> tuple[Service, Connection]:
+async def _all(proxy: Supervisor) -> list[tuple[str, Connection]]:
+    """:func:`_live`, or with ``workers = N`` every worker's connections (asked now, within a deadline)."""
+    if proxy.workers is None:
+        return list(_live(proxy))
+    return list(await proxy.workers.connections())
+
+
+def _with_workers(proxy: Supervisor, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """With ``workers = N``: each connection's worker (index and pid), found from its id (control.worker)."""
+    if proxy.workers is not None:
+        for view in views:
+            slot = proxy.workers.worker_of(view["id"])
+            view["worker"] = slot.index
+            view["worker_pid"] = slot.pid
+    return views
+
+
+async def _find_connection(proxy: Supervisor, raw_id: str) -> tuple[Service, Connection]:
     conn_id = int(raw_id) if raw_id.isascii() and raw_id.isdigit() else None
-    found = connections.find(_live(proxy), conn_id) if conn_id is not None else None
+    found = connections.find(await _all(proxy), conn_id) if conn_id is not None else None
     if found is None:
         raise web.HTTPNotFound(
             text=json.dumps({"error": f"no open connection with id {raw_id!r}"}), content_type="application/json"
@@ -47,12 +64,17 @@ async def list_connections(request: web.Request) -> web.Response:
         query = connections.ConnectionQuery.from_params(request.query)
     except connections.QueryError as exc:
         return error(400, str(exc), errors=exc.errors)
-    return web.json_response(connections.select(_live(request.app[PROXY_KEY]), query, time.monotonic()))
+    proxy = request.app[PROXY_KEY]
+    page = connections.select(await _all(proxy), query, time.monotonic())
+    _with_workers(proxy, page["connections"])
+    return web.json_response(page)
 
 
 async def get_connection(request: web.Request) -> web.Response:
-    service, conn = _find_connection(request.app[PROXY_KEY], request.match_info["id"])
-    return web.json_response(connections.connection_view(service.name, conn, time.monotonic()))
+    proxy = request.app[PROXY_KEY]
+    service, conn = await _find_connection(proxy, request.match_info["id"])
+    view = connections.connection_view(service.name, conn, time.monotonic())
+    return web.json_response(_with_workers(proxy, [view])[0])
 
 
 async def delete_connection(request: web.Request) -> web.Response:
@@ -64,9 +86,17 @@ async def delete_connection(request: web.Request) -> web.Response:
         text = connections.reason_text(request.query.get("reason"))
     except ValueError as exc:
         return error(400, str(exc))
-    service, conn = _find_connection(request.app[PROXY_KEY], request.match_info["id"])
+    proxy = request.app[PROXY_KEY]
+    service, conn = await _find_connection(proxy, request.match_info["id"])
     view = connections.connection_view(service.name, conn, time.monotonic())
-    outcome = await request.app[PROXY_KEY].steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, text)
+    if proxy.workers is not None:
+        # The worker that has it closes it, through its own closer (the broker, else TCP).
+        found = await proxy.workers.close_one(conn.id, text)
+        if found is None:
+            return error(404, f"no open connection with id {conn.id}")
+        outcome = found
+    else:
+        outcome = await proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, text)
     fields = {
         "id": view["id"],
         "service": service.name,

@@ -166,4 +166,6 @@ async def patch_backend(request: web.Request) -> web.Response:
             forced=patch.force,
             **result,
         )
+    # With workers = N the workers copy the new state now, not at the next poll.
+    proxy.state_changed()
     return web.json_response(steered_backend(proxy, service.name, backend_view(backend)) | result)

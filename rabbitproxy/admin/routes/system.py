@@ -26,6 +26,15 @@ async def livez(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive", "state": request.app[PROXY_KEY].state})
 
 
+async def workers(request: web.Request) -> web.Response:
+    """The worker processes (``workers = N``): index, pid, listening, restarts. An empty list with one process."""
+    ws = request.app[PROXY_KEY].workers
+    slots = ws.slots if ws is not None else []
+    return web.json_response(
+        {"workers": [{"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts} for s in slots]}
+    )
+
+
 async def reload(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     await json_body(request)

@@ -1,0 +1,489 @@
+"""``workers = N``: a parent process that steers and N worker processes that serve, as real processes.
+
+TCP echo backends in the test's loop stand in for RabbitMQ, except in the one AMQP test. Each backend greets a new
+connection with its one-letter tag before echoing, so a client knows where it landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import aiormq
+import pytest
+
+from rabbitproxy.dev.cluster import DevCluster
+from tests.support.cluster import backends_for
+from tests.support.metrics import metric
+from tests.support.net import free_port, tcp_server
+from tests.support.process import ProxyProcess, to_toml
+from tests.support.proxy import proxy_config, service_config
+from tests.support.waiting import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_factories=["asyncio"])]
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def tagged(tag: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(tag)
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    return handler
+
+
+@contextlib.asynccontextmanager
+async def backends(*tags: bytes) -> AsyncIterator[list[dict[str, Any]]]:
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
+        for tag in tags:
+            port = await stack.enter_async_context(tcp_server(tagged(tag)))
+            out.append({"name": tag.decode(), "address": "127.0.0.1", "port": port})
+        yield out
+
+
+def config(entries: list[dict[str, Any]], workers: int = 2, **extra: Any) -> tuple[dict[str, Any], str]:
+    port = free_port()
+    service = service_config(entries, protocol="tcp", **extra)
+    data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
+    data["workers"] = workers
+    return data, f"http://127.0.0.1:{port}"
+
+
+class Client:
+    """One client connection through the proxy: which backend took it, and an echo to prove it still works."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tag: bytes) -> None:
+        self.reader, self.writer, self.tag = reader, writer, tag
+
+    @classmethod
+    async def open(cls, addr: tuple[str, int]) -> Client:
+        reader, writer = await asyncio.open_connection(*addr)
+        tag = await asyncio.wait_for(reader.readexactly(1), 10)
+        return cls(reader, writer, tag)
+
+    async def echoes(self) -> bool:
+        self.writer.write(b"ping")
+        await self.writer.drain()
+        return await asyncio.wait_for(self.reader.readexactly(4), 10) == b"ping"
+
+    async def ended(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.reader.read(1), 10) == b""
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def get(url: str) -> Any:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json() if resp.content_type == "application/json" else await resp.text()
+
+
+async def patch(url: str, body: dict[str, Any]) -> Any:
+    async with aiohttp.ClientSession() as http, http.patch(url, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def start(proxy: ProxyProcess) -> ProxyProcess:
+    # ProxyProcess.start blocks until READY=1, and the backends it checks answer from this loop.
+    return await asyncio.to_thread(proxy.start)
+
+
+async def stop(proxy: ProxyProcess) -> int:
+    return await asyncio.to_thread(proxy.stop)
+
+
+async def workers(admin: str) -> list[dict[str, Any]]:
+    return list((await get(f"{admin}/api/workers"))["workers"])
+
+
+async def spread(addr: tuple[str, int], admin: str, n: int = 40, already: int = 0) -> list[Client]:
+    """``n`` more clients, and a wait until the connection list shows them all, with both workers holding some."""
+    clients = [await Client.open(addr) for _ in range(n)]
+    ports = {c.writer.get_extra_info("sockname")[1] for c in clients}
+
+    async def both() -> bool:
+        listing = await get(f"{admin}/api/connections?limit=1000")
+        mine = [c for c in listing["connections"] if int(c["client"].rsplit(":", 1)[1]) in ports]
+        return {c["worker"] for c in mine} == {0, 1} and listing["total"] == n + already
+
+    await wait_for(both, timeout=10, what="connections on both workers")
+    return clients
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_connections_land_on_every_worker_and_the_admin_api_adds_them_up(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries, health_check={"type": "tcp", "interval": 1.0})
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        try:
+            pids = {w["pid"] for w in await workers(admin)}
+            assert len(pids) == 2 and proxy.pid not in pids
+            clients = await spread(proxy.addr, admin)
+            listing = await get(f"{admin}/api/connections?limit=1000")
+            assert {c["worker_pid"] for c in listing["connections"]} == pids
+            assert len({c["id"] for c in listing["connections"]}) == 40, "ids are unique over the workers"
+
+            async def counted() -> bool:
+                service = await get(f"{admin}/api/services/amqp")
+                text = await get(f"{admin}/metrics")
+                return (
+                    service["connections"] == {"active": 40, "total": 40}
+                    and service["backends"][0]["connections"]["active"] == 40
+                    and metric(text, "rabbitproxy_service_active_connections", service="amqp") == 40
+                    and metric(text, "rabbitproxy_backend_connections_total", service="amqp", backend="A") == 40
+                )
+
+            await wait_for(counted, timeout=10, what="the workers' counts summed in /api/services and /metrics")
+            # One connection closed by id, from the parent's API, in whichever worker has it.
+            victim = listing["connections"][0]
+            async with aiohttp.ClientSession() as http, http.delete(f"{admin}/api/connections/{victim['id']}") as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["via"] == "tcp"
+            port = int(victim["client"].rsplit(":", 1)[1])
+            [closed] = [c for c in clients if c.writer.get_extra_info("sockname")[1] == port]
+            assert await closed.ended()
+            for c in clients:
+                c.close()
+        finally:
+            assert await stop(proxy) == 0
+
+
+async def test_drain_and_maint_apply_to_every_worker(tmp_path: Path) -> None:
+    async with backends(b"A", b"B") as entries:
+        data, admin = config(entries)
+        proxy = await start(ProxyProcess(data, tmp_path))
+        try:
+            clients = await spread(proxy.addr, admin)
+            assert {c.tag for c in clients} == {b"A", b"B"}
+            await patch(f"{admin}/api/services/amqp/backends/A", {"state": "drain"})
+            # Drain: every new connection, whichever worker takes it, goes to B; those on A stay.
+            fresh = [await Client.open(proxy.addr) for _ in range(30)]
+            assert {c.tag for c in fresh} == {b"B"}
+            on_a = [c for c in clients if c.tag == b"A"]
+            assert all([await c.echoes() for c in on_a])
+            # Maint: the connections on A end, in every worker.
+            await patch(f"{admin}/api/services/amqp/backends/A", {"state": "maint"})
+            assert all([await c.ended() for c in on_a])
+            assert all([await c.echoes() for c in clients if c.tag == b"B"])
+            for c in clients + fresh:
+                c.close()
+        finally:
+            assert await stop(proxy) == 0
+
+
+async def test_a_drain_deadline_closes_what_is_left_in_every_worker(tmp_path: Path) -> None:
+    async with backends(b"A", b"B") as entries:
+        data, admin = config(entries)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        try:
+            clients = await spread(proxy.addr, admin)
+            on_a = [c for c in clients if c.tag == b"A"]
+            listing = await get(f"{admin}/api/connections?limit=1000&backend=A")
+            assert {c["worker"] for c in listing["connections"]} == {0, 1}, "A has clients in both workers"
+            await patch(f"{admin}/api/services/amqp/backends/A", {"state": "drain", "deadline": 1.0})
+            # The deadline runs in the parent; each worker closes its own connections to A when it passes.
+            assert all([await c.ended() for c in on_a])
+            assert proxy.log().count("reason='drain deadline'") == len(on_a)
+            assert all([await c.echoes() for c in clients if c.tag == b"B"])
+            for c in clients:
+                c.close()
+        finally:
+            assert await stop(proxy) == 0
+
+
+async def test_a_port_another_program_holds_fails_the_start(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, _ = config(entries)
+        host, port = data["services"][0]["listen"].rsplit(":", 1)
+        with socket.socket() as squatter:
+            squatter.bind((host, int(port)))
+            squatter.listen()
+            proxy = ProxyProcess(data, tmp_path)
+            with pytest.raises(AssertionError, match="cannot listen on"):
+                await start(proxy)
+            # Exit status 2, a configuration error, as with one process.
+            assert await stop(proxy) == 2
+
+
+async def test_a_killed_worker_is_restarted_and_the_others_keep_serving(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        try:
+            clients = await spread(proxy.addr, admin)
+            listing = await get(f"{admin}/api/connections?limit=1000")
+            worker_of = {int(c["client"].split(":")[1]): c["worker"] for c in listing["connections"]}
+            [victim] = [w for w in await workers(admin) if w["index"] == 0]
+            os.kill(victim["pid"], signal.SIGKILL)
+            await wait_for(lambda: not alive(victim["pid"]), timeout=10, what="the worker gone")
+            survivors = [c for c in clients if worker_of[c.writer.get_extra_info("sockname")[1]] == 1]
+            assert survivors and all([await c.echoes() for c in survivors])
+
+            async def restarted() -> bool:
+                w0 = next(w for w in await workers(admin) if w["index"] == 0)
+                return bool(w0["ready"] and w0["pid"] != victim["pid"] and w0["restarts"] == 1)
+
+            await wait_for(restarted, timeout=30, what="worker 0 restarted")
+            assert "worker died, restarting" in proxy.log() and "SIGKILL" in proxy.log()
+            # The new worker takes connections again.
+            more = await spread(proxy.addr, admin, 40, already=len(survivors))
+            for c in clients + more:
+                c.close()
+        finally:
+            assert await stop(proxy) == 0
+
+
+async def test_sighup_reload_keeps_connections_on_every_worker_and_applies_the_new_backends(tmp_path: Path) -> None:
+    async with backends(b"A", b"B") as entries:
+        data, admin = config(entries[:1])
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        try:
+            clients = await spread(proxy.addr, admin)
+            data["services"][0]["backends"] = entries[1:]
+            proxy.config_path.write_text(to_toml(data))
+            os.kill(proxy.pid, signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                service = await get(f"{admin}/api/services/amqp")
+                return [b["name"] for b in service["backends"]] == ["B"]
+
+            await wait_for(reloaded, timeout=20, what="the parent reloaded")
+            # The parent reloads first, then each worker; each logs it (with worker=N).
+            await wait_for(
+                lambda: proxy.log().count("configuration reloaded") == 3, timeout=20, what="both workers reloaded"
+            )
+            # Both workers apply it: 30 new connections (spread over both) all reach B.
+            fresh = [await Client.open(proxy.addr) for _ in range(30)]
+            assert {c.tag for c in fresh} == {b"B"}
+            listing = await get(f"{admin}/api/connections?limit=1000&backend=B")
+            assert {c["worker"] for c in listing["connections"]} == {0, 1}
+            # Connections to A from before the reload still work in both workers.
+            assert all([await c.echoes() for c in clients])
+            for c in clients + fresh:
+                c.close()
+        finally:
+            assert await stop(proxy) == 0
+
+
+async def test_a_bad_reload_and_a_change_of_workers_keep_the_running_configuration(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        try:
+            proxy.config_path.write_text(to_toml({**data, "workers": 3}))
+            os.kill(proxy.pid, signal.SIGHUP)
+            await wait_for(lambda: "cannot change by reload" in proxy.log(), timeout=10, what="refusal logged")
+            proxy.config_path.write_text("this is [not toml")
+            os.kill(proxy.pid, signal.SIGHUP)
+            await wait_for(lambda: proxy.log().count("reload refused") >= 2, timeout=10, what="refusal logged")
+            assert len(await workers(admin)) == 2
+            clients = await spread(proxy.addr, admin)
+            assert all([await c.echoes() for c in clients])
+            for c in clients:
+                c.close()
+        finally:
+            assert await stop(proxy) == 0
+
+
+async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries, shutdown_timeout=60.0)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        clients = await spread(proxy.addr, admin)
+        pids = [w["pid"] for w in await workers(admin)]
+        assert proxy.proc is not None
+        proxy.proc.terminate()
+
+        def refused() -> bool:
+            try:
+                with socket.create_connection(proxy.addr, timeout=2):
+                    return False
+            except ConnectionRefusedError:
+                return True
+
+        await wait_for(lambda: asyncio.to_thread(refused), timeout=10, what="every worker stopped accepting")
+        # Open connections on both workers keep working while they drain; the processes wait for them.
+        assert all([await c.echoes() for c in clients])
+        assert proxy.proc.poll() is None and all(alive(p) for p in pids)
+        for c in clients:
+            c.close()
+        assert await asyncio.to_thread(proxy.proc.wait, 30) == 0
+        await wait_for(lambda: not any(alive(p) for p in pids), timeout=10, what="workers exited")
+        # (The probe above may have got through once before the listeners closed: at least 40.)
+        assert proxy.log().count("reason='client closed'") >= 40
+        assert "reason='shutdown'" not in proxy.log()
+        await stop(proxy)
+
+
+async def test_amqp_through_two_workers(cluster: DevCluster, tmp_path: Path) -> None:
+    port = free_port()
+    service = service_config(backends_for(cluster), health_check={"type": "amqp", "interval": 2.0})
+    data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
+    data["workers"] = 2
+    admin = f"http://127.0.0.1:{port}"
+    proxy = await start(ProxyProcess(data, tmp_path))
+    try:
+        host, lport = proxy.addr
+        conns = [await aio_pika.connect(f"amqp://guest:guest@{host}:{lport}/", timeout=30) for _ in range(12)]
+        listing = await get(f"{admin}/api/connections?limit=100")
+        assert {c["worker"] for c in listing["connections"]} == {0, 1}
+        assert {c["user"] for c in listing["connections"]} == {"guest"}
+        channel = await conns[0].channel()
+        queue = await channel.declare_queue("", exclusive=True)
+        for i in range(100):
+            await channel.default_exchange.publish(aio_pika.Message(b"%d" % i), routing_key=queue.name)
+        for i in range(100):
+            message = await wait_for(lambda: queue.get(fail=False), timeout=30, what="message")
+            assert message.body == b"%d" % i
+            await message.ack()
+        for c in conns:
+            await c.close()
+    finally:
+        assert await stop(proxy) == 0
+
+
+async def test_workers_stop_when_the_parent_dies(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        pids = [w["pid"] for w in await workers(admin)]
+        os.kill(proxy.pid, signal.SIGKILL)
+        await wait_for(lambda: not any(alive(p) for p in pids), timeout=20, what="orphaned workers exiting")
+        assert proxy.log().count("the parent process is gone") == 2
+        await stop(proxy)
+
+
+async def test_a_second_signal_ends_the_workers_at_once(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries, shutdown_timeout=300.0)
+        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+        clients = await spread(proxy.addr, admin, 8)
+        pids = [w["pid"] for w in await workers(admin)]
+        assert proxy.proc is not None
+        proxy.proc.terminate()
+        await wait_for(lambda: "shutting down" in proxy.log(), timeout=10, what="the drain begun")
+        assert all([await c.echoes() for c in clients]), "still draining"
+        proxy.proc.terminate()
+        # Well before the 300 s grace period: the operator asked twice.
+        assert await asyncio.to_thread(proxy.proc.wait, 30) == 1
+        await wait_for(lambda: not any(alive(p) for p in pids), timeout=10, what="workers killed")
+        assert all([await c.ended() for c in clients])
+        for c in clients:
+            c.close()
+        await stop(proxy)
+
+
+async def test_maint_closes_through_the_broker_in_every_worker(cluster: DevCluster, tmp_path: Path) -> None:
+    port = free_port()
+    entries = backends_for(cluster)
+    for entry, node in zip(entries, cluster.nodes, strict=True):
+        entry["management_port"] = node.management_port
+    service = service_config(entries, rabbitmq={"timeout": 15.0})
+    data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
+    data["workers"] = 2
+    admin = f"http://127.0.0.1:{port}"
+    proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+    try:
+        host, lport = proxy.addr
+        conns: list[aio_pika.abc.AbstractConnection] = []
+        closes: list[list[BaseException | None]] = []
+        for i in range(12):
+            conn = await aio_pika.connect(
+                f"amqp://guest:guest@{host}:{lport}/", timeout=30, client_properties={"connection_name": f"w-{i}"}
+            )
+            seen: list[BaseException | None] = []
+            conn.close_callbacks.add(lambda _c, exc=None, seen=seen: seen.append(exc))
+            conns.append(conn)
+            closes.append(seen)
+        listing = await get(f"{admin}/api/connections?limit=100&backend=rabbit1")
+        on_r1 = {c["connection_name"] for c in listing["connections"]}
+        assert {c["worker"] for c in listing["connections"]} == {0, 1}, "rabbit1 has clients in both workers"
+        await patch(f"{admin}/api/services/amqp/backends/rabbit1", {"state": "maint", "force": True})
+        text = "rabbitproxy: node rabbit1 is in maintenance"
+        mine = [seen for i, seen in enumerate(closes) if f"w-{i}" in on_r1]
+        await wait_for(lambda: all(mine), timeout=60, what="every client on rabbit1 closed")
+
+        def by_broker(exc: BaseException | None) -> bool:
+            return isinstance(exc, aiormq.exceptions.ConnectionClosed) and exc.args[0] == 320 and text in str(exc)
+
+        assert all(by_broker(seen[0]) for seen in mine), [seen[:1] for seen in mine]
+        assert not any(seen for i, seen in enumerate(closes) if f"w-{i}" not in on_r1)
+        for c in conns:
+            if not c.is_closed:
+                await c.close()
+    finally:
+        assert await stop(proxy) == 0
+
+
+async def test_the_rebalancer_runs_in_every_worker(cluster: DevCluster, tmp_path: Path) -> None:
+    port = free_port()
+    entries = backends_for(cluster)
+    for entry, node in zip(entries, cluster.nodes, strict=True):
+        entry["management_port"] = node.management_port
+    service = service_config(
+        entries, rabbitmq={"timeout": 15.0, "close_rate": 50.0}, rebalance={"enabled": True, "after": 1.0}
+    )
+    data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
+    data["workers"] = 2
+    admin = f"http://127.0.0.1:{port}"
+    proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
+    try:
+        for name in ("rabbit2", "rabbit3"):
+            await patch(f"{admin}/api/services/amqp/backends/{name}", {"state": "drain", "force": True})
+        host, lport = proxy.addr
+        conns = [await aio_pika.connect(f"amqp://guest:guest@{host}:{lport}/", timeout=30) for _ in range(18)]
+        closed: list[BaseException | None] = []
+        for c in conns:
+            c.close_callbacks.add(lambda _c, exc=None: closed.append(exc))
+        listing = await get(f"{admin}/api/connections?limit=100&backend=rabbit1")
+        assert listing["total"] == 18 and {c["worker"] for c in listing["connections"]} == {0, 1}
+        for name in ("rabbit2", "rabbit3"):
+            await patch(f"{admin}/api/services/amqp/backends/{name}", {"state": "ready"})
+        # Each worker holds its own share of rabbit1's clients and moves its own surplus.
+        await wait_for(
+            lambda: all(f"worker={i}" in line for i, line in enumerate(_lines(proxy.log(), "rebalancing", 2))),
+            timeout=60,
+            what="a rebalancing round in each worker",
+        )
+        await wait_for(lambda: len(closed) >= 6, timeout=60, what="clients moved off rabbit1")
+        assert all(isinstance(exc, aiormq.exceptions.ConnectionClosed) and exc.args[0] == 320 for exc in closed)
+        for c in conns:
+            if not c.is_closed:
+                await c.close()
+    finally:
+        assert await stop(proxy) == 0
+
+
+def _lines(log: str, event: str, n: int) -> list[str]:
+    """The first line of ``event`` from each of ``n`` workers, in worker order (fewer while some are missing)."""
+    found = {}
+    for line in log.splitlines():
+        if event in line:
+            for i in range(n):
+                if f"worker={i}" in line:
+                    found.setdefault(i, line)
+    return [found[i] for i in sorted(found)] if len(found) == n else ["missing"]

@@ -1,0 +1,158 @@
+"""``workers = N`` without processes: the channel's codec, the backend state snapshot, limits and counters."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import pytest
+
+from rabbitproxy import config as config_mod
+from rabbitproxy.balancing.backend import Backend
+from rabbitproxy.balancing.snapshot import FIELDS, apply_backend_state, backend_state
+from rabbitproxy.balancing.views import NodeView
+from rabbitproxy.config import BackendConfig, ConfigError
+from rabbitproxy.control.channel import MAX_FRAME, ChannelError, Decoder, encode
+from rabbitproxy.control.worker import share_limits
+from rabbitproxy.control.workers import Tally, _add
+
+SERVICE = {"name": "amqp", "listen": "127.0.0.1:5672", "backends": [{"name": "b1", "address": "127.0.0.1"}]}
+
+
+# -- the codec -----------------------------------------------------------------------------------------------------
+
+
+def test_messages_survive_any_cut() -> None:
+    messages = [{"t": "state", "services": {"amqp": {"b1": [True, None]}}}, {"t": "stats", "n": 1}, {"re": 7}]
+    wire = b"".join(encode(m) for m in messages)
+    for step in (1, 3, 7, len(wire)):
+        decoder = Decoder()
+        got: list[dict[str, Any]] = []
+        for i in range(0, len(wire), step):
+            got.extend(decoder.feed(wire[i : i + step]))
+        assert got == messages
+
+
+def test_a_frame_over_the_limit_ends_the_channel_before_it_is_buffered() -> None:
+    decoder = Decoder()
+    with pytest.raises(ChannelError, match="over the"):
+        list(decoder.feed(struct.pack(">I", MAX_FRAME + 1)))
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b"not json"])
+def test_a_frame_that_is_not_a_json_object_is_an_error(body: bytes) -> None:
+    with pytest.raises(ChannelError):
+        list(Decoder().feed(struct.pack(">I", len(body)) + body))
+
+
+# -- the backend state snapshot ------------------------------------------------------------------------------------
+
+
+def backend(**kw: Any) -> Backend:
+    return Backend(BackendConfig(name="b1", address="127.0.0.1"), 5672, healthy=True, **kw)
+
+
+def test_a_snapshot_copies_every_steering_field() -> None:
+    parent = backend(slow_start=30.0, rabbitmq=NodeView())
+    parent.healthy = False
+    parent.health_time = 12.0
+    parent.operator_state = "drain"
+    parent.agent_state = "maint"
+    parent.agent_percent = 50
+    parent.agent_down = "stopped"
+    parent.set_weight(7)
+    parent.ramp_start = 99.0
+    parent.rabbitmq = NodeView(alarms=("memory",), maintenance=True)
+    worker = backend(slow_start=30.0, rabbitmq=NodeView())
+    apply_backend_state(worker, backend_state(parent))
+    for name in FIELDS:
+        assert getattr(worker, name) == getattr(parent, name), name
+    assert worker.rabbitmq is not None
+    assert (worker.rabbitmq.alarms, worker.rabbitmq.maintenance) == (("memory",), True)
+    assert worker.effective_weight_at(100.0) == parent.effective_weight_at(100.0)
+
+
+def test_apply_says_what_the_worker_must_close() -> None:
+    worker = backend()
+    up = backend_state(worker)
+    maint = backend()
+    maint.operator_state = "maint"
+    change = apply_backend_state(worker, backend_state(maint))
+    assert (change.entered_maint, change.marked_down, change.unusable) == (True, False, True)
+    apply_backend_state(worker, up)
+    down = backend()
+    down.healthy = False
+    change = apply_backend_state(worker, backend_state(down))
+    assert (change.entered_maint, change.marked_down, change.unusable) == (False, True, True)
+    # The same state again changes nothing, so nothing is closed twice.
+    change = apply_backend_state(worker, backend_state(down))
+    assert (change.entered_maint, change.marked_down, change.unusable) == (False, False, False)
+
+
+@pytest.mark.parametrize("bad", [[True], [*backend_state(backend())[:3], "nonsense", *backend_state(backend())[4:]]])
+def test_a_bad_snapshot_changes_nothing(bad: list[Any]) -> None:
+    worker = backend()
+    before = backend_state(worker)
+    with pytest.raises(ValueError):
+        apply_backend_state(worker, bad)
+    assert backend_state(worker) == before
+
+
+# -- configuration -------------------------------------------------------------------------------------------------
+
+
+def test_workers_is_a_number_or_auto() -> None:
+    assert config_mod.validate({"services": [SERVICE]}).worker_count == 1
+    assert config_mod.validate({"workers": 3, "services": [SERVICE]}).worker_count == 3
+    auto = config_mod.validate({"workers": "auto", "services": [SERVICE]})
+    assert auto.worker_count == len(os.sched_getaffinity(0))
+    for bad in (0, "many", 1.5):
+        with pytest.raises(ConfigError, match="workers"):
+            config_mod.validate({"workers": bad, "services": [SERVICE]})
+
+
+def test_max_connections_is_shared_out_rounding_up() -> None:
+    service = dict(SERVICE, max_connections=10, backends=[{"name": "b1", "address": "h", "max_connections": 5}])
+    shared = share_limits(config_mod.validate({"workers": 4, "services": [service]}), 4)
+    assert shared.services[0].max_connections == 3
+    assert shared.services[0].backends[0].max_connections == 2
+    rmq = dict(service, rabbitmq={"close_rate": 10.0})
+    assert share_limits(config_mod.validate({"services": [rmq]}), 4).services[0].rabbitmq.close_rate == 2.5  # type: ignore[union-attr]
+    # 0 is "no limit" and stays so.
+    unlimited = config_mod.validate({"workers": 4, "services": [SERVICE]})
+    assert share_limits(unlimited, 4).services[0].backends[0].max_connections == 0
+
+
+# -- counters ------------------------------------------------------------------------------------------------------
+
+
+def test_the_parent_connection_tally_counts_but_holds_nothing() -> None:
+    tally = Tally(3)
+    assert len(tally) == 3 and tally and list(tally) == []
+    assert not Tally(0)
+
+
+def stats(active: int, total: int, ended: dict[str, int]) -> dict[str, Any]:
+    return {
+        "amqp": {
+            "active": active,
+            "total": total,
+            "ended": ended,
+            "close_timeouts": 0,
+            "failed_logins": 1,
+            "handshakes_given_up": 0,
+            "vhost_open": {"/": active},
+            "backends": {"b1": [active, total, 0, 10, 20]},
+        }
+    }
+
+
+def test_counters_add_up_over_workers() -> None:
+    total = _add(stats(1, 5, {"client closed": 4}), stats(2, 3, {"client closed": 1, "limit": 1}))
+    s = total["amqp"]
+    assert (s["active"], s["total"], s["failed_logins"]) == (3, 8, 2)
+    assert s["ended"] == {"client closed": 5, "limit": 1}
+    assert s["vhost_open"] == {"/": 3}
+    assert s["backends"]["b1"] == [3, 8, 0, 20, 40]
+    assert _add({}, stats(1, 1, {}))["amqp"]["total"] == 1
