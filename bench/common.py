@@ -115,6 +115,9 @@ class Route:
     name: str
     listen_port: int
     backends: tuple[tuple[str, int], ...]
+    # What rabbitproxy is told the service speaks: "amqp" reads the handshake, "tcp" relays blindly, as HAProxy's
+    # mode tcp and nginx's stream do. The TCP bench's echo, iperf3 and sockperf traffic is not AMQP.
+    protocol: str = "amqp"
 
 
 def rabbitproxy_config(
@@ -132,6 +135,7 @@ def rabbitproxy_config(
             f'name = "{r.name}"',
             f'listen = "127.0.0.1:{r.listen_port}"',
             'balance = "weighted-round-robin"',
+            f'protocol = "{r.protocol}"',
             f"max_connections = {max_connections}",
             "backlog = 4096",
             "shutdown_timeout = 1.0",
@@ -438,7 +442,7 @@ def start_target(kind: str, routes: Sequence[Route], workdir: Path, cpus: set[in
 
 def target_routes(routes: Sequence[Route], kinds: Sequence[str]) -> dict[str, list[Route]]:
     """Each proxy gets its own listen ports, so all of them can run at once and be interleaved."""
-    return {k: [Route(r.name, free_port(), r.backends) for r in routes] for k in kinds}
+    return {k: [Route(r.name, free_port(), r.backends, r.protocol) for r in routes] for k in kinds}
 
 
 # -- the machine ----------------------------------------------------------------------------------------------------

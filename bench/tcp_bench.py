@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 h.start()
             for port in ports.values():
                 common.wait_port(port)
-            routes = [Route(name, 0, (("127.0.0.1", port),)) for name, port in ports.items()]
+            routes = [Route(name, 0, (("127.0.0.1", port),), protocol="tcp") for name, port in ports.items()]
             kinds = [t for t in targets if t != "direct"] + list(CONNRATE_EXTRA)
             per_kind = common.target_routes(routes, kinds)
             by_name: dict[str, Target] = {}

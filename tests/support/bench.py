@@ -20,5 +20,5 @@ __all__ = ["BENCH", "ROUTES", "amqp_bench", "common", "idle_bench", "placement",
 
 ROUTES = [
     common.Route("amqp", 15672, (("127.0.0.1", 5001), ("127.0.0.1", 5002))),
-    common.Route("echo", 15673, (("127.0.0.1", 6001),)),
+    common.Route("echo", 15673, (("127.0.0.1", 6001),), protocol="tcp"),
 ]

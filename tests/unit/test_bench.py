@@ -42,6 +42,8 @@ def test_rabbitproxy_config_is_valid_and_equivalent() -> None:
     assert [(s.listen_host, s.listen_port) for s in cfg.services] == [("127.0.0.1", 15672), ("127.0.0.1", 15673)]
     assert [(b.address, b.port) for b in cfg.services[0].backends] == [("127.0.0.1", 5001), ("127.0.0.1", 5002)]
     assert cfg.services[0].health_check.type == "none"
+    # The echo route is plain TCP, relayed as HAProxy's mode tcp does; the AMQP route has its handshake read.
+    assert [s.protocol for s in cfg.services] == ["amqp", "tcp"]
     assert cfg.log.level == "info"
     assert cfg.admin.enabled is False
 
