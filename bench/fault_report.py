@@ -236,7 +236,9 @@ def render(data: dict[str, Any], png_name: str) -> str:
         f" hits: it holds the classic queue and the quorum queue's first leader); warm-up {timing['warmup']:g} s"
         f" after every publisher had its first confirm (the baseline), the fault, held"
         f" {', '.join(f'{k} {v:g} s' for k, v in s['hold'].items())}, then released; a recovery window of"
-        f" {timing['recover']:g} s; the publishers stop and the consumers drain until {load['idle']:g} s pass"
+        f" {timing['recover']:g} s; the publishers stop and the consumers drain until every publisher has its last"
+        " confirms, the queue has no ready message and no consumer but theirs (a stale one, on a connection the"
+        f" broker has not yet seen die, still holds deliveries it will requeue), and {load['idle']:g} s pass"
         " without a delivery.",
         f"- rabbitproxy: `rabbitproxy serve`, AMQP health check every {checks['interval']:g} s (timeout"
         f" {checks['timeout']:g} s, `fall = {checks['fall']}`, `rise = {checks['rise']}`),"
