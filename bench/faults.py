@@ -641,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--consumers", type=int, default=ClientLoad.consumers)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--update-docs", action="store_true", help="render docs/reliability.md and its chart")
+    ap.add_argument("--keep", type=Path, help="keep each run's proxy config and log in this directory")
     args = ap.parse_args(argv)
     scenarios = args.scenarios.split(",") if args.scenarios else list(QUICK if args.quick else SCENARIOS)
     if unknown := set(scenarios) - set(SCENARIOS):
@@ -661,7 +662,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = common.machine_info()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="rabbitproxy-faults-") as tmp:
+    workdir: contextlib.AbstractContextManager[str]
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        workdir = contextlib.nullcontext(str(args.keep))
+    else:
+        workdir = tempfile.TemporaryDirectory(prefix="rabbitproxy-faults-")
+    with workdir as tmp:
         cluster = DevCluster(3, log=lambda line: say(f"[dim][cluster] {line}"))
         cluster.start()
         try:
