@@ -4,10 +4,11 @@ Each test is one scenario of ``bench/faults.py --quick`` on the session cluster 
 backend put in maint through the admin API, the proxy reloaded five times), with paced confirmed publishers and
 de-duplicating consumers in worker processes. The full run, with HAProxy beside it, renders docs/reliability.md.
 
-Each scenario stays well under 30 s on a busy machine (faults.QUICK_TIMING: short phases; the killed node's restart,
-the slowest step, runs during the recovery window and the drain). The drain ends only once every publisher has its
-last confirms and the queue is settled (fault_clients.drain_over, unit-tested), so a short one misses nothing; the
-counting that makes a lost message fail this test is unit-tested too (tests/unit/test_faults_bench.py).
+Each scenario stays under 30 s on a busy machine (12-16 s with CPU hogs beside it). faults.QUICK_TIMING keeps the
+phases short and runs the killed node's restart, the slowest step, during the recovery window and the drain. The
+drain ends only once every publisher has its last confirms and the queue is settled (fault_clients.drain_over,
+unit-tested), so a short one misses nothing; the counting that makes a lost message fail this test is unit-tested too
+(tests/unit/test_faults_bench.py).
 """
 
 from __future__ import annotations
