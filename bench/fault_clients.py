@@ -7,8 +7,10 @@ back, which is what a careful application does. Consumers ack manually, after re
 ack was lost is delivered again and counted as a duplicate. The driver (``faults.py``) compares the confirmed ids
 with the delivered ones.
 
-Publishers stop when the driver sets ``stop``; consumers then keep draining until nothing arrived for ``idle``
-seconds (or ``drain_limit`` passed).
+Publishers stop when the driver sets ``stop``; consumers then keep draining until every publisher (in every worker)
+has finished, the queue holds no ready message and no consumer but ours, and nothing arrived for ``idle`` seconds
+(or ``drain_limit`` passed): :func:`drain_over`. The queue check is what lets ``idle`` be short without counting a
+late message as lost.
 """
 
 from __future__ import annotations
@@ -38,8 +40,23 @@ class ClientLoad:
     heartbeat: int = 10
     reconnect_interval: float = 1.0
     confirm_timeout: float = 5.0
+    # Seconds without a delivery (once the queue is settled) before a consumer stops draining.
     idle: float = 6.0
     drain_limit: float = 90.0
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the driver and the worker processes share (multiprocessing primitives of one context)."""
+
+    # Set by the driver once the proxy takes clients: the workers are started before, so their imports overlap it.
+    go: Any
+    # Set by the driver: publishers stop, consumers start draining.
+    stop: Any
+    # Publishers that had their first confirm.
+    ready: Any
+    # Publishers that stopped and whose last publishes were confirmed or given up: the drain waits for all of them.
+    finished: Any
 
 
 @dataclass(frozen=True)
@@ -64,14 +81,44 @@ def split(load: ClientLoad) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return [(tuple(p), tuple(c)) for p, c in zip(pubs, cons, strict=True) if p or c]
 
 
+def drain_over(
+    now: float,
+    *,
+    stopped_at: float,
+    last_delivery: float,
+    publishers_left: int,
+    ready_messages: int | None,
+    consumers_on_queue: int | None,
+    load: ClientLoad,
+) -> bool:
+    """Whether a consumer may stop draining (pure; unit-tested).
+
+    Only once no publisher can still get a confirm, the queue has no ready message (``None``: it could not be asked)
+    and no consumer beyond the harness's own (a stale one, on a node that died or froze, still holds unacked
+    deliveries that the broker will requeue once it notices), and nothing arrived for ``load.idle`` seconds. A
+    confirmed message that is still on its way would otherwise be counted as lost. After ``load.drain_limit``
+    seconds it stops anyway: what is left is then reported as left in the queue.
+    """
+    if now - stopped_at > load.drain_limit:
+        return True
+    settled = (
+        publishers_left <= 0
+        and ready_messages == 0
+        and consumers_on_queue is not None
+        and consumers_on_queue <= load.consumers
+    )
+    return settled and now - max(last_delivery, stopped_at) > load.idle
+
+
 def client_url(base: str, load: ClientLoad) -> str:
     return f"{base}?heartbeat={load.heartbeat}&reconnect_interval={load.reconnect_interval}&connection_timeout=5"
 
 
-async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
+async def _work(job: Job, signals: Signals) -> dict[str, Any]:
     import aio_pika
     import aiormq
 
+    stop, ready = signals.stop, signals.ready
     load = job.load
     url = client_url(job.url, load)
     errors: Counter[str] = Counter()
@@ -173,7 +220,11 @@ async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
                 # Fell behind (a fault): carry on at the paced rate instead of bursting to catch up.
                 next_at = time.monotonic()
         # Publishes still in flight count if they are confirmed; they end within confirm_timeout.
-        await asyncio.gather(*tasks)
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            with signals.finished.get_lock():
+                signals.finished.value += 1
 
     async def consumer(i: int) -> None:
         nonlocal deliveries
@@ -202,14 +253,33 @@ async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
                 errors[f"ack: {type(exc).__name__}"] += 1
 
         await queue.consume(on_message)
-        stopped_at: float | None = None
+        while not stop.is_set():
+            await asyncio.sleep(0.25)
+        stopped_at = time.monotonic()
+        ready_messages: int | None = None
+        consumers_on_queue: int | None = None
         while True:
             await asyncio.sleep(0.25)
-            now = time.monotonic()
-            if stop.is_set():
-                stopped_at = stopped_at or now
-                if now - max(last, stopped_at) > load.idle or now - stopped_at > load.drain_limit:
-                    return
+            publishers_left = load.publishers - signals.finished.value
+            if publishers_left <= 0:
+                # A passive declare on the consuming channel: the queue's ready messages and its consumers.
+                try:
+                    ok = await queue.declare(timeout=2)
+                except (OSError, aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
+                    errors[f"drain check: {type(exc).__name__}"] += 1
+                    ready_messages = consumers_on_queue = None
+                else:
+                    ready_messages, consumers_on_queue = ok.message_count, ok.consumer_count
+            if drain_over(
+                time.monotonic(),
+                stopped_at=stopped_at,
+                last_delivery=last,
+                publishers_left=publishers_left,
+                ready_messages=ready_messages,
+                consumers_on_queue=consumers_on_queue,
+                load=load,
+            ):
+                return
 
     async def guarded(coro: Any) -> None:
         try:
@@ -238,9 +308,10 @@ async def _work(job: Job, stop: Any, ready: Any) -> dict[str, Any]:
     }
 
 
-def worker_main(job: Job, stop: Any, ready: Any, out: Any) -> None:
+def worker_main(job: Job, signals: Signals, out: Any) -> None:
     import logging
 
+    import aio_pika  # noqa: F401 - imported before ``go``, while the driver starts the proxy
     import uvloop
 
     # aiormq logs a traceback for every connection a fault breaks; the errors are counted instead.
@@ -248,6 +319,8 @@ def worker_main(job: Job, stop: Any, ready: Any, out: Any) -> None:
     logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
 
     try:
-        out.put(uvloop.run(_work(job, stop, ready)))
+        if not signals.go.wait(120):
+            raise TimeoutError("the driver never said go")
+        out.put(uvloop.run(_work(job, signals)))
     except BaseException as exc:  # noqa: BLE001 - the driver must hear of every failure
         out.put({"failed": f"{type(exc).__name__}: {exc}"})

@@ -96,17 +96,20 @@ def chart(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) ->
     fig, axes = plt.subplots(nrows, cols, figsize=(11, 2.4 * nrows), squeeze=False)
     for ax, (qtype, scenario) in zip(axes.flat, keys, strict=False):
         release = 0.0
+        peak = 0
         for r in rows:
             if r.get("queue_type") != qtype or r.get("scenario") != scenario or not r.get("rate"):
                 continue
             xs = rate_seconds(r["rate"])
             ys = [r["rate"].get(str(x), 0) for x in xs]
             ax.plot(xs, ys, label=r["target"], color=COLORS.get(r["target"]), lw=1.2)
+            peak = max([peak, *ys])
             release = max(release, r["marks"].get("released", 0.0))
         ax.axvspan(0, max(release, 0.5), color="#ddd", zorder=0)
         ax.set_title(f"{titles.get(scenario, scenario)} ({qtype})", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.set_ylim(bottom=0)
+        # Headroom above the steady rate, or a flat line at the top would hide behind the frame.
+        ax.set_ylim(bottom=0, top=max(1.0, peak * 1.15))
         ax.legend(fontsize=7, loc="lower left")
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
@@ -236,7 +239,9 @@ def render(data: dict[str, Any], png_name: str) -> str:
         f" hits: it holds the classic queue and the quorum queue's first leader); warm-up {timing['warmup']:g} s"
         f" after every publisher had its first confirm (the baseline), the fault, held"
         f" {', '.join(f'{k} {v:g} s' for k, v in s['hold'].items())}, then released; a recovery window of"
-        f" {timing['recover']:g} s; the publishers stop and the consumers drain until {load['idle']:g} s pass"
+        f" {timing['recover']:g} s; the publishers stop and the consumers drain until every publisher has its last"
+        " confirms, the queue has no ready message and no consumer but theirs (a stale one, on a connection the"
+        f" broker has not yet seen die, still holds deliveries it will requeue), and {load['idle']:g} s pass"
         " without a delivery.",
         f"- rabbitproxy: `rabbitproxy serve`, AMQP health check every {checks['interval']:g} s (timeout"
         f" {checks['timeout']:g} s, `fall = {checks['fall']}`, `rise = {checks['rise']}`),"
@@ -282,7 +287,9 @@ def render(data: dict[str, Any], png_name: str) -> str:
         " worker; the old one keeps its connections until `hard-stop-after`, then cuts them, so long-lived AMQP"
         " connections reconnect after each reload.",
         "- **Classic queues** live on one node: while it is down they cannot take or deliver messages at all (publishes"
-        " are returned or not confirmed, and republished); a proxy cannot change that, only quorum queues can.",
+        " are returned or not confirmed, and republished); a proxy cannot change that, only quorum queues can. A node"
+        " that runs on while clients cannot use it (drained with `rabbitmq-upgrade drain`, in maint, its agent saying"
+        " down, cut off from the proxy) still serves its classic queues to clients on the other nodes.",
         "",
     ]
     return "\n".join(parts)

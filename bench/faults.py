@@ -1,7 +1,7 @@
 """Fault injection through rabbitproxy and HAProxy: does any confirmed message get lost, and how long is the dip?
 
     .venv/bin/python bench/faults.py --update-docs --json bench/results/faults.json
-                        # every scenario on a quorum queue, the node faults also on a classic one, both targets
+                        # every scenario on a quorum and on a classic queue, both targets
     .venv/bin/python bench/faults.py --quick               # three short scenarios (what the test suite runs)
     .venv/bin/python bench/faults.py --scenarios kill,maint --targets rabbitproxy --queues quorum
 
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
-from fault_clients import ClientLoad, Job, split, worker_main  # noqa: E402
+from fault_clients import ClientLoad, Job, Signals, split, worker_main  # noqa: E402
 from fault_targets import Agent, Checks, Cut, Proxy  # noqa: E402
 from rich.console import Console  # noqa: E402
 
@@ -83,6 +84,8 @@ class Scenario:
     node_fault: bool = True
     # Whether the node answers rabbitmqctl while the fault holds (not when killed or frozen).
     countable_during: bool = True
+    # Whether the release takes long (a node boot), so the quick variant runs it during the recovery window.
+    slow_release: bool = False
 
 
 def _nothing(ctx: Ctx) -> None:
@@ -135,8 +138,10 @@ SCENARIOS: dict[str, Scenario] = {
             lambda c: c.cluster.kill(c.node),
             lambda c: c.cluster.restart(c.node),
             5.0,
-            3.0,
+            # The node stays down for its whole restart anyway (seconds), which the quick variant overlaps.
+            1.0,
             countable_during=False,
+            slow_release=True,
         ),
         Scenario(
             "pause",
@@ -164,14 +169,13 @@ SCENARIOS: dict[str, Scenario] = {
             lambda c: c.proxy.set_maint(FAULTED, on=True),
             lambda c: c.proxy.set_maint(FAULTED, on=False),
             10.0,
-            6.0,
+            4.0,
         ),
         Scenario("agent", "feedback agent answers down", _set_agent("down"), _set_agent("up 100%"), 10.0, 6.0),
         Scenario("drain", "rolling rabbitmq-upgrade drain/revive", _rolling_drain, _nothing, 5.0, 3.0),
     )
 }
 QUICK = ("kill", "maint", "reload")
-CLASSIC_DEFAULT = ("kill", "pause", "cut")
 NOT_DONE = {
     "cut-off by namespaces": "the cut-off scenario drops packets with nftables on the loopback interface instead of"
     " moving a node into a network namespace behind a veth pair; the effect for the proxy (a node that runs but"
@@ -189,9 +193,25 @@ class Timing:
     warmup: float = 8.0
     recover: float = 15.0
     ready_timeout: float = 90.0
+    # Run a slow release (a killed node's restart) in the background, so the recovery window starts with it.
+    release_in_background: bool = False
+    # When, as a fraction of the hold, the connections on the faulted node are counted (the end, unless the
+    # quick variant overlaps the count, a few seconds of rabbitmqctl on a busy machine, with the hold).
+    count_during_at: float = 1.0
+    # Record which node each client is on before the fault, and count the connections left on the faulted node
+    # after the recovery window (rabbitmqctl, seconds of CPU each on a busy machine; the quick variant skips both).
+    placement: bool = True
+    count_after: bool = True
 
 
-QUICK_TIMING = Timing(warmup=5.0, recover=6.0)
+# The quick variant (each scenario under 30 s on a busy machine): shorter phases, the slow side jobs overlapped
+# with the waits, and no placement. What it checks is unchanged: no confirmed message lost, the clients moved.
+QUICK_TIMING = Timing(
+    warmup=3.0, recover=3.0, release_in_background=True, count_during_at=0.25, placement=False, count_after=False
+)
+# The quick drain stops sooner: it ends only once the queue is settled anyway (fault_clients.drain_over). One worker
+# process carries the same clients: one interpreter fewer to start and feed while a node boots on two busy cores.
+QUICK_LOAD = replace(ClientLoad(), idle=2.0, processes=1)
 
 
 def declare_queue(cluster: DevCluster, name: str, kind: str) -> None:
@@ -216,21 +236,36 @@ def declare_queue(cluster: DevCluster, name: str, kind: str) -> None:
 
 
 def queue_depth_and_delete(cluster: DevCluster, name: str) -> int:
-    """Messages still in the queue after the consumers gave up (then the queue is deleted); -1 if unknown."""
-    out = -1
-    for node in cluster.nodes:
-        try:
-            text = cluster.rabbitmqctl(node, "list_queues", "-q", "--no-table-headers", "name", "messages", timeout=60)
-        except (subprocess.SubprocessError, OSError):
-            continue
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == name:
-                out = int(parts[1])
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            cluster.rabbitmqctl(node, "delete_queue", name, timeout=60)
-        break
-    return out
+    """Messages still in the queue after the consumers gave up (then the queue is deleted); -1 if unknown.
+
+    Over AMQP, directly to the first node that answers: every client has closed by now, so nothing is unacked and
+    the ready count is the whole queue. (Two rabbitmqctl runs cost seconds of CPU each on a busy machine.)
+    """
+    import uvloop
+
+    async def run() -> int:
+        import aio_pika
+        import aiormq
+
+        for node in cluster.nodes:
+            try:
+                conn = await aio_pika.connect(cluster.amqp_url(node), timeout=10)
+            except (OSError, TimeoutError, aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError):
+                continue
+            try:
+                ch = await conn.channel()
+                q = await ch.declare_queue(name, passive=True, timeout=10)
+                left = q.declaration_result.message_count
+                await q.delete(if_unused=False, if_empty=False, timeout=10)
+                return -1 if left is None else int(left)
+            except (OSError, TimeoutError, aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError):
+                return -1
+            finally:
+                with contextlib.suppress(OSError, TimeoutError, aiormq.exceptions.AMQPError):
+                    await conn.close()
+        return -1
+
+    return uvloop.run(run())
 
 
 def heal(cluster: DevCluster) -> None:
@@ -264,10 +299,33 @@ def client_placement(cluster: DevCluster) -> dict[str, str]:
 
 
 def faulted_connections(cluster: DevCluster) -> int | None:
+    """Client connections the faulted node itself counts (0 when it is not running; None if it cannot answer).
+
+    Only that node is asked: one rabbitmqctl run instead of one per node (DevCluster.connection_counts), each a VM
+    start that takes seconds of CPU on a busy machine. Never called while the node is frozen.
+    """
+    node = cluster.nodes[FAULTED]
+    if cluster.beam_pid(node) is None:
+        return 0
     try:
-        return cluster.connection_counts().get(cluster.nodes[FAULTED].name)
+        # The same registry list_connections reads, restricted to this node.
+        out = cluster.rabbitmqctl(node, "eval", "length(rabbit_networking:local_connections()).", timeout=60)
+        return int(out.strip())
     except (subprocess.SubprocessError, OSError, ValueError):
         return None
+
+
+class Phases:
+    """Wall-clock seconds of each phase of a run, in order: where a run's time goes (kept in its row)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
 
 
 def run_one(
@@ -283,6 +341,7 @@ def run_one(
     quick: bool = False,
 ) -> dict[str, Any]:
     """One scenario through one target on one queue type; the result is the row of the table (and a timeline)."""
+    phases = Phases()
     agents = [Agent() for _ in cluster.nodes]
     proxy = Proxy(
         kind,
@@ -295,47 +354,76 @@ def run_one(
         cluster, proxy, agents, scenario.quick_hold if quick else scenario.hold, Cut(cluster.nodes[FAULTED].amqp_port)
     )
     ctxmp = mp.get_context("spawn")
-    stop = ctxmp.Event()
-    ready = ctxmp.Value("i", 0)
+    signals = Signals(go=ctxmp.Event(), stop=ctxmp.Event(), ready=ctxmp.Value("i", 0), finished=ctxmp.Value("i", 0))
     out: Any = ctxmp.Queue()
     procs: list[Any] = []
     marks: dict[str, float] = {}
+    during: int | None = None
+    after: int | None = None
+    # Side jobs that overlap the run's waits: the placement query during the warm-up, a slow release (a node
+    # restart) during the recovery window, the count of connections left on the node during the drain.
+    side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="faults-side")
+    release_job: Future[None] | None = None
     try:
+        # The workers first: spawning them and importing aio-pika takes seconds on a busy machine, which the queue
+        # declaration and the proxy's start overlap. They connect only on ``go``.
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        jobs = [Job(url, qname, queue_type == "classic", load, p, c) for p, c in split(load)]
+        procs = [ctxmp.Process(target=worker_main, args=(j, signals, out), daemon=True) for j in jobs]
+        for p in procs:
+            p.start()
         declare_queue(cluster, qname, queue_type)
         proxy.start()
         proxy.wait_all_up()
         log_offset = 0
-        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
-        jobs = [Job(url, qname, queue_type == "classic", load, p, c) for p, c in split(load)]
-        procs = [ctxmp.Process(target=worker_main, args=(j, stop, ready, out), daemon=True) for j in jobs]
-        for p in procs:
-            p.start()
+        phases.done("proxy start")
+        signals.go.set()
         deadline = time.monotonic() + timing.ready_timeout
-        while ready.value < load.publishers:
+        while signals.ready.value < load.publishers:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {ready.value} of {load.publishers} publishers got a confirm")
+                raise TimeoutError(f"only {signals.ready.value} of {load.publishers} publishers got a confirm")
             time.sleep(0.2)
+        phases.done("clients ready")
         marks["warm"] = time.time()
+        # Where each client is does not change during a steady warm-up; asking meanwhile saves a CLI run.
+        placement_job = side.submit(client_placement, cluster) if timing.placement else None
         time.sleep(timing.warmup)
-        placement = client_placement(cluster)
+        placement = placement_job.result() if placement_job is not None else {}
+        phases.done("warm-up")
         marks["fault"] = time.time()
         say(f"  inject: {scenario.title}")
         scenario.inject(ctx)
-        time.sleep(ctx.hold if scenario.name not in ("reload", "drain") else 0)
-        during = faulted_connections(cluster) if scenario.node_fault and scenario.countable_during else None
+        # The reload and the rolling drain take their time inside inject().
+        held_until = marks["fault"] + (ctx.hold if scenario.name not in ("reload", "drain") else 0)
+        if scenario.node_fault and scenario.countable_during:
+            time.sleep(max(0.0, marks["fault"] + timing.count_during_at * (held_until - marks["fault"]) - time.time()))
+            during = faulted_connections(cluster)
+        time.sleep(max(0.0, held_until - time.time()))
+        phases.done("fault")
         marks["release"] = time.time()
-        scenario.release(ctx)
+        if timing.release_in_background and scenario.slow_release:
+            # The load runs on while the node restarts; what the run proves (no confirmed message lost, the clients
+            # back on the other nodes) does not need the node back before the recovery window starts.
+            release_job = side.submit(scenario.release, ctx)
+        else:
+            scenario.release(ctx)
         marks["released"] = time.time()
+        phases.done("release")
         say(f"  released; recovering {timing.recover:.0f}s")
         time.sleep(timing.recover)
-        after = faulted_connections(cluster) if scenario.node_fault else None
+        phases.done("recovery")
         unexpected_restarts = 0
         if not proxy.alive():
             # A proxy that died by itself is a finding; it is started again so the drain can still count.
             unexpected_restarts += 1
             proxy.start()
+        released_in_time = release_job is None or release_job.done()
         marks["stop"] = time.time()
-        stop.set()
+        signals.stop.set()
+        # Counted while the consumers drain, on the same state as before (the clients keep their connections until
+        # the drain ends). A node that was still restarting at the end of the recovery window is not counted.
+        count_after = scenario.node_fault and timing.count_after and released_in_time
+        after_job = side.submit(faulted_connections, cluster) if count_after else None
         say("  draining")
         results: list[dict[str, Any]] = []
         deadline = time.monotonic() + load.drain_limit + 60
@@ -343,9 +431,14 @@ def run_one(
             with contextlib.suppress(queue_mod.Empty):
                 results.append(out.get(timeout=1.0))
         marks["drained"] = time.time()
+        phases.done("drain")
+        after = after_job.result() if after_job is not None else None
+        if release_job is not None:
+            release_job.result()
         errors = proxy.errors_since(log_offset)
+        phases.done("counts")
     finally:
-        stop.set()
+        signals.stop.set()
         for p in procs:
             p.join(10)
             if p.is_alive():
@@ -356,8 +449,15 @@ def run_one(
         ctx.cut.heal()
         for a in agents:
             a.close()
+        if release_job is not None:
+            # A release that failed in the background is healed below like any other failed run.
+            with contextlib.suppress(Exception):
+                release_job.result()
+        side.shutdown(wait=True)
         heal(cluster)
     left = queue_depth_and_delete(cluster, qname)
+    phases.done("cleanup")
+    say("  phases (s): " + ", ".join(f"{k} {v:g}" for k, v in phases.seconds.items()))
     return summarize_run(
         results,
         scenario=scenario.name,
@@ -371,7 +471,7 @@ def run_one(
         placement=placement,
         proxy_errors=errors,
         restarts=unexpected_restarts,
-    )
+    ) | {"phases": phases.seconds}
 
 
 # -- counting (pure; unit-tested) -------------------------------------------------------------------------------------
@@ -542,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--consumers", type=int, default=ClientLoad.consumers)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--update-docs", action="store_true", help="render docs/reliability.md and its chart")
+    ap.add_argument("--keep", type=Path, help="keep each run's proxy config and log in this directory")
     args = ap.parse_args(argv)
     scenarios = args.scenarios.split(",") if args.scenarios else list(QUICK if args.quick else SCENARIOS)
     if unknown := set(scenarios) - set(SCENARIOS):
@@ -552,16 +653,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     queue_types = args.queues.split(",") if args.queues else (["quorum"] if args.quick else list(QUEUE_TYPES))
     if unknown := set(queue_types) - set(QUEUE_TYPES):
         ap.error(f"unknown queue types: {', '.join(sorted(unknown))}")
-    # Classic queues by default only where the node holding them is hit: a proxy reload does not care which kind
-    # of queue is behind the broker, and the run must fit the time a shared machine can give it.
-    plan = [(q, s) for q in queue_types for s in scenarios if q == "quorum" or args.scenarios or s in CLASSIC_DEFAULT]
-    load = replace(ClientLoad(), rate=args.rate, publishers=args.publishers, consumers=args.consumers)
+    # Every scenario on every queue type: an operator wants the classic queue's row too, also where the proxy is the
+    # one faulted (its clients reconnect while the queue stays on one node) or the node is drained.
+    plan = [(q, s) for q in queue_types for s in scenarios]
+    base_load = QUICK_LOAD if args.quick else ClientLoad()
+    load = replace(base_load, rate=args.rate, publishers=args.publishers, consumers=args.consumers)
     timing = QUICK_TIMING if args.quick else Timing()
     checks = Checks()
     info = common.machine_info()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="rabbitproxy-faults-") as tmp:
+    workdir: contextlib.AbstractContextManager[str]
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        workdir = contextlib.nullcontext(str(args.keep))
+    else:
+        workdir = tempfile.TemporaryDirectory(prefix="rabbitproxy-faults-")
+    with workdir as tmp:
         cluster = DevCluster(3, log=lambda line: say(f"[dim][cluster] {line}"))
         cluster.start()
         try:

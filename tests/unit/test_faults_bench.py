@@ -58,6 +58,36 @@ def test_split_deals_every_role_once() -> None:
     assert len(parts) == 2
 
 
+def drain_over(now: float, **kw: Any) -> bool:
+    args: dict[str, Any] = {
+        "stopped_at": 100.0,
+        "last_delivery": 101.0,
+        "publishers_left": 0,
+        "ready_messages": 0,
+        "consumers_on_queue": 2,
+        "load": fault_clients.ClientLoad(consumers=2, idle=2.0, drain_limit=90.0),
+    }
+    return fault_clients.drain_over(now, **(args | kw))
+
+
+def test_the_drain_ends_once_the_queue_is_settled_and_quiet() -> None:
+    assert not drain_over(102.5)
+    assert drain_over(103.5)
+
+
+def test_the_drain_waits_for_anything_that_may_still_arrive() -> None:
+    # A publisher still waiting for confirms may yet add a confirmed message.
+    assert not drain_over(150.0, publishers_left=1)
+    # Ready messages, or a queue that could not be asked.
+    assert not drain_over(150.0, ready_messages=3)
+    assert not drain_over(150.0, ready_messages=None)
+    # A consumer that is not ours: a stale one on a dead connection, whose unacked deliveries come back.
+    assert not drain_over(150.0, consumers_on_queue=3)
+    assert not drain_over(150.0, consumers_on_queue=None)
+    # But not for ever: what is left is reported as left in the queue.
+    assert drain_over(190.5, ready_messages=3)
+
+
 def steady(start: int, end: int, rate: int = 10) -> dict[int, int]:
     return dict.fromkeys(range(start, end), rate)
 
