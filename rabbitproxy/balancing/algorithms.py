@@ -41,6 +41,11 @@ class Candidate(Protocol):
         """Connections open through this backend right now."""
         ...
 
+    @property
+    def load(self) -> int:
+        """What least-connections compares: open connections plus connects in flight."""
+        ...
+
 
 C = TypeVar("C", bound=Candidate)
 
@@ -168,7 +173,7 @@ class LeastConnections(Balancer):
             weight = candidate.weight
             if weight <= 0:
                 continue
-            active = candidate.active
+            active = candidate.load
             if not tied:
                 tied.append(candidate)
                 best_active, best_weight = active, weight

@@ -72,6 +72,7 @@ class Backend:
         "config",
         "configured_weight",
         "connect_errors",
+        "connecting",
         "connections",
         "health_detail",
         "health_time",
@@ -127,6 +128,10 @@ class Backend:
         self.agent_down: str | None = None
         self.agent_duration: float | None = None
         self.connections: set[Connection] = set()
+        # Connects in flight to this backend: clients already sent here whose connection is not open yet. Counted
+        # by least-connections and max_connections, or a burst of clients (all connecting at once, as clients
+        # do after a node restart) would all see the same counts and pile onto one backend.
+        self.connecting = 0
         # Set by the rebalancer while it moves clients: this backend holds its share already, so new connections go
         # to the backends below theirs (see Pool.choose); never a reason for a connection to be refused.
         self.rebalance_hold = False
@@ -265,6 +270,11 @@ class Backend:
     @property
     def active(self) -> int:
         return len(self.connections)
+
+    @property
+    def load(self) -> int:
+        """What least-connections balances: open connections plus connects in flight."""
+        return len(self.connections) + self.connecting
 
     def traffic(self) -> tuple[int, int]:
         """Bytes (client to backend, backend to client) so far, the open connections' bytes included."""

@@ -275,9 +275,10 @@ def _update_service(
         for name in old_pool.by_name.keys() - pool.by_name.keys():
             pool.balancer.forget(name)
     # Connects in flight are counted per Backend object (max_connections); the count moves with the server.
-    connecting = service.connecting
-    for old_b in [b for b in connecting if b.successor is not None]:
-        connecting[old_b.current()] += connecting.pop(old_b)
+    for old_b in old_pool.backends:
+        if old_b.successor is not None and old_b.connecting:
+            old_b.current().connecting += old_b.connecting
+            old_b.connecting = 0
     cancelled = sup.cancel_monitors(old_pool.backends)
     # The credentials or the CA may have changed: the new monitors get a new session, the old one is closed
     # after the swap.

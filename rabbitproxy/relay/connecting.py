@@ -55,7 +55,7 @@ class ConnectingLeg(LegState):
         leg = self.backend_leg_type(self)  # type: ignore[arg-type]
         ssl_ctx = service.backend_ssl
         server_hostname = (cfg.backend_tls_server_name or backend.address) if ssl_ctx is not None else None
-        service.connecting[backend] += 1
+        backend.connecting += 1
         self.connect_leg = leg
         loop = service.loop
         source = cfg.source_address
@@ -108,11 +108,7 @@ class ConnectingLeg(LegState):
             backend = self._follow_reload()
         leg = self.connect_leg
         self.connect_leg = None
-        left = service.connecting[backend] - 1
-        if left:
-            service.connecting[backend] = left
-        else:
-            del service.connecting[backend]
+        backend.connecting -= 1
         exc: BaseException | None
         if task.cancelled():
             if self.connect_redirected:

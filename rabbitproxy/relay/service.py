@@ -43,8 +43,6 @@ class Service:
         self.limited = any(b.max_connections for b in config.backends)
         # SSL contexts are phase two of the config: built here (or handed in by a reload that built them first).
         self.tls = tls if tls is not None else ServiceTLS(config)
-        # Connects in flight per backend, so a backend's max_connections also holds while clients arrive at once.
-        self.connecting: Counter[Backend] = Counter()
         self.name = config.name
         # The parsed proxy_protocol_from, asked once per connection of a service that accepts PROXY headers.
         self.proxy_networks = config.proxy_networks
@@ -161,11 +159,10 @@ class Service:
         """Backends at their max_connections (counting connects in flight); empty when none has a limit."""
         if not self.limited:
             return []
-        connecting = self.connecting
         return [
             b
             for b in self.pool.backends
-            if b.config.max_connections and b.active + connecting[b] >= b.config.max_connections
+            if b.config.max_connections and b.load >= b.config.max_connections
         ]
 
     @property

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -91,7 +90,6 @@ class ConnectService(FakeService):
             [{"name": "b1", "address": "127.0.0.1", "port": 1}, {"name": "b2", "address": "127.0.0.1", "port": 2}],
         )
         super().__init__(**service)
-        self.connecting: Counter[Backend] = Counter()
         self.backend_ssl = None
 
     def connect_started(self, conn: ClientLeg, task: Any) -> None:
@@ -121,7 +119,7 @@ def connecting_client(
     leg.connection_made(bt)  # type: ignore[arg-type]
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     client.tried.append(backend)
-    svc.connecting[backend] += 1
+    backend.connecting += 1
     client.connect_leg = leg
     client.connect_task = fut  # type: ignore[assignment]
     svc.connect_started(client, fut)
@@ -204,7 +202,7 @@ async def test_a_connect_hanging_on_a_backend_put_in_maint_moves_to_the_next_one
                 reader, writer = await asyncio.open_connection(*listen_addr(proxy))
                 try:
                     writer.write(HELLO)
-                    await wait_for(lambda: service.connecting[service.pool.by_name["b1"]] == 1, what="b1 connect")
+                    await wait_for(lambda: service.pool.by_name["b1"].connecting == 1, what="b1 connect")
                     if loop_kind == "maint":
                         async with aiohttp.ClientSession() as http:
                             url = f"http://127.0.0.1:{admin_port}/api/services/amqp/backends/b1"
@@ -241,7 +239,7 @@ async def test_the_control_plane_moves_a_connect_in_flight(verdict: str) -> None
         ):
             b1 = service.pool.by_name["b1"]
             reply = asyncio.ensure_future(echo_through(service))
-            await wait_for(lambda: service.connecting[b1] == 1, what="b1 connect in flight")
+            await wait_for(lambda: b1.connecting == 1, what="b1 connect in flight")
             if verdict == "health down":
                 state = RiseFall(1, 1, healthy=True, checked=True)
                 apply_result(service, b1, state, ProbeResult(False, "timeout"), 1.0)
@@ -251,3 +249,45 @@ async def test_the_control_plane_moves_a_connect_in_flight(verdict: str) -> None
                 Poller(service, b1)._report(change, word, was_stale=False)
             assert await reply == HELLO
             assert service.pool.by_name["b2"].total == 1 and b1.connect_errors == 0
+
+
+@pytest.mark.asyncio
+async def test_least_connections_counts_connects_in_flight() -> None:
+    # b1's connects hang (as to a node that is booting, or far away); b2 and b3 answer at once. Six clients arrive
+    # one after another. Counting only open connections, b1 always looked empty and took four of the six; a client
+    # already on its way to a backend is load on it, as HAProxy counts it from the moment it is assigned.
+    with silent_backend() as dead_port:
+        async with (
+            tcp_server(echo_handler) as port2,
+            tcp_server(echo_handler) as port3,
+            run_proxy(
+                service_config(
+                    [
+                        {"name": "b1", "address": "127.0.0.1", "port": dead_port},
+                        {"name": "b2", "address": "127.0.0.1", "port": port2},
+                        {"name": "b3", "address": "127.0.0.1", "port": port3},
+                    ],
+                    balance="least-connections",
+                    connect_timeout=60.0,
+                )
+            ) as proxy,
+        ):
+            service = proxy.services["amqp"]
+            b2, b3 = service.pool.by_name["b2"], service.pool.by_name["b3"]
+
+            def waiting_for_b1() -> int:
+                return sum(1 for c in service.connections if c.backend is None and c.tried and c.tried[-1].name == "b1")
+
+            writers = []
+            try:
+                for n in range(1, 7):
+                    _reader, writer = await asyncio.open_connection(*listen_addr(proxy))
+                    writers.append(writer)
+                    writer.write(HELLO)
+                    # Each client settles (attached, or its connect hanging) before the next one arrives.
+                    await wait_for(lambda n=n: waiting_for_b1() + b2.active + b3.active == n, what=f"client {n} placed")
+                assert (waiting_for_b1(), b2.active, b3.active) == (2, 2, 2)
+                assert service.pool.by_name["b1"].connecting == 2
+            finally:
+                for writer in writers:
+                    writer.close()

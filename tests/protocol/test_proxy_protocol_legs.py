@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ class Service(FakeService):
         super().__init__(**service)
         self.bad_headers: list[str] = []
         self.untrusted: list[str] = []
-        self.connecting: Counter[Backend] = Counter()
         self.backend_ssl = None
         self.proxy_networks = self.config.proxy_networks
         self.header_deadlines = Deadlines(self.loop, header_timeout, ClientLeg.header_expired)

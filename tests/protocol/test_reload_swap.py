@@ -176,12 +176,12 @@ async def test_a_connect_in_flight_across_a_reload_is_credited_to_the_new_backen
             try:
                 writer.write(HELLO)
                 old = service.pool.by_name["a"]
-                await wait_for(lambda: service.connecting[old] == 1, what="the connect in flight")
+                await wait_for(lambda: old.connecting == 1, what="the connect in flight")
                 await proxy.reload(full_config(dict(svc, connect_timeout=9.0)))
                 new = service.pool.by_name["a"]
                 assert new is not old
                 # max_connections counts connects in flight: the count must be on the object the pool now uses.
-                assert service.connecting[new] == 1 and old not in service.connecting
+                assert new.connecting == 1 and old.connecting == 0
                 gated.gate.set()
                 assert await asyncio.wait_for(reader.readexactly(len(HELLO)), 30) == HELLO
                 (conn,) = service.connections
@@ -191,7 +191,7 @@ async def test_a_connect_in_flight_across_a_reload_is_credited_to_the_new_backen
                 writer.close()
             await wait_for(lambda: service.active == 0, what="the connection closed")
             assert (new.traffic_in, new.traffic_out) == (len(HELLO), len(HELLO))
-            assert not service.connecting
+            assert all(b.connecting == 0 for b in (old, new))
             service.loop = gated._loop
 
 

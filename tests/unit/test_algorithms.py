@@ -27,6 +27,11 @@ class Backend:
     name: str
     weight: int = 1
     active: int = 0
+    connecting: int = 0
+
+    @property
+    def load(self) -> int:
+        return self.active + self.connecting
 
 
 def backends(**weights: int) -> list[Backend]:
