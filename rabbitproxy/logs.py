@@ -5,9 +5,13 @@ Both go to stderr so that stdout stays free for command output (``check-config``
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import os
 import re
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -18,6 +22,10 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 # level warning the event would be dropped anyway, and building its fields costs more than relaying a short
 # connection's bytes.
 info_enabled = True
+
+# How setup() left the output, for :class:`EventWriter`: the renderer ("console" or "json") and the descriptor of a
+# stream that is not a terminal; None when events must go through structlog (a terminal, or a stream without one).
+_direct: tuple[str, int] | None = None
 
 
 # A value printed as is; anything else (spaces, quotes, '=', empty) is printed as its repr, so a line splits back
@@ -60,7 +68,7 @@ class ConsoleLine:
 
 def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = None) -> None:
     """Configure structlog (and the stdlib root logger, for aiohttp and asyncio messages)."""
-    global info_enabled
+    global info_enabled, _direct
     out = stream or sys.stderr
     numeric = _LEVELS.get(level, logging.INFO)
     info_enabled = numeric <= logging.INFO
@@ -91,3 +99,90 @@ def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = Non
     logging.basicConfig(
         level=max(numeric, logging.WARNING), stream=out, format="%(levelname)s %(name)s: %(message)s"
     )
+    _direct = None
+    if not isinstance(renderer, structlog.dev.ConsoleRenderer):
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = -1  # io.StringIO and friends (tests): no descriptor, so structlog writes
+        if fd >= 0:
+            _direct = ("json" if fmt == "json" else "console", fd)
+
+
+# -- the per-connection event --------------------------------------------------------------------------------------
+
+# The whole-second part of the timestamp, rebuilt once a second: formatting a datetime for every event cost more
+# than the rest of the line.
+_second = -1
+_second_text = ""
+
+
+def _timestamp(now: float) -> str:
+    """``now`` (time.time()) as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+    global _second, _second_text
+    whole = int(now)
+    # Rounded to the microsecond as datetime.fromtimestamp() rounds, carrying into the next second.
+    micro = round((now - whole) * 1_000_000)
+    if micro >= 1_000_000:
+        whole += 1
+        micro -= 1_000_000
+    if whole != _second:
+        _second = whole
+        _second_text = datetime.datetime.fromtimestamp(whole, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    # isoformat() leaves the fraction out when it is zero; so do we.
+    return f"{_second_text}.{micro:06d}Z" if micro else f"{_second_text}Z"
+
+
+class EventWriter:
+    """Writes one info event that the data path emits per connection, at a fraction of structlog's cost.
+
+    The ``connection closed`` event is written for every connection, and through structlog's bound logger,
+    processor chain and ``WriteLogger`` it cost the proxy about a third of a short connection's CPU at level
+    ``info`` (bench/perf-notes.md, attempt 15). When :func:`setup` chose a renderer this module owns (the plain
+    console line or JSON) and the stream has a descriptor, this renders the same line itself (same keys, same
+    order, same quoting; tests/unit/test_logs.py compares them) and hands it to the kernel with one ``os.write``:
+    nothing waits in a user-space buffer, so a crash loses no line that was written. Otherwise (a terminal, a
+    stream without a descriptor) it calls structlog as before.
+
+    Bound fields and structlog's context variables (a worker's ``worker``) are taken when the writer is made, at
+    service start, after the process has bound them.
+    """
+
+    __slots__ = ("bound", "event", "fd", "format", "head", "logger")
+
+    def __init__(self, logger: Any, event: str, **bound: Any) -> None:
+        self.event = event
+        self.logger = logger.bind(**bound)
+        self.bound = {**structlog.contextvars.get_contextvars(), **bound}
+        direct = _direct
+        self.format = direct[0] if direct is not None else ""
+        self.fd = direct[1] if direct is not None else -1
+        self.head = f"[{'info':<9}] {event:<30}"
+
+    def info(self, fields: dict[str, Any]) -> None:
+        if self.fd < 0:
+            self.logger.info(self.event, **fields)
+            return
+        now = time.time()
+        data = {**self.bound, **fields}
+        if self.format == "json":
+            # Key order as structlog's JSONRenderer has it: context and bound fields, the event's own, then
+            # event, level and timestamp, added by the processors in that order.
+            data["event"] = self.event
+            data["level"] = "info"
+            data["timestamp"] = _timestamp(now)
+            line = json.dumps(data)
+        else:
+            line = " ".join([_timestamp(now), self.head, *[f"{k}={_value(data[k])}" for k in sorted(data)]])
+        self._write((line + "\n").encode("utf-8", "backslashreplace"))
+
+    def _write(self, out: bytes) -> None:
+        view = memoryview(out)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:
+            # The log's reader is gone (a closed pipe) or the disk is full: the connection's end must still be
+            # accounted, and there is nowhere to say so.
+            pass
+

@@ -115,16 +115,18 @@ def connection_closed(self: Service, conn: LegState) -> None:
         if hs.outcome == "refused":
             extra["refused_code"] = hs.close_code
             extra["refused_text"] = hs.close_text
+    backend = conn.backend
     self.conn_log.info(
-        "connection closed",
-        client=conn.client_addr,
-        backend=conn.backend.name if conn.backend else None,
-        backend_addr=f"{conn.backend.address}:{conn.backend.port}" if conn.backend else None,
-        local=conn.backend_local or None,
-        bytes_in=conn.bytes_in,
-        bytes_out=conn.bytes_out,
-        duration=round(conn.duration, 3),
-        # The value, not the member: a terminal's ConsoleRenderer would print the enum's repr.
-        reason=reason.value,
-        **extra,
+        {
+            "client": conn.client_addr,
+            "backend": backend.name if backend else None,
+            "backend_addr": f"{backend.address}:{backend.port}" if backend else None,
+            "local": conn.backend_local or None,
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+            "duration": round(conn.duration, 3),
+            # The value, not the member: a terminal's ConsoleRenderer would print the enum's repr.
+            "reason": reason.value,
+            **extra,
+        }
     )

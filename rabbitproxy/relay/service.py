@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from rabbitproxy import logs
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.balancing.reasons import CloseReason
@@ -73,7 +74,7 @@ class Service:
         self.header_deadlines: Deadlines[LegState]
         self.close_deadlines: Deadlines[LegState]
         self.keepalive_deadlines: Deadlines[LegState]
-        self.conn_log: structlog.typing.FilteringBoundLogger
+        self.conn_log: logs.EventWriter
         self._started = False
         self.bound: list[tuple[str, int]] = []
         # Set once every backend has had its first health-check verdict; the proxy starts serving after it.
@@ -103,10 +104,9 @@ class Service:
             return
         self._started = True
         self.loop = asyncio.get_running_loop()
-        # A concrete logger for the per-connection event, built once from the logging set up by now: going
-        # through the module's lazy proxy re-resolved structlog's configuration (and built a new output
-        # logger) for every event.
-        self.conn_log = log.bind(service=self.name)
+        # The per-connection event's writer, built once from the logging set up by now (rabbitproxy.logs): it
+        # renders and writes the line itself where it can, and holds a concrete structlog logger where not.
+        self.conn_log = logs.EventWriter(log, "connection closed", service=self.name)
         self.connect_deadlines = Deadlines(self.loop, self._config.connect_timeout, ConnectingLeg.connect_timed_out)
         self.hello_deadlines = Deadlines(self.loop, self._config.client_hello_timeout, LegState.hello_expired)
         self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, LegState.header_expired)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import io
+import json
+import re
+from pathlib import Path
+from typing import Any
 
+import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rabbitproxy import logs
 from rabbitproxy.balancing.reasons import CloseReason
@@ -64,3 +72,101 @@ def test_setup_writes_lines_with_tracebacks_to_a_non_terminal_stream() -> None:
     assert lines[1].endswith("[error    ] failed")
     assert lines[2] == "Traceback (most recent call last):"
     assert lines[-1] == "ValueError: boom"
+
+
+# -- the per-connection event writer ---------------------------------------------------------------------------------
+
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
+
+FIELDS: list[dict[str, Any]] = [
+    {
+        "client": "192.0.2.7:51234",
+        "backend": "rabbit1",
+        "backend_addr": "10.0.0.10:5672",
+        "local": "10.0.0.2:40112",
+        "bytes_in": 1234,
+        "bytes_out": 0,
+        "duration": 0.002,
+        "reason": CloseReason.CLIENT_CLOSED.value,
+    },
+    {
+        "client": "unknown",
+        "backend": None,
+        "backend_addr": None,
+        "local": None,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "duration": 12.5,
+        "reason": CloseReason.HEARTBEAT_TIMEOUT.value,
+        "close_timeout_expired": True,
+        "user": "app user",
+        "vhost": "/",
+        "connection_name": 'orders "eu" = 1',
+        "client_product": "ünïcode ✓",
+        "heartbeat": 60,
+    },
+]
+
+
+def _both(tmp_path: Path, fmt: str, fields: dict[str, Any]) -> tuple[str, str]:
+    """The same event written by EventWriter and by structlog itself, to a real file (so it has a descriptor)."""
+    path = tmp_path / f"{fmt}.log"
+    with path.open("w") as out:
+        logs.setup("info", fmt, out)
+        try:
+            writer = logs.EventWriter(structlog.get_logger("t"), "connection closed", service="amqp")
+            assert writer.fd == out.fileno()
+            writer.info(dict(fields))
+            structlog.get_logger("t").bind(service="amqp").info("connection closed", **fields)
+        finally:
+            logs.setup("info", "console")
+    direct, through_structlog = path.read_text().splitlines()
+    return direct, through_structlog
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+def test_the_connection_event_writes_the_console_line_structlog_writes(tmp_path: Path, fields: dict[str, Any]) -> None:
+    direct, expected = _both(tmp_path, "console", fields)
+    assert _TIMESTAMP.fullmatch(direct.split(" ", 1)[0])
+    assert direct.split(" ", 1)[1] == expected.split(" ", 1)[1]
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+def test_the_connection_event_writes_the_json_structlog_writes(tmp_path: Path, fields: dict[str, Any]) -> None:
+    direct, expected = _both(tmp_path, "json", fields)
+    got, want = json.loads(direct), json.loads(expected)
+    assert _TIMESTAMP.fullmatch(got.pop("timestamp")) and _TIMESTAMP.fullmatch(want.pop("timestamp"))
+    # Same keys in the same order, not only the same mapping: people read these lines too.
+    assert list(got.items()) == list(want.items())
+
+
+def test_without_a_descriptor_the_event_goes_through_structlog() -> None:
+    out = io.StringIO()
+    logs.setup("info", "console", out)
+    try:
+        writer = logs.EventWriter(structlog.get_logger("t"), "connection closed", service="amqp")
+        writer.info({"client": "192.0.2.7:1", "reason": "client closed"})
+    finally:
+        logs.setup("info", "console")
+    assert writer.fd == -1
+    assert (
+        out.getvalue()
+        .rstrip()
+        .endswith("connection closed              client=192.0.2.7:1 reason='client closed' service=amqp")
+    )
+
+
+def test_context_variables_bound_before_the_writer_are_in_its_lines(tmp_path: Path) -> None:
+    # A worker process binds worker=N before its services start (rabbitproxy.control.worker).
+    structlog.contextvars.bind_contextvars(worker=2)
+    try:
+        direct, expected = _both(tmp_path, "console", FIELDS[0])
+    finally:
+        structlog.contextvars.unbind_contextvars("worker")
+    assert " worker=2" in direct and direct.split(" ", 1)[1] == expected.split(" ", 1)[1]
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_the_timestamp_is_what_datetime_writes(now: float) -> None:
+    want = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat().replace("+00:00", "Z")
+    assert logs._timestamp(now) == want
