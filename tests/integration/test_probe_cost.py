@@ -115,16 +115,18 @@ def test_probe_reading_a_config_file_loads_nothing_heavy(tmp_path: Path) -> None
     assert loaded == set()
 
 
+async def healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A /healthz that answers as a healthy proxy does."""
+    await reader.readuntil(b"\r\n\r\n")
+    body = b'{"status": "ok"}'
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+    writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    writer.close()
+
+
 @pytest.mark.asyncio
 async def test_healthy_probe_loads_nothing_heavy() -> None:
-    async def healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        body = b'{"status": "ok"}'
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-        writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
     async with tcp_server(healthz) as port:
         code, out, _, loaded = await asyncio.to_thread(run_entry, "healthcheck", "--admin", f"127.0.0.1:{port}")
     assert code == 0
@@ -161,14 +163,6 @@ async def test_probe_imports_only_what_it_uses(form: str, tmp_path: Path) -> Non
     # Without ``site`` (-S) nothing but the standard library and this checkout can be imported, so the probe
     # working at all shows that a wheel installed with --no-deps is enough for it; and the editable install's
     # import hook, which loads pathlib, re and urllib.parse at startup, cannot hide them coming back.
-    async def healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        body = b'{"status": "ok"}'
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-        writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
     async with tcp_server(healthz) as port:
         config = tmp_path / "rabbitproxy.toml"
         config.write_text(

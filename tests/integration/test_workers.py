@@ -105,6 +105,16 @@ async def start(proxy: ProxyProcess) -> ProxyProcess:
     return await asyncio.to_thread(proxy.start)
 
 
+@contextlib.asynccontextmanager
+async def running(proxy: ProxyProcess) -> AsyncIterator[ProxyProcess]:
+    """The proxy started and ready; stopped on the way out, which must end with exit code 0."""
+    await start(proxy)
+    try:
+        yield proxy
+    finally:
+        assert await stop(proxy) == 0
+
+
 async def stop(proxy: ProxyProcess) -> int:
     return await asyncio.to_thread(proxy.stop)
 
@@ -138,8 +148,7 @@ def alive(pid: int) -> bool:
 async def test_connections_land_on_every_worker_and_the_admin_api_adds_them_up(tmp_path: Path) -> None:
     async with backends(b"A") as entries:
         data, admin = config(entries, health_check={"type": "tcp", "interval": 1.0})
-        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
-        try:
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
             pids = {w["pid"] for w in await workers(admin)}
             assert len(pids) == 2 and proxy.pid not in pids
             clients = await spread(proxy.addr, admin)
@@ -168,15 +177,12 @@ async def test_connections_land_on_every_worker_and_the_admin_api_adds_them_up(t
             assert await closed.ended()
             for c in clients:
                 c.close()
-        finally:
-            assert await stop(proxy) == 0
 
 
 async def test_drain_and_maint_apply_to_every_worker(tmp_path: Path) -> None:
     async with backends(b"A", b"B") as entries:
         data, admin = config(entries)
-        proxy = await start(ProxyProcess(data, tmp_path))
-        try:
+        async with running(ProxyProcess(data, tmp_path)) as proxy:
             clients = await spread(proxy.addr, admin)
             assert {c.tag for c in clients} == {b"A", b"B"}
             await patch(f"{admin}/api/services/amqp/backends/A", {"state": "drain"})
@@ -191,15 +197,12 @@ async def test_drain_and_maint_apply_to_every_worker(tmp_path: Path) -> None:
             assert all([await c.echoes() for c in clients if c.tag == b"B"])
             for c in clients + fresh:
                 c.close()
-        finally:
-            assert await stop(proxy) == 0
 
 
 async def test_a_drain_deadline_closes_what_is_left_in_every_worker(tmp_path: Path) -> None:
     async with backends(b"A", b"B") as entries:
         data, admin = config(entries)
-        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
-        try:
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
             clients = await spread(proxy.addr, admin)
             on_a = [c for c in clients if c.tag == b"A"]
             listing = await get(f"{admin}/api/connections?limit=1000&backend=A")
@@ -211,8 +214,6 @@ async def test_a_drain_deadline_closes_what_is_left_in_every_worker(tmp_path: Pa
             assert all([await c.echoes() for c in clients if c.tag == b"B"])
             for c in clients:
                 c.close()
-        finally:
-            assert await stop(proxy) == 0
 
 
 async def test_a_port_another_program_holds_fails_the_start(tmp_path: Path) -> None:
@@ -232,8 +233,7 @@ async def test_a_port_another_program_holds_fails_the_start(tmp_path: Path) -> N
 async def test_a_killed_worker_is_restarted_and_the_others_keep_serving(tmp_path: Path) -> None:
     async with backends(b"A") as entries:
         data, admin = config(entries)
-        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
-        try:
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
             clients = await spread(proxy.addr, admin)
             listing = await get(f"{admin}/api/connections?limit=1000")
             worker_of = {int(c["client"].split(":")[1]): c["worker"] for c in listing["connections"]}
@@ -253,15 +253,12 @@ async def test_a_killed_worker_is_restarted_and_the_others_keep_serving(tmp_path
             more = await spread(proxy.addr, admin, 40, already=len(survivors))
             for c in clients + more:
                 c.close()
-        finally:
-            assert await stop(proxy) == 0
 
 
 async def test_sighup_reload_keeps_connections_on_every_worker_and_applies_the_new_backends(tmp_path: Path) -> None:
     async with backends(b"A", b"B") as entries:
         data, admin = config(entries[:1])
-        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
-        try:
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
             clients = await spread(proxy.addr, admin)
             data["services"][0]["backends"] = entries[1:]
             proxy.config_path.write_text(to_toml(data))
@@ -285,15 +282,12 @@ async def test_sighup_reload_keeps_connections_on_every_worker_and_applies_the_n
             assert all([await c.echoes() for c in clients])
             for c in clients + fresh:
                 c.close()
-        finally:
-            assert await stop(proxy) == 0
 
 
 async def test_a_bad_reload_and_a_change_of_workers_keep_the_running_configuration(tmp_path: Path) -> None:
     async with backends(b"A") as entries:
         data, admin = config(entries)
-        proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
-        try:
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
             proxy.config_path.write_text(to_toml({**data, "workers": 3}))
             os.kill(proxy.pid, signal.SIGHUP)
             await wait_for(lambda: "cannot change by reload" in proxy.log(), timeout=10, what="refusal logged")
@@ -305,8 +299,6 @@ async def test_a_bad_reload_and_a_change_of_workers_keep_the_running_configurati
             assert all([await c.echoes() for c in clients])
             for c in clients:
                 c.close()
-        finally:
-            assert await stop(proxy) == 0
 
 
 async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
@@ -345,8 +337,7 @@ async def test_amqp_through_two_workers(cluster: DevCluster, tmp_path: Path) -> 
     data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
     data["workers"] = 2
     admin = f"http://127.0.0.1:{port}"
-    proxy = await start(ProxyProcess(data, tmp_path))
-    try:
+    async with running(ProxyProcess(data, tmp_path)) as proxy:
         host, lport = proxy.addr
         conns = [await aio_pika.connect(f"amqp://guest:guest@{host}:{lport}/", timeout=30) for _ in range(12)]
         listing = await get(f"{admin}/api/connections?limit=100")
@@ -362,8 +353,6 @@ async def test_amqp_through_two_workers(cluster: DevCluster, tmp_path: Path) -> 
             await message.ack()
         for c in conns:
             await c.close()
-    finally:
-        assert await stop(proxy) == 0
 
 
 async def test_workers_stop_when_the_parent_dies(tmp_path: Path) -> None:
@@ -406,8 +395,7 @@ async def test_maint_closes_through_the_broker_in_every_worker(cluster: DevClust
     data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
     data["workers"] = 2
     admin = f"http://127.0.0.1:{port}"
-    proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
-    try:
+    async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
         host, lport = proxy.addr
         conns: list[aio_pika.abc.AbstractConnection] = []
         closes: list[list[BaseException | None]] = []
@@ -435,8 +423,6 @@ async def test_maint_closes_through_the_broker_in_every_worker(cluster: DevClust
         for c in conns:
             if not c.is_closed:
                 await c.close()
-    finally:
-        assert await stop(proxy) == 0
 
 
 async def test_the_rebalancer_runs_in_every_worker(cluster: DevCluster, tmp_path: Path) -> None:
@@ -450,8 +436,7 @@ async def test_the_rebalancer_runs_in_every_worker(cluster: DevCluster, tmp_path
     data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
     data["workers"] = 2
     admin = f"http://127.0.0.1:{port}"
-    proxy = await start(ProxyProcess(data, tmp_path, log_level="info"))
-    try:
+    async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
         for name in ("rabbit2", "rabbit3"):
             await patch(f"{admin}/api/services/amqp/backends/{name}", {"state": "drain", "force": True})
         host, lport = proxy.addr
@@ -474,8 +459,6 @@ async def test_the_rebalancer_runs_in_every_worker(cluster: DevCluster, tmp_path
         for c in conns:
             if not c.is_closed:
                 await c.close()
-    finally:
-        assert await stop(proxy) == 0
 
 
 def _lines(log: str, event: str, n: int) -> list[str]:

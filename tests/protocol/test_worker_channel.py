@@ -45,14 +45,16 @@ async def test_requests_are_answered_and_notifications_arrive_in_order() -> None
             await cancel_and_wait(serving)
 
 
+async def never(message: Message) -> Message:
+    """A request handler that never answers (a stuck worker)."""
+    await asyncio.Event().wait()
+    return {}
+
+
 @pytest.mark.asyncio
 async def test_a_peer_that_does_not_answer_runs_into_the_deadline() -> None:
     async with channels() as pair:
         left, right = pair
-
-        async def never(message: Message) -> Message:
-            await asyncio.Event().wait()
-            return {}
 
         serving = [asyncio.ensure_future(right.serve(lambda m: None, never))]
         serving.append(asyncio.ensure_future(left.serve(lambda m: None, never)))
@@ -80,10 +82,6 @@ async def test_a_peer_that_stops_reading_makes_send_fail_instead_of_buffering_wi
 async def test_a_closed_peer_fails_the_requests_waiting_for_it() -> None:
     async with channels() as pair:
         left, right = pair
-
-        async def never(message: Message) -> Message:
-            await asyncio.Event().wait()
-            return {}
 
         serving = asyncio.ensure_future(left.serve(lambda m: None, never))
         pending = asyncio.ensure_future(left.request({"t": "connections"}))
