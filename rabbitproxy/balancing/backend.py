@@ -326,11 +326,16 @@ class Backend:
         self.traffic_out += traffic_out
 
     def close_connections(self, reason: CloseReason) -> int:
-        """End every connection through this backend (marked down, maint); return how many."""
-        conns = list(self.connections)
-        for conn in conns:
+        """End every connection through this backend (marked down, maint); return how many.
+
+        The count is taken from ``len(connections)``: in the parent of ``workers = N`` that is the workers' sum (a
+        connection set that holds none itself), and the workers close their own when the new state reaches them,
+        so the parent's log line says how many the verdict ends rather than 0.
+        """
+        count = len(self.connections)
+        for conn in list(self.connections):
             conn.close(reason)
-        return len(conns)
+        return count
 
     # -- operator changes (admin API, CLI) -----------------------------------------------------------------------
 

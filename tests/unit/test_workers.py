@@ -10,6 +10,7 @@ import pytest
 
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.snapshot import FIELDS, apply_backend_state, backend_state
 from rabbitproxy.balancing.views import NodeView
 from rabbitproxy.config import BackendConfig, ConfigError
@@ -156,3 +157,11 @@ def test_counters_add_up_over_workers() -> None:
     assert s["vhost_open"] == {"/": 3}
     assert s["backends"]["b1"] == [3, 8, 0, 20, 40]
     assert _add({}, stats(1, 1, {}))["amqp"]["total"] == 1
+
+
+def test_a_verdict_in_the_parent_counts_the_workers_connections_it_ends() -> None:
+    # The parent's Backend holds a Tally (the workers' count, no connections); marking it down or in maint must
+    # report how many connections that ends in the workers, not 0 (the "backend down" log line says so).
+    backend = Backend(BackendConfig(name="a", address="127.0.0.1"), 5672, healthy=True)
+    backend.connections = Tally(3)
+    assert backend.close_connections(CloseReason.BACKEND_DOWN) == 3
