@@ -232,13 +232,17 @@ def print_connections(data: dict[str, Any]) -> None:
         console = Console(highlight=False, width=220)
     conns = data.get("connections", [])
     table = Table(title_justify="left")
-    numeric = ("id", "age", "idle", "in", "out")
-    for col in ("id", "service", "backend", "client", "user", "vhost", "name", "client library", *numeric[1:]):
+    numeric = ("id", "worker", "age", "idle", "in", "out")
+    # With workers = N each connection lives in one worker process; a single process has no such column.
+    workers = any("worker" in c for c in conns)
+    columns = ("id", "worker") if workers else ("id",)
+    for col in (*columns, "service", "backend", "client", "user", "vhost", "name", "client library", *numeric[2:]):
         table.add_column(col, justify="right" if col in numeric else "left")
     for c in conns:
         library = " ".join(p for p in (c.get("product"), c.get("version")) if p)
         table.add_row(
             str(c["id"]),
+            *((str(c.get("worker", "-")),) if workers else ()),
             c["service"],
             c["backend"] or "(connecting)",
             c["client"],

@@ -124,3 +124,14 @@ def test_limit_is_checked_before_asking() -> None:
 )
 def test_durations_for_people(seconds: float | None, text: str) -> None:
     assert _seconds(seconds) == text
+
+
+def test_with_workers_the_table_says_which_worker_holds_each_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    # workers = N: the parent's listing carries each connection's worker index; one process has no such column.
+    rows = [{**c, "worker": i, "worker_pid": 100 + i} for i, c in enumerate(PAGE["connections"])]
+    for page, shown in (({**PAGE, "connections": rows}, True), (PAGE, False)):
+        monkeypatch.setattr(AdminClient, "request", lambda self, method, path, body=None, *, timeout=None, p=page: p)
+        result = runner.invoke(app, ["connections"])
+        assert result.exit_code == 0, result.output
+        header = next(line for line in result.output.splitlines() if " service " in line)
+        assert ("worker" in header) is shown, header
