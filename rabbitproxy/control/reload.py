@@ -45,14 +45,19 @@ class ReloadResult:
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    # workers = N: the workers that failed or refused the configuration the parent applied (empty: none).
+    worker_errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {
+        out = {
             "added": self.added,
             "removed": self.removed,
             "changed": self.changed,
             "unchanged": self.unchanged,
         }
+        if self.worker_errors:
+            out["worker_errors"] = self.worker_errors
+        return out
 
 
 async def apply(sup: Supervisor, new: Config) -> ReloadResult:

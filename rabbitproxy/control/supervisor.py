@@ -273,7 +273,7 @@ class Supervisor:
                 )
             result = await apply(self, new)
             if self.workers is not None:
-                await self.workers.reload(new)
+                result.worker_errors = await self.workers.reload(new)
             return result
 
     def cancel_monitors(self, backends: list[Backend]) -> list[asyncio.Task[Any]]:

@@ -281,20 +281,31 @@ class WorkerSet:
                 log.exception("pushing backend state to the workers failed")
             await asyncio.sleep(STATE_POLL)
 
-    async def reload(self, config: Config) -> None:
-        """Send ``config`` to every running worker (the parent has applied it) and wait for their answers."""
+    async def reload(self, config: Config) -> list[str]:
+        """Send ``config`` to every running worker (the parent has applied it); return what went wrong where.
+
+        An empty list means every running worker serves the new configuration. Otherwise each entry names a
+        worker that failed or refused it and still serves the one before: the reload is incomplete, and the
+        admin API says so instead of "reloaded".
+        """
         data = config_data(config)
         live = [s for s in self.slots if s.channel is not None and s.ready]
         answers = await asyncio.gather(
             *(self.request(s, {"t": "reload", "config": data}, deadline=60.0) for s in live), return_exceptions=True
         )
+        problems: list[str] = []
         for slot, answer in zip(live, answers, strict=True):
             if isinstance(answer, BaseException):
-                log.error("worker reload failed", worker=slot.index, error=str(answer) or type(answer).__name__)
+                why = str(answer) or type(answer).__name__
+                log.error("worker reload failed", worker=slot.index, error=why)
+                problems.append(f"worker {slot.index}: {why}")
             elif answer.get("error") or answer.get("errors"):
-                log.error("worker reload refused", worker=slot.index, errors=answer.get("errors") or answer["error"])
+                errors = answer.get("errors") or [answer["error"]]
+                log.error("worker reload refused", worker=slot.index, errors=errors)
+                problems.extend(f"worker {slot.index}: {e}" for e in errors)
         self._sent_state = None
         self.push_state()
+        return problems
 
     async def request(self, slot: WorkerSlot, message: Message, deadline: float = 5.0) -> Message:
         channel = slot.channel

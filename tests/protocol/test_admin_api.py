@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -17,7 +18,10 @@ from rabbitproxy.app import serve
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.cli import app
 from rabbitproxy.config import ConfigError
+from rabbitproxy.control.channel import ChannelError
+from rabbitproxy.control.reload import ReloadResult
 from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.control.workers import WorkerSet
 from tests.support.net import echo_handler, free_port, tcp_server
 from tests.support.process import to_toml
 from tests.support.proxy import listen_addr, run_proxy, service_config
@@ -398,3 +402,45 @@ def test_cli_exits_non_zero_when_the_api_is_unreachable() -> None:
     res = CliRunner().invoke(app, ["status", "--admin", f"http://127.0.0.1:{free_port()}"])
     assert res.exit_code == 1
     assert "cannot reach the admin API" in res.output
+
+
+@pytest.mark.asyncio
+async def test_a_reload_some_worker_refused_is_reported_as_incomplete(monkeypatch: pytest.MonkeyPatch) -> None:
+    # workers = N: the parent applied the file, a worker refused it and still serves the old configuration. That
+    # is not "reloaded": 500, the workers' reasons, and the CLI prints them.
+    async with admin_proxy() as (proxy, url, _services), aiohttp.ClientSession() as http:
+
+        async def half_done(new: Any = None) -> ReloadResult:
+            return ReloadResult(unchanged=["amqp"], worker_errors=["worker 1: services['amqp'].listen: in use"])
+
+        monkeypatch.setattr(proxy, "reload", half_done)
+        async with http.post(f"{url}/api/reload", json={}) as resp:
+            assert resp.status == 500
+            body = await resp.json()
+        assert body["status"] == "incomplete" and body["unchanged"] == ["amqp"]
+        assert body["errors"] == body["worker_errors"] == ["worker 1: services['amqp'].listen: in use"]
+        res = await asyncio.to_thread(CliRunner().invoke, app, ["reload", "--admin", url])
+        assert res.exit_code == 1
+        assert "reload incomplete" in res.output and "worker 1: services['amqp'].listen: in use" in res.output
+
+
+@pytest.mark.asyncio
+async def test_the_workers_answers_to_a_reload_are_collected() -> None:
+    # WorkerSet.reload against workers that answer as control.worker does: one takes it, one refuses, one fails.
+    config = config_mod.validate({"services": [service_config([{"name": "b1", "address": "127.0.0.1"}])]})
+    sup: Any = SimpleNamespace(config=SimpleNamespace(worker_count=3), services={})
+    workers = WorkerSet(sup)
+    answers: list[Any] = [{"t": "reloaded"}, {"errors": ["bad listen"]}, ChannelError("worker 2 is not running")]
+    for slot in workers.slots:
+        slot.channel = SimpleNamespace(closed=True)  # type: ignore[assignment]
+        slot.ready = True
+
+    async def request(slot: Any, message: dict[str, Any], deadline: float = 5.0) -> dict[str, Any]:
+        assert message["t"] == "reload" and message["config"]["services"][0]["name"] == "amqp"
+        answer = answers[slot.index]
+        if isinstance(answer, BaseException):
+            raise answer
+        return dict(answer)
+
+    workers.request = request  # type: ignore[method-assign]
+    assert await workers.reload(config) == ["worker 1: bad listen", "worker 2: worker 2 is not running"]

@@ -49,6 +49,17 @@ async def reload(request: web.Request) -> web.Response:
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays", errors=exc.errors, who=caller)
         return error(400, "invalid configuration; nothing was changed", errors=exc.errors)
+    if result.worker_errors:
+        # The parent runs the new configuration, and some worker still the old one: not "reloaded". 500, with the
+        # workers' reasons, so the operator fixes the cause and reloads again (or restarts).
+        log.error("reload incomplete: a worker kept the old configuration", errors=result.worker_errors, who=caller)
+        body = {
+            "error": "reload incomplete: some workers kept the old configuration",
+            "errors": result.worker_errors,
+            "status": "incomplete",
+            **result.as_dict(),
+        }
+        return web.json_response(body, status=500)
     return web.json_response({"status": "reloaded", **result.as_dict()})
 
 
