@@ -109,6 +109,9 @@ def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = Non
             _direct = ("json" if fmt == "json" else "console", fd)
 
 
+_CONSOLE_LINE = ConsoleLine()
+
+
 # -- the per-connection event --------------------------------------------------------------------------------------
 
 # The whole-second part of the timestamp, rebuilt once a second: formatting a datetime for every event cost more
@@ -148,7 +151,7 @@ class EventWriter:
     service start, after the process has bound them.
     """
 
-    __slots__ = ("bound", "event", "fd", "format", "head", "logger")
+    __slots__ = ("bound", "event", "fd", "format", "logger")
 
     def __init__(self, logger: Any, event: str, **bound: Any) -> None:
         self.event = event
@@ -157,23 +160,15 @@ class EventWriter:
         direct = _direct
         self.format = direct[0] if direct is not None else ""
         self.fd = direct[1] if direct is not None else -1
-        self.head = f"[{'info':<9}] {event:<30}"
 
     def info(self, fields: dict[str, Any]) -> None:
         if self.fd < 0:
             self.logger.info(self.event, **fields)
             return
-        now = time.time()
-        data = {**self.bound, **fields}
-        if self.format == "json":
-            # Key order as structlog's JSONRenderer has it: context and bound fields, the event's own, then
-            # event, level and timestamp, added by the processors in that order.
-            data["event"] = self.event
-            data["level"] = "info"
-            data["timestamp"] = _timestamp(now)
-            line = json.dumps(data)
-        else:
-            line = " ".join([_timestamp(now), self.head, *[f"{k}={_value(data[k])}" for k in sorted(data)]])
+        # Key order as structlog's processors leave it: context and bound fields, the event's own, then event,
+        # level and timestamp. The console line is ConsoleLine's, the renderer setup() gave structlog.
+        data = {**self.bound, **fields, "event": self.event, "level": "info", "timestamp": _timestamp(time.time())}
+        line = json.dumps(data) if self.format == "json" else _CONSOLE_LINE(None, "info", data)
         self._write((line + "\n").encode("utf-8", "backslashreplace"))
 
     def _write(self, out: bytes) -> None:
