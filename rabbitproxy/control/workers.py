@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from rabbitproxy.balancing.backend import Backend
-from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.snapshot import pool_state
 from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.channel import Channel, ChannelError, Message
 from rabbitproxy.control.closer import CloseOutcome
-from rabbitproxy.protocols.amqp_handshake import Handshake
+from rabbitproxy.control.worker_views import RemoteConnection, Tally, add_counts
 from rabbitproxy.tasks import Backoff, OwnedTasks
 
 if TYPE_CHECKING:
@@ -42,27 +40,6 @@ STATE_POLL = 0.05
 STATS_INTERVAL = 0.5
 # Seconds a starting worker has to bind its listeners and say it is ready.
 START_TIMEOUT = 30.0
-
-
-class Tally(set[Any]):
-    """A connection set of the parent that holds no connections, only how many the workers have open.
-
-    The parent's ``Service.active`` and ``Backend.active`` are ``len(connections)``: with this in place they are
-    the workers' sum, for the admin API, the metrics and the rebalancer's arithmetic alike. Iterating it yields
-    nothing: the parent closes no connection itself.
-    """
-
-    __slots__ = ("count",)
-
-    def __init__(self, count: int = 0) -> None:
-        super().__init__()
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __bool__(self) -> bool:
-        return self.count > 0
 
 
 def config_data(config: Config) -> dict[str, Any]:
@@ -364,7 +341,7 @@ class WorkerSet:
     def _retire(self, slot: WorkerSlot) -> None:
         """Keep a dead worker's counters as the base of its successor's (its open connections died with it)."""
         if slot.stats:
-            slot.base = _add(slot.base, slot.stats.get("services", {}))
+            slot.base = add_counts(slot.base, slot.stats.get("services", {}))
         slot.stats = {}
         self._aggregate()
 
@@ -374,7 +351,7 @@ class WorkerSet:
         active: Counter[tuple[str, str | None]] = Counter()
         for slot in self.slots:
             current = slot.stats.get("services", {})
-            total = _add(_add(total, slot.base), current)
+            total = add_counts(add_counts(total, slot.base), current)
             for sname, s in current.items():
                 active[sname, None] += s["active"]
                 for bname, b in s["backends"].items():
@@ -396,72 +373,6 @@ class WorkerSet:
                 b.connections = Tally(active[sname, b.name])
                 if figures is not None:
                     _, b.total, b.connect_errors, b.traffic_in, b.traffic_out = figures
-
-
-class RemoteConnection:
-    """A worker's connection as the parent's admin API sees it: the ``Connection`` view, read when it was asked."""
-
-    __slots__ = (
-        "_handshake",
-        "backend",
-        "bytes_in",
-        "bytes_out",
-        "client_addr",
-        "client_dst",
-        "client_src",
-        "id",
-        "last_activity",
-        "pid",
-        "reason",
-        "started",
-        "worker",
-        "workers",
-    )
-
-    def __init__(self, workers: WorkerSet, slot: WorkerSlot, backend: Backend | None, row: list[Any]) -> None:
-        _, self.id, _, self.client_addr, self.bytes_in, self.bytes_out, self.started, self.last_activity, hs = row
-        self.backend = backend
-        self._handshake = Handshake(**hs) if hs is not None else None
-        self.client_src: tuple[str, int] | None = None
-        self.client_dst: tuple[str, int] | None = None
-        self.reason: CloseReason | None = None
-        self.worker = slot.index
-        self.pid = slot.pid
-        self.workers = workers
-
-    @property
-    def handshake(self) -> Handshake | None:
-        return self._handshake
-
-    def close(self, reason: CloseReason) -> None:
-        self.workers.tell(self.worker, {"t": "close", "conn": self.id, "reason": str(reason)})
-
-    def backend_endpoints(self) -> tuple[tuple[str, int], tuple[str, int]] | None:
-        return None
-
-
-def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """The sum of two per-service counter trees (as the worker's ``stats`` message gives them)."""
-    out: dict[str, Any] = {}
-    for name in a.keys() | b.keys():
-        x, y = a.get(name), b.get(name)
-        if x is None or y is None:
-            out[name] = x if y is None else y
-            continue
-        out[name] = {
-            "active": x["active"] + y["active"],
-            "total": x["total"] + y["total"],
-            "ended": dict(Counter(x["ended"]) + Counter(y["ended"])),
-            "close_timeouts": x["close_timeouts"] + y["close_timeouts"],
-            "failed_logins": x["failed_logins"] + y["failed_logins"],
-            "handshakes_given_up": x["handshakes_given_up"] + y["handshakes_given_up"],
-            "vhost_open": dict(Counter(x["vhost_open"]) + Counter(y["vhost_open"])),
-            "backends": {
-                bn: [p + q for p, q in zip(x["backends"].get(bn, [0] * 5), y["backends"].get(bn, [0] * 5), strict=True)]
-                for bn in x["backends"].keys() | y["backends"].keys()
-            },
-        }
-    return out
 
 
 async def _no_requests(message: Message) -> Message:

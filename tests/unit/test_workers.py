@@ -16,7 +16,8 @@ from rabbitproxy.balancing.views import NodeView
 from rabbitproxy.config import BackendConfig, ConfigError
 from rabbitproxy.control.channel import MAX_FRAME, ChannelError, Decoder, encode
 from rabbitproxy.control.worker import share_limits
-from rabbitproxy.control.workers import Tally, _add
+from rabbitproxy.control.worker_views import Tally
+from rabbitproxy.control.worker_views import add_counts as _add
 
 SERVICE = {"name": "amqp", "listen": "127.0.0.1:5672", "backends": [{"name": "b1", "address": "127.0.0.1"}]}
 
