@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 s per measurement, 2 repeats")
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 10, quick 2)")
-    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 5, quick 2)")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 3, quick 2)")
     ap.add_argument(
         "--targets", default=",".join(ALL_TARGETS), help="comma-separated subset of " + ",".join(ALL_TARGETS)
     )
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--png", type=Path, help="write a chart of the medians here")
     args = ap.parse_args(argv)
     duration = args.duration or (2.0 if args.quick else 10.0)
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 3)
     targets = [t for t in args.targets.split(",") if t]
     unknown = set(targets) - set(ALL_TARGETS)
     if unknown:
