@@ -77,8 +77,8 @@ class LegState(asyncio.Protocol):
         "hello_left",
         "hs_reader",
         "id",
-        "idle_handle",
         "idle_reason",
+        "idle_slot",
         "idle_timeout",
         "last_activity",
         "pending",
@@ -134,11 +134,12 @@ class LegState(asyncio.Protocol):
         self.connect_redirected = False
         # Backends tried so far, the last one being the connect in flight.
         self.tried: list[Backend] = []
-        self.idle_handle: asyncio.TimerHandle | None = None
-        # While idle_handle is set: the last byte either way, and the last byte from the client.
+        # The slot of this connection's pending idle check in the service's IdleWatch, 0 when not watched; while
+        # watched, the data path keeps the last byte either way and the last byte from the client.
+        self.idle_slot = 0
         self.last_activity = 0.0
         self.client_activity = 0.0
-        # The timeout idle_handle watches (a fixed client_idle_timeout, or 2.5 x the heartbeat) and its reason.
+        # The timeout the idle check watches (a fixed client_idle_timeout, or 2.5 x the heartbeat) and its reason.
         self.idle_timeout = 0.0
         self.idle_reason = CloseReason.IDLE_TIMEOUT
         self.started = time.monotonic()
@@ -180,9 +181,9 @@ class LegState(asyncio.Protocol):
         timeout = HEARTBEAT_FACTOR * heartbeat
         self.idle_timeout = timeout
         self.idle_reason = CloseReason.HEARTBEAT_TIMEOUT
-        self.last_activity = self.client_activity = time.monotonic()
-        if self.idle_handle is None and not self.closed:
-            self.idle_handle = self.service.loop.call_later(timeout, self._idle_check)
+        now = self.last_activity = self.client_activity = time.monotonic()
+        if not self.closed:
+            self.service.idle_watch.at(self, now + timeout)
 
     def header_expired(self) -> None:
         """The PROXY header deadline (used when client_hello_timeout is 0): the header is not complete in time."""
@@ -195,8 +196,8 @@ class LegState(asyncio.Protocol):
         if not self.closed:
             self.close(CloseReason.HELLO_TIMEOUT)
 
-    def _idle_check(self) -> None:
-        self.idle_handle = None
+    def idle_check(self) -> None:
+        """The service's IdleWatch: this connection's idle check is due; close it, or check again later."""
         if self.closed:
             return
         if self.idle_reason is CloseReason.HEARTBEAT_TIMEOUT:
@@ -204,21 +205,21 @@ class LegState(asyncio.Protocol):
             # heartbeating to a client that froze or vanished without a FIN (its kernel, or nobody, acknowledges),
             # so counting the broker's bytes would never notice the very clients this timeout is for.
             timeout = self.idle_timeout
-            idle_for = time.monotonic() - self.client_activity
+            last = self.client_activity
         else:
             # A fixed timeout follows a reload; one set to 0 or "auto" stops watching the connections it watched.
             timeout = self.service.config.idle_seconds
             if timeout <= 0:
                 return
-            idle_for = time.monotonic() - self.last_activity
-        if idle_for >= timeout:
+            last = self.last_activity
+        if time.monotonic() - last >= timeout:
             if self.reason is CloseReason.BACKEND_CLOSED and self.idle_reason is CloseReason.HEARTBEAT_TIMEOUT:
                 # The broker gave up on the silent client first (it allows 2 to 3 heartbeats) and only our half
                 # to the client is left: the client's silence is still why this connection ended.
                 self.reason = CloseReason.HEARTBEAT_TIMEOUT
             self.close(self.idle_reason)
             return
-        self.idle_handle = self.service.loop.call_later(timeout - idle_for, self._idle_check)
+        self.service.idle_watch.at(self, last + timeout)
 
     def _finish_both(self, reason: CloseReason) -> None:
         if self.reason is None:
@@ -284,9 +285,8 @@ class LegState(asyncio.Protocol):
         if self.backend_transport is not None and not self.backend_lost_flag:
             return
         self.closed = True
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
+        if self.idle_slot:
+            self.service.idle_watch.discard(self)
         if self.hello_left > 0:
             self.service.hello_deadlines.discard(self)
         if self.pp_reader is not None:

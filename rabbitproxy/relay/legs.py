@@ -59,7 +59,7 @@ class BackendLeg(asyncio.Protocol):
             reader.server_data(data)
             if reader.done:
                 conn.handshake_done(reader)
-        if conn.idle_handle is not None:
+        if conn.idle_slot:
             conn.last_activity = time.monotonic()
 
     def eof_received(self) -> bool:
@@ -128,8 +128,8 @@ class ClientLeg(GreetingLeg):
         # "auto" starts no timer here: it waits for the heartbeat (handshake_done); the hello deadline covers the start.
         if idle != "auto" and idle > 0:
             self.idle_timeout = idle
-            self.last_activity = self.client_activity = time.monotonic()
-            self.idle_handle = service.loop.call_later(idle, self._idle_check)
+            now = self.last_activity = self.client_activity = time.monotonic()
+            service.idle_watch.at(self, now + idle)
         if cfg.client_hello_timeout > 0 and amqp:
             self.hello_left = HELLO_LENGTH
             service.hello_deadlines.add(self)
@@ -170,7 +170,7 @@ class ClientLeg(GreetingLeg):
             reader.client_data(data)
             if reader.done:
                 self.handshake_done(reader)
-        if self.idle_handle is not None:
+        if self.idle_slot:
             self.last_activity = self.client_activity = time.monotonic()
 
     def eof_received(self) -> bool:

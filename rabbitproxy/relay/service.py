@@ -21,6 +21,7 @@ from rabbitproxy.protocols.proxy_header import source_trusted
 from rabbitproxy.relay import outcomes
 from rabbitproxy.relay.connecting import ConnectingLeg
 from rabbitproxy.relay.deadlines import Deadlines
+from rabbitproxy.relay.idle_watch import IdleWatch
 from rabbitproxy.relay.keepalive import KEEPALIVE_AFTER, set_keepalive
 from rabbitproxy.relay.leg_state import LegState
 from rabbitproxy.relay.legs import ClientLeg
@@ -74,6 +75,7 @@ class Service:
         self.header_deadlines: Deadlines[LegState]
         self.close_deadlines: Deadlines[LegState]
         self.keepalive_deadlines: Deadlines[LegState]
+        self.idle_watch: IdleWatch[LegState]
         self.conn_log: logs.EventWriter
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -112,6 +114,7 @@ class Service:
         self.header_deadlines = Deadlines(self.loop, PROXY_HEADER_TIMEOUT, LegState.header_expired)
         self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, LegState.close_expired)
         self.keepalive_deadlines = Deadlines(self.loop, KEEPALIVE_AFTER, LegState.keepalive_due)
+        self.idle_watch = IdleWatch(self.loop, LegState.idle_check)
 
     async def open_server(
         self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool

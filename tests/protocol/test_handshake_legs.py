@@ -183,9 +183,9 @@ async def test_auto_waits_for_the_heartbeat_then_closes_a_silent_client(monkeypa
     # 2.5 x 1 s would do too; a smaller factor keeps the test short, the logic is the same.
     monkeypatch.setattr(leg_state, "HEARTBEAT_FACTOR", 0.1)
     _svc, client, _ct, leg, bt = make_pair()
-    assert client.idle_handle is None, "no idle timeout before the heartbeat is known"
+    assert client.idle_slot == 0, "no idle timeout before the heartbeat is known"
     converse(client, leg, client_steps(heartbeat=1), server_steps())
-    assert client.idle_handle is not None and client.idle_timeout == pytest.approx(0.1)
+    assert client.idle_slot != 0 and client.idle_timeout == pytest.approx(0.1)
     # The broker keeps heartbeating to the frozen client: that must not keep the connection alive.
     loop = asyncio.get_running_loop()
     beat = loop.call_soon(lambda: None)
@@ -245,7 +245,7 @@ async def test_no_heartbeat_under_a_fixed_idle_timeout_is_warned_once() -> None:
 async def test_auto_with_heartbeat_0_watches_nothing() -> None:
     _svc, client, _ct, leg, _bt = make_pair()
     converse(client, leg, client_steps(heartbeat=0), server_steps())
-    assert client.idle_handle is None
+    assert client.idle_slot == 0
 
 
 def test_connection_ids_are_unique() -> None:
@@ -257,5 +257,18 @@ async def test_a_reload_that_turns_a_fixed_idle_timeout_off_stops_watching() -> 
     # Before "auto", a reload to 0 made the next check compare with 0 and close the client at once.
     svc, client, ct, _leg, _bt = make_pair(client_idle_timeout=0.2)
     svc.config = svc.config.model_copy(update={"client_idle_timeout": 0.0})
-    await wait_for(lambda: client.idle_handle is None, timeout=10, what="the idle check ran and stopped")
+    await wait_for(lambda: client.idle_slot == 0, timeout=10, what="the idle check ran and stopped")
     assert not ct.closing and client.reason is None
+
+
+@pytest.mark.asyncio
+async def test_a_closed_connection_leaves_the_idle_watch() -> None:
+    # The watch holds its connections until their check is due (minutes, with a long heartbeat): a closed one must
+    # go at once, or every short-lived AMQP connection would stay in memory for 2.5 of its heartbeats.
+    svc, client, _ct, leg, _bt = make_pair()
+    converse(client, leg, client_steps(heartbeat=60), server_steps())
+    assert client.idle_slot != 0 and len(svc.idle_watch) == 1
+    client.connection_lost(None)
+    leg.connection_lost(None)
+    assert client.closed
+    assert client.idle_slot == 0 and len(svc.idle_watch) == 0

@@ -13,6 +13,7 @@ from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.relay.deadlines import Deadlines
+from rabbitproxy.relay.idle_watch import IdleWatch
 from rabbitproxy.relay.keepalive import KEEPALIVE_AFTER
 from rabbitproxy.relay.legs import BackendLeg, ClientLeg
 from rabbitproxy.relay.service import Service
@@ -112,6 +113,7 @@ class FakeService:
         self.hello_deadlines = Deadlines(self.loop, self.config.client_hello_timeout, ClientLeg.hello_expired)
         self.close_deadlines = Deadlines(self.loop, self.config.close_timeout, ClientLeg.close_expired)
         self.keepalive_deadlines = Deadlines(self.loop, KEEPALIVE_AFTER, ClientLeg.keepalive_due)
+        self.idle_watch = IdleWatch(self.loop, ClientLeg.idle_check)
         self.close_timeouts = 0
         self.failed_logins = 0
         self.handshakes_given_up = 0
