@@ -195,19 +195,25 @@ async def _hold(job: Job, opened: Any, failed: Any, stop: Any) -> dict[str, Any]
                 with failed.get_lock():
                     failed.value += 1
 
+    async def heartbeats() -> None:
+        # Heartbeats every half interval, as AMQP clients send them, spread over the interval in slices so the
+        # proxy sees a steady trickle rather than one burst per period. From the first open connection on, as a
+        # real client starts heartbeating at open-ok: a worker opening its 1,250 connections can take longer than
+        # the broker's (two heartbeats) or the proxy's (2.5 heartbeats) patience with a silent client.
+        tick = 0.1
+        slices = max(1, round(s.heartbeat / 2 / tick))
+        k = 0
+        while not stop.is_set():
+            for client in clients[k % slices :: slices]:
+                t = client.transport
+                if t is not None and not t.is_closing():
+                    t.write(HEARTBEAT_FRAME)
+            k += 1
+            await asyncio.sleep(tick)
+
+    beating = asyncio.create_task(heartbeats())
     await asyncio.gather(*(one(i) for i in range(job.count)))
-    # Heartbeats every half interval, as AMQP clients send them, spread over the interval in slices so the proxy
-    # sees a steady trickle rather than one burst per period.
-    tick = 0.1
-    slices = max(1, round(s.heartbeat / 2 / tick))
-    k = 0
-    while not stop.is_set():
-        for client in clients[k % slices :: slices]:
-            t = client.transport
-            if t is not None and not t.is_closing():
-                t.write(HEARTBEAT_FRAME)
-        k += 1
-        await asyncio.sleep(tick)
+    await beating
     for client in clients:
         client.close()
     deadline = time.monotonic() + 15
