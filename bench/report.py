@@ -97,6 +97,15 @@ def checks(
             )
     for key, label in (("conn_client_close_s", "client closes"), ("conn_server_close_s", "backend closes")):
         out.append(Check(f"connections/s ({label}) vs HAProxy", ratio(rp.get(key, nan), hp.get(key, nan)), 0.8, True))
+    # Issue 17: CPU per short connection, the comparison that does not depend on the load driver keeping up.
+    out.append(
+        Check(
+            "proxy CPU per short connection vs HAProxy",
+            ratio(rp.get("conn_cpu_us", nan), hp.get("conn_cpu_us", nan)),
+            1.2,
+            False,
+        )
+    )
     arp = amqp.get("rabbitproxy", {})
     for key, label in (("published_per_s", "published"), ("consumed_per_s", "consumed")):
         out.append(

@@ -212,8 +212,8 @@ def test_message_stamp_round_trip() -> None:
 
 def test_checks_ratios_and_shortfall() -> None:
     tcp = {
-        "rabbitproxy": {"bulk1_gbit_s": 9.0, "lat64_p50_added_us": 12.0, "idle_kib_per_conn": 25.0},
-        "haproxy": {"bulk1_gbit_s": 10.0, "lat64_p50_added_us": 10.0},
+        "rabbitproxy": {"bulk1_gbit_s": 9.0, "lat64_p50_added_us": 12.0, "idle_kib_per_conn": 25.0, "conn_cpu_us": 130.0},
+        "haproxy": {"bulk1_gbit_s": 10.0, "lat64_p50_added_us": 10.0, "conn_cpu_us": 100.0},
     }
     amqp = {
         "direct": {"consumed_per_s": 1000.0, "published_per_s": 1000.0},
@@ -232,6 +232,8 @@ def test_checks_ratios_and_shortfall() -> None:
     assert by_name["AMQP published msg/s vs direct"].met is False
     assert by_name["RSS per idle connection"].shortfall == "missed by 25%"
     assert by_name["bulk 8 streams Gbit/s vs HAProxy"].met is None
+    conn_cpu = by_name["proxy CPU per short connection vs HAProxy"]
+    assert conn_cpu.value == pytest.approx(1.3) and conn_cpu.met is False and conn_cpu.shortfall == "missed by 8%"
 
 
 def test_conn_cpu_is_per_connection_and_skips_unmeasured_runs() -> None:
