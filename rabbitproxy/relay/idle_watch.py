@@ -114,12 +114,14 @@ class IdleWatch(Generic[W]):
                 conn.idle_slot = 0
             for conn in bucket:
                 if conn.idle_slot:
-                    continue  # an earlier check in this tick closed or re-watched it
+                    continue  # an earlier check in this tick watched it again (a closed one returns at once)
                 try:
                     self.check(conn)
                 except Exception as exc:  # noqa: BLE001 - one failing check must not stop the others or the timer
                     self.loop.call_exception_handler(
                         {"message": "idle check failed", "exception": exc, "connection": conn}
                     )
-        if slots:
+        # A check that watched a connection again has armed the next tick already: a second timer here would
+        # make two ticks from then on, and one more after every tick that re-watches.
+        if slots and self._timer is None:
             self._arm()

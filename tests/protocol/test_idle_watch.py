@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import cast
 
 import pytest
 
@@ -30,7 +32,8 @@ async def test_a_check_runs_once_due_and_never_before() -> None:
     seen: list[tuple[str, float]] = []
     w: IdleWatch[Conn] = IdleWatch(asyncio.get_running_loop(), lambda c: seen.append((c.name, time.monotonic())))
     a, b = Conn("a"), Conn("b")
-    due_a = time.monotonic() + 0.3
+    # More than a slot (TICK) apart: checks in one slot run in the order they were set.
+    due_a = time.monotonic() + 0.6
     due_b = time.monotonic() + 0.1
     w.at(a, due_a)
     w.at(b, due_b)
@@ -127,3 +130,45 @@ async def test_close_forgets_every_pending_check() -> None:
     assert (c.idle_slot, len(w), w._timer) == (0, 0, None)
     await asyncio.sleep(0.2)  # a bounded look for a check that must not come
     assert seen == []
+
+
+class CountingLoop:
+    """The loop as the watch sees it, counting its timers that have not fired yet."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending = 0
+        self.most = 0
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        self.pending += 1
+        self.most = max(self.most, self.pending)
+
+        def fired() -> None:
+            self.pending -= 1
+            callback()
+
+        return self.loop.call_later(delay, fired)
+
+    def call_exception_handler(self, context: dict[str, object]) -> None:
+        self.loop.call_exception_handler(context)
+
+
+@pytest.mark.asyncio
+async def test_one_timer_at_a_time_while_checks_watch_again() -> None:
+    # Every heartbeating connection's check watches it again; a tick that then armed a second timer left one more
+    # timer running after every such tick, and the ticks (and their CPU) grew for as long as the process ran.
+    loop = CountingLoop(asyncio.get_running_loop())
+    checks = [0]
+    w: IdleWatch[Conn]
+
+    def check(c: Conn) -> None:
+        checks[0] += 1
+        if checks[0] < 8:
+            w.at(c, time.monotonic() + 0.01)
+
+    w = IdleWatch(cast(asyncio.AbstractEventLoop, loop), check)
+    w.at(Conn("busy"), time.monotonic())
+    await wait_for(lambda: checks[0] == 8, what="eight checks")
+    await wait_for(lambda: loop.pending == 0, what="the last tick ran and armed nothing")
+    assert loop.most == 1
