@@ -212,7 +212,12 @@ def test_message_stamp_round_trip() -> None:
 
 def test_checks_ratios_and_shortfall() -> None:
     tcp = {
-        "rabbitproxy": {"bulk1_gbit_s": 9.0, "lat64_p50_added_us": 12.0, "idle_kib_per_conn": 25.0, "conn_cpu_us": 130.0},
+        "rabbitproxy": {
+            "bulk1_gbit_s": 9.0,
+            "lat64_p50_added_us": 12.0,
+            "idle_kib_per_conn": 25.0,
+            "conn_cpu_us": 130.0,
+        },
         "haproxy": {"bulk1_gbit_s": 10.0, "lat64_p50_added_us": 10.0, "conn_cpu_us": 100.0},
     }
     amqp = {
