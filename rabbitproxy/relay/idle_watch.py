@@ -83,16 +83,6 @@ class IdleWatch(Generic[W]):
     def __len__(self) -> int:
         return sum(len(b) for b in self._slots.values())
 
-    def close(self) -> None:
-        """Forget every pending check and stop the timer (the service stops)."""
-        for bucket in self._slots.values():
-            for conn in bucket:
-                conn.idle_slot = 0
-        self._slots.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _arm(self) -> None:
         # The loop's clock and time.monotonic() share their origin on both loops; the tick rereads the latter.
         delay = (self._done + 1) * TICK - time.monotonic()
