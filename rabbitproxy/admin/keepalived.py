@@ -73,7 +73,10 @@ class KeepalivedSide:
     rabbitproxy: str = "/usr/local/bin/rabbitproxy"
     admin: str | None = None
     config: str | None = None
-    script_user: str = "root"
+    # keepalived runs the probe and notify as this user. The probe needs no privilege (it reads the proxy's config,
+    # mode 0644, and asks the admin API on loopback; keepalived itself, as root, reads the health file), so root
+    # would only widen what a compromised probe could do.
+    script_user: str = "nobody"
     # The proxy's [admin] health_file: keepalived watches it and gives up the VIP the moment it says 1 (shutdown).
     health_file: str | None = None
     notify: str | None = DEFAULT_NOTIFY

@@ -13,6 +13,7 @@ exception is the vhost of ``service_vhost_connections``: only vhosts the broker 
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from rabbitproxy import __version__
 from rabbitproxy.balancing.backend import ADMIN_STATES, AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.views import ALARM_KINDS, ManagementStatus, NodeStats
@@ -31,12 +33,13 @@ if TYPE_CHECKING:
 
 PREFIX = "rabbitproxy"
 STATUSES = ("up", "down", "drain", "maint", "maintenance")
-# The node's figures as gauges: (metric name part, help, the NodeStats fields for used and total).
+# The node's figures as gauges: (metric name part, unit suffix, help, the NodeStats fields for used and limit).
+# Named as RabbitMQ's own exporter names them (``..._limit``, the unit last): ``_total`` is for counters.
 NODE_FIGURES = (
-    ("fds", "File descriptors", "fd_used", "fd_total"),
-    ("sockets", "Sockets", "sockets_used", "sockets_total"),
-    ("memory_bytes", "Memory in bytes (total: the high watermark)", "mem_used", "mem_limit"),
-    ("processes", "Erlang processes", "proc_used", "proc_total"),
+    ("fds", "", "File descriptors", "fd_used", "fd_total"),
+    ("sockets", "", "Sockets", "sockets_used", "sockets_total"),
+    ("memory", "_bytes", "Memory in bytes (the limit: the memory high watermark)", "mem_used", "mem_limit"),
+    ("processes", "", "Erlang processes", "proc_used", "proc_total"),
 )
 # Every agent status but "none" (not polled yet), each reported as 0 or 1 like backend_status.
 AGENT_STATUSES = tuple(s for s in AgentStatus if s is not AgentStatus.NONE)
@@ -87,10 +90,19 @@ class ProxyCollector(Collector):
         )
         s_usable = gauge("service_usable_backends", "Backends that may take a new connection now.", ["service"])
         b_up = gauge("backend_up", "1 when the last health verdict is up.", SB)
-        b_status = gauge("backend_status", "1 for the backend's status: up, down, drain or maint.", [*SB, "status"])
+        b_status = gauge(
+            "backend_status",
+            "1 for the backend's status (0 for the others): up, down, drain, maint or maintenance (RabbitMQ's own).",
+            [*SB, "status"],
+        )
         b_admin = gauge("backend_admin_state", "1 for the backend's effective admin state.", [*SB, "state"])
         b_weight = gauge("backend_weight", "Configured weight (or the weight set through the admin API).", SB)
-        b_eweight = gauge("backend_effective_weight", "Weight after the feedback agent's percentage.", SB)
+        b_eweight = gauge(
+            "backend_effective_weight",
+            "Weight for new connections: the weight (configured or set through the API) x the feedback agent's "
+            "percentage (capped at 1000) x alarm_weight % during a local RabbitMQ alarm x the slow-start ramp.",
+            SB,
+        )
         b_agent = gauge("backend_agent_percent", "Last capacity percentage the feedback agent reported.", SB)
         b_agent_ok = gauge(
             "backend_agent_status",
@@ -118,12 +130,12 @@ class ProxyCollector(Collector):
         )
         r_figures = [
             (
-                gauge(f"backend_rabbitmq_{name}_used", f"{doc} in use on the backend's RabbitMQ node.", SB),
-                gauge(f"backend_rabbitmq_{name}_total", f"{doc} available to the backend's RabbitMQ node.", SB),
+                gauge(f"backend_rabbitmq_{name}_used{unit}", f"{doc} in use on the backend's RabbitMQ node.", SB),
+                gauge(f"backend_rabbitmq_{name}_limit{unit}", f"{doc} available to the backend's RabbitMQ node.", SB),
                 used,
                 total,
             )
-            for name, doc, used, total in NODE_FIGURES
+            for name, unit, doc, used, total in NODE_FIGURES
         ]
         b_share = gauge(
             "backend_connection_share",
@@ -137,6 +149,7 @@ class ProxyCollector(Collector):
             "Connections the proxy closed, by cause (drain, maint, rebalance) and how (through the broker, or tcp).",
             ["service", "cause", "via"],
         )
+        yield from self._process_level()
         steering = self.proxy.steering
 
         for service in list(self.proxy.services.values()):
@@ -240,6 +253,27 @@ class ProxyCollector(Collector):
         for used_g, total_g, _, _ in r_figures:
             yield used_g
             yield total_g
+
+    def _process_level(self) -> Iterator[Metric]:
+        """The build and the outcome of the last reload (with workers: the parent's, which waits for every worker)."""
+        build = GaugeMetricFamily(
+            f"{PREFIX}_build_info", "Always 1; the labels name the rabbitproxy version and the Python it runs on.",
+            labels=["version", "python"],
+        )  # fmt: skip
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        last = self.proxy.last_reload
+        yield build
+        yield GaugeMetricFamily(
+            f"{PREFIX}_config_last_reload_successful",
+            "1 when the last reload (SIGHUP or POST /api/reload) was applied everywhere, 0 when it was refused or a "
+            "worker kept the old configuration; 1 before the first reload.",
+            value=1.0 if last.successful else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (the start, until a reload succeeds).",
+            value=last.success_time,
+        )
 
 
 def _add_figures(

@@ -55,7 +55,9 @@ def keepalived_config(
     ] = None,
     admin: Annotated[str | None, typer.Option(help="Admin address for the probe (healthcheck --admin).")] = None,
     config: Annotated[str | None, typer.Option(help="Config file for the probe (healthcheck --config).")] = None,
-    script_user: Annotated[str, typer.Option(help="User keepalived runs the probe and notify as.")] = "root",
+    script_user: Annotated[
+        str, typer.Option(help="User keepalived runs the probe and notify as (unprivileged; the probe needs none).")
+    ] = "nobody",
     health_file: Annotated[
         str | None,
         typer.Option(help="The proxy's [admin] health_file: give up the VIP the moment it says 1 (track_file)."),

@@ -169,6 +169,7 @@ def demo(
     from rabbitproxy.app import serve as serve_main
     from rabbitproxy.config import ConfigError
     from rabbitproxy.dev.cluster import RELEASES, DevCluster, RabbitMQNotInstalled
+    from rabbitproxy.dev.demo_guide import demo_config, what_to_try
 
     if rabbitmq not in RELEASES:
         typer.echo(f"--rabbitmq: {rabbitmq!r} is not one of {', '.join(RELEASES)}", err=True)
@@ -181,19 +182,8 @@ def demo(
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     try:
-        data = {
-            "admin": {"listen": admin_listen},
-            "services": [
-                {
-                    "name": "amqp",
-                    "listen": listen,
-                    "backends": [
-                        {"name": f"rabbit{i + 1}", "address": "127.0.0.1", "port": n.amqp_port}
-                        for i, n in enumerate(cluster.nodes)
-                    ],
-                }
-            ],
-        }
+        names = [f"rabbit{i + 1}" for i in range(len(cluster.nodes))]
+        data = demo_config(cluster.nodes, names, listen, admin_listen)
         try:
             cfg = config_mod.validate(data, "demo")
         except ConfigError as exc:
@@ -204,8 +194,14 @@ def demo(
         typer.echo(f"rabbitproxy demo: {nodes} RabbitMQ node(s) behind the proxy", err=True)
         typer.echo(f"  AMQP through the proxy:  amqp://guest:guest@{host}:{port}/", err=True)
         typer.echo(f"  admin API and overview:  http://{admin_listen}/", err=True)
-        for n in cluster.nodes:
-            typer.echo(f"  {n.name}: amqp {n.amqp_port}, management http://127.0.0.1:{n.management_port}/", err=True)
+        for name, n in zip(names, cluster.nodes, strict=True):
+            typer.echo(
+                f"  {name} = {n.name}: amqp {n.amqp_port}, management http://127.0.0.1:{n.management_port}/", err=True
+            )
+        typer.echo("", err=True)
+        for line in what_to_try(cluster, cluster.nodes, names, admin_listen):
+            typer.echo(line, err=True)
+        typer.echo("", err=True)
         typer.echo("Press Ctrl-C to stop the proxy and the cluster.", err=True)
         try:
             run_loop(serve_main(cfg), loop)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,23 @@ log = structlog.get_logger("rabbitproxy.supervisor")
 
 class ReloadRefusedError(ConfigError):
     """A reload that cannot be applied now, whatever the file says: the proxy is shutting down."""
+
+
+@dataclass
+class ReloadOutcome:
+    """How the last reload ended, for ``rabbitproxy_config_last_reload_*`` (the pair Prometheus itself exports).
+
+    A proxy that has not reloaded yet counts as successful, as of its start: the configuration it runs was loaded
+    then. A reload refused because shutdown has begun is not recorded: it says nothing about the file.
+    """
+
+    successful: bool = True
+    success_time: float = field(default_factory=time.time)
+
+    def record(self, successful: bool) -> None:
+        self.successful = successful
+        if successful:
+            self.success_time = time.time()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task
 from rabbitproxy.control.management import session_for
 from rabbitproxy.control.node_monitor import node_monitor_task
-from rabbitproxy.control.reload import ReloadRefusedError, ReloadResult, apply
+from rabbitproxy.control.reload import ReloadOutcome, ReloadRefusedError, ReloadResult, apply
 from rabbitproxy.control.steering import Steering
 from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
 from rabbitproxy.relay.service import Service
@@ -71,6 +71,7 @@ class Supervisor:
             self.steering.rebalancing = False
             self.steering.remote = self._steer_workers
         self.reload_lock = asyncio.Lock()
+        self.last_reload = ReloadOutcome()
         self.listeners_ready = asyncio.Event()
 
     # -- start and stop ------------------------------------------------------------------------------------------
@@ -257,24 +258,36 @@ class Supervisor:
         self.refuse_if_stopping()
         async with self.reload_lock:
             self.refuse_if_stopping()
-            if new is None:
-                if self.config_path is None:
-                    raise ConfigError(["no configuration file to reload (started from command-line options)"])
-                new = config_mod.load(self.config_path)
-            if "workers" not in new.model_fields_set:
-                # A file without the key keeps what runs (set by `serve --workers`, say): not a change.
-                new = new.model_copy(update={"workers": self.config.workers})
-            if new.worker_count != self.config.worker_count:
-                raise ConfigError(
-                    [
-                        f"workers: the number of worker processes cannot change by reload (running "
-                        f"{self.config.worker_count}, the new configuration says {new.worker_count}); restart instead"
-                    ]
-                )
-            result = await apply(self, new)
-            if self.workers is not None:
-                result.worker_errors = await self.workers.reload(new)
+            try:
+                result = await self._reload(new)
+            except ReloadRefusedError:
+                raise
+            except Exception:
+                self.last_reload.record(successful=False)
+                raise
+            # With workers, a reload some worker refused left that worker on the old configuration: a failure.
+            self.last_reload.record(successful=not result.worker_errors)
             return result
+
+    async def _reload(self, new: Config | None) -> ReloadResult:
+        if new is None:
+            if self.config_path is None:
+                raise ConfigError(["no configuration file to reload (started from command-line options)"])
+            new = config_mod.load(self.config_path)
+        if "workers" not in new.model_fields_set:
+            # A file without the key keeps what runs (set by `serve --workers`, say): not a change.
+            new = new.model_copy(update={"workers": self.config.workers})
+        if new.worker_count != self.config.worker_count:
+            raise ConfigError(
+                [
+                    f"workers: the number of worker processes cannot change by reload (running "
+                    f"{self.config.worker_count}, the new configuration says {new.worker_count}); restart instead"
+                ]
+            )
+        result = await apply(self, new)
+        if self.workers is not None:
+            result.worker_errors = await self.workers.reload(new)
+        return result
 
     def cancel_monitors(self, backends: list[Backend]) -> list[asyncio.Task[Any]]:
         """Cancel the monitors of ``backends`` at once and return them (awaited later, outside the swap).

@@ -230,6 +230,10 @@ class DevCluster(BrokerQueries):
             RABBITMQ_BIN_DIR, self._home, target, *args, timeout=timeout, tool="rabbitmq-upgrade", root=self._root
         )
 
+    def shell_line(self, node: Node, tool: str, *args: str) -> str:
+        """What to type in another shell to run ``tool`` (rabbitmqctl, rabbitmq-upgrade) against ``node``."""
+        return ctl.shell_line(RABBITMQ_BIN_DIR, self._home, self._node(node), tool, *args, root=self._root)
+
     def amqp_url(self, node: Node) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self._node(node).amqp_port}/"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 from pathlib import Path
@@ -72,6 +73,17 @@ def rabbitmqctl(
     if done.returncode != 0:
         raise RabbitMQCtlError(done.returncode, argv, done.stdout, done.stderr)
     return done.stdout
+
+
+def shell_line(bin_dir: Path, home: Path, node: Node, tool: str, *args: str, root: Path | None = None) -> str:
+    """The command line an operator pastes into a shell to run ``tool -n <node> args`` as :func:`rabbitmqctl` does.
+
+    Only the settings that differ from a plain shell are spelled out: the cluster's HOME (its Erlang cookie) and
+    its empty env file (not the system broker's /etc/rabbitmq/rabbitmq-env.conf).
+    """
+    env = nodes.ctl_env(home, root)
+    settings = [f"{key}={env[key]}" for key in ("HOME", "RABBITMQ_CONF_ENV_FILE")]
+    return shlex.join(["env", *settings, *command(bin_dir, tool, root), "-n", node.name, *args])
 
 
 def as_text(value: object) -> str:

@@ -301,6 +301,9 @@ shutdown_timeout = 3.0
             "--admin", ADMIN,
             "--health-file", str(t / f"health-{name}"),
             "--notify", f"{bin_dir / 'notify'} {name}",
+            # The probe and notify run from this test's private temp dir, which only root may enter; hosts use
+            # the default, nobody.
+            "--script-user", "root",
         )  # fmt: skip
         (t / f"keepalived-{name}.conf").write_text(conf)
 

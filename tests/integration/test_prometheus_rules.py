@@ -1,5 +1,6 @@
-"""examples/prometheus/alerts.yml passes ``promtool check rules`` and its own ``promtool test rules`` cases, and every
-query of examples/grafana/rabbitproxy.json is valid PromQL.
+"""examples/prometheus/alerts.yml passes ``promtool check rules`` and its own ``promtool test rules`` cases, every
+query of examples/grafana/rabbitproxy.json is valid PromQL, and a live /metrics passes ``promtool check metrics``
+(Prometheus's naming rules: units as suffixes, ``_total`` only on counters).
 
 promtool comes from Debian's ``prometheus`` package (scripts/install). Which metric names and label values the
 queries use is checked against a live /metrics in tests/protocol/test_operator_kit_metrics.py.
@@ -13,17 +14,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+from tests.support.operator_kit import live_scrape
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ALERTS = EXAMPLES / "prometheus" / "alerts.yml"
 DASHBOARD = EXAMPLES / "grafana" / "rabbitproxy.json"
 
 
-def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def promtool(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["promtool", *args],
-        capture_output=True, text=True, timeout=120, check=False, cwd=cwd,
+        capture_output=True, text=True, timeout=120, check=False, cwd=cwd, input=stdin,
     )  # fmt: skip
 
 
@@ -69,3 +73,12 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     done = promtool("check", "rules", path.name, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(filled)} rules found" in done.stdout
+
+
+@pytest.mark.asyncio
+async def test_a_live_scrape_follows_prometheus_naming_rules(tmp_path: Path) -> None:
+    """Every series a proxy exports with backends, agents and node monitors running, linted by promtool."""
+    text = await live_scrape()
+    assert "rabbitproxy_backend_rabbitmq_memory_used_bytes{" in text and "rabbitproxy_build_info{" in text
+    done = promtool("check", "metrics", cwd=tmp_path, stdin=text)
+    assert done.returncode == 0, done.stdout + done.stderr

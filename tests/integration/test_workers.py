@@ -268,11 +268,19 @@ async def test_sighup_reload_keeps_connections_on_every_worker_and_applies_the_n
                 service = await get(f"{admin}/api/services/amqp")
                 return [b["name"] for b in service["backends"]] == ["B"]
 
+            started = metric(await get(f"{admin}/metrics"), "rabbitproxy_config_last_reload_success_timestamp_seconds")
             await wait_for(reloaded, timeout=20, what="the parent reloaded")
             # The parent reloads first, then each worker; each logs it (with worker=N).
             await wait_for(
                 lambda: proxy.log().count("configuration reloaded") == 3, timeout=20, what="both workers reloaded"
             )
+
+            async def recorded() -> bool:
+                text = await get(f"{admin}/metrics")
+                when = metric(text, "rabbitproxy_config_last_reload_success_timestamp_seconds")
+                return metric(text, "rabbitproxy_config_last_reload_successful") == 1 and when > started
+
+            await wait_for(recorded, timeout=20, what="the reload's success in the parent's /metrics")
             # Both workers apply it: 30 new connections (spread over both) all reach B.
             fresh = [await Client.open(proxy.addr) for _ in range(30)]
             assert {c.tag for c in fresh} == {b"B"}
@@ -294,6 +302,7 @@ async def test_a_bad_reload_and_a_change_of_workers_keep_the_running_configurati
             proxy.config_path.write_text("this is [not toml")
             os.kill(proxy.pid, signal.SIGHUP)
             await wait_for(lambda: proxy.log().count("reload refused") >= 2, timeout=10, what="refusal logged")
+            assert metric(await get(f"{admin}/metrics"), "rabbitproxy_config_last_reload_successful") == 0
             assert len(await workers(admin)) == 2
             clients = await spread(proxy.addr, admin)
             assert all([await c.echoes() for c in clients])

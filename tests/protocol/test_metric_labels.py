@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 
+from rabbitproxy import __version__
 from rabbitproxy import config as config_mod
 from rabbitproxy.admin.metrics import registry_for, render
 from rabbitproxy.admin.views import backend_view
@@ -58,7 +61,7 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
         series.append({key for key in got if key[0].startswith("rabbitproxy_")})
         for name, labels in series[-1]:
             for label, value in labels:
-                known = {"service", "backend", "status", "state", "reason", "cause", "via", "kind"}
+                known = {"service", "backend", "status", "state", "reason", "cause", "via", "kind", "version", "python"}
                 assert label in known, (name, label)
                 allowed = {
                     "service": {"amqp"},
@@ -70,6 +73,9 @@ async def test_metric_label_values_stay_in_fixed_sets_whatever_the_agent_says() 
                     "cause": {"drain", "maint", "rebalance", "operator"},
                     "via": {"broker", "tcp"},
                     "kind": {"memory", "disk"},
+                    # rabbitproxy_build_info: fixed for the life of the process.
+                    "version": {__version__},
+                    "python": {platform.python_version()},
                 }[label]
                 assert value in allowed, (name, label, value)
         statuses.add(backend_view(r1)["agent"]["status"])

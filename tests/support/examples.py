@@ -25,11 +25,11 @@ def compose_proxy_config_path(compose: dict[str, Any]) -> Path:
 
 
 def load_kubernetes() -> dict[str, dict[str, Any]]:
-    """The Kubernetes objects by kind; exactly one each of ConfigMap, Deployment and Service."""
+    """The Kubernetes objects by kind; exactly one each of ConfigMap, Deployment, PodDisruptionBudget and Service."""
     by_kind: dict[str, dict[str, Any]] = {}
     for path in sorted((EXAMPLES / "kubernetes").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc["kind"] not in by_kind, f"two {doc['kind']} objects"
             by_kind[doc["kind"]] = doc
-    assert sorted(by_kind) == ["ConfigMap", "Deployment", "Service"]
+    assert sorted(by_kind) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
     return by_kind

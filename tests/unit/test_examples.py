@@ -185,3 +185,56 @@ def test_kubernetes_objects_reference_each_other(manifests: dict[str, dict[str, 
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + cfg.services[0].shutdown_timeout
+
+
+# -- What every example shows (issue 27) -------------------------------------------------------------------------------
+
+
+def shipped_configs(compose: dict[str, Any], manifests: dict[str, dict[str, Any]], tmp_path: Path) -> list[Any]:
+    k8s = tmp_path / "k8s.toml"
+    k8s.write_text(manifests["ConfigMap"]["data"]["rabbitproxy.toml"])
+    return [config_mod.load(compose_proxy_config_path(compose)), config_mod.load(k8s)]
+
+
+def test_examples_keep_the_heartbeat_aware_idle_timeout(
+    compose: dict[str, Any], manifests: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    # 0 would turn off what finds clients that vanished (and make `connections --sort idle` meaningless).
+    for cfg in shipped_configs(compose, manifests, tmp_path):
+        for service in cfg.services:
+            assert service.client_idle_timeout == "auto", service.name
+
+
+def test_compose_runs_a_rabbitmq_release_the_suite_tests(compose: dict[str, Any]) -> None:
+    # The suite's brokers: 3.10 (Debian 12's package) and 4.0 (rabbitproxy.dev.rootfs); the Compose file uses 4.0.
+    tested = {"3.10", "4.0"}
+    for name in ("rabbit1", "rabbit2", "rabbit3"):
+        release = re.fullmatch(r"rabbitmq:(\d+\.\d+)(?:\.\d+)?-management", compose["services"][name]["image"])
+        assert release and release.group(1) in tested, compose["services"][name]["image"]
+
+
+def test_compose_starts_with_three_commands() -> None:
+    header = (EXAMPLES / "docker-compose.yml").read_text().split("\n\n", 1)[0]
+    commands = [line.removeprefix("#").strip() for line in header.splitlines() if line.startswith("#   ")]
+    assert len(commands) == 3, commands
+    assert commands[0] == "cd examples" and commands[-1].startswith("docker compose up")
+
+
+def test_kubernetes_image_is_pinned_to_the_documented_tag(manifests: dict[str, dict[str, Any]]) -> None:
+    (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    image = container["image"]
+    assert not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1], image
+    # docs/deployment.md builds and pushes exactly this tag.
+    assert f"docker push {image}" in (REPO / "docs" / "deployment.md").read_text()
+
+
+def test_a_disruption_budget_keeps_a_proxy_serving(manifests: dict[str, dict[str, Any]]) -> None:
+    deployment, budget = manifests["Deployment"], manifests["PodDisruptionBudget"]
+    assert budget["apiVersion"] == "policy/v1"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # At least one of the replicas stays through a voluntary disruption.
+    if "maxUnavailable" in budget["spec"]:
+        assert budget["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
+    else:
+        assert budget["spec"]["minAvailable"] >= 1

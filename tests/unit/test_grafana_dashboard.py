@@ -66,5 +66,14 @@ def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
         "rabbitproxy_backend_health_check_duration_seconds",
         "rabbitproxy_backend_last_check_timestamp_seconds",
         "rabbitproxy_backend_agent_status",
+        # Issue 27: the node monitor, failed logins, closes through the broker and rebalancing, reloads.
+        "rabbitproxy_backend_rabbitmq_alarm",
+        "rabbitproxy_backend_rabbitmq_maintenance",
+        "rabbitproxy_backend_rabbitmq_management_up",
+        "rabbitproxy_service_failed_logins_total",
+        "rabbitproxy_service_closed_by_proxy_total",
+        "rabbitproxy_backend_connection_share",
+        "rabbitproxy_config_last_reload_successful",
+        "rabbitproxy_build_info",
     ):
         assert metric in exprs, metric

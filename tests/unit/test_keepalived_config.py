@@ -17,7 +17,7 @@ GOLDEN = """\
 
 global_defs {
     enable_script_security
-    script_user root
+    script_user nobody
     max_auto_priority
 }
 

@@ -114,10 +114,10 @@ def test_metrics_for_alarm_maintenance_management_and_figures_with_fixed_labels_
     assert got[("rabbitproxy_backend_rabbitmq_management_up", sb2)] == 0
     assert got[("rabbitproxy_backend_status", (*sb2, ("status", "maintenance")))] == 1
     assert got[("rabbitproxy_backend_rabbitmq_fds_used", sb1)] == 40
-    assert got[("rabbitproxy_backend_rabbitmq_fds_total", sb1)] == 1024
-    assert got[("rabbitproxy_backend_rabbitmq_sockets_total", sb1)] == 900
-    assert got[("rabbitproxy_backend_rabbitmq_memory_bytes_used", sb1)] == 1 << 27
-    assert got[("rabbitproxy_backend_rabbitmq_memory_bytes_total", sb1)] == 1 << 30
+    assert got[("rabbitproxy_backend_rabbitmq_fds_limit", sb1)] == 1024
+    assert got[("rabbitproxy_backend_rabbitmq_sockets_limit", sb1)] == 900
+    assert got[("rabbitproxy_backend_rabbitmq_memory_used_bytes", sb1)] == 1 << 27
+    assert got[("rabbitproxy_backend_rabbitmq_memory_limit_bytes", sb1)] == 1 << 30
     assert got[("rabbitproxy_backend_rabbitmq_processes_used", sb1)] == 400
     # The node's name and the broker's words are never label values.
     for name, labels in got:
