@@ -68,10 +68,10 @@ def test_tls_section_is_validated(files: dict[str, str], extra: dict[str, Any], 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"send_proxy_protocol": "v3"}, "send_proxy_protocol: Input should be 'off', 'v1' or 'v2'"),
-        ({"backend_tls_server_name": "x"}, "need backend_tls = true"),
-        ({"backend_tls": True, "send_proxy_protocol": "v2"}, "cannot be combined with backend_tls"),
-        ({"client_hello_timeout": -1}, "client_hello_timeout: Input should be greater than or equal to 0"),
+        ({"send_proxy_protocol": "v3"}, "send_proxy_protocol: must be one of 'off', 'v1' or 'v2', not 'v3'"),
+        ({"backend_tls_server_name": "x"}, "backend_tls_server_name: needs backend_tls = true"),
+        ({"backend_tls": True, "send_proxy_protocol": "v2"}, "backend_tls: cannot be combined with send_proxy"),
+        ({"client_hello_timeout": -1}, "client_hello_timeout: must not be negative"),
     ],
 )
 def test_service_settings_are_validated(extra: dict[str, Any], message: str) -> None:
@@ -122,9 +122,15 @@ def test_server_context_follows_the_config(files: dict[str, str]) -> None:
 
 
 def test_an_unloadable_certificate_is_a_config_error_naming_the_key(files: dict[str, str]) -> None:
-    sc = config_mod.validate({"services": [service(tls={"cert": files["garbage"], "key": files["key"]})]}).services[0]
+    # Validation reads the files (serve, a reload and check-config alike) ...
+    (line,) = errors(tls={"cert": files["garbage"], "key": files["key"]})
+    assert line.startswith("services['s'].tls.cert: ") and "holds no certificate" in line
+    # ... and a file that breaks between validation and use is still refused by its key when the context is built.
+    sc = config_mod.validate({"services": [service(tls={"cert": files["cert"], "key": files["key"]})]}).services[0]
+    assert sc.tls is not None
+    broken = sc.model_copy(update={"tls": sc.tls.model_copy(update={"cert": files["garbage"]})})
     with pytest.raises(ConfigError) as info:
-        ServiceTLS(sc)
+        ServiceTLS(broken)
     assert info.value.errors[0].startswith("services['s'].tls.cert: cannot load the certificate and key")
 
 
