@@ -95,7 +95,8 @@ class _Model(BaseModel):
     # Unknown keys are errors: a misspelt option that is silently ignored is worse than a refusal to start.
     # Strict: a string is not a number and "on" is not true. A quoted port in a file is a mistake to point out,
     # not to guess at, and ``backup = "false"`` must never mean true.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # TOML has inf and nan; neither is a tolerance or a rate.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _port(value: Any) -> Any:

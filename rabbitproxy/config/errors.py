@@ -24,8 +24,8 @@ def loc_path(config: Mapping[str, Any], loc: Iterable[int | str]) -> str:
             if isinstance(node, list) and 0 <= item < len(node) and isinstance(node[item], Mapping):
                 name = node[item].get("name")
                 names = [e.get("name") for e in node if isinstance(e, Mapping)]
-                if names.count(name) > 1:
-                    # Two entries with one name: only the index tells them apart.
+                if names.count(name) > 1 or not (isinstance(name, str) and 0 < len(name) <= 128):
+                    # Two entries with one name, or a name that is itself wrong: only the index is clear.
                     name = None
             parts[-1] += f"[{name!r}]" if isinstance(name, str) else f"[{item}]"
             node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
@@ -52,15 +52,15 @@ def _not(err: ErrorDetails) -> str:
 
 
 def _too_short(err: ErrorDetails) -> str:
-    ctx = err.get("ctx", {})
+    least = err.get("ctx", {}).get("min_length")
     if isinstance(err["input"], str):
-        return "must not be empty"
-    return f"needs at least {ctx.get('min_length')} entr{'y' if ctx.get('min_length') == 1 else 'ies'}"
+        return "must not be empty" if least == 1 else f"needs at least {least} characters"
+    return f"needs at least {least} entr{'y' if least == 1 else 'ies'}"
 
 
 def _too_long(err: ErrorDetails) -> str:
     unit = "characters" if isinstance(err["input"], str) else "entries"
-    return f"has at most {err.get('ctx', {}).get('max_length')} {unit}"
+    return f"may have at most {err.get('ctx', {}).get('max_length')} {unit}, not {len(err['input'])}"
 
 
 # One sentence per error type our models can raise. A type missing here falls back to pydantic's words, which
@@ -87,6 +87,9 @@ _MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
     "less_than_equal": lambda e: f"must be at most {e.get('ctx', {}).get('le')}, not {_shown(e['input'])}",
     "too_short": _too_short,
     "too_long": _too_long,
+    "string_too_short": _too_short,
+    "string_too_long": _too_long,
+    "finite_number": lambda e: f"must be a finite number, not {_shown(e['input'])}",
     "value_error": lambda e: str(e.get("ctx", {}).get("error", e["msg"])),
 }
 

@@ -213,6 +213,13 @@ BROKEN = [
         [(f"{SVC}.source_address", "'010.0.0.1' is not an IP address")],
     ),
     Case("no-backends", BASE.split("  [[services.backends]]")[0], [(f"{SVC}.backends", "required, but missing")]),
+    Case("empty-name", edit('name = "r2"', 'name = ""'), [(f"{SVC}.backends[1].name", "must not be empty")]),
+    Case(
+        "long-name",
+        edit('name = "r2"', f'name = "{"x" * 129}"'),
+        [(f"{SVC}.backends[1].name", "at most 128 characters")],
+    ),
+    Case("infinite-rate", in_service("rabbitmq = { close_rate = inf }"), [(f"{SVC}.rabbitmq.close_rate", "finite")]),
     Case("no-services", '[log]\nlevel = "info"\n', [("services", "required, but missing")]),
     Case("toml-syntax", "[[services]\n", [("", "TOML syntax")]),
     # Errors of several tables and kinds in one file: all of them come in one run, not in rounds.
