@@ -176,3 +176,11 @@ def test_undecodable_bytes_exit_2_naming_the_offset(tmp_path: Path, capsys: pyte
         main(["healthcheck", "-c", str(p)])
     assert info.value.code == 2
     assert "not UTF-8: byte 0xe9 at offset 5 (line 1)" in capsys.readouterr().err
+
+
+def test_healthcheck_reads_a_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    from rabbitproxy.admin import probe
+
+    p = tmp_path / "c.toml"
+    p.write_bytes(b'\xef\xbb\xbf[admin]\nlisten = "127.0.0.1:9999"\n')
+    assert probe.admin_settings(p) == (True, "127.0.0.1:9999")
