@@ -42,8 +42,8 @@ def check_config(path: Path, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
-def serves(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> None:
-    """``rabbitproxy serve`` starts (READY=1) on the file, moved to free loopback ports, then stops cleanly."""
+def serves(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> str:
+    """``rabbitproxy serve`` starts (READY=1) on the file, moved to free loopback ports, then stops cleanly; its log."""
     data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     for service in data["services"]:
         service["listen"] = f"127.0.0.1:{free_port()}"
@@ -56,6 +56,7 @@ def serves(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dic
     with proc:
         pass
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
+    return proc.log()
 
 
 def test_compose_config_passes_check_config_and_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,4 +99,5 @@ def test_serve_starts_on_what_check_config_passes(tmp_path: Path, monkeypatch: p
     proc = rabbitproxy("check-config", str(path))
     assert proc.returncode == 0, proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("warning: ")]) == len(case.expected)
-    serves(path, tmp_path, monkeypatch)
+    # serve logs the same warnings.
+    assert serves(path, tmp_path, monkeypatch).count("configuration warning") == len(case.expected)
