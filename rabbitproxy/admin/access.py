@@ -9,7 +9,6 @@ browser ``Origin`` that is not this server's own is refused.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
@@ -18,36 +17,22 @@ import structlog
 from aiohttp import web
 
 from rabbitproxy.admin.common import TOKEN_KEY, error, who
-from rabbitproxy.config import AdminConfig, ConfigError, split_host_port
+from rabbitproxy.config import TOKEN_ENV, AdminConfig, ConfigError, admin_token_error, is_loopback
 
 log = structlog.get_logger("rabbitproxy.admin")
 
-TOKEN_ENV = "RABBITPROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals; any other name may resolve to a public address."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+# TOKEN_ENV and is_loopback are re-exported from here, where callers have always found them.
+__all__ = ["TOKEN_ENV", "admin_token", "guard", "is_loopback"]
 
 
 def admin_token(cfg: AdminConfig, env: Mapping[str, str] | None = None) -> str | None:
     """The bearer token in force (config first, then the environment); ConfigError if one is needed and missing."""
     environ = os.environ if env is None else env
-    token = cfg.token or environ.get(TOKEN_ENV) or None
-    host, _ = split_host_port(cfg.listen)
-    if token is None and not is_loopback(host):
-        raise ConfigError(
-            [
-                f"admin.token: required because admin.listen ({cfg.listen}) is not a loopback address; "
-                f"set [admin] token or {TOKEN_ENV}"
-            ]
-        )
-    return token
+    # The rule itself is the configuration's, so check-config and a reload judge a file exactly as this does.
+    problem = admin_token_error(cfg, environ)
+    if problem is not None:
+        raise ConfigError([problem])
+    return cfg.token or environ.get(TOKEN_ENV) or None
 
 
 def _origin_ok(request: web.Request) -> bool:

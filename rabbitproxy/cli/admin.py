@@ -83,21 +83,12 @@ def status(admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
     print_status(data)
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(text: str) -> float:
-    """Seconds from ``300``, ``90s``, ``5m``, ``1.5h``; ValueError naming the problem otherwise."""
-    value = text.strip().lower()
-    factor = 1.0
-    if value and value[-1] in _UNITS:
-        factor = _UNITS[value[-1]]
-        value = value[:-1]
-    try:
-        seconds = float(value) * factor
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration such as 300, 90s, 5m or 1h") from None
-    if not seconds > 0 or seconds == float("inf"):
+    """Seconds from ``300``, ``90s``, ``5m``, ``1.5h`` (the config file's grammar), above 0; else ValueError."""
+    from rabbitproxy.durations import parse_duration as parse
+
+    seconds = parse(text)
+    if not seconds > 0:
         raise ValueError(f"{text!r}: the duration must be more than 0")
     return seconds
 

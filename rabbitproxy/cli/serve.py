@@ -27,18 +27,23 @@ def build_config(
     env: dict[str, str] | None = None,
     service_overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Combine a config file (or the environment, or flags alone) with the flags actually given."""
+    """Combine a config file (or the environment, or flags alone) with the flags actually given, and validate it.
+
+    ``serve`` and ``check-config`` both come here, so the file is judged the same way by both: every error at
+    once, with the same environment (``RABBITPROXY_ADMIN_TOKEN`` among it).
+    """
     from rabbitproxy import config as config_mod
     from rabbitproxy.config import ConfigError
 
     data: dict[str, Any]
+    environ = env if env is not None else dict(os.environ)
     source = str(config_file) if config_file else "command line"
     if config_file is not None:
-        base = config_mod.load(config_file)
-        data = base.model_dump(exclude_unset=True)
+        # The file as written, flags applied on top, validated once: its errors all come in one report.
+        data = config_mod.read_toml(config_file)
     else:
         try:
-            data = config_mod.from_env(env if env is not None else dict(os.environ)) or {}
+            data = config_mod.from_env(environ) or {}
         except ValueError as exc:
             raise ConfigError([f"RABBITPROXY_BACKENDS: {exc}"], "environment") from None
         if not data and not backends:
@@ -60,7 +65,7 @@ def build_config(
     if service_overrides:
         data["services"] = [dict(s) | service_overrides for s in data.get("services", [])]
     data = config_mod.with_overrides(data, overrides)
-    return config_mod.validate(data, source)
+    return config_mod.validate(data, source, environ)
 
 
 def config_or_env(config: Path | None, env: dict[str, str]) -> Path | None:
@@ -120,6 +125,12 @@ def serve(
         fail_config(exc)
         return
     logs.setup(cfg.log.level, cfg.log.format)
+    import structlog
+
+    from rabbitproxy.config import warnings
+
+    for warning in warnings(cfg):
+        structlog.get_logger("rabbitproxy.config").warning("configuration warning", warning=warning)
     try:
         run_loop(serve_main(cfg, config_path=config.resolve() if config else None), loop)
     except ConfigError as exc:
@@ -129,15 +140,17 @@ def serve(
 
 
 def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
-    """Validate a configuration file: exit 0 with a summary, or 2 naming each bad key and why."""
-    from rabbitproxy import config as config_mod
-    from rabbitproxy.config import ConfigError
+    """Validate a configuration file as serve does: exit 0 with a summary (and warnings), or 2 naming every error."""
+    from rabbitproxy.config import ConfigError, warnings
 
     try:
-        cfg = config_mod.load(config)
+        # serve's own path, with no flags: the same reading, validation, files and environment.
+        cfg = build_config(config, None, None, {})
     except ConfigError as exc:
         fail_config(exc)
         return
+    for warning in warnings(cfg):
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{config}: OK")
     typer.echo(f"admin: {cfg.admin.listen if cfg.admin.enabled else 'disabled'}")
     for s in cfg.services:

@@ -6,7 +6,8 @@ built from these models later, by the server. Every error names the key path tha
 operator can fix the file without reading our code.
 
 The package is split by job (models by section in ``base``, ``sections``, ``rabbitmq`` and ``service``; reading and
-validating in ``loading``); every public name is exported here, and callers import it from ``rabbitproxy.config``.
+validating in ``loading``, ``errors`` and ``checks``; the files a configuration names in ``files``); every public
+name is exported here, and callers import it from ``rabbitproxy.config``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from rabbitproxy.config.base import PositiveSeconds as PositiveSeconds
 from rabbitproxy.config.base import ProxyProtocolVersion as ProxyProtocolVersion
 from rabbitproxy.config.base import Seconds as Seconds
 from rabbitproxy.config.base import TLSVersion as TLSVersion
+from rabbitproxy.config.base import WholeSeconds as WholeSeconds
 from rabbitproxy.config.base import check_host as check_host
+from rabbitproxy.config.checks import TOKEN_ENV as TOKEN_ENV
+from rabbitproxy.config.checks import admin_token_error as admin_token_error
+from rabbitproxy.config.checks import is_loopback as is_loopback
+from rabbitproxy.config.checks import warnings as warnings
 from rabbitproxy.config.loading import from_env as from_env
 from rabbitproxy.config.loading import load as load
 from rabbitproxy.config.loading import load_admin as load_admin

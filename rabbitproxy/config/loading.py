@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,76 +12,87 @@ from pydantic import ValidationError
 
 from rabbitproxy.addresses import DEFAULT_PORT, split_host_port
 from rabbitproxy.config.base import ConfigError
+from rabbitproxy.config.checks import admin_token_error, cross_errors
+from rabbitproxy.config.errors import error_lines
 from rabbitproxy.config.sections import AdminConfig
 from rabbitproxy.config.service import Config
 
 
-def _loc(config: Mapping[str, Any], loc: Iterable[int | str]) -> str:
-    """Render a pydantic error location with service and backend names instead of bare list indexes."""
-    parts: list[str] = []
-    node: Any = config
-    for item in loc:
-        if isinstance(item, int):
-            name = None
-            if isinstance(node, list) and 0 <= item < len(node) and isinstance(node[item], Mapping):
-                name = node[item].get("name")
-            parts[-1] += f"[{name!r}]" if isinstance(name, str) else f"[{item}]"
-            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
-        else:
-            parts.append(item)
-            node = node.get(item) if isinstance(node, Mapping) else None
-    return ".".join(parts) or "(top level)"
+def validate(data: Mapping[str, Any], source: str = "", env: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed mapping; raise :class:`ConfigError` naming every bad key at once.
 
-
-def _errors(exc: ValidationError, data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
-    """One ``"key.path: reason"`` line per pydantic error; ``prefix`` places a sub-model's errors in the file."""
-    errors = []
-    for err in exc.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        errors.append(f"{_loc(data, (*prefix, *err['loc']))}: {msg}")
-    return errors
-
-
-def validate(data: Mapping[str, Any], source: str = "") -> Config:
-    """Validate a parsed mapping; raise :class:`ConfigError` naming every bad key."""
+    ``serve``, a reload and ``check-config`` all come here (through :func:`load` or ``build_config``). ``env`` is
+    where the admin token may come from (``RABBITPROXY_ADMIN_TOKEN``); the process's environment by default, as
+    ``serve`` reads it.
+    """
+    errors: list[str] = []
+    cfg: Config | None = None
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_errors(exc, data), source) from None
+        errors.extend(error_lines(exc, data))
+    errors.extend(cross_errors(data))
+    admin = cfg.admin if cfg is not None else _admin_alone(data)
+    problem = admin_token_error(admin, os.environ if env is None else env) if admin is not None else None
+    if problem is not None:
+        errors.append(problem)
+    if errors or cfg is None:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def _admin_alone(data: Mapping[str, Any]) -> AdminConfig | None:
+    """The ``[admin]`` table validated on its own, so its token rule is judged even when another table is wrong."""
+    try:
+        return AdminConfig.model_validate(data.get("admin", {}))
+    except ValidationError:
+        return None  # its errors are among the file's
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and parse a TOML file, unvalidated; raise :class:`ConfigError` if it cannot be read or parsed."""
+    """Read and parse a TOML file, unvalidated; raise :class:`ConfigError` if it cannot be read or parsed.
+
+    A UTF-8 byte order mark, which some Windows editors write, is skipped. Bytes that are not UTF-8 are named by
+    their offset and line, so the operator can find them.
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], str(p)) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            [f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}); TOML files are UTF-8"],
+            str(p),
+        ) from None
+    # Universal newlines, as text-mode reading gave tomllib before.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"TOML syntax: {exc}"], str(p)) from None
 
 
-def load(path: str | os.PathLike[str]) -> Config:
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a TOML configuration file."""
-    return validate(read_toml(path), str(Path(path)))
+    return validate(read_toml(path), str(Path(path)), env)
 
 
 def load_admin(path: str | os.PathLike[str]) -> AdminConfig:
     """Read a configuration file's ``[admin]`` table, validated exactly as :func:`load` validates it.
 
     ``rabbitproxy healthcheck`` comes here when its own stdlib reading finds anything unusual in that table, so
-    its error messages (and any coercion, such as ``enabled = "false"``) are the ones ``serve`` would give.
-    The rest of the file is not checked: the probe asks the running proxy, ``check-config`` judges the file.
+    its error messages are the ones ``serve`` would give. The rest of the file is not checked: the probe asks the
+    running proxy, ``check-config`` judges the file.
     """
     data = read_toml(path)
     try:
         return AdminConfig.model_validate(data.get("admin", {}))
     except ValidationError as exc:
-        raise ConfigError(_errors(exc, data, ("admin",)), str(Path(path))) from None
+        raise ConfigError(error_lines(exc, data, ("admin",)), str(Path(path))) from None
 
 
 def parse_backend_spec(spec: str, index: int) -> dict[str, Any]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from rabbitproxy.config.base import Port, PositiveSeconds, Seconds, _existing_file, _Model
+from rabbitproxy.config.base import Port, PositiveSeconds, Seconds, _Model
+from rabbitproxy.config.files import ca_file
 
 
 class RabbitMQConfig(_Model):
@@ -33,13 +34,12 @@ class RabbitMQConfig(_Model):
     # Refuse drain/maint of a node that quorum queues need for their majority, unless forced.
     quorum_guard: bool = True
 
-    _ca = field_validator("ca")(_existing_file)
-
-    @model_validator(mode="after")
-    def _ca_needs_https(self) -> RabbitMQConfig:
-        if self.ca and self.scheme != "https":
-            raise ValueError('ca needs scheme = "https"')
-        return self
+    @field_validator("ca")
+    @classmethod
+    def _ca(cls, v: str, info: ValidationInfo) -> str:
+        if v and info.data.get("scheme") == "http":
+            raise ValueError('needs scheme = "https"')
+        return ca_file(v)
 
 
 class RebalanceConfig(_Model):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from rabbitproxy.addresses import DEFAULT_ADMIN_LISTEN, split_host_port
-from rabbitproxy.config.base import Port, PositiveSeconds, TLSVersion, _existing_file, _Model, check_host
+from rabbitproxy.config.base import Port, PositiveSeconds, TLSVersion, _Model, check_host
+from rabbitproxy.config.files import ca_file, certificate_file, key_file
 
 
 class LogConfig(_Model):
@@ -79,10 +80,14 @@ class TLSConfig(_Model):
     verify_client: Literal["none", "optional", "required"] = "none"
     min_version: TLSVersion = "TLSv1.2"
 
-    _files = field_validator("cert", "key", "ca")(_existing_file)
+    _cert = field_validator("cert")(certificate_file)
+    _key = field_validator("key")(key_file)
+    _ca = field_validator("ca")(ca_file)
 
-    @model_validator(mode="after")
-    def _client_ca(self) -> TLSConfig:
-        if self.verify_client != "none" and not self.ca:
-            raise ValueError(f"verify_client = {self.verify_client!r} needs ca (the CA that signs client certificates)")
-        return self
+    @field_validator("verify_client")
+    @classmethod
+    def _client_ca(cls, v: str, info: ValidationInfo) -> str:
+        # A field validator rather than a model one, so it is reported along with any other error of the table.
+        if v != "none" and info.data.get("ca") == "":
+            raise ValueError(f"{v!r} needs ca (the CA that signs client certificates)")
+        return v

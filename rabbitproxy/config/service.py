@@ -6,7 +6,7 @@ import ipaddress
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from rabbitproxy.addresses import DEFAULT_PORT, split_host_port
 from rabbitproxy.config.base import (
@@ -14,12 +14,14 @@ from rabbitproxy.config.base import (
     PositiveSeconds,
     ProxyProtocolVersion,
     Seconds,
-    _existing_file,
+    WholeSeconds,
     _Model,
     check_host,
 )
+from rabbitproxy.config.files import ca_file
 from rabbitproxy.config.rabbitmq import RabbitMQConfig, RebalanceConfig
 from rabbitproxy.config.sections import AdminConfig, FeedbackConfig, HealthCheckConfig, LogConfig, TLSConfig
+from rabbitproxy.durations import GRAMMAR, duration_seconds
 
 # ``source_address = "client"``: transparent mode.
 SOURCE_CLIENT = "client"
@@ -40,7 +42,16 @@ class BackendConfig(_Model):
     # This node's management API port, when it differs from [services.rabbitmq] management_port.
     management_port: Port | None = None
 
-    _address = field_validator("address")(check_host)
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        # "[fd00::1]" is accepted as the IPv6 address it brackets: the form every host:port in the file uses.
+        if v.startswith("[") and v.endswith("]"):
+            try:
+                return str(ipaddress.IPv6Address(v[1:-1]))
+            except ValueError:
+                raise ValueError(f"{v!r} is not a valid IPv6 address") from None
+        return check_host(v)
 
 
 Algorithm = Literal["weighted-round-robin", "least-connections", "source-hash"]
@@ -50,8 +61,8 @@ class KeepaliveConfig(_Model):
     """TCP keepalive probes on both legs of every connection (``tcp_keepalive = { idle, interval, count }``)."""
 
     # Linux takes whole seconds for TCP_KEEPIDLE/TCP_KEEPINTVL (at most 32767) and at most 127 probes.
-    idle: Annotated[int, Field(ge=1, le=32767)] = 60
-    interval: Annotated[int, Field(ge=1, le=32767)] = 10
+    idle: Annotated[WholeSeconds, Field(ge=1, le=32767)] = 60
+    interval: Annotated[WholeSeconds, Field(ge=1, le=32767)] = 10
     count: Annotated[int, Field(ge=1, le=127)] = 6
 
 
@@ -77,7 +88,8 @@ class ServiceConfig(_Model):
     tcp_keepalive: KeepaliveConfig | None = KeepaliveConfig()
     # Write-buffer limits per leg: above high_water the other leg stops reading until we drop below low_water.
     high_water: Annotated[int, Field(ge=1024)] = 256 * 1024
-    low_water: Annotated[int, Field(ge=0)] = 64 * 1024
+    # validate_default: a file that lowers high_water alone below this default is checked too.
+    low_water: int = Field(default=64 * 1024, ge=0, validate_default=True)
     backlog: Annotated[int, Field(ge=1)] = 1024
     # Bind the listen address even when this host does not own it (yet): the standby of a keepalived pair listens
     # on the VIP before the VIP arrives (IP_FREEBIND; Linux only).
@@ -119,7 +131,12 @@ class ServiceConfig(_Model):
                 ) from None
         return v
 
-    _backend_ca = field_validator("backend_tls_ca")(_existing_file)
+    @field_validator("backend_tls_ca")
+    @classmethod
+    def _backend_ca(cls, v: str, info: ValidationInfo) -> str:
+        if v and info.data.get("backend_tls") is False:
+            raise ValueError("needs backend_tls = true")
+        return ca_file(v)
 
     @field_validator("client_idle_timeout", mode="before")
     @classmethod
@@ -127,9 +144,10 @@ class ServiceConfig(_Model):
         # One message for both forms, instead of pydantic's two-part union error.
         if v == "auto":
             return v
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-            raise ValueError(f'must be "auto" or a number of seconds >= 0 (0 = off), not {v!r}')
-        return float(v)
+        try:
+            return duration_seconds(v)
+        except ValueError:
+            raise ValueError(f'must be "auto" or a duration (0 = off): {GRAMMAR}; not {v!r}') from None
 
     @field_validator("proxy_protocol_from")
     @classmethod
@@ -151,8 +169,34 @@ class ServiceConfig(_Model):
 
     @field_validator("backend_tls_server_name")
     @classmethod
-    def _server_name(cls, v: str) -> str:
+    def _server_name(cls, v: str, info: ValidationInfo) -> str:
+        if v and info.data.get("backend_tls") is False:
+            raise ValueError("needs backend_tls = true")
         return check_host(v) if v else v
+
+    @field_validator("backend_tls")
+    @classmethod
+    def _tls_and_proxy_header(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("send_proxy_protocol") in ("v1", "v2"):
+            # The header would have to go out in clear before the TLS handshake; not supported (yet).
+            raise ValueError("cannot be combined with send_proxy_protocol")
+        return v
+
+    @field_validator("low_water")
+    @classmethod
+    def _low_water(cls, v: int, info: ValidationInfo) -> int:
+        high = info.data.get("high_water")
+        if high is not None and v > high:
+            raise ValueError(f"{v} must not exceed high_water ({high})")
+        return v
+
+    @field_validator("rebalance")
+    @classmethod
+    def _rebalance(cls, v: RebalanceConfig, info: ValidationInfo) -> RebalanceConfig:
+        # Only when rabbitmq itself is valid (absent from info.data otherwise) and missing.
+        if v.enabled and "rabbitmq" in info.data and info.data["rabbitmq"] is None:
+            raise ValueError("enabled = true needs [services.rabbitmq]: connections are closed through the broker")
+        return v
 
     @field_validator("tcp_keepalive", mode="before")
     @classmethod
@@ -164,24 +208,6 @@ class ServiceConfig(_Model):
         if v is True:
             return {}
         return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ServiceConfig:
-        if not self.backend_tls and (self.backend_tls_ca or self.backend_tls_server_name):
-            raise ValueError("backend_tls_ca and backend_tls_server_name need backend_tls = true")
-        if self.backend_tls and any(self.proxy_protocol_for(b) != "off" for b in self.backends):
-            # The header would have to go out in clear before the TLS handshake; not supported (yet).
-            raise ValueError("send_proxy_protocol cannot be combined with backend_tls")
-        if self.low_water > self.high_water:
-            raise ValueError(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
-        if self.rebalance.enabled and self.rabbitmq is None:
-            raise ValueError("rebalance.enabled needs [services.rabbitmq]: connections are closed through the broker")
-        seen: set[str] = set()
-        for b in self.backends:
-            if b.name in seen:
-                raise ValueError(f"backend name {b.name!r} is used twice")
-            seen.add(b.name)
-        return self
 
     @property
     def heartbeat_idle(self) -> bool:
@@ -222,7 +248,14 @@ class ServiceConfig(_Model):
         return backend.send_proxy_protocol or self.send_proxy_protocol
 
 
-Workers = Annotated[int, Field(ge=1, le=256)] | Literal["auto"]
+def _workers(v: Any) -> Any:
+    # One message for both forms, instead of pydantic's two-part union error.
+    if v == "auto" or (type(v) is int and 1 <= v <= 256):
+        return v
+    raise ValueError(f'must be "auto" or a number of processes from 1 to 256, not {v!r}')
+
+
+Workers = Annotated[int | Literal["auto"], BeforeValidator(_workers)]
 
 
 class Config(_Model):
@@ -239,20 +272,6 @@ class Config(_Model):
         if self.workers == "auto":
             return max(1, len(os.sched_getaffinity(0)))
         return self.workers
-
-    @model_validator(mode="after")
-    def _unique(self) -> Config:
-        names: set[str] = set()
-        listens: dict[tuple[str, int], str] = {}
-        for s in self.services:
-            if s.name in names:
-                raise ValueError(f"service name {s.name!r} is used twice")
-            names.add(s.name)
-            key = (s.listen_host, s.listen_port)
-            if key in listens:
-                raise ValueError(f"services {listens[key]!r} and {s.name!r} both listen on {s.listen}")
-            listens[key] = s.name
-        return self
 
     def service(self, name: str) -> ServiceConfig:
         for s in self.services:

@@ -273,7 +273,10 @@ class Supervisor:
         if new is None:
             if self.config_path is None:
                 raise ConfigError(["no configuration file to reload (started from command-line options)"])
+            # The validation serve and check-config run: every error of the file in one ConfigError.
             new = config_mod.load(self.config_path)
+            for warning in config_mod.warnings(new):
+                log.warning("configuration warning", warning=warning)
         if "workers" not in new.model_fields_set:
             # A file without the key keeps what runs (set by `serve --workers`, say): not a change.
             new = new.model_copy(update={"workers": self.config.workers})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import ssl
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +23,20 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("tls")
     ca = make_ca(d, "unit")
     cert, key = ca.issue("server")
+    other_cert, other_key = ca.issue("other")
     garbage = d / "garbage.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-    return {"ca": str(ca.cert), "cert": str(cert), "key": str(key), "garbage": str(garbage)}
+    combined = d / "combined.pem"
+    combined.write_text(cert.read_text() + key.read_text())
+    return {
+        "ca": str(ca.cert),
+        "cert": str(cert),
+        "key": str(key),
+        "garbage": str(garbage),
+        "other_key": str(other_key),
+        "other_cert": str(other_cert),
+        "combined": str(combined),
+    }
 
 
 def service(**extra: Any) -> dict[str, Any]:
@@ -53,6 +66,52 @@ def test_missing_files_are_named_by_key(files: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("tls", "key", "message"),
+    [
+        ({"key": "cert"}, "tls.key", "holds a certificate, not a private key"),
+        ({"cert": "key"}, "tls.cert", "holds a private key, not a certificate"),
+        ({"key": "other_key"}, "tls.key", "does not match the certificate in"),
+        ({"ca": "key"}, "tls.ca", "holds no CA certificate in PEM form"),
+        ({"ca": "garbage"}, "tls.ca", "cannot load the CA bundle"),
+    ],
+)
+def test_certificates_and_keys_are_loaded_and_matched_when_the_file_is_validated(
+    files: dict[str, str], tls: dict[str, str], key: str, message: str
+) -> None:
+    # check-config, serve and a reload all validate through here, so none of them accepts these (issue 26).
+    chosen = {"cert": files["cert"], "key": files["key"]} | {k: files[v] for k, v in tls.items()}
+    (line,) = errors(tls=chosen)
+    assert line.startswith(f"services['s'].{key}: ") and message in line, line
+
+
+@pytest.mark.parametrize("ca_key", ["backend_tls_ca", "rabbitmq.ca"])
+def test_other_ca_files_are_read_too(files: dict[str, str], ca_key: str) -> None:
+    if ca_key == "backend_tls_ca":
+        (line,) = errors(backend_tls=True, backend_tls_ca=files["key"])
+    else:
+        (line,) = errors(rabbitmq={"scheme": "https", "ca": files["garbage"]})
+    assert line.startswith(f"services['s'].{ca_key}: "), line
+
+
+def test_an_encrypted_key_is_refused_without_a_prompt(files: dict[str, str], tmp_path: Path) -> None:
+    # Unattended, the proxy could only hang on OpenSSL's passphrase prompt; it says what is wrong instead.
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", files["key"], "-aes256", "-passout", "pass:secret", "-out", str(encrypted)],
+        check=True,
+        capture_output=True,
+    )
+    (line,) = errors(tls={"cert": files["cert"], "key": str(encrypted)})
+    assert line.startswith("services['s'].tls.key: ") and "is encrypted" in line, line
+
+
+def test_a_key_file_that_holds_the_certificate_too_is_accepted(files: dict[str, str]) -> None:
+    # HAProxy's habit: one file with both. OpenSSL takes the key from it, so serve can use it.
+    sc = config_mod.validate({"services": [service(tls={"cert": files["combined"], "key": files["combined"]})]})
+    assert ServiceTLS(sc.services[0]).server is not None
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         ({"verify_client": "required"}, "needs ca"),
@@ -68,10 +127,10 @@ def test_tls_section_is_validated(files: dict[str, str], extra: dict[str, Any], 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"send_proxy_protocol": "v3"}, "send_proxy_protocol: Input should be 'off', 'v1' or 'v2'"),
-        ({"backend_tls_server_name": "x"}, "need backend_tls = true"),
-        ({"backend_tls": True, "send_proxy_protocol": "v2"}, "cannot be combined with backend_tls"),
-        ({"client_hello_timeout": -1}, "client_hello_timeout: Input should be greater than or equal to 0"),
+        ({"send_proxy_protocol": "v3"}, "send_proxy_protocol: must be one of 'off', 'v1' or 'v2', not 'v3'"),
+        ({"backend_tls_server_name": "x"}, "backend_tls_server_name: needs backend_tls = true"),
+        ({"backend_tls": True, "send_proxy_protocol": "v2"}, "backend_tls: cannot be combined with send_proxy"),
+        ({"client_hello_timeout": -1}, "client_hello_timeout: must not be negative"),
     ],
 )
 def test_service_settings_are_validated(extra: dict[str, Any], message: str) -> None:
@@ -122,9 +181,15 @@ def test_server_context_follows_the_config(files: dict[str, str]) -> None:
 
 
 def test_an_unloadable_certificate_is_a_config_error_naming_the_key(files: dict[str, str]) -> None:
-    sc = config_mod.validate({"services": [service(tls={"cert": files["garbage"], "key": files["key"]})]}).services[0]
+    # Validation reads the files (serve, a reload and check-config alike) ...
+    (line,) = errors(tls={"cert": files["garbage"], "key": files["key"]})
+    assert line.startswith("services['s'].tls.cert: ") and "holds no certificate" in line
+    # ... and a file that breaks between validation and use is still refused by its key when the context is built.
+    sc = config_mod.validate({"services": [service(tls={"cert": files["cert"], "key": files["key"]})]}).services[0]
+    assert sc.tls is not None
+    broken = sc.model_copy(update={"tls": sc.tls.model_copy(update={"cert": files["garbage"]})})
     with pytest.raises(ConfigError) as info:
-        ServiceTLS(sc)
+        ServiceTLS(broken)
     assert info.value.errors[0].startswith("services['s'].tls.cert: cannot load the certificate and key")
 
 

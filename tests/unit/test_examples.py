@@ -24,6 +24,9 @@ from tests.support.examples import (
     load_kubernetes,
 )
 
+# What the compose file and the Kubernetes Deployment put in the proxy's environment (a Secret's value there).
+TOKEN_ENV = {"RABBITPROXY_ADMIN_TOKEN": "example-token"}
+
 
 def dockerfile_instructions() -> dict[str, list[str]]:
     """Instruction -> arguments of the final stage (continuation lines joined)."""
@@ -107,7 +110,10 @@ def test_compose_proxy_matches_its_config(compose: dict[str, Any]) -> None:
     assert proxy["build"]["context"] == ".."
     assert (EXAMPLES / proxy["build"]["context"] / proxy["build"]["dockerfile"]).resolve() == REPO / "Dockerfile"
 
-    cfg = config_mod.load(compose_proxy_config_path(compose))
+    # The token comes from the environment the compose file gives the proxy; without it serve refuses the file.
+    with pytest.raises(config_mod.ConfigError, match=r"admin\.token: required"):
+        config_mod.load(compose_proxy_config_path(compose), env={})
+    cfg = config_mod.load(compose_proxy_config_path(compose), env=TOKEN_ENV)
 
     # AMQP published on every interface, the admin API on the host's loopback only.
     ports = {p.rsplit(":", 1)[1]: p.rsplit(":", 1)[0] for p in proxy["ports"]}
@@ -141,7 +147,10 @@ def test_kubernetes_config_validates(manifests: dict[str, dict[str, Any]], tmp_p
     toml_text = manifests["ConfigMap"]["data"]["rabbitproxy.toml"]
     path = tmp_path / "rabbitproxy.toml"
     path.write_text(toml_text)
-    assert len(config_mod.load(path).services[0].backends) == 3
+    # The Deployment gives the token from a Secret; without it serve would refuse this file.
+    with pytest.raises(config_mod.ConfigError, match=r"admin\.token: required"):
+        config_mod.load(path, env={})
+    assert len(config_mod.load(path, env=TOKEN_ENV).services[0].backends) == 3
     assert tomllib.loads(toml_text)["admin"]["listen"] == "0.0.0.0:9080"
 
 
@@ -158,7 +167,7 @@ def test_kubernetes_objects_reference_each_other(manifests: dict[str, dict[str, 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     path = tmp_path / "rabbitproxy.toml"
     path.write_text(configmap["data"]["rabbitproxy.toml"])
-    cfg = config_mod.load(path)
+    cfg = config_mod.load(path, env=TOKEN_ENV)
     assert ports["amqp"] == cfg.services[0].listen_port
     assert ports["admin"] == config_mod.split_host_port(cfg.admin.listen)[1]
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["amqp"]
@@ -193,7 +202,7 @@ def test_kubernetes_objects_reference_each_other(manifests: dict[str, dict[str, 
 def shipped_configs(compose: dict[str, Any], manifests: dict[str, dict[str, Any]], tmp_path: Path) -> list[Any]:
     k8s = tmp_path / "k8s.toml"
     k8s.write_text(manifests["ConfigMap"]["data"]["rabbitproxy.toml"])
-    return [config_mod.load(compose_proxy_config_path(compose)), config_mod.load(k8s)]
+    return [config_mod.load(compose_proxy_config_path(compose), env=TOKEN_ENV), config_mod.load(k8s, env=TOKEN_ENV)]
 
 
 def test_examples_keep_the_heartbeat_aware_idle_timeout(

@@ -3,7 +3,8 @@
 Every ``import`` and ``from ... import`` in every module counts, including those inside functions and under
 ``TYPE_CHECKING``: a lazy import is still a dependency, it only moves the cost. The rules:
 
-- the base modules (``config``, ``logs``, ``tasks``) and ``protocols`` import no other layer;
+- the base modules (``addresses``, ``config``, ``durations``, ``logs``, ``tasks``) and ``protocols`` import no
+  other layer;
 - ``balancing`` imports only the base;
 - ``relay`` does not import ``control``, ``admin``, ``agent``, ``dev``, ``app`` or ``cli``;
 - ``control`` does not import ``admin``, ``agent``, ``dev``, ``app`` or ``cli``;
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rabbitproxy"
-BASE = {"addresses", "config", "logs", "tasks"}
+BASE = {"addresses", "config", "durations", "logs", "tasks"}
 
 # What each layer may import besides itself.
 ALLOWED: dict[str, set[str]] = {

@@ -118,8 +118,7 @@ def _file(tmp_path: Path, admin: str) -> Path:
         ("", (True, "127.0.0.1:9080")),
         ('[admin]\nlisten = "0.0.0.0:9999"\ntoken = "s"\n', (True, "0.0.0.0:9999")),
         ("[admin]\nenabled = false\n", (False, "127.0.0.1:9080")),
-        # Not the usual shape, but pydantic accepts it, so serve does and the probe must too.
-        ('[admin]\nenabled = "false"\nlisten = "[::1]:9081"\n', (False, "[::1]:9081")),
+        ('[admin]\nenabled = false\nlisten = "[::1]:9081"\n', (False, "[::1]:9081")),
         # Forms the probe's own scanner leaves to tomllib (rabbitproxy.admin.tomlscan).
         ('[admin]\nlisten = """0.0.0.0:9999"""\n', (True, "0.0.0.0:9999")),
         ('admin = { listen = "127.0.0.1:\\u0039998", enabled = false }\n', (False, "127.0.0.1:9998")),
@@ -137,10 +136,12 @@ def test_admin_table_agrees_with_serve(tmp_path: Path, admin: str, expected: tup
     ("admin", "message"),
     [
         ('[admin]\nlisten = "127.0.0.1"\n', "admin.listen: '127.0.0.1': missing ':port'"),
-        ("[admin]\nlisten = 9080\n", "admin.listen: Input should be a valid string"),
+        ("[admin]\nlisten = 9080\n", "admin.listen: must be a string (in quotes), not 9080"),
+        # A quoted boolean is refused by serve (strict types), so the probe refuses it too.
+        ('[admin]\nenabled = "false"\n', "admin.enabled: must be true or false, not the string 'false'"),
         ('[admin]\nlisen = "127.0.0.1:9080"\n', "admin.lisen: unknown key"),
         ("[admin]\nenabled = 3\n", "admin.enabled:"),
-        ('admin = "127.0.0.1:9080"\n', "admin: Input should be a valid dictionary"),
+        ('admin = "127.0.0.1:9080"\n', "admin: must be a table, not '127.0.0.1:9080'"),
         ("[admin\n", "TOML syntax"),
     ],
 )

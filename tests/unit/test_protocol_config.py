@@ -41,10 +41,10 @@ def test_idle_timeout_forms(extra: dict[str, Any], heartbeat_idle: bool, seconds
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ({"client_idle_timeout": -1}, "services['amqp'].client_idle_timeout: must be \"auto\" or a number"),
+        ({"client_idle_timeout": -1}, "services['amqp'].client_idle_timeout: must be \"auto\" or a duration"),
         ({"client_idle_timeout": "soon"}, "services['amqp'].client_idle_timeout: must be \"auto\""),
         ({"client_idle_timeout": True}, "services['amqp'].client_idle_timeout: must be \"auto\""),
-        ({"protocol": "stomp"}, "services['amqp'].protocol: Input should be 'amqp' or 'tcp'"),
+        ({"protocol": "stomp"}, "services['amqp'].protocol: must be one of 'amqp' or 'tcp', not 'stomp'"),
     ],
 )
 def test_bad_values_name_the_key(extra: dict[str, Any], expected: str) -> None:
