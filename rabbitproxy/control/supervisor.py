@@ -72,6 +72,8 @@ class Supervisor:
             self.steering.rebalancing = False
             self.steering.remote = self._steer_workers
         self.reload_lock = asyncio.Lock()
+        # [admin] is read at start only, like the admin API itself: a reload does not move the state file.
+        self.state_path = Path(config.admin.state_file) if config.admin.state_file and role != "worker" else None
         self.listeners_ready = asyncio.Event()
 
     # -- start and stop ------------------------------------------------------------------------------------------
@@ -89,9 +91,9 @@ class Supervisor:
             self.services[sc.name] = service
             self.watch_service(service)
             self.steering.service_added(service)
-        if self.role != "worker" and self.config.admin.state_file:
+        if self.state_path is not None:
             # Before anything serves or a worker copies the state: a drained node must not take a client first.
-            state_file.restore(Path(self.config.admin.state_file), self.services)
+            state_file.restore(self.state_path, self.services)
             self.save_state()
         if self.on_swap is not None:
             self.on_swap()
@@ -184,10 +186,10 @@ class Supervisor:
 
     def save_state(self) -> None:
         """Write ``[admin] state_file`` (if configured) from the backends as they are now."""
-        if self.role != "worker" and self.config.admin.state_file:
+        if self.state_path is not None:
             # Synchronous on purpose: a few hundred bytes after an operator's change, and no await may let another
             # change write an older picture over this one.
-            state_file.save(Path(self.config.admin.state_file), self.services)
+            state_file.save(self.state_path, self.services)
 
     async def shutdown(self) -> None:
         if self.state == "stopping":
