@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from rabbitproxy.addresses import DEFAULT_ADMIN_LISTEN, split_host_port
 from rabbitproxy.config.base import Port, PositiveSeconds, TLSVersion, _existing_file, _Model, check_host
@@ -54,9 +54,16 @@ class AdminConfig(_Model):
             raise ValueError(f"{v!r} must be an absolute path")
         return v
 
-    @field_validator("socket_mode")
+    @field_validator("socket_mode", mode="before")
     @classmethod
-    def _mode(cls, v: str) -> str:
+    def _mode(cls, v: object) -> str:
+        # TOML has octal integers (0o660) as well as strings ("0660"); a decimal 660 is almost surely meant as octal.
+        if isinstance(v, int) and not isinstance(v, bool):
+            if not 0 <= v <= 0o777:
+                raise ValueError(f'{v} is not a file mode: write it in octal, as "0660" or 0o660')
+            return f"{v:04o}"
+        if not isinstance(v, str):
+            raise ValueError(f'{v!r} is not an octal file mode such as "0660"')
         try:
             mode = int(v, 8)
         except ValueError:
@@ -65,11 +72,12 @@ class AdminConfig(_Model):
             raise ValueError(f"{v!r} is not a file mode from 0000 to 0777")
         return v
 
-    @model_validator(mode="after")
-    def _tokens(self) -> AdminConfig:
-        if self.token is not None and self.token == self.read_token:
-            raise ValueError("read_token must differ from token, or a reader could do everything")
-        return self
+    @field_validator("read_token")
+    @classmethod
+    def _read_token(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v == info.data.get("token"):
+            raise ValueError("must differ from token, or a reader could do everything")
+        return v
 
 
 class HealthCheckConfig(_Model):
