@@ -6,8 +6,9 @@ connects are refused), let open connections finish for up to each service's ``sh
 is left. A second signal exits at once.
 
 systemd's readiness protocol lives here too: when ``NOTIFY_SOCKET`` names a datagram socket, ``READY=1`` is sent
-once every listener is bound and the admin API is up, and ``STOPPING=1`` when shutdown begins. The test harness
-uses the same signal instead of probing the port, which would itself open a proxied connection.
+once every listener is bound and the admin API is up, and ``STOPPING=1`` when shutdown begins; in between,
+``STATUS=`` and (under ``WatchdogSec``) ``WATCHDOG=1`` (:mod:`rabbitproxy.control.systemd_notify`). The test
+harness uses the same signal instead of probing the port, which would itself open a proxied connection.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import structlog
 from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.reload import ReloadRefusedError
 from rabbitproxy.control.supervisor import Supervisor
+from rabbitproxy.control.systemd_notify import keep_systemd_informed
 from rabbitproxy.tasks import run_restarting
 
 log = structlog.get_logger("rabbitproxy.app")
@@ -126,6 +128,13 @@ async def serve(
     if ready is not None:
         ready(proxy)
     sd_notify("READY=1")
+    # STATUS= for "systemctl status", WATCHDOG=1 under WatchdogSec, from this loop; restarted if it ever dies, or a
+    # watchdog would kill a healthy proxy.
+    if os.environ.get("NOTIFY_SOCKET"):
+        proxy.spawn(
+            run_restarting(lambda: keep_systemd_informed(proxy.services, sd_notify, os.environ), "systemd-notify"),
+            name="systemd-notify",
+        )
     try:
         await shutdown_trigger()
     finally:

@@ -7,9 +7,9 @@ session would be all cost and no gain.
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import socket
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -17,6 +17,10 @@ DEFAULT_ADMIN_URL = "http://127.0.0.1:9080"
 # Closing a connection through the broker may ask several nodes, and asks again for a few seconds while the
 # management API has not learnt of a young connection yet (rabbitproxy.control.closer, BrokerCloser.close_one).
 CLOSE_TIMEOUT = 60.0
+# A reload waits for the new services' first health checks (up to their timeout plus a second) and for every
+# worker's answer; the caller must see its outcome, not a timeout that looks like a refusal.
+RELOAD_TIMEOUT = 120.0
+UNIX_PREFIX = "unix:"
 
 
 class AdminError(Exception):
@@ -28,16 +32,56 @@ class AdminError(Exception):
         self.errors = errors or []
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the admin API's unix socket (``[admin] socket``); the Host header is only a formality there."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class AdminClient:
+    """``url`` is ``http://host:port``, ``https://...``, ``host:port`` or ``unix:/path/to/admin.sock``.
+
+    Requests go straight to the admin API with :mod:`http.client`: never through an HTTP proxy named by the
+    environment (``http_proxy``, ``HTTPS_PROXY``, ``ALL_PROXY``), which would receive the bearer token and would in
+    any case be the wrong way to reach an API that listens on this host or its own network.
+    """
+
     def __init__(self, url: str = DEFAULT_ADMIN_URL, token: str | None = None, timeout: float = 10.0) -> None:
-        if "://" not in url:
-            url = "http://" + url
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise AdminError(f"{url!r} is not an http:// or https:// URL of the admin API")
-        self.url = url.rstrip("/")
+        self.socket_path: str | None = None
+        if url.startswith(UNIX_PREFIX):
+            self.socket_path = url[len(UNIX_PREFIX) :]
+            if not self.socket_path:
+                raise AdminError(f"{url!r}: give the socket's path, as in unix:/run/rabbitproxy/admin.sock")
+            self.url = url
+        else:
+            if "://" not in url:
+                url = "http://" + url
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise AdminError(f"{url!r} is not an http:// or https:// URL, nor unix:PATH, of the admin API")
+            self.url = url.rstrip("/")
         self.token = token or None
         self.timeout = timeout
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+        """A connection to the API and the path prefix of its URL."""
+        if self.socket_path is not None:
+            return UnixHTTPConnection(self.socket_path, timeout), ""
+        parts = urlsplit(self.url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return cls(parts.netloc, timeout=timeout), parts.path
 
     def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
         headers = {"Accept": "application/json"}
@@ -47,15 +91,19 @@ class AdminClient:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)  # noqa: S310
+        conn, prefix = self._connection(timeout or self.timeout)
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310 - scheme checked above
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            raise _http_error(exc) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise AdminError(f"cannot reach the admin API at {self.url}: {reason}") from None
+            conn.request(method, prefix + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise AdminError(f"cannot reach the admin API at {self.url}: {exc}") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            raise _http_error(resp.status, raw)
+        try:
+            return json.loads(raw or b"null")
         except ValueError as exc:
             raise AdminError(f"the admin API at {self.url} answered something that is not JSON: {exc}") from None
 
@@ -86,8 +134,14 @@ class AdminClient:
         result: dict[str, Any] = self.request("PATCH", path, body)
         return result
 
+    def reset_backend(self, service: str, backend: str) -> dict[str, Any]:
+        """Drop the runtime weight override of a backend: the configuration's weight applies again."""
+        path = f"/api/services/{quote(service, safe='')}/backends/{quote(backend, safe='')}/reset"
+        result: dict[str, Any] = self.request("POST", path, {})
+        return result
+
     def reload(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/api/reload", {})
+        result: dict[str, Any] = self.request("POST", "/api/reload", {}, timeout=max(self.timeout, RELOAD_TIMEOUT))
         return result
 
     def connections(self, **params: str | int | None) -> dict[str, Any]:
@@ -102,23 +156,23 @@ class AdminClient:
         return result
 
 
-def _http_error(exc: urllib.error.HTTPError) -> AdminError:
-    message = f"HTTP {exc.code}"
+def _http_error(status: int, raw: bytes) -> AdminError:
+    message = f"HTTP {status}"
     errors: list[str] = []
     try:
-        payload = json.loads(exc.read() or b"null")
+        payload = json.loads(raw or b"null")
     except ValueError:
         payload = None
     if isinstance(payload, dict):
         message = str(payload.get("error", message))
-        raw = payload.get("errors")
-        if isinstance(raw, list):
-            errors = [str(e) for e in raw]
-    if exc.code == 401:
+        listed = payload.get("errors")
+        if isinstance(listed, list):
+            errors = [str(e) for e in listed]
+    if status == 401:
         message += " (give --token or set RABBITPROXY_ADMIN_TOKEN)"
     if isinstance(payload, dict) and isinstance(payload.get("queues"), list):
         errors.extend(f"quorum queue at risk: {q}" for q in payload["queues"])
-    return AdminError(message, exc.code, errors)
+    return AdminError(message, status, errors)
 
 
 def _bytes(n: int) -> str:

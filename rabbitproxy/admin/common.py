@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 PROXY_KEY: web.AppKey[Supervisor] = web.AppKey("proxy")
 TOKEN_KEY: web.AppKey[str | None] = web.AppKey("token", str)
+READ_TOKEN_KEY: web.AppKey[str | None] = web.AppKey("read_token", str)
 REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
 # Bodies are a handful of fields; anything bigger is a mistake or an attack.
 MAX_BODY = 64 * 1024
@@ -23,7 +24,8 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 def who(request: web.Request) -> str:
-    return request.remote or "unknown"
+    # A caller on the unix socket has no address (aiohttp gives an empty string).
+    return request.remote or "the admin socket"
 
 
 async def json_body(request: web.Request) -> Any:

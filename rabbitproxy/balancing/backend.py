@@ -353,16 +353,25 @@ class Backend:
         return self.close_connections(close_reason) if state == "maint" and close else 0
 
     def set_weight(self, weight: int) -> None:
-        """Set the configured weight at runtime; it then survives reloads until the process restarts."""
+        """Set the weight at runtime; it survives reloads (and restarts, with a state file) until reset."""
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
             raise ValueError(f"weight must be a whole number from 0 to 1000, not {weight!r}")
         self.configured_weight = weight
         self.weight_overridden = True
 
+    def clear_weight_override(self) -> None:
+        """Drop a runtime weight: the configuration's weight applies again."""
+        self.configured_weight = self.config.weight
+        self.weight_overridden = False
+
     def adopt_operator_state(self, old: Backend) -> None:
-        """Carry only what an operator set (state, weight): ``old`` had this name but was another server."""
+        """Carry only what an operator set (state, weight): ``old`` had this name but was another server.
+
+        A runtime weight is kept only while the file's weight is the one it overrode: a weight edited in the file
+        since then is the newer decision and wins (HAProxy's rule for its server-state file).
+        """
         self.operator_state = old.operator_state
-        if old.weight_overridden:
+        if old.weight_overridden and old.config.weight == self.config.weight:
             self.configured_weight = old.configured_weight
             self.weight_overridden = True
 

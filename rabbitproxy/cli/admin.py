@@ -43,7 +43,15 @@ def healthcheck(
     raise typer.Exit(outcome.code)
 
 
-AdminUrl = Annotated[str, typer.Option("--admin", help="Admin API URL.", envvar="RABBITPROXY_ADMIN", show_envvar=True)]
+AdminUrl = Annotated[
+    str,
+    typer.Option(
+        "--admin",
+        help="Admin API URL (http://host:port), or unix:PATH for the admin socket (\\[admin] socket).",
+        envvar="RABBITPROXY_ADMIN",
+        show_envvar=True,
+    ),
+]
 ADMIN_DEFAULT = "http://127.0.0.1:9080"
 AdminToken = Annotated[
     str | None,
@@ -174,13 +182,25 @@ def backend_weight(
     admin: AdminUrl = ADMIN_DEFAULT,
     token: AdminToken = None,
 ) -> None:
-    """Set BACKEND's weight; it survives reloads until the proxy restarts."""
+    """Set BACKEND's weight; it survives reloads (and restarts, with \\[admin] state_file) until `backend reset`,
+    or until the file's weight for BACKEND is edited."""
     result = _admin_call(admin, token, lambda c: c.set_backend(service, backend, weight=weight))
     typer.echo(f"{service}/{backend}: weight {result['weight']}, effective {result['effective_weight']}")
 
 
+@backend_app.command("reset")
+def backend_reset(service: str, backend: str, admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
+    """Drop BACKEND's runtime weight: the configuration file's weight applies again."""
+    result = _admin_call(admin, token, lambda c: c.reset_backend(service, backend))
+    weights = f"weight {result['weight']} from the configuration, effective {result['effective_weight']}"
+    typer.echo(f"{service}/{backend}: {weights}")
+
+
 def reload(admin: AdminUrl = ADMIN_DEFAULT, token: AdminToken = None) -> None:
-    """Make the running proxy re-read its configuration file (like SIGHUP, but with the outcome shown)."""
+    """Make the running proxy re-read its configuration file and wait for the outcome (like SIGHUP, but with it shown).
+
+    Exits 1 with the reasons when the proxy refused the file (a bad key, a port taken, a bad certificate) or a
+    worker kept the old configuration: what systemd's ExecReload needs to fail a "systemctl reload"."""
     result = _admin_call(admin, token, lambda c: c.reload())
     typer.echo("reloaded:")
     for key in ("added", "removed", "changed", "unchanged"):

@@ -25,6 +25,7 @@ from rabbitproxy.config.base import Seconds as Seconds
 from rabbitproxy.config.base import TLSVersion as TLSVersion
 from rabbitproxy.config.base import WholeSeconds as WholeSeconds
 from rabbitproxy.config.base import check_host as check_host
+from rabbitproxy.config.checks import READ_TOKEN_ENV as READ_TOKEN_ENV
 from rabbitproxy.config.checks import TOKEN_ENV as TOKEN_ENV
 from rabbitproxy.config.checks import admin_token_error as admin_token_error
 from rabbitproxy.config.checks import is_loopback as is_loopback

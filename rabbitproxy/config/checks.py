@@ -19,6 +19,7 @@ from rabbitproxy.config.sections import AdminConfig
 from rabbitproxy.config.service import Config, ServiceConfig
 
 TOKEN_ENV = "RABBITPROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+READ_TOKEN_ENV = "RABBITPROXY_ADMIN_READ_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
 def _entries(data: Any, key: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
@@ -83,14 +84,21 @@ def is_loopback(host: str) -> bool:
 
 
 def admin_token_error(cfg: AdminConfig, env: Mapping[str, str]) -> str | None:
-    """The error when the admin API would listen beyond loopback without a token (config or environment)."""
-    if not cfg.enabled or cfg.token or env.get(TOKEN_ENV):
+    """Why the admin tokens in force (config first, then the environment) cannot serve; None when they can.
+
+    The API must not listen beyond loopback with no token at all, and the readers' token must not be the operator's.
+    """
+    if not cfg.enabled:
         return None
-    if is_loopback(split_host_port(cfg.listen)[0]):
+    token = cfg.token or env.get(TOKEN_ENV) or None
+    read = cfg.read_token or env.get(READ_TOKEN_ENV) or None
+    if token is not None and token == read:
+        return "admin.read_token: must differ from the operator's token, or a reader could do everything"
+    if token is not None or read is not None or is_loopback(split_host_port(cfg.listen)[0]):
         return None
     return (
         f"admin.token: required because admin.listen ({cfg.listen}) is not a loopback address; "
-        f"set [admin] token or {TOKEN_ENV}"
+        f"set [admin] token or {TOKEN_ENV} (or only read_token, and make changes through admin.socket)"
     )
 
 

@@ -37,6 +37,49 @@ class AdminConfig(_Model):
         check_host(split_host_port(v)[0])
         return v
 
+    # Scoped access (docs/operations.md, "Access levels"): token may do everything, read_token only GET.
+    read_token: str | None = None
+    # A unix socket for the API beside listen ("" = none); whoever may open it is an operator, as with HAProxy's
+    # stats socket, so its owner, group and mode are the access control.
+    socket: str = ""
+    socket_mode: str = "0660"
+    socket_owner: str = ""
+    socket_group: str = ""
+    # Operator changes (state, weight overrides) are kept here across restarts ("" = not kept).
+    state_file: str = ""
+
+    @field_validator("socket", "state_file")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if v and not Path(v).is_absolute():
+            raise ValueError(f"{v!r} must be an absolute path")
+        return v
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _mode(cls, v: object) -> str:
+        # TOML has octal integers (0o660) as well as strings ("0660"); a decimal 660 is almost surely meant as octal.
+        if isinstance(v, int) and not isinstance(v, bool):
+            if not 0 <= v <= 0o777:
+                raise ValueError(f'{v} is not a file mode: write it in octal, as "0660" or 0o660')
+            return f"{v:04o}"
+        if not isinstance(v, str):
+            raise ValueError(f'{v!r} is not an octal file mode such as "0660"')
+        try:
+            mode = int(v, 8)
+        except ValueError:
+            raise ValueError(f'{v!r} is not an octal file mode such as "0660"') from None
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"{v!r} is not a file mode from 0000 to 0777")
+        return v
+
+    @field_validator("read_token")
+    @classmethod
+    def _read_token(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v == info.data.get("token"):
+            raise ValueError("must differ from token, or a reader could do everything")
+        return v
+
 
 class HealthCheckConfig(_Model):
     type: Literal["tcp", "amqp", "http", "none"] = "amqp"

@@ -289,6 +289,14 @@ def _update_service(
                 # Same name, new address: a different server. Its open connections stay with the old one, but
                 # what the operator set (drain, maint, a weight) is about the name and carries over.
                 b.adopt_operator_state(prev)
+        if prev is not None and prev.weight_overridden and not b.weight_overridden:
+            log.info(
+                "runtime weight dropped: the file's weight changed since it was set",
+                service=sc.name,
+                backend=bc.name,
+                runtime_weight=prev.configured_weight,
+                file_weight=bc.weight,
+            )
         backends.append(b)
     pool = Pool(backends, sc.balance)
     if old_cfg.balance == sc.balance:

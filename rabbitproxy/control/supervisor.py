@@ -21,6 +21,7 @@ import structlog
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
+from rabbitproxy.control import state_file
 from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task
 from rabbitproxy.control.management import session_for
@@ -72,6 +73,8 @@ class Supervisor:
             self.steering.remote = self._steer_workers
         self.reload_lock = asyncio.Lock()
         self.last_reload = ReloadOutcome()
+        # [admin] is read at start only, like the admin API itself: a reload does not move the state file.
+        self.state_path = Path(config.admin.state_file) if config.admin.state_file and role != "worker" else None
         self.listeners_ready = asyncio.Event()
 
     # -- start and stop ------------------------------------------------------------------------------------------
@@ -89,6 +92,10 @@ class Supervisor:
             self.services[sc.name] = service
             self.watch_service(service)
             self.steering.service_added(service)
+        if self.state_path is not None:
+            # Before anything serves or a worker copies the state: a drained node must not take a client first.
+            state_file.restore(self.state_path, self.services)
+            self.save_state()
         if self.on_swap is not None:
             self.on_swap()
         # The sockets already listen, so clients arriving now wait in the backlog. Serving starts once every
@@ -173,9 +180,17 @@ class Supervisor:
             self.workers.kill_all()
 
     def state_changed(self) -> None:
-        """A backend's state changed outside a monitor (the admin API): the workers get it now, not at the next poll."""
+        """An operator changed a backend (the admin API): the workers get it now, and the state file keeps it."""
         if self.workers is not None:
             self.workers.push_state()
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Write ``[admin] state_file`` (if configured) from the backends as they are now."""
+        if self.state_path is not None:
+            # Synchronous on purpose: a few hundred bytes after an operator's change, and no await may let another
+            # change write an older picture over this one.
+            state_file.save(self.state_path, self.services)
 
     async def shutdown(self) -> None:
         if self.state == "stopping":
@@ -288,6 +303,8 @@ class Supervisor:
                 ]
             )
         result = await apply(self, new)
+        # Backends removed, runtime weights dropped for a weight edited in the file: the state file follows.
+        self.save_state()
         if self.workers is not None:
             result.worker_errors = await self.workers.reload(new)
         return result

@@ -30,12 +30,13 @@ from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.protocols.amqp_handshake import Handshake
 from tests.support.amqp import client_dead
 from tests.support.cluster import backends_for
-from tests.support.net import free_port
+from tests.support.net import echo_handler, free_port, tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
 from tests.support.waiting import wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 TOKEN = "overview-test-token"
+READ_TOKEN = "overview-read-token"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -420,3 +421,48 @@ async def test_overview_connections_view_filters_and_sorts(cluster: DevCluster, 
             for c in clients:
                 if not client_dead(c):
                     await c.close()
+
+
+@pytest.mark.asyncio
+async def test_overview_with_the_read_token_shows_no_buttons(tmp_path: Path) -> None:
+    # Issue 26, item 4: a reader sees every backend and connection, and no control it may not use.
+    admin_port = free_port()
+    url = f"http://127.0.0.1:{admin_port}"
+    admin = {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN, "read_token": READ_TOKEN}
+    async with (
+        tcp_server(echo_handler) as port,
+        run_proxy(service_config([{"name": "echo1", "address": "127.0.0.1", "port": port}]), admin=admin) as proxy,
+        chromium(tmp_path) as page,
+    ):
+        _, writer = await asyncio.open_connection(*listen_addr(proxy))
+        try:
+            await page.send("Page.enable")
+            await page.send("Page.navigate", url=url + "/")
+            await wait_for(
+                lambda: page.eval("document.querySelector('#tokenform.show') !== null"), what="the token prompt"
+            )
+            await page.click("#token")
+            await page.send("Input.insertText", text=READ_TOKEN)
+            await page.click("#tokensave")
+            await wait_for(
+                lambda: page.eval("document.querySelectorAll('tr[data-conn-id]').length === 1"),
+                what="the backend row and the connection",
+            )
+            assert await page.eval("document.querySelectorAll('tr[data-backend]').length") == 1
+            visible = (
+                "[...document.querySelectorAll('[data-action], [data-weight-input]')]"
+                ".filter(e => getComputedStyle(e).display !== 'none').length"
+            )
+            assert await page.eval("document.querySelectorAll('[data-action]').length") > 0
+            assert await page.eval(visible) == 0
+            assert await page.eval("getComputedStyle(document.getElementById('readonly')).display") != "none"
+            # The same page with the operator's token has its buttons back.
+            await page.eval(f"sessionStorage.setItem('rabbitproxy-admin-token', {json.dumps(TOKEN)})")
+            await wait_for(lambda: _equals_after(page, visible), what="the buttons for the operator")
+            assert await page.eval("getComputedStyle(document.getElementById('readonly')).display") == "none"
+        finally:
+            writer.close()
+
+
+async def _equals_after(page: Page, visible: str) -> bool:
+    return bool(await page.eval(visible))

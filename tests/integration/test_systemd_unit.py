@@ -27,6 +27,7 @@ from tests.support.waiting import wait_for_sync
 UNIT = Path(__file__).resolve().parents[2] / "examples" / "systemd" / "rabbitproxy.service"
 INSTALLED = "/opt/rabbitproxy/bin/rabbitproxy"
 CONFIG = "/etc/rabbitproxy/rabbitproxy.toml"
+SOCKET = "/run/rabbitproxy/admin.sock"
 RABBITPROXY = str(Path(sys.executable).parent / "rabbitproxy")
 
 
@@ -80,7 +81,12 @@ def test_the_unit_is_sized_and_hardened_as_documented() -> None:
     s = settings(text)
     defaults = ServiceConfig.model_validate({"name": "x", "backends": [{"name": "b", "address": "127.0.0.1"}]})
     assert one(s, "Type") == "notify"
-    assert s["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    # Reload through the CLI, which waits for the outcome (not kill -HUP, which succeeds whatever the proxy does).
+    assert s["ExecReload"] == [f"{INSTALLED} reload --admin unix:{SOCKET}"]
+    assert one(s, "RuntimeDirectory") == "rabbitproxy" and SOCKET.startswith("/run/rabbitproxy/")
+    assert one(s, "StateDirectory") == "rabbitproxy"
+    assert f'#   socket = "{SOCKET}"' in text and '#   state_file = "/var/lib/rabbitproxy/state.json"' in text
+    assert int(one(s, "WatchdogSec")) >= 10
     # The drain (shutdown_timeout) and the last flushes (close_timeout) must fit before systemd kills the process.
     assert int(one(s, "TimeoutStopSec")) > defaults.shutdown_timeout + defaults.close_timeout
     # Two descriptors per connection at the default max_connections, plus at least a fifth more of headroom.
@@ -101,8 +107,10 @@ def test_the_unit_is_sized_and_hardened_as_documented() -> None:
 
 
 def command(line: str, config: Path, pid: int | None = None) -> list[str]:
-    """A unit's command line as this machine can run it: our rabbitproxy, the test's config, systemd's $MAINPID."""
+    """A unit's command line as this machine can run it: our rabbitproxy, the test's config and admin socket (beside
+    the config), systemd's $MAINPID."""
     line = line.replace(INSTALLED, RABBITPROXY).replace(CONFIG, str(config))
+    line = line.replace(SOCKET, str(config.parent / "admin.sock"))
     if pid is not None:
         line = line.replace("$MAINPID", str(pid))
     return shlex.split(line)
@@ -112,7 +120,8 @@ def test_start_reload_and_stop_with_the_units_own_commands(tmp_path: Path) -> No
     s = settings(UNIT.read_text())
     config = tmp_path / "rabbitproxy.toml"
     backend = {"name": "b", "address": "127.0.0.1", "port": free_port()}
-    data = proxy_config(service_config([backend]), admin={"listen": f"127.0.0.1:{free_port()}"})
+    admin = {"listen": f"127.0.0.1:{free_port()}", "socket": str(tmp_path / "admin.sock")}
+    data = proxy_config(service_config([backend]), admin=admin)
     config.write_text(to_toml(data))
 
     for line in s["ExecStartPre"]:
@@ -125,11 +134,13 @@ def test_start_reload_and_stop_with_the_units_own_commands(tmp_path: Path) -> No
 
         def notified(state: str) -> bool:
             try:
-                return notify.recv(256) == state.encode()
+                return notify.recv(256).startswith(state.encode())
             except TimeoutError:
                 return False
 
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        # As systemd sets them for WatchdogSec=.
+        watchdog_usec = str(int(one(s, "WatchdogSec")) * 1_000_000)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC=watchdog_usec)
         proc = subprocess.Popen(command(one(s, "ExecStart"), config), stdout=journal, stderr=journal, env=env)
         try:
             wait_for_sync(lambda: notified("READY=1"), timeout=60, what="READY=1")
@@ -143,6 +154,20 @@ def test_start_reload_and_stop_with_the_units_own_commands(tmp_path: Path) -> No
             for line in s["ExecReload"]:
                 subprocess.run(command(line, config, proc.pid), check=True, capture_output=True, timeout=60)
             wait_for_sync(lambda: "configuration reloaded" in events(), timeout=30, what="the reload in the log")
+            # The watchdog's keep-alive arrives with the STATUS= line.
+            wait_for_sync(lambda: notified("WATCHDOG=1\nSTATUS=1 service(s)"), timeout=60, what="WATCHDOG=1")
+
+            # A reload the proxy refuses (a port in use) fails "systemctl reload", with the reason.
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                busy = f"127.0.0.1:{taken.getsockname()[1]}"
+                refused = dict(data, services=[*data["services"], service_config([backend], name="b2", listen=busy)])
+                config.write_text(to_toml(refused))
+                [line] = s["ExecReload"]
+                done = subprocess.run(command(line, config, proc.pid), capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert f"services['b2'].listen: cannot listen on {busy}" in done.stderr
 
             # Stop as "systemctl stop" would: KillSignal, then at most TimeoutStopSec.
             proc.send_signal(getattr(signal, one(s, "KillSignal")))

@@ -79,7 +79,18 @@ def to_toml(data: Mapping[str, Any]) -> str:
 class ProxyProcess:
     """``rabbitproxy serve`` as a real subprocess (for signals, crashes and descriptor counts)."""
 
-    def __init__(self, config: Mapping[str, Any], tmp_path: Path, loop: str = "uvloop", log_level: str = "warning"):
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        tmp_path: Path,
+        loop: str = "uvloop",
+        log_level: str = "warning",
+        env: Mapping[str, str] | None = None,
+    ):
+        # ``env``: variables added to this environment for the process (WATCHDOG_USEC, say).
+        self.env = dict(env or {})
+        # With start(keep_notify=True), the notify socket stays open for notices() to read what followed READY=1.
+        self.notify: socket.socket | None = None
         self.config_path = tmp_path / "rabbitproxy.toml"
         self.config_path.write_text(to_toml(config))
         self.log_path = tmp_path / "rabbitproxy.log"
@@ -96,18 +107,35 @@ class ProxyProcess:
             "--loop", self.loop, "--log-level", self.log_level,
         ]  # fmt: skip
 
-    def start(self) -> ProxyProcess:
+    def start(self, keep_notify: bool = False) -> ProxyProcess:
         """Start the process and wait for its sd_notify READY=1 (every listener bound, admin API up)."""
         self._log = self.log_path.open("wb")
         notify_path = self.config_path.with_suffix(".notify")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
             notify.bind(str(notify_path))
             notify.settimeout(0.2)
-            env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+            env = dict(os.environ, **self.env, NOTIFY_SOCKET=str(notify_path))
             self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
             wait_for_sync(lambda: self._ready(notify), timeout=60, what="the proxy's READY=1")
-        notify_path.unlink()
+        finally:
+            if keep_notify:
+                notify.setblocking(False)
+                self.notify = notify
+            else:
+                notify.close()
+                notify_path.unlink()
         return self
+
+    def notices(self) -> list[str]:
+        """The sd_notify messages that arrived since the last call (start(keep_notify=True) first)."""
+        assert self.notify is not None
+        out = []
+        while True:
+            try:
+                out.append(self.notify.recv(4096).decode())
+            except BlockingIOError:
+                return out
 
     def _ready(self, notify: socket.socket) -> bool:
         assert self.proc is not None
@@ -136,6 +164,9 @@ class ProxyProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         return self.proc.returncode
 
     def __enter__(self) -> ProxyProcess:

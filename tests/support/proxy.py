@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from rabbitproxy import config as config_mod
@@ -17,6 +18,7 @@ from rabbitproxy.control.supervisor import Supervisor
 from rabbitproxy.relay.service import Service
 
 from .net import free_port
+from .process import to_toml
 
 # A listen address for services that are built but never started, so the pure tiers open no socket for a port.
 UNBOUND_LISTEN = "127.0.0.1:5999"
@@ -61,12 +63,21 @@ def agent_service(weight: int = 100, on_marked_down: str = "close") -> Service:
 
 
 @contextlib.asynccontextmanager
-async def run_proxy(*services: Mapping[str, Any], admin: Mapping[str, Any] | None = None) -> AsyncIterator[Supervisor]:
-    """Run ``serve()`` in this loop (uvicorn's ``run_server`` pattern); yields the running :class:`Supervisor`."""
-    cfg = config_mod.validate(proxy_config(*services, admin=admin), "test")
+async def run_proxy(
+    *services: Mapping[str, Any], admin: Mapping[str, Any] | None = None, config_path: Path | None = None
+) -> AsyncIterator[Supervisor]:
+    """Run ``serve()`` in this loop (uvicorn's ``run_server`` pattern); yields the running :class:`Supervisor`.
+
+    With ``config_path`` the configuration is also written there, so a reload re-reads that file.
+    """
+    data = proxy_config(*services, admin=admin)
+    cfg = config_mod.validate(data, "test")
+    if config_path is not None:
+        config_path.write_text(to_toml(data))
     stop = asyncio.Event()
     started: asyncio.Future[Supervisor] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(cfg, shutdown_trigger=stop.wait, ready=started.set_result))
+    run = serve(cfg, config_path=config_path, shutdown_trigger=stop.wait, ready=started.set_result)
+    task = asyncio.create_task(run)
     done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()

@@ -169,3 +169,23 @@ async def patch_backend(request: web.Request) -> web.Response:
     # With workers = N the workers copy the new state now, not at the next poll.
     proxy.state_changed()
     return web.json_response(steered_backend(proxy, service.name, backend_view(backend)) | result)
+
+
+async def reset_backend(request: web.Request) -> web.Response:
+    """Drop a backend's runtime weight: the configuration's weight applies again (and the state file forgets it)."""
+    proxy = request.app[PROXY_KEY]
+    await json_body(request)
+    service, backend = find(proxy, request.match_info["service"], request.match_info["backend"])
+    assert backend is not None
+    previous = backend.configured_weight if backend.weight_overridden else None
+    backend.clear_weight_override()
+    log.info(
+        "backend weight override reset",
+        service=service.name,
+        backend=backend.name,
+        previous=previous,
+        weight=backend.configured_weight,
+        who=who(request),
+    )
+    proxy.state_changed()
+    return web.json_response(steered_backend(proxy, service.name, backend_view(backend)))
