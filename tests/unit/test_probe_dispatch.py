@@ -120,7 +120,7 @@ def _file(tmp_path: Path, admin: str) -> Path:
         ("[admin]\nenabled = false\n", (False, "127.0.0.1:9080")),
         # Not the usual shape, but pydantic accepts it, so serve does and the probe must too.
         ('[admin]\nenabled = "false"\nlisten = "[::1]:9081"\n', (False, "[::1]:9081")),
-        # Forms the probe's own scanner leaves to tomllib (rabbitproxy.admin.tomlscan).
+        # TOML's less usual spellings of the same table.
         ('[admin]\nlisten = """0.0.0.0:9999"""\n', (True, "0.0.0.0:9999")),
         ('admin = { listen = "127.0.0.1:\\u0039998", enabled = false }\n', (False, "127.0.0.1:9998")),
         ("admin.listen = '127.0.0.1:9997'\n", (True, "127.0.0.1:9997")),
@@ -166,6 +166,16 @@ def test_run_reports_config_problems_with_exit_2(tmp_path: Path) -> None:
         2,
         "invalid configuration:\n  --admin: 'ftp://127.0.0.1:9080': the admin URL must start with http:// or https://",
     )
+
+
+def test_a_config_that_is_not_utf8_is_exit_2_naming_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "rabbitproxy.toml"
+    data = b'[admin]\nlisten = "127.0.0.1:9080" # caf\xe9\n'
+    path.write_bytes(data)
+    outcome = probe.run(None, path, 1.0, True, {})
+    assert (outcome.code, outcome.to_stderr) == (2, True)
+    # The offset counts from 0, as a hex dump or ``cmp`` shows it.
+    assert outcome.message == f"{path}: invalid configuration:\n  not UTF-8 at byte {data.index(0xE9)}"
 
 
 def test_run_with_the_admin_api_disabled_probes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
