@@ -28,7 +28,6 @@ def _run_cli(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-
 @pytest.mark.asyncio
 async def test_healthy_while_running_unhealthy_while_draining() -> None:
     admin = f"127.0.0.1:{free_port()}"
@@ -78,12 +77,10 @@ async def test_a_proxy_in_the_environment_is_never_used() -> None:
     # closed port, so going through it would fail the probe.
     with dead_port() as closed:
         proxy_url = f"http://127.0.0.1:{closed}"
-        env = {name: proxy_url for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy")}
+        env = dict.fromkeys(("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"), proxy_url)
         async with http_answer(_response("200 OK", b'{"status": "ok"}')) as base:
             clean: dict[str, str | None] = {"RABBITPROXY_CONFIG": None, "RABBITPROXY_ADMIN": None, "no_proxy": None}
-            result = await asyncio.to_thread(
-                CliRunner().invoke, app, ["healthcheck", "--admin", base], env=clean | env
-            )
+            result = await asyncio.to_thread(CliRunner().invoke, app, ["healthcheck", "--admin", base], env=clean | env)
     assert (result.exit_code, result.output.strip()) == (0, f"healthy: {base}/healthz: ok")
 
 
@@ -117,7 +114,7 @@ def _response(status: str, body: bytes) -> bytes:
         (_response("200 OK", b"ok"), False, "HTTP 200, status ok"),
         (_response("200 OK", b'["ok"]'), False, 'HTTP 200, status ["ok"]'),
         (_response("200 OK", b""), False, "HTTP 200, status (empty body)"),
-        (b"garbage\r\n\r\n", False, "not an HTTP answer (BadStatusLine 'garbage')"),
+        (b"garbage\r\n\r\n", False, "not an HTTP answer (status line 'garbage')"),
         # A proxy in front of the admin API may answer chunked; the body is read whole.
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"

@@ -82,3 +82,11 @@ def test_bad_backend_env_is_a_config_error_not_a_crash() -> None:
     with pytest.raises(ConfigError) as info:
         build_config(None, None, None, {}, env={"RABBITPROXY_BACKENDS": "rabbit1:notaport"})
     assert info.value.errors == ["RABBITPROXY_BACKENDS: 'rabbit1:notaport': port must be a number from 1 to 65535"]
+
+
+def test_a_chunked_body_is_read_whole() -> None:
+    # The probe speaks HTTP itself; a proxy in front of the admin API may answer chunked.
+    from rabbitproxy.admin.probe import _dechunk
+
+    assert _dechunk(b'7\r\n{"statu\r\n9\r\ns": "ok"}\r\n0\r\n\r\n') == b'{"status": "ok"}'
+    assert _dechunk(b"zz\r\nnot chunked") == b""

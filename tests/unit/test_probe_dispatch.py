@@ -120,7 +120,7 @@ def _file(tmp_path: Path, admin: str) -> Path:
         ("[admin]\nenabled = false\n", (False, "127.0.0.1:9080")),
         # Not the usual shape, but pydantic accepts it, so serve does and the probe must too.
         ('[admin]\nenabled = "false"\nlisten = "[::1]:9081"\n', (False, "[::1]:9081")),
-        # TOML's less usual spellings of the same table.
+        # Forms the probe's own scanner leaves to tomllib (rabbitproxy.admin.tomlscan).
         ('[admin]\nlisten = """0.0.0.0:9999"""\n', (True, "0.0.0.0:9999")),
         ('admin = { listen = "127.0.0.1:\\u0039998", enabled = false }\n', (False, "127.0.0.1:9998")),
         ("admin.listen = '127.0.0.1:9997'\n", (True, "127.0.0.1:9997")),
