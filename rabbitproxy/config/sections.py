@@ -12,7 +12,8 @@ from rabbitproxy.config.base import Port, PositiveSeconds, TLSVersion, _existing
 
 
 class LogConfig(_Model):
-    format: Literal["console", "json"] = "console"
+    # "auto": coloured console output at a terminal, JSON lines anywhere else.
+    format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
