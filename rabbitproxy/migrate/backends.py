@@ -38,8 +38,6 @@ def backend_settings(
     _health_check(service, servers, back, section, warn, notes)
     _feedback(service, servers, back, warn)
     factor = _weight_factor(params)
-    if factor != 100:
-        notes["name"] = f"HAProxy weights x{factor} (ratios kept; rabbitproxy weights go to {MAX_WEIGHT})"
     same_agent_port = len({p.agent_port for p in params if p.agent_check}) == 1
     service["backends"] = [
         _backend(d, host, port, p, factor, service_proxy is None, same_agent_port) for d, host, port, p in servers
@@ -119,9 +117,10 @@ def _feedback(service: dict[str, Any], servers: list[Server], back: Proxy, warn:
 
 
 def _weight_factor(params: list[ServerParams]) -> int:
-    """What HAProxy weights are multiplied by: 100 (1 is our 100) unless the largest would pass MAX_WEIGHT."""
+    """What HAProxy weights are multiplied by: 100 while they are small (HAProxy's default 1 is our 100), else 1
+    (HAProxy's largest, 256, is within ours); the ratios between servers are what matters, and stay."""
     largest = max((p.weight for p in params), default=1)
-    return max(1, min(100, MAX_WEIGHT // max(largest, 1)))
+    return 100 if largest <= MAX_WEIGHT // 100 else 1
 
 
 def _backend(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rabbitproxy.migrate.backends import backend_settings
+from rabbitproxy.migrate.binds import listener
 from rabbitproxy.migrate.haproxy import Directive, Section, parse_time, read_sections, split_address
 from rabbitproxy.migrate.output import render
 from rabbitproxy.migrate.proxies import Proxy, Warn, apply, timeout_notes
@@ -25,7 +26,6 @@ _BALANCE = {
     "leastconn": "least-connections",
     "source": "source-hash",
 }
-_WILDCARD_HOSTS = {"": "0.0.0.0", "*": "0.0.0.0", "0.0.0.0": "0.0.0.0", "::": "::"}
 
 
 @dataclass
@@ -172,12 +172,10 @@ def _service(
     section: Section, front: Proxy, back: Proxy, globals_: _Globals, state: _State, index: int
 ) -> dict[str, Any] | None:
     service: dict[str, Any] = {"name": section.name}
-    listen = _listen(section, front, state.warn)
+    listen = listener(section, front, state.warn)
     if listen is None:
         return None
-    service["listen"], freebind = listen
-    if freebind:
-        service["freebind"] = True
+    service.update(listen)
     if back.balance is not None:
         service["balance"] = _balance(back.balance, state.warn)
     if "connect" in back.timeouts:
@@ -196,37 +194,6 @@ def _service(
         return None
     backend_settings(service, servers, back, section, state.warn, state.notes[index])
     return service
-
-
-def _listen(section: Section, proxy: Proxy, warn: Warn) -> tuple[str, bool] | None:
-    """The service's listen address from the first bind, and whether it binds with ``transparent``."""
-    if not proxy.binds:
-        warn(section.line, f"{section.kind} {section.name}: no bind line, skipped")
-        return None
-    first = proxy.binds[0]
-    for extra in proxy.binds[1:]:
-        warn(extra.line, f"{extra.text}: a service listens on one address; only {first.words[1]} is converted")
-    addresses = first.words[1].split(",")
-    if len(addresses) > 1:
-        warn(first.line, f"{first.text}: a service listens on one address; only {addresses[0]} is converted")
-    host, port = split_address(addresses[0])
-    if not port.isdigit():
-        warn(first.line, f"{first.text}: port {port or '(none)'} is not one port number, {section.name} skipped")
-        return None
-    host = _WILDCARD_HOSTS.get(host, host)
-    options = first.words[2:]
-    for option in options:
-        if option not in ("transparent", "v4v6"):
-            warn(first.line, f"bind ... {option}: {_bind_note(option)}, left out")
-    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), "transparent" in options
-
-
-def _bind_note(option: str) -> str:
-    if option in ("ssl", "crt", "ca-file", "verify"):
-        return "TLS termination is [services.tls] (cert and key files on the proxy host)"
-    if option == "accept-proxy":
-        return "set accept_proxy_protocol = true with proxy_protocol_from (the trusted load balancers)"
-    return "no rabbitproxy equivalent"
 
 
 def _balance(d: Directive, warn: Warn) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # Keys whose value is a table or an array of tables, written after the service's plain keys.
-_TABLES = ("health_check", "feedback")
+_TABLES = ("tls", "health_check", "feedback")
 
 
 def scalar(value: Any) -> str:
