@@ -50,7 +50,7 @@ def listener(section: Section, proxy: Proxy, warn: Warn) -> dict[str, Any] | Non
         if tls is not None:
             out["tls"] = tls
     for option, value in options.items():
-        if option not in ("transparent", "v4v6", "ssl", "crt", "ca-file", "verify"):
+        if option not in ("transparent", "v6only", "ssl", "crt", "ca-file", "verify"):
             shown = f"{option} {value}" if value else option
             warn(first.line, f"bind ... {shown}: {_note(option)}, left out")
     return out
@@ -85,6 +85,6 @@ def _tls(bind: Directive, options: dict[str, str], warn: Warn) -> dict[str, Any]
 def _note(option: str) -> str:
     if option == "accept-proxy":
         return "set accept_proxy_protocol = true with proxy_protocol_from (the trusted load balancers)"
-    if option == "v6only":
-        return "a [v6] listen address takes IPv6 only where the system says so (net.ipv6.bindv6only)"
+    if option == "v4v6":
+        return "an IPv6 listener takes IPv6 only; IPv4 clients need a service on 0.0.0.0 as well"
     return "no rabbitproxy equivalent"

@@ -265,3 +265,9 @@ def test_cli_a_result_that_does_not_validate_is_written_and_named(tmp_path: Path
     assert code == 2
     assert "connect_timeout = 0.0" in out
     assert "services['a'].connect_timeout: Input should be greater than 0" in err
+
+
+def test_an_ipv6_wildcard_bind_and_its_v4v6_flag() -> None:
+    data, warnings = converted("listen a\n    bind :::5672 v4v6\n    server s 10.0.0.1:5672\n")
+    assert data["services"][0]["listen"] == "[::]:5672"
+    assert any(":2: bind ... v4v6: an IPv6 listener takes IPv6 only" in w for w in warnings)
