@@ -118,7 +118,7 @@ def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = Non
         # No caching: tests and reloads reconfigure logging, and module-level loggers must follow.
         cache_logger_on_first_use=False,
     )
-    _route_stdlib_logging(out, max(numeric, logging.WARNING), shared, renderer)
+    _route_stdlib_logging(stream, max(numeric, logging.WARNING), shared, renderer)
     _direct = None
     if not isinstance(renderer, structlog.dev.ConsoleRenderer):
         try:
@@ -134,8 +134,16 @@ _CONSOLE_LINE = ConsoleLine()
 _stdlib_handler: logging.Handler | None = None
 
 
+class _Stderr(logging.StreamHandler[TextIO]):
+    """A handler on whatever ``sys.stderr`` is when a record comes (a test's capture may have replaced it since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _route_stdlib_logging(
-    out: TextIO, level: int, shared: list[structlog.types.Processor], renderer: structlog.types.Processor
+    out: TextIO | None, level: int, shared: list[structlog.types.Processor], renderer: structlog.types.Processor
 ) -> None:
     """Render the standard library's records (aiohttp, asyncio) with the same renderer, so every line of the log
     has one format: a logfmt or JSON reader must not trip over ``WARNING asyncio: ...``.
@@ -147,7 +155,7 @@ def _route_stdlib_logging(
     root = logging.getLogger()
     if _stdlib_handler is not None:
         root.removeHandler(_stdlib_handler)
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(out) if out is not None else _Stderr()
     handler.setLevel(level)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
