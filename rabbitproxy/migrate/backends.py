@@ -59,7 +59,8 @@ def _first_checked(servers: list[Server], flag: str, what: str, keys: tuple[str,
     first = checked[0][1]
     for d, p in checked[1:]:
         if any(getattr(p, k) != getattr(first, k) for k in keys):
-            warn(d.line, f"{d.words[1]}: its {what} timing differs; rabbitproxy has one per service ({keys})")
+            shown = ", ".join(k.replace("_", "-") for k in keys)
+            warn(d.line, f"{d.words[1]}: its {what} timing ({shown}) differs; rabbitproxy has one per service")
     for d, _, _, p in servers:
         if not getattr(p, flag):
             warn(d.line, f"{d.words[1]}: no {what} while others have one; rabbitproxy {what}s every backend")

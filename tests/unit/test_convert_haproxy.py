@@ -271,3 +271,17 @@ def test_an_ipv6_wildcard_bind_and_its_v4v6_flag() -> None:
     data, warnings = converted("listen a\n    bind :::5672 v4v6\n    server s 10.0.0.1:5672\n")
     assert data["services"][0]["listen"] == "[::]:5672"
     assert any(":2: bind ... v4v6: an IPv6 listener takes IPv6 only" in w for w in warnings)
+
+
+def test_servers_that_disagree_on_checks_are_named() -> None:
+    text = (
+        "listen a\n    bind :5672\n"
+        "    server s1 10.0.0.1:5672 check inter 2s\n"
+        "    server s2 10.0.0.2:5672 check inter 5s\n"
+        "    server s3 10.0.0.3:5672\n"
+    )
+    data, warnings = converted(text)
+    # The first checked server's timing is taken; the others are named with their lines.
+    assert data["services"][0]["health_check"]["interval"] == 2.0
+    assert any(":4: s2: its check timing (inter, fall, rise) differs" in w for w in warnings)
+    assert any(":5: s3: no check while others have one" in w for w in warnings)
