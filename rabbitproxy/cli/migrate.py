@@ -18,10 +18,10 @@ def convert_haproxy(
 ) -> None:
     """Convert HAProxy's TCP-mode listen and frontend+backend sections to a rabbitproxy TOML configuration.
 
-    Every directive that does not carry over is named on stderr as FILE:LINE: ...; HTTP-mode and stats sections
-    are skipped. Exit 0 when the result validates, 2 when the file cannot be read, holds no TCP proxy, or the
-    result does not validate (it is still written, for editing).
+    Unconverted directives are named on stderr as FILE:LINE; exit 2 if nothing converts or the result is invalid.
     """
+    # HTTP-mode and stats sections are skipped with a warning. A result that does not validate is still written,
+    # for editing: the error names the key (docs/migrating.md).
     import tomllib
 
     from rabbitproxy import config as config_mod
