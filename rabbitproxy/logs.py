@@ -1,4 +1,4 @@
-"""structlog setup: a readable console format for people, JSON lines for machines.
+"""structlog setup: JSON lines for machines, a coloured layout at a terminal, logfmt lines on request.
 
 Both go to stderr so that stdout stays free for command output (``check-config``, ``status``).
 """
@@ -28,25 +28,44 @@ info_enabled = True
 _direct: tuple[str, int] | None = None
 
 
-# A value printed as is; anything else (spaces, quotes, '=', empty) is printed as its repr, so a line splits back
-# into key=value pairs unambiguously.
-_PLAIN = re.compile(r"[^\s'\"=\\]+\Z").match
+# A value printed as is: printable, no space, and none of the characters logfmt quoting gives a meaning to. Anything
+# else is written as a double-quoted string with JSON's escapes (\" \\ \n \t \u0001), which logfmt parsers (Loki,
+# Vector, go-logfmt) read back, so a line splits into its key=value pairs unambiguously.
+_PLAIN = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+\Z').match
 
 
 def _value(value: Any) -> str:
     if isinstance(value, str):
         # str() turns a StrEnum member (a close reason) into its value; a plain str comes back as it is.
         text = str(value)
-        return text if _PLAIN(text) else repr(text)
-    return repr(value)
+    elif value is True or value is False:
+        return "true" if value else "false"
+    elif value is None:
+        # logfmt's empty value; an empty string is written "" instead.
+        return ""
+    elif isinstance(value, int | float):
+        return repr(value)
+    else:
+        text = repr(value)
+    if _PLAIN(text) and text.isprintable():
+        return text
+    quoted = json.dumps(text, ensure_ascii=False)
+    if not quoted.isprintable():
+        # DEL, C1 controls, line and paragraph separators: escaped too, or a reader splitting lines the way
+        # str.splitlines() does would cut the event in two. Rare enough that the ASCII-only form is fine.
+        quoted = json.dumps(text).replace("\x7f", "\\u007f")
+    return quoted
 
 
 class ConsoleLine:
-    """``timestamp [level] event key=value ...``: structlog's console layout without colours or column padding.
+    """One logfmt line per event: ``timestamp=... level=info event="connection closed" key=value ...``.
 
-    At info level the proxy writes one event per connection, and structlog's ``ConsoleRenderer`` took about a
-    fifth of a short connection's CPU (bench/perf-notes.md, attempt 13); this renders the same information in a
-    few microseconds. Keys are sorted, as there; tracebacks (from ``format_exc_info``) follow on their own lines.
+    What the log gets when it is not a terminal and ``format = "console"``: Loki's and Vector's logfmt parsers read
+    every field of it, and it stays readable with ``less``. At info level the proxy writes one event per connection,
+    and structlog's ``ConsoleRenderer`` took about a fifth of a short connection's CPU (bench/perf-notes.md, attempt
+    13); this renders a line in a few microseconds. The timestamp, level and event come first, then the other keys
+    sorted; a traceback (from ``format_exc_info``) is the last field, escaped onto the same line, so that no line of
+    the log is anything but logfmt.
     """
 
     def __call__(self, logger: Any, name: str, event_dict: structlog.types.EventDict) -> str:
@@ -55,14 +74,14 @@ class ConsoleLine:
         event = event_dict.pop("event", "")
         exception = event_dict.pop("exception", None)
         stack = event_dict.pop("stack", None)
-        head = f"[{level:<9}] {event!s:<30}" if event_dict else f"[{level:<9}] {event}"
-        parts = [f"{timestamp} " if timestamp is not None else "", head]
+        parts = [f"timestamp={_value(timestamp)} " if timestamp is not None else "", f"level={_value(level)}"]
+        parts.append(f" event={_value(event)}")
         for key in sorted(event_dict):
             parts.append(f" {key}={_value(event_dict[key])}")
         if stack:
-            parts.append(f"\n{stack}")
+            parts.append(f" stack={_value(stack)}")
         if exception:
-            parts.append(f"\n{exception}")
+            parts.append(f" exception={_value(exception)}")
         return "".join(parts)
 
 
@@ -78,6 +97,9 @@ def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = Non
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor
+    if fmt == "auto":
+        # Machines read what does not go to a terminal (journald, `docker logs`, a log shipper): JSON by default.
+        fmt = "console" if out.isatty() else "json"
     if fmt == "json":
         shared.append(structlog.processors.format_exc_info)
         renderer = structlog.processors.JSONRenderer()
@@ -85,7 +107,7 @@ def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = Non
         # A person at a terminal gets structlog's coloured, aligned layout; the volume there is small.
         renderer = structlog.dev.ConsoleRenderer(colors=True)
     else:
-        # Files, pipes, journald, `docker logs`: the same content, rendered cheaply (see ConsoleLine).
+        # Files, pipes, journald, `docker logs` when asked for: logfmt, rendered cheaply (see ConsoleLine).
         shared.append(structlog.processors.format_exc_info)
         renderer = ConsoleLine()
     structlog.configure(
@@ -96,9 +118,7 @@ def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = Non
         # No caching: tests and reloads reconfigure logging, and module-level loggers must follow.
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(
-        level=max(numeric, logging.WARNING), stream=out, format="%(levelname)s %(name)s: %(message)s"
-    )
+    _route_stdlib_logging(stream, max(numeric, logging.WARNING), shared, renderer)
     _direct = None
     if not isinstance(renderer, structlog.dev.ConsoleRenderer):
         try:
@@ -110,6 +130,42 @@ def setup(level: str = "info", fmt: str = "console", stream: TextIO | None = Non
 
 
 _CONSOLE_LINE = ConsoleLine()
+# The handler setup() put on the root logger, replaced (not added to) by the next setup().
+_stdlib_handler: logging.Handler | None = None
+
+
+class _Stderr(logging.StreamHandler[TextIO]):
+    """A handler on whatever ``sys.stderr`` is when a record comes (a test's capture may have replaced it since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _route_stdlib_logging(
+    out: TextIO | None, level: int, shared: list[structlog.types.Processor], renderer: structlog.types.Processor
+) -> None:
+    """Render the standard library's records (aiohttp, asyncio) with the same renderer, so every line of the log
+    has one format: a logfmt or JSON reader must not trip over ``WARNING asyncio: ...``.
+
+    Only this module's own handler is swapped, and the root logger's level is left alone: pytest's capture
+    handlers and anyone else's stay as they are.
+    """
+    global _stdlib_handler
+    root = logging.getLogger()
+    if _stdlib_handler is not None:
+        root.removeHandler(_stdlib_handler)
+    handler = logging.StreamHandler(out) if out is not None else _Stderr()
+    handler.setLevel(level)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            # merge_contextvars is already in ``shared``; the record's logger name says who wrote it.
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root.addHandler(handler)
+    _stdlib_handler = handler
 
 
 # -- the per-connection event --------------------------------------------------------------------------------------
@@ -180,4 +236,3 @@ class EventWriter:
             # The log's reader is gone (a closed pipe) or the disk is full: the connection's end must still be
             # accounted, and there is nowhere to say so.
             pass
-

@@ -13,6 +13,8 @@ import socket
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from rabbitproxy.addresses import format_host_port
+
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9080"
 # Closing a connection through the broker may ask several nodes, and asks again for a few seconds while the
 # management API has not learnt of a young connection yet (rabbitproxy.control.closer, BrokerCloser.close_one).
@@ -243,7 +245,7 @@ def print_status(data: dict[str, Any]) -> None:
             weight = f"{b['weight']}*" if b["weight_overridden"] else str(b["weight"])
             table.add_row(
                 b["name"] + (" (backup)" if b["backup"] else ""),
-                f"{b['address']}:{b['port']}",
+                format_host_port(b["address"], b["port"]),
                 f"[{_STATUS_STYLE.get(b['status'], '')}]{b['status']}[/]",
                 b["health"]["detail"] or b["health"]["status"],
                 weight,

@@ -122,15 +122,24 @@ def admin_settings(path: str | os.PathLike[str]) -> tuple[bool, str]:
     not. Anything else, including a file that cannot be read or parsed, goes to
     :func:`rabbitproxy.config.load_admin`, which either raises the error ``serve`` would raise (as
     :class:`AdminConfigError`) or accepts what pydantic accepts (``enabled = "false"``, say), so the probe never
-    disagrees with the proxy about the address.
+    disagrees with the proxy about the address. A file that is not UTF-8 is refused here, naming the offset of its
+    first bad byte (from 0), as ``check-config`` names it.
     """
     section: object = None
     try:
-        # Text mode, as Path.read_text reads it for tomllib: universal newlines.
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, ValueError):
+        with open(path, "rb") as file:
+            raw = file.read()
+        # As config.loading reads it: a byte order mark skipped, universal newlines.
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    except OSError:
         pass
+    except UnicodeDecodeError as exc:
+        from rabbitproxy.config import ConfigError
+
+        line = raw.count(b"\n", 0, exc.start) + 1
+        where = f"byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line})"
+        error = ConfigError([f"not UTF-8: {where}; TOML files are UTF-8"], _shown(os.fspath(path)))
+        raise AdminConfigError(str(error)) from None
     else:
         section = admin_table(text)
         if section is None:
@@ -246,7 +255,12 @@ def _get_plain(host: str, port: int, path: str, timeout: float) -> tuple[int, by
     was the largest part of a probe's CPU (keepalived runs the probe every second). The admin API is ours and
     answers a small JSON body, so reading to the end of the stream and finding the status line is all it takes.
     """
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    # The Host header brackets an IPv6 literal (``[::1]:9080``): a bare ``::1`` is no valid Host, and the admin
+    # API's loopback guard refused it, so a token-less admin API on [::1] always probed unhealthy (issue 25 item 7).
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {format_host_port(host, port)}\r\nAccept: application/json\r\n"
+        "Connection: close\r\n\r\n"
+    )
     sock = _connect(host, port, timeout)
     try:
         sock.sendall(request.encode("ascii"))

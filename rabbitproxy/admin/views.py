@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from rabbitproxy.addresses import format_host_port
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.views import NodeView
 
@@ -89,7 +90,7 @@ def service_view(service: Service) -> dict[str, Any]:
     return {
         "name": service.name,
         "listen": cfg.listen,
-        "bound": [f"{h}:{p}" for h, p in service.bound],
+        "bound": [format_host_port(h, p) for h, p in service.bound],
         "balance": cfg.balance,
         "accepting": service.accepting,
         "health_check": cfg.health_check.type,

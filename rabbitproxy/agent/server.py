@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
+from rabbitproxy.addresses import format_host_port
 from rabbitproxy.config import split_host_port
 
 log = structlog.get_logger("rabbitproxy.agent")
@@ -293,7 +294,8 @@ async def serve_agent(
         else:
             server = await asyncio.start_server(lambda r, w: _answer(agent, w), host, port)
             bound = server.sockets[0].getsockname()
-        log.info("feedback agent listening", listen=f"{bound[0]}:{bound[1]}", http=agent.http, metric=agent.metric)
+        shown = format_host_port(bound[0], bound[1])
+        log.info("feedback agent listening", listen=shown, http=agent.http, metric=agent.metric)
         if ready is not None:
             ready((bound[0], bound[1]))
         await shutdown_trigger()

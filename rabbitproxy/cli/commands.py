@@ -26,6 +26,7 @@ from rabbitproxy.cli.admin import (
 from rabbitproxy.cli.agent import agent
 from rabbitproxy.cli.common import DEFAULT_CONFIG_PATH, EXIT_CONFIG, run_loop
 from rabbitproxy.cli.keepalived import keepalived_config
+from rabbitproxy.cli.migrate import convert_haproxy
 from rabbitproxy.cli.serve import build_config, check_config, config_or_env, demo, serve
 
 # Names that tests and ``rabbitproxy.cli.__getattr__`` reach through this module.
@@ -67,6 +68,7 @@ app.command()(serve)
 app.command()(healthcheck)
 app.command("check-config")(check_config)
 app.command("keepalived-config")(keepalived_config)
+app.command("convert-haproxy")(convert_haproxy)
 app.command()(demo)
 app.command()(status)
 app.command()(reload)

@@ -94,7 +94,9 @@ def serve(
     ] = None,
     admin_listen: Annotated[str | None, typer.Option(help="Admin API address, host:port.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
-    log_format: Annotated[str | None, typer.Option(help="console or json.")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="auto (JSON unless stderr is a terminal), console (logfmt) or json.")
+    ] = None,
     loop: Annotated[str, typer.Option(help="Event loop: uvloop or asyncio.")] = "uvloop",
     workers: Annotated[
         str | None,

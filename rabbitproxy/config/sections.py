@@ -13,7 +13,8 @@ from rabbitproxy.config.files import ca_file, certificate_file, key_file
 
 
 class LogConfig(_Model):
-    format: Literal["console", "json"] = "console"
+    # "auto": coloured console output at a terminal, JSON lines anywhere else.
+    format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 

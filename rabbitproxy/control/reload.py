@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import structlog
 
+from rabbitproxy.addresses import format_host_port
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
@@ -324,7 +325,7 @@ def _update_service(
     new_names = {b.name for b in backends}
     for b in backends:
         if b.name not in old_pool.by_name:
-            log.info("backend added", service=sc.name, backend=b.name, address=f"{b.address}:{b.port}")
+            log.info("backend added", service=sc.name, backend=b.name, address=format_host_port(b.address, b.port))
     for b in old_pool.backends:
         if b.name not in new_names:
             log.info("backend removed", service=sc.name, backend=b.name, open_connections=b.active)

@@ -6,7 +6,9 @@ install into a ``debootstrap --variant=minbase trixie`` root in a minute or two,
 
 The root is built once and kept in ``/var/cache/rabbitproxy-ci`` (``RABBITPROXY_CI_CACHE``) under a name that
 carries :data:`RECIPE`, the way ``scripts/container-smoke`` caches its base image: change the recipe, bump the
-number. Building needs root, ``debootstrap`` and a Debian mirror (``RABBITPROXY_DEBIAN_MIRROR``).
+number. Building needs root, ``debootstrap`` and a Debian mirror: the one this machine's apt sources name
+(:mod:`rabbitproxy.dev.aptsources`), or ``RABBITPROXY_DEBIAN_MIRROR``. The mirror is not part of the cached
+root's name: the same packages from another mirror are the same root, so moving machines never forces a rebuild.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from rabbitproxy.dev.aptsources import AptSourcesError, debian_mirror
+
 # Bump when build() changes what ends up in the root: it names the cached directory.
 RECIPE = "1"
 SUITE = "trixie"
 CACHE_DIR = Path(os.environ.get("RABBITPROXY_CI_CACHE", "/var/cache/rabbitproxy-ci"))
-DEBIAN_MIRROR = os.environ.get("RABBITPROXY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # Written last: a directory without it is an interrupted build and is never used.
 _COMPLETE = ".rabbitproxy-root-complete"
 # invoke-rc.d asks this before starting a service; 101 = "not allowed", so installing rabbitmq-server inside the
@@ -67,10 +70,14 @@ def ensure_root(release: str = "4.0", log: Callable[[str], None] | None = None) 
 
 
 def _build(root: Path, say: Callable[[str], None]) -> None:
-    say(f"building {root}: debootstrap --variant=minbase {SUITE} from {DEBIAN_MIRROR}, then rabbitmq-server")
+    try:
+        mirror = debian_mirror()
+    except AptSourcesError as exc:
+        raise RootfsError(str(exc)) from None
+    say(f"building {root}: debootstrap --variant=minbase {SUITE} from {mirror}, then rabbitmq-server")
     with tempfile.TemporaryDirectory(prefix=f".{root.name}-", dir=root.parent) as tmp:
         new = Path(tmp) / "root"
-        _run(["debootstrap", "--variant=minbase", SUITE, str(new), DEBIAN_MIRROR], timeout=1800)
+        _run(["debootstrap", "--variant=minbase", SUITE, str(new), mirror], timeout=1800)
         policy = new / "usr/sbin/policy-rc.d"
         policy.write_text(_POLICY_RC_D)
         policy.chmod(0o755)

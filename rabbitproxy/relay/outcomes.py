@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from rabbitproxy import logs
+from rabbitproxy.addresses import format_host_port
 from rabbitproxy.balancing.reasons import CloseReason
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def connection_closed(self: Service, conn: LegState) -> None:
         {
             "client": conn.client_addr,
             "backend": backend.name if backend else None,
-            "backend_addr": f"{backend.address}:{backend.port}" if backend else None,
+            "backend_addr": format_host_port(backend.address, backend.port) if backend else None,
             "local": conn.backend_local or None,
             "bytes_in": conn.bytes_in,
             "bytes_out": conn.bytes_out,

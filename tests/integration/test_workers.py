@@ -210,7 +210,7 @@ async def test_a_drain_deadline_closes_what_is_left_in_every_worker(tmp_path: Pa
             await patch(f"{admin}/api/services/amqp/backends/A", {"state": "drain", "deadline": 1.0})
             # The deadline runs in the parent; each worker closes its own connections to A when it passes.
             assert all([await c.ended() for c in on_a])
-            assert proxy.log().count("reason='drain deadline'") == len(on_a)
+            assert proxy.log().count('reason="drain deadline"') == len(on_a)
             assert all([await c.echoes() for c in clients if c.tag == b"B"])
             for c in clients:
                 c.close()
@@ -335,8 +335,8 @@ async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         assert await asyncio.to_thread(proxy.proc.wait, 30) == 0
         await wait_for(lambda: not any(alive(p) for p in pids), timeout=10, what="workers exited")
         # (The probe above may have got through once before the listeners closed: at least 40.)
-        assert proxy.log().count("reason='client closed'") >= 40
-        assert "reason='shutdown'" not in proxy.log()
+        assert proxy.log().count('reason="client closed"') >= 40
+        assert "reason=shutdown" not in proxy.log()
         await stop(proxy)
 
 

@@ -130,8 +130,12 @@ async def test_dns_rebinding_cannot_drive_a_tokenless_api() -> None:
             assert resp.status == 403
         assert state(p) == ("ready", 100)
         # The page's own use, by loopback address or localhost, still works.
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        # A bracketed IPv6 loopback is loopback too, as an HTTP client writes it (the page on [::1], the probe).
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "[::1]"):
             own = {"Host": host, "Origin": f"http://{host}"}
             async with http.patch(f"{base}/api/services/amqp/backends/b1", json={"weight": 50}, headers=own) as resp:
                 assert resp.status == 200
         assert state(p) == ("ready", 50)
+        # Unbracketed, ``::1`` is not a valid Host; it names no loopback address and stays refused.
+        async with http.get(f"{base}/api/services", headers={"Host": "::1"}) as resp:
+            assert resp.status == 403

@@ -28,7 +28,6 @@ def _run_cli(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-
 @pytest.mark.asyncio
 async def test_healthy_while_running_unhealthy_while_draining() -> None:
     admin = f"127.0.0.1:{free_port()}"
@@ -53,6 +52,36 @@ async def test_healthy_while_running_unhealthy_while_draining() -> None:
         assert "HTTP 503, status stopping" in out
         writer.close()
         await shutdown
+
+
+@pytest.mark.asyncio
+async def test_healthy_on_an_ipv6_loopback_admin_api_without_a_token(tmp_path: Path) -> None:
+    # Issue 25 item 7: the probe sent ``Host: ::1`` unbracketed and the loopback guard refused it with 403, so a
+    # proxy whose admin API listens on [::1] without a token was always reported unhealthy.
+    admin = f"[::1]:{free_port('::1')}"
+    config = tmp_path / "rabbitproxy.toml"
+    config.write_text(f'[admin]\nlisten = "{admin}"\n')
+    async with (
+        tcp_server(echo_handler) as backend_port,
+        run_proxy(
+            service_config([{"name": "b1", "address": "127.0.0.1", "port": backend_port}]), admin={"listen": admin}
+        ),
+    ):
+        code, out = await asyncio.to_thread(_run_cli, "--config", str(config))
+    assert (code, out.strip()) == (0, f"healthy: http://{admin}/healthz: ok")
+
+
+@pytest.mark.asyncio
+async def test_a_proxy_in_the_environment_is_never_used() -> None:
+    # Containers often inherit HTTP_PROXY; the probe must still ask the admin API itself. The proxy named here is a
+    # closed port, so going through it would fail the probe.
+    with dead_port() as closed:
+        proxy_url = f"http://127.0.0.1:{closed}"
+        env = dict.fromkeys(("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"), proxy_url)
+        async with http_answer(_response("200 OK", b'{"status": "ok"}')) as base:
+            clean: dict[str, str | None] = {"RABBITPROXY_CONFIG": None, "RABBITPROXY_ADMIN": None, "no_proxy": None}
+            result = await asyncio.to_thread(CliRunner().invoke, app, ["healthcheck", "--admin", base], env=clean | env)
+    assert (result.exit_code, result.output.strip()) == (0, f"healthy: {base}/healthz: ok")
 
 
 @contextlib.asynccontextmanager
@@ -86,6 +115,13 @@ def _response(status: str, body: bytes) -> bytes:
         (_response("200 OK", b'["ok"]'), False, 'HTTP 200, status ["ok"]'),
         (_response("200 OK", b""), False, "HTTP 200, status (empty body)"),
         (b"garbage\r\n\r\n", False, "not an HTTP answer (status line 'garbage')"),
+        # A proxy in front of the admin API may answer chunked; the body is read whole.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b'7\r\n{"statu\r\n9\r\ns": "ok"}\r\n0\r\n\r\n',
+            True,
+            "ok",
+        ),
     ],
 )
 async def test_only_200_with_status_ok_is_healthy(raw: bytes, healthy: bool, detail: str) -> None:

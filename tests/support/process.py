@@ -105,6 +105,8 @@ class ProxyProcess:
         return [
             sys.executable, "-m", "rabbitproxy", "serve", "--config", str(self.config_path),
             "--loop", self.loop, "--log-level", self.log_level,
+            # logfmt lines, which tests search; the default for a file would be JSON.
+            "--log-format", "console",
         ]  # fmt: skip
 
     def start(self, keep_notify: bool = False) -> ProxyProcess:

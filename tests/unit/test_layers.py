@@ -11,7 +11,8 @@ Every ``import`` and ``from ... import`` in every module counts, including those
 - ``admin`` does not import ``agent``, ``dev``, ``app`` or ``cli``;
 - ``agent`` stands alone on the RabbitMQ hosts: only the base and ``protocols``;
 - ``dev`` (local clusters for the demo, tests and bench) is reachable from ``cli`` only, never from what ``serve``
-  runs.
+  runs;
+- ``migrate`` (``convert-haproxy``) reads text and writes text: only the base, reachable from ``cli`` only.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ ALLOWED: dict[str, set[str]] = {
     "admin": {"base", "protocols", "balancing", "relay", "control"},
     "agent": {"base", "protocols"},
     "dev": {"base"},
+    "migrate": {"base"},
     "app": {"base", "protocols", "balancing", "relay", "control", "admin"},
-    "cli": {"base", "protocols", "balancing", "relay", "control", "admin", "agent", "dev", "app"},
+    "cli": {"base", "protocols", "balancing", "relay", "control", "admin", "agent", "dev", "migrate", "app"},
 }
 
 

@@ -169,6 +169,19 @@ def test_run_reports_config_problems_with_exit_2(tmp_path: Path) -> None:
     )
 
 
+def test_a_config_that_is_not_utf8_is_exit_2_naming_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "rabbitproxy.toml"
+    data = b'[admin]\nlisten = "127.0.0.1:9080" # caf\xe9\n'
+    path.write_bytes(data)
+    outcome = probe.run(None, path, 1.0, True, {})
+    assert (outcome.code, outcome.to_stderr) == (2, True)
+    # The offset counts from 0, as a hex dump or ``cmp`` shows it.
+    at = data.index(0xE9)
+    assert outcome.message == (
+        f"{path}: invalid configuration:\n  not UTF-8: byte 0xe9 at offset {at} (line 2); TOML files are UTF-8"
+    )
+
+
 def test_run_with_the_admin_api_disabled_probes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(probe, "check", lambda url, timeout: pytest.fail("must not probe"))
     path = _file(tmp_path, "[admin]\nenabled = false\n")
