@@ -535,6 +535,17 @@ async def test_aborting_a_drain_stops_the_closes_running_in_the_workers(tmp_path
                 c.close()
 
 
+async def test_a_workers_lines_say_which_worker_wrote_them(tmp_path: Path) -> None:
+    # Issue 25, item 11: what a worker did on the parent's request (a reload, a close) was logged without worker=.
+    async with backends(b"A") as entries:
+        data, _ = config(entries)
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
+            os.kill(proxy.pid, signal.SIGHUP)
+            await wait_for(lambda: proxy.log().count("configuration reloaded") == 3, timeout=20, what="reloaded")
+            lines = [line for line in proxy.log().splitlines() if "configuration reloaded" in line]
+            assert sorted(line.split("worker=")[1][:1] for line in lines if "worker=" in line) == ["0", "1"], lines
+
+
 async def test_amqp_through_two_workers(cluster: DevCluster, tmp_path: Path) -> None:
     port = free_port()
     service = service_config(backends_for(cluster), health_check={"type": "amqp", "interval": 2.0})
