@@ -32,6 +32,7 @@ from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.channel import Channel, ChannelError, Message
 from rabbitproxy.control.worker_reload import catch_up, reload_workers
 from rabbitproxy.control.worker_views import add_counts, counters_of, write_figures
+from rabbitproxy.control.worker_watch import HUNG_AFTER, START_TIMEOUT, watch_loop
 from rabbitproxy.tasks import Backoff, OwnedTasks
 
 if TYPE_CHECKING:
@@ -43,12 +44,6 @@ log = structlog.get_logger("rabbitproxy.workers")
 # sent at once); the workers send their counters this often too.
 STATE_POLL = 0.05
 STATS_INTERVAL = 0.5
-# Seconds a starting worker has to bind its listeners and say it is ready.
-START_TIMEOUT = 30.0
-# A listening worker that sent nothing for this long is hung (its figures come every STATS_INTERVAL): it is killed
-# and started again. Checked every WATCH_EVERY seconds.
-HUNG_AFTER = 5.0
-WATCH_EVERY = 0.5
 # Why a worker was started again (the label of rabbitproxy_worker_restarts_total): it died by itself; it stopped
 # answering; it was not listening START_TIMEOUT after its start; it broke or stopped reading its channel.
 RESTART_CAUSES = ("exited", "hung", "start-timeout", "channel")
@@ -136,7 +131,7 @@ class WorkerSet:
         if errors:
             raise ConfigError(errors)
         self.tasks.spawn(self._push_state_loop(), name="worker state")
-        self.tasks.spawn(self._watch_loop(), name="worker watch")
+        self.tasks.spawn(watch_loop(self), name="worker watch")
 
     async def shutdown(self) -> None:
         """Tell every worker to drain (shutdown_timeout) and exit; kill those that outlive the deadline."""
@@ -296,49 +291,14 @@ class WorkerSet:
         except ChannelError as exc:
             # A worker that stopped reading (house rule 11): its buffer may not grow; it is killed and restarted.
             log.error("worker stopped reading its channel, killed", worker=slot.index, error=str(exc))
-            self._kill(slot, "channel")
+            self.kill(slot, "channel")
 
-    def _kill(self, slot: WorkerSlot, cause: str) -> None:
+    def kill(self, slot: WorkerSlot, cause: str) -> None:
+        """End ``slot``'s process now; it is started again, counted under ``cause``."""
         proc = slot.process
         if proc is not None and proc.returncode is None:
             slot.kill_cause = cause
             proc.kill()
-
-    # -- hung workers --------------------------------------------------------------------------------------------
-
-    async def _watch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            await asyncio.sleep(WATCH_EVERY)
-            now = loop.time()
-            # A parent that could not run its loop for a while has not read the workers' figures either: that is
-            # no verdict on them.
-            stalled = now - last > WATCH_EVERY + HUNG_AFTER / 2
-            last = now
-            try:
-                self.watch(now, parent_stalled=stalled)
-            except Exception:
-                log.exception("watching the workers failed")
-
-    def watch(self, now: float, *, parent_stalled: bool = False) -> None:
-        """Kill a worker that stopped sending its figures (hung), or that is not listening long after its start."""
-        for slot in self.slots:
-            proc = slot.process
-            if proc is None or proc.returncode is not None or slot.channel is None or slot.kill_cause is not None:
-                continue
-            if parent_stalled:
-                slot.last_seen = max(slot.last_seen, now)
-                continue
-            if slot.ready and now - slot.last_seen > HUNG_AFTER:
-                # Its loop is wedged: the kernel keeps handing it its share of new clients, who would wait forever.
-                log.error(
-                    "worker hung, killed", worker=slot.index, pid=slot.pid, silent_for=round(now - slot.last_seen, 1)
-                )
-                self._kill(slot, "hung")
-            elif not slot.ready and now - slot.launched > START_TIMEOUT:
-                log.error("worker not listening in time, killed", worker=slot.index, pid=slot.pid, waited=START_TIMEOUT)
-                self._kill(slot, "start-timeout")
 
     # -- state, reload ------------------------------------------------------------------------------------------
 

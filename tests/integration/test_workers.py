@@ -625,6 +625,13 @@ async def test_maint_closes_through_the_broker_in_every_worker(cluster: DevClust
         listing = await get(f"{admin}/api/connections?limit=100&backend=rabbit1")
         on_r1 = {c["connection_name"] for c in listing["connections"]}
         assert {c["worker"] for c in listing["connections"]} == {0, 1}, "rabbit1 has clients in both workers"
+
+        async def counted() -> bool:
+            # The parent knows the workers' connections from their figures, at most half a second old.
+            service = await get(f"{admin}/api/services/amqp")
+            return bool(service["backends"][0]["connections"]["active"] == len(on_r1))
+
+        await wait_for(counted, timeout=10, what="the workers' connections counted in the parent")
         answer = await patch(f"{admin}/api/services/amqp/backends/rabbit1", {"state": "maint", "force": True})
         # The workers close them; the answer says how many (it was 0 with workers).
         assert answer["closing_through_broker"] == len(on_r1) > 0

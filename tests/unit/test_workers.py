@@ -19,6 +19,7 @@ from rabbitproxy.control.closer import CloseStats
 from rabbitproxy.control.worker import share_limits, worker_ids
 from rabbitproxy.control.worker_views import Tally, counters_of, write_figures
 from rabbitproxy.control.worker_views import add_counts as _add
+from rabbitproxy.control.worker_watch import HUNG_AFTER, START_TIMEOUT, WATCH_EVERY, stalled, verdict
 from rabbitproxy.control.workers import ID_BLOCK
 from tests.support.proxy import make_service
 
@@ -212,3 +213,13 @@ def test_a_verdict_in_the_parent_counts_the_workers_connections_it_ends() -> Non
     backend = Backend(BackendConfig(name="a", address="127.0.0.1"), 5672, healthy=True)
     backend.connections = Tally(3)
     assert backend.close_connections(CloseReason.BACKEND_DOWN) == 3
+
+
+def test_a_worker_silent_past_the_limit_is_hung_and_a_stalled_parent_judges_nobody() -> None:
+    # Issue 25, item 3 (the real SIGSTOP is in tests/integration/test_workers.py).
+    assert verdict(ready=True, now=100.0, last_seen=100.0 - HUNG_AFTER / 2, launched=0.0) is None
+    assert verdict(ready=True, now=100.0, last_seen=100.0 - HUNG_AFTER - 0.1, launched=0.0) == "hung"
+    assert verdict(ready=False, now=100.0, last_seen=0.0, launched=100.0 - START_TIMEOUT / 2) is None
+    assert verdict(ready=False, now=100.0, last_seen=0.0, launched=100.0 - START_TIMEOUT - 1) == "start-timeout"
+    assert not stalled(10.0, 10.0 + WATCH_EVERY * 1.5)
+    assert stalled(10.0, 10.0 + WATCH_EVERY + HUNG_AFTER)
