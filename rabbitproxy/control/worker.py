@@ -266,12 +266,13 @@ class Worker:
         return {"t": "stats", "pid": os.getpid(), "generation": self.generation, "services": services}
 
     async def send_stats(self) -> None:
+        # The first at once, right behind "ready": the parent judges a worker silent from then on (worker_watch).
         while True:
-            await asyncio.sleep(STATS_INTERVAL)
             try:
                 self.channel.send(self.stats())
             except Exception:
                 log.exception("sending counters to the parent failed")
+            await asyncio.sleep(STATS_INTERVAL)
 
 
 def _service_stats(service: Service, closed: CloseStats | None) -> dict[str, Any]:

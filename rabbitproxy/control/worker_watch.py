@@ -57,7 +57,10 @@ async def watch_loop(ws: WorkerSet) -> None:
 
 
 def watch(ws: WorkerSet, now: float, *, parent_stalled: bool = False) -> None:
-    """Kill every worker :func:`verdict` condemns (none after a stall of the parent's own loop)."""
+    """Kill every worker :func:`verdict` condemns (none after a stall of the parent's own loop, nor while the
+    workers drain for the shutdown)."""
+    if ws.stopping:
+        return
     for slot in ws.slots:
         proc = slot.process
         if proc is None or proc.returncode is not None or slot.channel is None or slot.kill_cause is not None:
