@@ -13,7 +13,7 @@ tens of thousands of clients costs a pass over them and a partial sort, not a di
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Final, Literal, get_args
@@ -196,10 +196,18 @@ def rank(
     A partial sort: a worker asked for one page of its tens of thousands of connections sorts only what a page can
     reach.
     """
-    matched = [
-        (order_key(query, conn, now), service, conn) for service, conn in connections if query.matches(service, conn)
-    ]
-    return len(matched), heapq.nsmallest(query.offset + query.limit, matched, key=itemgetter(0))
+    total = 0
+
+    def matched() -> Iterator[tuple[Key, str, Connection]]:
+        nonlocal total
+        for service, conn in connections:
+            if query.matches(service, conn):
+                total += 1
+                yield order_key(query, conn, now), service, conn
+
+    # A generator, not a list: only the heap of offset + limit entries is kept.
+    top = heapq.nsmallest(query.offset + query.limit, matched(), key=itemgetter(0))
+    return total, top
 
 
 def page(total: int, views: list[dict[str, Any]], query: ConnectionQuery) -> dict[str, Any]:
