@@ -13,10 +13,12 @@ exception is the vhost of ``service_vhost_connections``: only vhosts the broker 
 
 from __future__ import annotations
 
+import asyncio
 import platform
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -27,9 +29,11 @@ from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.views import ALARM_KINDS, ManagementStatus, NodeStats
 from rabbitproxy.control.closer import CAUSES, VIAS
 from rabbitproxy.control.rebalancer import service_balance
+from rabbitproxy.control.workers import RESTART_CAUSES
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
+    from rabbitproxy.control.workers import WorkerSet
 
 PREFIX = "rabbitproxy"
 STATUSES = ("up", "down", "drain", "maint", "maintenance")
@@ -143,7 +147,11 @@ class ProxyCollector(Collector):
             SB,
         )
         b_fair = gauge("backend_fair_share", "Fraction of the service's effective weight: its fair share.", SB)
-        b_hold = gauge("backend_rebalance_hold", "1 while the rebalancer steers new connections away from it.", SB)
+        b_hold = gauge(
+            "backend_rebalance_hold",
+            "1 while the rebalancer steers new connections away from it (workers = N: how many workers do).",
+            SB,
+        )
         s_closed = counter(
             "service_closed_by_proxy",
             "Connections the proxy closed, by cause (drain, maint, rebalance) and how (through the broker, or tcp).",
@@ -185,7 +193,7 @@ class ProxyCollector(Collector):
                 for st in ADMIN_STATES:
                     b_admin.add_metric([*labels, st], 1.0 if st == admin_state else 0.0)
                 b_weight.add_metric(labels, b.configured_weight)
-                b_hold.add_metric(labels, 1.0 if b.rebalance_hold else 0.0)
+                b_hold.add_metric(labels, _hold(self.proxy, sn, b.name, b.rebalance_hold))
                 b_eweight.add_metric(labels, b.effective_weight)
                 if b.agent_percent is not None:
                     b_agent.add_metric(labels, b.agent_percent)
@@ -253,6 +261,8 @@ class ProxyCollector(Collector):
         for used_g, total_g, _, _ in r_figures:
             yield used_g
             yield total_g
+        if self.proxy.workers is not None:
+            yield from worker_metrics(self.proxy.workers)
 
     def _process_level(self) -> Iterator[Metric]:
         """The build and the outcome of the last reload (with workers: the parent's, which waits for every worker)."""
@@ -274,6 +284,48 @@ class ProxyCollector(Collector):
             "When the configuration was last loaded successfully (the start, until a reload succeeds).",
             value=last.success_time,
         )
+
+
+def _hold(proxy: Supervisor, service: str, backend: str, hold: bool) -> float:
+    if proxy.workers is not None:
+        return float(proxy.workers.holds.get((service, backend), 0))
+    return 1.0 if hold else 0.0
+
+
+def worker_metrics(workers: WorkerSet) -> Iterator[Metric]:
+    """The worker processes of ``workers = N``: serving, restarts by cause, and each one's CPU and memory.
+
+    ``process_*`` (prometheus-client's own collector) describe the process that serves /metrics, the parent; the
+    workers, which carry the traffic, are ``rabbitproxy_worker_*`` with a ``worker`` label (its index, 0 to N-1,
+    which a restarted worker keeps: its CPU counter starts again from 0, which rate() takes as a reset).
+    """
+    up = GaugeMetricFamily(f"{PREFIX}_worker_up", "1 while the worker is listening and answering.", labels=["worker"])
+    restarts = CounterMetricFamily(
+        f"{PREFIX}_worker_restarts",
+        "Worker processes started again, by cause: exited, hung, start-timeout, channel.",
+        labels=["cause"],
+    )
+    cpu = CounterMetricFamily(
+        f"{PREFIX}_worker_cpu_seconds", "User and system CPU time the worker process spent.", labels=["worker"]
+    )
+    rss = GaugeMetricFamily(
+        f"{PREFIX}_worker_resident_memory_bytes", "Resident memory of the worker process.", labels=["worker"]
+    )
+    now = asyncio.get_running_loop().time()
+    for slot in workers.slots:
+        up.add_metric([str(slot.index)], 1.0 if slot.serving(now) else 0.0)
+    for cause in RESTART_CAUSES:
+        restarts.add_metric([cause], workers.restart_causes.get(cause, 0))
+    for index, pid in workers.processes():
+        try:
+            proc = psutil.Process(pid)
+            times = proc.cpu_times()
+            memory = proc.memory_info().rss
+        except psutil.Error:
+            continue  # it ended between the listing and now
+        cpu.add_metric([str(index)], times.user + times.system)
+        rss.add_metric([str(index)], memory)
+    yield from (up, restarts, cpu, rss)
 
 
 def _add_figures(

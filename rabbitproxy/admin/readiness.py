@@ -26,7 +26,11 @@ POLL_INTERVAL = 0.2
 
 
 def health_status(proxy: Supervisor) -> str:
-    """``ok``, or why this proxy should not get new clients: starting, stopping or no-healthy-backend.
+    """``ok``, or why this proxy should not get new clients: starting, stopping, degraded or no-healthy-backend.
+
+    ``degraded``: with ``workers = N``, fewer workers than configured are serving (one died, hung or is being
+    started again). The kernel hands a hung worker its share of new clients until the parent has replaced it, so
+    a peer proxy with every worker serving is the better place for them meanwhile.
 
     keepalived, Kubernetes readiness and container health checks act on it, so a proxy that is up but cannot reach
     any RabbitMQ node (all backends failing their health checks or reported down by their agents, in every service)
@@ -35,6 +39,9 @@ def health_status(proxy: Supervisor) -> str:
     """
     if proxy.state != "running" or not proxy.listeners_ready.is_set():
         return proxy.state
+    workers = proxy.workers
+    if workers is not None and workers.serving() < workers.count:
+        return "degraded"
     for service in proxy.services.values():
         for backend in service.pool.backends:
             if backend.healthy and backend.agent_down is None:

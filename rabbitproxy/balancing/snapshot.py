@@ -21,7 +21,6 @@ from rabbitproxy.balancing.backend import ADMIN_STATES, AdminState, Backend
 # The fields copied, in the order of the encoded list (a list, not a dict: one snapshot holds every backend).
 FIELDS = (
     "healthy",
-    "health_time",
     "check_drain",
     "operator_state",
     "agent_state",
@@ -32,12 +31,15 @@ FIELDS = (
     "ramp_start",
     "usable_before",
 )
-# Not ``rebalance_hold``: each worker's rebalancer balances its own connections and sets its own holds.
+# Not ``rebalance_hold``: each worker's rebalancer balances its own connections and sets its own holds. Not
+# ``health_time`` either: it changes with every check, verdict or not, and a worker only needs to know whether the
+# backend was checked at all (Backend.observe); sending the time would make every check a change to push.
 
 
 def backend_state(backend: Backend) -> list[Any]:
-    """``backend``'s steering state: :data:`FIELDS`, then the node's maintenance flag and alarms (or None)."""
+    """``backend``'s steering state: :data:`FIELDS`, whether it was checked, the node's maintenance and alarms."""
     out: list[Any] = [getattr(backend, f) for f in FIELDS]
+    out.append(backend.health_time is not None)
     node = backend.rabbitmq
     out.append(None if node is None else [node.maintenance, list(node.alarms)])
     return out
@@ -45,6 +47,22 @@ def backend_state(backend: Backend) -> list[Any]:
 
 def pool_state(backends: list[Backend]) -> dict[str, list[Any]]:
     return {b.name: backend_state(b) for b in backends}
+
+
+States = dict[str, dict[str, list[Any]]]
+
+
+def state_changes(old: States | None, new: States) -> States:
+    """The backends of ``new`` (service name -> backend name -> state) whose state differs from ``old``'s."""
+    if old is None:
+        return new
+    out: States = {}
+    for sname, backends in new.items():
+        before = old.get(sname, {})
+        changed = {bname: state for bname, state in backends.items() if before.get(bname) != state}
+        if changed:
+            out[sname] = changed
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +87,8 @@ def apply_backend_state(backend: Backend, state: list[Any]) -> Change:
 
     Raises ValueError when ``state`` does not have the shape :func:`backend_state` gives, before changing anything.
     """
-    if len(state) != len(FIELDS) + 1:
-        raise ValueError(f"a backend state has {len(FIELDS) + 1} fields, not {len(state)}")
+    if len(state) != len(FIELDS) + 2:
+        raise ValueError(f"a backend state has {len(FIELDS) + 2} fields, not {len(state)}")
     values = dict(zip(FIELDS, state, strict=False))
     operator_state = _admin(values["operator_state"])
     agent_state = _admin(values["agent_state"])
@@ -83,6 +101,8 @@ def apply_backend_state(backend: Backend, state: list[Any]) -> Change:
             setattr(backend, name, value)
     backend.operator_state = operator_state
     backend.agent_state = agent_state
+    # The worker's own health_time only says "checked"; the parent keeps, and reports, the real time.
+    backend.health_time = (backend.health_time or 0.0) if state[-2] else None
     if node is not None and backend.rabbitmq is not None:
         maintenance, alarms = node
         backend.rabbitmq = dataclasses.replace(backend.rabbitmq, maintenance=bool(maintenance), alarms=tuple(alarms))

@@ -70,8 +70,10 @@ class Steering:
         self.rebalancers: dict[str, tuple[Rebalancer, asyncio.Task[None]]] = {}
         self.tasks = OwnedTasks()
         # With workers = N the parent holds no connection: a drain deadline or a maint close is sent to every
-        # worker (service, backend, cause), which closes its own through its own closer (close_for).
+        # worker (service, backend, cause), which closes its own through its own closer (close_for); any new state
+        # an operator sets cancels what the workers still run for the old one (remote_cancel, cancel_for).
         self.remote: Callable[[str, str, Cause], None] | None = None
+        self.remote_cancel: Callable[[str, str], None] | None = None
         # Whether the rebalancers run here: not in the parent of workers, where each worker balances its own share.
         self.rebalancing = True
 
@@ -170,19 +172,23 @@ class Steering:
         """
         key = (service.name, backend.name)
         cancelled = self._cancel(key)
+        if self.remote_cancel is not None:
+            # With workers = N the batches run there, and the parent cannot know whether one still is.
+            self.remote_cancel(service.name, backend.name)
         through_broker = service.config.rabbitmq is not None
         closed = backend.set_operator_state(state, CloseReason.BACKEND_MAINT, close=not through_broker)
         out: dict[str, object] = {"closed_connections": closed}
         if cancelled is not None:
             out["cancelled"] = cancelled
         if state == "maint" and through_broker and (backend.connections or self.remote is not None):
-            conns = list(backend.connections)
+            # len(), not a list: in the parent of workers = N the set is a Tally of the workers' connections.
+            closing = len(backend.connections)
             task = self.tasks.spawn(
                 self._close(key, "maint", CloseReason.BACKEND_MAINT, maint_text(backend.name)),
                 name=f"maint {service.name}/{backend.name}",
             )
             self.pending[key] = _Pending(task, "maint")
-            out["closing_through_broker"] = len(conns)
+            out["closing_through_broker"] = closing
         elif state == "drain" and deadline is not None:
             loop = asyncio.get_running_loop()
             task = self.tasks.spawn(self._deadline(key, deadline), name=f"drain deadline {service.name}/{backend.name}")
@@ -204,11 +210,17 @@ class Steering:
     def close_for(self, service: str, backend: str, cause: Cause) -> None:
         """In a worker: close this worker's connections of ``backend`` as the parent's steering decided."""
         key = (service, backend)
+        self._cancel(key)
         if cause == "drain":
             coro = self._close(key, "drain", CloseReason.DRAIN_DEADLINE, drain_text(backend))
         else:
             coro = self._close(key, "maint", CloseReason.BACKEND_MAINT, maint_text(backend))
-        self.tasks.spawn(coro, name=f"{cause} {service}/{backend}")
+        task = self.tasks.spawn(coro, name=f"{cause} {service}/{backend}")
+        self.pending[key] = _Pending(task, cause)
+
+    def cancel_for(self, service: str, backend: str) -> None:
+        """In a worker: the operator set another state; stop this worker's batch of closes for the old one."""
+        self._cancel((service, backend))
 
     def deadline_left(self, service: str, backend: str) -> float | None:
         """Seconds until ``backend``'s drain deadline, or None when none is pending."""

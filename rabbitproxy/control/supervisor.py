@@ -71,6 +71,7 @@ class Supervisor:
         if role == "parent":
             self.steering.rebalancing = False
             self.steering.remote = self._steer_workers
+            self.steering.remote_cancel = self._unsteer_workers
         self.reload_lock = asyncio.Lock()
         self.last_reload = ReloadOutcome()
         # [admin] is read at start only, like the admin API itself: a reload does not move the state file.
@@ -173,6 +174,10 @@ class Supervisor:
             # The state goes first: a worker closes only if the backend is still in the state the close is for.
             self.workers.push_state()
             self.workers.tell_all({"t": "steer", "service": service, "backend": backend, "cause": cause})
+
+    def _unsteer_workers(self, service: str, backend: str) -> None:
+        if self.workers is not None:
+            self.workers.tell_all({"t": "unsteer", "service": service, "backend": backend})
 
     def kill_workers(self) -> None:
         """The operator asked twice to stop: the workers end now too, with their connections."""

@@ -11,28 +11,28 @@ never left orphaned.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
-import itertools
 import math
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
 
 from rabbitproxy import config as config_mod
 from rabbitproxy import logs
+from rabbitproxy.balancing import listing
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.snapshot import apply_backend_state
 from rabbitproxy.config import Config, ConfigError
-from rabbitproxy.control.channel import Channel, Message
-from rabbitproxy.control.closer import Cause
+from rabbitproxy.control.channel import Channel, ChannelError, Message
+from rabbitproxy.control.closer import Cause, CloseStats
 from rabbitproxy.control.supervisor import Supervisor
-from rabbitproxy.control.workers import STATS_INTERVAL
+from rabbitproxy.control.workers import ID_BLOCK, STATS_INTERVAL
 from rabbitproxy.relay import leg_state
 from rabbitproxy.relay.legs import ClientLeg
 from rabbitproxy.relay.service import Service
@@ -70,17 +70,23 @@ class Worker:
         self.state: dict[str, dict[str, list[Any]]] = {}
         self.started: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self.stop = asyncio.Event()
+        # The parent's number for the configuration this worker runs (control.workers, reloads).
+        self.generation = 0
 
     def config_from(self, data: dict[str, Any]) -> Config:
         return share_limits(config_mod.validate(data, "the parent process"), self.workers)
 
     async def run(self) -> int:
+        # Bound before the channel's task starts: every task made from it (notifications, requests, the closes they
+        # start) copies this context, so each line this process logs says which worker wrote it.
+        structlog.contextvars.bind_contextvars(worker=self.index)
         serving: asyncio.Future[Any] = asyncio.ensure_future(self.channel.serve(self.notified, self.answer))
         await asyncio.wait([serving, self.started], return_when=asyncio.FIRST_COMPLETED)
         if not self.started.done():
             return 1
         start = self.started.result()
         self.workers = int(start["workers"])
+        self.generation = int(start.get("generation", 0))
         try:
             config = self.config_from(start["config"])
         except ConfigError as exc:
@@ -88,10 +94,10 @@ class Worker:
             await self.channel.writer.drain()
             return 2
         logs.setup(config.log.level, config.log.format)
-        structlog.contextvars.bind_contextvars(worker=self.index)
-        # Connection ids unique over all workers, with nothing on the data path: worker i of N numbers its
-        # connections i+1, i+1+N, i+1+2N... so (id - 1) % N names the worker that has one.
-        leg_state._ids = itertools.count(self.index + 1, self.workers)
+        # Connection ids unique over all workers and all their restarts, with nothing on the data path: worker i
+        # of N numbers its connections first, first+N, first+2N... with first = i+1 modulo N, so (id - 1) % N
+        # names the worker that has one; the parent picks `first` past every id an earlier worker i reserved.
+        leg_state.use_ids(worker_ids(int(start.get("first_id", self.index + 1)), self.workers, self.reserve_ids))
         sup = Supervisor(config, role="worker")
         sup.on_swap = self.apply_state
         self.sup = sup
@@ -111,7 +117,7 @@ class Worker:
             return 2
         # As in the single process (app.serve): what start-up allocated lives for the whole run.
         gc.freeze()
-        self.channel.send({"t": "ready", "pid": os.getpid()})
+        self.channel.send({"t": "ready", "pid": os.getpid(), "generation": self.generation})
         stats = asyncio.ensure_future(self.send_stats())
         stopping = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -136,12 +142,16 @@ class Worker:
             self.state = message["state"]
             self.started.set_result(message)
         elif kind == "state":
-            self.state = message["services"]
-            self.apply_state()
+            self.take_state(message["services"], full=bool(message.get("full")))
         elif kind == "steer":
             if self.sup is not None:
                 cause: Cause = "drain" if message["cause"] == "drain" else "maint"
                 self.sup.steering.close_for(str(message["service"]), str(message["backend"]), cause)
+        elif kind == "unsteer":
+            # The operator changed the backend's state again (ready, a new drain): a batch of closes still running
+            # here for the old one stops where it is.
+            if self.sup is not None:
+                self.sup.steering.cancel_for(str(message["service"]), str(message["backend"]))
         elif kind == "close":
             found = self.find(int(message["conn"]))
             if found is not None:
@@ -161,23 +171,49 @@ class Worker:
                 result = await sup.reload(self.config_from(message["config"]))
             except ConfigError as exc:
                 return {"errors": exc.errors}
-            return {"result": result.as_dict()}
+            self.generation = int(message.get("generation", self.generation))
+            return {"result": result.as_dict(), "generation": self.generation}
         if kind == "connections":
-            return {"connections": [_connection_row(name, c) for name, c in self.live()]}
-        if kind == "close_one":
+            # Filtered, sorted and cut to the page here: only what the page can show crosses the channel.
+            query = listing.ConnectionQuery(**message["query"])
+            now = float(message["now"])
+            total, top = listing.rank(self.live(), query, now)
+            return {"total": total, "rows": [[key, listing.connection_view(s, c, now)] for key, s, c in top]}
+        if kind in ("connection", "close_one"):
             found = self.find(int(message["conn"]))
             if found is None:
                 return {"missing": True}
             service, conn = found
+            view = listing.connection_view(service.name, conn, time.monotonic())
+            if kind == "connection":
+                return {"view": view}
             outcome = await sup.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, str(message["text"]))
-            return {"via": outcome.via, "detail": outcome.detail}
+            return {"view": view, "via": outcome.via, "detail": outcome.detail}
         return {"error": f"unknown request {kind!r}"}
 
-    def live(self) -> list[tuple[str, ClientLeg]]:
+    def live(self) -> Iterator[tuple[str, ClientLeg]]:
         sup = self.sup
         if sup is None:
-            return []
-        return [(name, conn) for name, service in sup.services.items() for conn in service.connections]
+            return
+        for name, service in sup.services.items():
+            for conn in service.connections:
+                yield name, conn
+
+    def reserve_ids(self, upto: int) -> None:
+        """Tell the parent, before any of them is used, that this worker's ids go up to (not including) ``upto``."""
+        try:
+            self.channel.send({"t": "ids", "next": upto})
+        except ChannelError:
+            pass  # the parent is gone: nobody will start a successor that could reuse these ids
+
+    def take_state(self, services: dict[str, dict[str, list[Any]]], *, full: bool) -> None:
+        """Keep the parent's backend state (all of it, or the backends that changed) and apply what came."""
+        if full:
+            self.state = services
+        else:
+            for sname, backends in services.items():
+                self.state.setdefault(sname, {}).update(backends)
+        self.apply_state(services)
 
     def find(self, conn_id: int) -> tuple[Service, ClientLeg] | None:
         sup = self.sup
@@ -189,12 +225,13 @@ class Worker:
                     return service, conn
         return None
 
-    def apply_state(self) -> None:
-        """Copy the parent's backend state onto this worker's backends, and act on what changed (synchronous)."""
+    def apply_state(self, only: dict[str, dict[str, list[Any]]] | None = None) -> None:
+        """Copy the parent's backend state (``only`` these backends, else all) onto this worker's backends, and act
+        on what changed (synchronous)."""
         sup = self.sup
         if sup is None:
             return
-        for sname, backends in self.state.items():
+        for sname, backends in (self.state if only is None else only).items():
             service = sup.services.get(sname)
             if service is None:
                 continue
@@ -221,50 +258,55 @@ class Worker:
 
     def stats(self) -> Message:
         sup = self.sup
-        services = {} if sup is None else {name: _service_stats(s) for name, s in sup.services.items()}
-        return {"t": "stats", "pid": os.getpid(), "time": time.time(), "services": services}
+        services = (
+            {}
+            if sup is None
+            else {name: _service_stats(s, sup.steering.stats.get(name)) for name, s in sup.services.items()}
+        )
+        return {"t": "stats", "pid": os.getpid(), "generation": self.generation, "services": services}
 
     async def send_stats(self) -> None:
+        # The first at once, right behind "ready": the parent judges a worker silent from then on (worker_watch).
         while True:
-            await asyncio.sleep(STATS_INTERVAL)
             try:
                 self.channel.send(self.stats())
             except Exception:
                 log.exception("sending counters to the parent failed")
+            await asyncio.sleep(STATS_INTERVAL)
 
 
-def _connection_row(service: str, conn: ClientLeg) -> list[Any]:
-    """One connection as the parent rebuilds it (control.workers.RemoteConnection): a list, in that order."""
-    backend = conn.backend
-    hs = conn.handshake
-    return [
-        service,
-        conn.id,
-        backend.name if backend is not None else None,
-        conn.client_addr,
-        conn.bytes_in,
-        conn.bytes_out,
-        conn.started,
-        conn.last_activity,
-        dataclasses.asdict(hs) if dataclasses.is_dataclass(hs) and not isinstance(hs, type) else None,
-    ]
-
-
-def _service_stats(service: Service) -> dict[str, Any]:
-    backends = {}
+def _service_stats(service: Service, closed: CloseStats | None) -> dict[str, Any]:
+    """One service's figures for the parent: counters (summed over restarts) apart from gauges (this worker now)."""
+    counted = {}
+    gauges = {}
     for b in service.pool.backends:
         traffic_in, traffic_out = b.traffic()
-        backends[b.name] = [b.active, b.total, b.connect_errors, traffic_in, traffic_out]
-    return {
-        "active": service.active,
+        counted[b.name] = [b.total, b.connect_errors, traffic_in, traffic_out]
+        gauges[b.name] = [b.active, 1 if b.rebalance_hold else 0]
+    counters = {
         "total": service.total,
         "ended": {str(k): v for k, v in service.ended.items()},
         "close_timeouts": service.close_timeouts,
         "failed_logins": service.failed_logins,
         "handshakes_given_up": service.handshakes_given_up,
-        "vhost_open": dict(service.vhost_open),
-        "backends": backends,
+        "closed": {} if closed is None else {f"{c}/{v}": n for (c, v), n in closed.counts.items()},
+        "backends": counted,
     }
+    return {
+        "counters": counters,
+        "gauges": {"active": service.active, "vhost_open": dict(service.vhost_open), "backends": gauges},
+    }
+
+
+def worker_ids(first: int, step: int, reserve: Callable[[int], None]) -> Iterator[int]:
+    """``first``, ``first + step``, ... for ever; ``reserve(end)`` is called before each block of ids is used."""
+    n = first
+    while True:
+        end = n + ID_BLOCK * step
+        reserve(end)
+        while n < end:
+            yield n
+            n += step
 
 
 async def _main(index: int, fd: int) -> int:

@@ -1,21 +1,29 @@
-"""What the parent of ``workers = N`` holds for the workers' connections: their counts and views of them.
+"""What the parent of ``workers = N`` knows of the workers' connections: their figures, and listings asked of them.
 
 The parent accepts no connection itself. Its ``Service`` and ``Backend`` objects get a :class:`Tally` (a connection
-set that only knows how many the workers have open), the workers' counters are summed with :func:`add_counts`,
-and a listing asked of a worker becomes :class:`RemoteConnection` objects the admin API reads like live ones.
+set that only knows how many the workers have open), and the workers' figures are summed with :func:`add_counts`:
+the counters of the running workers and of their dead predecessors, the gauges of the running workers only
+(:func:`write_figures`). ``GET /api/connections`` is answered from pages each worker cuts from its own connections
+(:func:`list_connections`); one connection is asked of the one worker its id names (:func:`worker_of`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import itertools
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, cast
 
-from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.protocols.amqp_handshake import Handshake
+from rabbitproxy.balancing import listing
+from rabbitproxy.control.channel import ChannelError
+from rabbitproxy.control.closer import Cause, CloseOutcome, CloseStats, Via
 
 if TYPE_CHECKING:
-    from rabbitproxy.balancing.backend import Backend
     from rabbitproxy.control.workers import WorkerSet, WorkerSlot
+    from rabbitproxy.relay.service import Service
 
 
 class Tally(set[Any]):
@@ -39,67 +47,118 @@ class Tally(set[Any]):
         return self.count > 0
 
 
-class RemoteConnection:
-    """A worker's connection as the parent's admin API sees it: the ``Connection`` view, read when it was asked."""
+def add_counts(a: Any, b: Any) -> Any:
+    """The sum of two trees of figures (as the worker's ``stats`` message gives them): dicts are added key by key,
+    lists element by element, numbers as numbers; what only one side has is taken as it is."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: add_counts(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in a.keys() | b.keys()}
+    if isinstance(a, list) and isinstance(b, list):
+        return [add_counts(x, y) for x, y in zip(a, b, strict=True)]
+    return a + b
 
-    __slots__ = (
-        "_handshake",
-        "backend",
-        "bytes_in",
-        "bytes_out",
-        "client_addr",
-        "client_dst",
-        "client_src",
-        "id",
-        "last_activity",
-        "pid",
-        "reason",
-        "started",
-        "worker",
-        "workers",
-    )
 
-    def __init__(self, workers: WorkerSet, slot: WorkerSlot, backend: Backend | None, row: list[Any]) -> None:
-        _, self.id, _, self.client_addr, self.bytes_in, self.bytes_out, self.started, self.last_activity, hs = row
-        self.backend = backend
-        self._handshake = Handshake(**hs) if hs is not None else None
-        self.client_src: tuple[str, int] | None = None
-        self.client_dst: tuple[str, int] | None = None
-        self.reason: CloseReason | None = None
-        self.worker = slot.index
-        self.pid = slot.pid
-        self.workers = workers
+def counters_of(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The counters of a worker's ``stats`` message, per service (what a dead worker leaves to its successor)."""
+    return {name: s["counters"] for name, s in stats.get("services", {}).items()}
 
-    @property
-    def handshake(self) -> Handshake | None:
-        return self._handshake
 
-    def close(self, reason: CloseReason) -> None:
-        self.workers.tell(self.worker, {"t": "close", "conn": self.id, "reason": str(reason)})
+def write_figures(
+    services: Mapping[str, Service],
+    closed: dict[str, CloseStats],
+    workers: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]],
+) -> dict[tuple[str, str], int]:
+    """Write the workers' figures onto the parent's services and backends; return how many workers hold each
+    (service, backend) for their rebalancer.
 
-    def backend_endpoints(self) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    ``workers`` gives, per worker slot, what its dead predecessors counted (the base) and its last ``stats``
+    message. Counters are the sum of both; gauges (open connections, vhosts, holds) are the running workers'
+    only, so a dead worker's connections leave the sum.
+    """
+    counters: dict[str, Any] = {}
+    gauges: dict[str, Any] = {}
+    for base, stats in workers:
+        counters = add_counts(add_counts(counters, base), counters_of(stats))
+        gauges = add_counts(gauges, {name: s["gauges"] for name, s in stats.get("services", {}).items()})
+    holds: dict[tuple[str, str], int] = {}
+    for sname, service in services.items():
+        g = gauges.get(sname, {})
+        service.connections = Tally(g.get("active", 0))
+        service.vhost_open = {k: v for k, v in g.get("vhost_open", {}).items() if v}
+        c = counters.get(sname)
+        if c is not None:
+            service.total = c["total"]
+            service.ended = Counter(c["ended"])
+            service.close_timeouts = c["close_timeouts"]
+            service.failed_logins = c["failed_logins"]
+            service.handshakes_given_up = c["handshakes_given_up"]
+            # The workers close (drains, maint, the rebalancer, operators' closes); the parent reports their sum.
+            closed.setdefault(sname, CloseStats()).counts = Counter(
+                {cast("tuple[Cause, Via]", tuple(k.split("/", 1))): n for k, n in c["closed"].items()}
+            )
+        for b in service.pool.backends:
+            active, holding = g.get("backends", {}).get(b.name, [0, 0])
+            b.connections = Tally(active)
+            b.rebalance_hold = holding > 0
+            holds[sname, b.name] = holding
+            figures = c["backends"].get(b.name) if c is not None else None
+            if figures is not None:
+                b.total, b.connect_errors, b.traffic_in, b.traffic_out = figures
+    return holds
+
+
+# -- connections ---------------------------------------------------------------------------------------------------
+
+
+def _key(raw: list[Any]) -> listing.Key:
+    return (int(raw[0]), float(raw[1]), int(raw[2]))
+
+
+def _tagged(view: dict[str, Any], slot: WorkerSlot) -> dict[str, Any]:
+    view["worker"] = slot.index
+    view["worker_pid"] = slot.pid
+    return view
+
+
+def worker_of(ws: WorkerSet, conn_id: int) -> WorkerSlot:
+    """The worker that numbers its connections like ``conn_id`` (see control.worker.worker_ids)."""
+    return ws.slots[(conn_id - 1) % ws.count]
+
+
+async def list_connections(ws: WorkerSet, query: listing.ConnectionQuery, now: float) -> dict[str, Any]:
+    """The page ``query`` asks for, over every running worker: each sends its own first ``offset + limit``, in
+    order, and the parent merges them (a worker that does not answer in time is left out)."""
+    total = 0
+    pages: list[list[tuple[listing.Key, dict[str, Any]]]] = []
+    request = {"t": "connections", "query": dataclasses.asdict(query), "now": now}
+    for slot, answer in await ws.ask_all(request):
+        total += int(answer.get("total", 0))
+        pages.append([(_key(key), _tagged(view, slot)) for key, view in answer.get("rows", [])])
+    merged = heapq.merge(*pages, key=itemgetter(0))
+    views = [view for _, view in itertools.islice(merged, query.offset, query.offset + query.limit)]
+    return listing.page(total, views, query)
+
+
+async def find_connection(ws: WorkerSet, conn_id: int) -> dict[str, Any] | None:
+    """The view of connection ``conn_id``, asked of the one worker that can have it; None if it has not."""
+    slot = worker_of(ws, conn_id)
+    if slot.channel is None or not slot.ready:
         return None
+    answer = await ws.request(slot, {"t": "connection", "conn": conn_id})
+    return None if answer.get("missing") else _tagged(answer["view"], slot)
 
 
-def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """The sum of two per-service counter trees (as the worker's ``stats`` message gives them)."""
-    out: dict[str, Any] = {}
-    for name in a.keys() | b.keys():
-        x, y = a.get(name), b.get(name)
-        if x is None or y is None:
-            out[name] = x if y is None else y
-            continue
-        out[name] = {
-            "active": x["active"] + y["active"],
-            "total": x["total"] + y["total"],
-            "ended": dict(Counter(x["ended"]) + Counter(y["ended"])),
-            "close_timeouts": x["close_timeouts"] + y["close_timeouts"],
-            "failed_logins": x["failed_logins"] + y["failed_logins"],
-            "handshakes_given_up": x["handshakes_given_up"] + y["handshakes_given_up"],
-            "vhost_open": dict(Counter(x["vhost_open"]) + Counter(y["vhost_open"])),
-            "backends": {
-                bn: [p + q for p, q in zip(x["backends"].get(bn, [0] * 5), y["backends"].get(bn, [0] * 5), strict=True)]
-                for bn in x["backends"].keys() | y["backends"].keys()
-            },
-        }
-    return out
+async def close_connection(ws: WorkerSet, conn_id: int, text: str) -> tuple[dict[str, Any], CloseOutcome] | None:
+    """Ask the worker that has connection ``conn_id`` to close it as an operator's close (broker, else TCP).
+
+    Its view (taken just before the close) and how it went; None when that worker does not have it.
+    """
+    slot = worker_of(ws, conn_id)
+    if slot.channel is None or not slot.ready:
+        return None
+    answer = await ws.request(slot, {"t": "close_one", "conn": conn_id, "text": text}, 30.0)
+    if answer.get("missing"):
+        return None
+    via = answer.get("via")
+    if via not in ("broker", "tcp", "ended"):
+        raise ChannelError(f"worker answered a close with {answer!r}")
+    return _tagged(answer["view"], slot), CloseOutcome(via, str(answer.get("detail")))

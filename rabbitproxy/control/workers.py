@@ -2,13 +2,18 @@
 
 Each worker is a fresh interpreter (``python -m rabbitproxy.control.worker``, never a fork of a running loop) with
 one end of an AF_UNIX socketpair (:mod:`rabbitproxy.control.channel`). The parent sends it the configuration and
-the backends' state, then every change of that state (:mod:`rabbitproxy.balancing.snapshot`), reloads and the
-shutdown; the worker sends its counters every :data:`STATS_INTERVAL` seconds, which the parent writes onto its own
-``Service`` and ``Backend`` objects, so the admin API and ``/metrics`` read the sum of all workers unchanged.
+the backends' state, then every change of that state (:mod:`rabbitproxy.balancing.snapshot`, only the backends
+that changed), reloads and the shutdown; the worker sends its figures every :data:`STATS_INTERVAL` seconds, which
+the parent writes onto its own ``Service`` and ``Backend`` objects, so the admin API and ``/metrics`` read the sum
+of all workers unchanged. A listing of connections is paged inside each worker and merged here.
 
-A worker that dies is logged with its exit code or signal and started again with back-off; it gets the current
-configuration and state before it listens. Counters stay monotonic across such a restart: what the dead worker had
-counted is kept as a base.
+A worker that dies is logged with its exit code or signal and started again with back-off; one that stops sending
+its figures for :data:`HUNG_AFTER` seconds (a wedged loop, a SIGSTOP) is killed and started again too, and so is
+one that does not listen :data:`START_TIMEOUT` after its start. Each restart is counted by cause. A new worker gets
+the current configuration and state before it listens; each configuration has a generation, and a worker that
+started on an older one (a reload came while it started) is sent the current one when it says it is ready.
+Counters stay monotonic across a restart (what the dead worker had counted is kept as a base); gauges are the
+running workers' only.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from rabbitproxy.balancing.snapshot import pool_state
+from rabbitproxy.balancing.snapshot import States, pool_state, state_changes
 from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.channel import Channel, ChannelError, Message
-from rabbitproxy.control.closer import CloseOutcome
-from rabbitproxy.control.worker_views import RemoteConnection, Tally, add_counts
+from rabbitproxy.control.worker_reload import catch_up, reload_workers
+from rabbitproxy.control.worker_views import add_counts, counters_of, write_figures
+from rabbitproxy.control.worker_watch import HUNG_AFTER, START_TIMEOUT, watch_loop
 from rabbitproxy.tasks import Backoff, OwnedTasks
 
 if TYPE_CHECKING:
@@ -38,8 +44,11 @@ log = structlog.get_logger("rabbitproxy.workers")
 # sent at once); the workers send their counters this often too.
 STATE_POLL = 0.05
 STATS_INTERVAL = 0.5
-# Seconds a starting worker has to bind its listeners and say it is ready.
-START_TIMEOUT = 30.0
+# Why a worker was started again (the label of rabbitproxy_worker_restarts_total): it died by itself; it stopped
+# answering; it was not listening START_TIMEOUT after its start; it broke or stopped reading its channel.
+RESTART_CAUSES = ("exited", "hung", "start-timeout", "channel")
+# Connection ids a worker reserves at a time (control.worker.worker_ids): it tells the parent before it uses one.
+ID_BLOCK = 4096
 
 
 def config_data(config: Config) -> dict[str, Any]:
@@ -57,7 +66,7 @@ def signal_name(returncode: int | None) -> str | None:
 
 
 class WorkerSlot:
-    """Worker ``index``: its current process and channel, its last counters and those of its dead predecessors."""
+    """Worker ``index``: its current process and channel, its last figures and the counters of its predecessors."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -68,10 +77,25 @@ class WorkerSlot:
         self.stats: dict[str, Any] = {}
         self.base: dict[str, Any] = {}
         self.restarts = 0
+        self.causes: Counter[str] = Counter()
+        # Why the parent ended the current process (RESTART_CAUSES), set just before it kills it.
+        self.kill_cause: str | None = None
+        # Loop time of the process's start, and of the last message from it (its figures come every STATS_INTERVAL).
+        self.launched = 0.0
+        self.last_seen = 0.0
+        # The configuration generation it runs, and what it said when it refused one.
+        self.generation = 0
+        self.refused: dict[int, list[str]] = {}
+        # The first connection id no process of this slot has used or reserved (control.worker.worker_ids).
+        self.next_id = index + 1
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
+
+    def serving(self, now: float) -> bool:
+        """Listening, and its figures keep coming: the kernel's share of new clients is served."""
+        return self.ready and self.channel is not None and now - self.last_seen <= HUNG_AFTER
 
 
 class WorkerSet:
@@ -83,7 +107,14 @@ class WorkerSet:
         self.slots = [WorkerSlot(i) for i in range(self.count)]
         self.tasks = OwnedTasks()
         self.stopping = False
-        self._sent_state: dict[str, Any] | None = None
+        self._sent_state: States | None = None
+        # The configuration's generation: each reload adds one; a worker started or caught up runs the current one.
+        self.generation = 0
+        self.restart_causes: Counter[str] = Counter()
+        # How many workers' rebalancers hold each (service, backend) now.
+        self.holds: dict[tuple[str, str], int] = {}
+        # Set (and replaced) whenever a worker's generation may have moved: a reload waiting for one wakes up.
+        self.moved = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -100,6 +131,7 @@ class WorkerSet:
         if errors:
             raise ConfigError(errors)
         self.tasks.spawn(self._push_state_loop(), name="worker state")
+        self.tasks.spawn(watch_loop(self), name="worker watch")
 
     async def shutdown(self) -> None:
         """Tell every worker to drain (shutdown_timeout) and exit; kill those that outlive the deadline."""
@@ -124,12 +156,22 @@ class WorkerSet:
             if slot.process is not None and slot.process.returncode is None:
                 slot.process.kill()
 
+    def moved_on(self) -> None:
+        self.moved.set()
+        self.moved = asyncio.Event()
+
+    def serving(self) -> int:
+        """How many workers serve now (see WorkerSlot.serving); fewer than configured makes /healthz degraded."""
+        now = asyncio.get_running_loop().time()
+        return sum(1 for slot in self.slots if slot.serving(now))
+
     async def _keep_running(self, slot: WorkerSlot) -> None:
         """Run worker ``slot`` and start it again whenever it dies, until the shutdown."""
         backoff = Backoff(first=0.5, most=10.0)
         loop = asyncio.get_running_loop()
         while not self.stopping:
             began = loop.time()
+            slot.kill_cause = None
             try:
                 await self._run_once(slot)
             except Exception:
@@ -141,15 +183,19 @@ class WorkerSet:
             delay = backoff.next(loop.time() - began)
             proc = slot.process
             code = proc.returncode if proc is not None else None
+            cause = slot.kill_cause or "exited"
             log.error(
                 "worker died, restarting",
                 worker=slot.index,
                 pid=slot.pid,
+                cause=cause,
                 exit_code=code if code is None or code >= 0 else None,
                 signal=signal_name(code),
                 restart_in=delay,
             )
             slot.restarts += 1
+            slot.causes[cause] += 1
+            self.restart_causes[cause] += 1
             await asyncio.sleep(delay)
 
     async def _run_once(self, slot: WorkerSlot) -> None:
@@ -167,6 +213,7 @@ class WorkerSet:
         finally:
             theirs.close()
         proc = slot.process
+        slot.launched = asyncio.get_running_loop().time()
         try:
             channel = await Channel.open(ours)
         except BaseException:
@@ -176,23 +223,29 @@ class WorkerSet:
         slot.channel = channel
         log.info("worker started", worker=slot.index, pid=proc.pid)
         try:
-            # The state goes with the configuration: the worker copies it before it listens.
+            # The state goes with the configuration, and both are read now, not before the process started: a
+            # reload that came meanwhile is in them (and a later one is caught up with on "ready").
             channel.send(
                 {
                     "t": "start",
                     "config": config_data(self.sup.config),
+                    "generation": self.generation,
                     "workers": self.count,
+                    "first_id": slot.next_id,
                     "state": self.snapshot(),
                 }
             )
             await channel.serve(lambda m: self._notified(slot, m), _no_requests)
         except (ChannelError, OSError) as exc:
             # A bad frame, or the worker died hard (a reset): either way this worker ends here and is restarted.
+            if isinstance(exc, ChannelError) and slot.kill_cause is None:
+                slot.kill_cause = "channel"
             log.error("worker channel failed", worker=slot.index, error=str(exc) or type(exc).__name__)
         finally:
             channel.close()
             slot.channel = None
             slot.ready = False
+            self.moved_on()
             # The channel is closed: the worker sees EOF and stops; one that does not is killed.
             try:
                 async with asyncio.timeout(5.0 if not self.stopping else 3600.0):
@@ -205,17 +258,24 @@ class WorkerSet:
 
     def _notified(self, slot: WorkerSlot, message: Message) -> None:
         kind = message.get("t")
+        slot.last_seen = asyncio.get_running_loop().time()
         if kind == "stats":
             slot.stats = message
             self._aggregate()
+        elif kind == "ids":
+            slot.next_id = max(slot.next_id, int(message["next"]))
         elif kind == "ready":
             slot.ready = True
+            slot.generation = int(message.get("generation", 0))
             if not slot.first.done():
                 slot.first.set_result([])
             elif slot.restarts:
                 log.info("worker restarted and listening", worker=slot.index, pid=slot.pid)
             # The state may have changed between the start message and now.
-            self._send(slot, {"t": "state", "services": self.snapshot()})
+            self._send(slot, {"t": "state", "services": self.snapshot(), "full": True})
+            if slot.generation != self.generation:
+                # A reload landed while this worker was starting: it runs the configuration before.
+                self.tasks.spawn(catch_up(self, slot), name=f"worker {slot.index} catch up")
         elif kind == "failed":
             errors = [str(e) for e in message.get("errors", [])]
             log.error("worker could not start", worker=slot.index, errors=errors)
@@ -231,22 +291,30 @@ class WorkerSet:
         except ChannelError as exc:
             # A worker that stopped reading (house rule 11): its buffer may not grow; it is killed and restarted.
             log.error("worker stopped reading its channel, killed", worker=slot.index, error=str(exc))
-            if slot.process is not None and slot.process.returncode is None:
-                slot.process.kill()
+            self.kill(slot, "channel")
 
-    # -- state, reload, requests ---------------------------------------------------------------------------------
+    def kill(self, slot: WorkerSlot, cause: str) -> None:
+        """End ``slot``'s process now; it is started again, counted under ``cause``."""
+        proc = slot.process
+        if proc is not None and proc.returncode is None:
+            slot.kill_cause = cause
+            proc.kill()
 
-    def snapshot(self) -> dict[str, Any]:
+    # -- state, reload ------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> States:
         return {name: pool_state(s.pool.backends) for name, s in self.sup.services.items()}
 
     def push_state(self) -> None:
-        """Send the backends' state to every worker if it changed since the last push."""
+        """Send every worker the backends whose state changed since the last push (all of them after a reload)."""
         state = self.snapshot()
-        if state == self._sent_state:
+        changes = state_changes(self._sent_state, state)
+        if not changes:
             return
+        full = self._sent_state is None
         self._sent_state = state
         for slot in self.slots:
-            self._send(slot, {"t": "state", "services": state})
+            self._send(slot, {"t": "state", "services": changes, "full": full})
 
     async def _push_state_loop(self) -> None:
         # Health checks, agents and node monitors change Backends without telling anyone; a poll that compares
@@ -259,30 +327,13 @@ class WorkerSet:
             await asyncio.sleep(STATE_POLL)
 
     async def reload(self, config: Config) -> list[str]:
-        """Send ``config`` to every running worker (the parent has applied it); return what went wrong where.
-
-        An empty list means every running worker serves the new configuration. Otherwise each entry names a
-        worker that failed or refused it and still serves the one before: the reload is incomplete, and the
-        admin API says so instead of "reloaded".
-        """
-        data = config_data(config)
-        live = [s for s in self.slots if s.channel is not None and s.ready]
-        answers = await asyncio.gather(
-            *(self.request(s, {"t": "reload", "config": data}, deadline=60.0) for s in live), return_exceptions=True
-        )
-        problems: list[str] = []
-        for slot, answer in zip(live, answers, strict=True):
-            if isinstance(answer, BaseException):
-                why = str(answer) or type(answer).__name__
-                log.error("worker reload failed", worker=slot.index, error=why)
-                problems.append(f"worker {slot.index}: {why}")
-            elif answer.get("error") or answer.get("errors"):
-                errors = answer.get("errors") or [answer["error"]]
-                log.error("worker reload refused", worker=slot.index, errors=errors)
-                problems.extend(f"worker {slot.index}: {e}" for e in errors)
+        """Send ``config`` to every worker (the parent has applied it); what went wrong where (worker_reload)."""
+        problems = await reload_workers(self, config)
         self._sent_state = None
         self.push_state()
         return problems
+
+    # -- requests ------------------------------------------------------------------------------------------------
 
     async def request(self, slot: WorkerSlot, message: Message, deadline: float = 5.0) -> Message:
         channel = slot.channel
@@ -302,33 +353,6 @@ class WorkerSet:
                 out.append((slot, answer))
         return out
 
-    def worker_of(self, conn_id: int) -> WorkerSlot:
-        """The worker that numbers its connections like ``conn_id`` (see control.worker)."""
-        return self.slots[(conn_id - 1) % self.count]
-
-    async def connections(self) -> list[tuple[str, RemoteConnection]]:
-        """Every open connection of every running worker (a worker that does not answer in time is left out)."""
-        out: list[tuple[str, RemoteConnection]] = []
-        for slot, answer in await self.ask_all({"t": "connections"}):
-            for row in answer.get("connections", []):
-                service = self.sup.services.get(row[0])
-                if service is not None:
-                    out.append((row[0], RemoteConnection(self, slot, service.pool.by_name.get(row[2]), row)))
-        return out
-
-    async def close_one(self, conn_id: int, text: str) -> CloseOutcome | None:
-        """Ask the worker that has connection ``conn_id`` to close it as an operator's close (broker, else TCP).
-
-        None when that worker no longer has it.
-        """
-        answer = await self.request(self.worker_of(conn_id), {"t": "close_one", "conn": conn_id, "text": text}, 30.0)
-        if answer.get("missing"):
-            return None
-        via = answer.get("via")
-        if via not in ("broker", "tcp", "ended"):
-            raise ChannelError(f"worker answered a close with {answer!r}")
-        return CloseOutcome(via, str(answer.get("detail")))
-
     def tell(self, index: int, message: Message) -> None:
         self._send(self.slots[index], message)
 
@@ -336,43 +360,25 @@ class WorkerSet:
         for slot in self.slots:
             self._send(slot, message)
 
-    # -- counters ------------------------------------------------------------------------------------------------
+    # -- figures -------------------------------------------------------------------------------------------------
 
     def _retire(self, slot: WorkerSlot) -> None:
-        """Keep a dead worker's counters as the base of its successor's (its open connections died with it)."""
+        """Keep a dead worker's counters as the base of its successor's; its gauges went with it."""
         if slot.stats:
-            slot.base = add_counts(slot.base, slot.stats.get("services", {}))
+            slot.base = add_counts(slot.base, counters_of(slot.stats))
         slot.stats = {}
+        # A reservation of connection ids may still have been in the dead worker's buffer: skip one block.
+        slot.next_id += ID_BLOCK * self.count
         self._aggregate()
 
     def _aggregate(self) -> None:
-        """Write the sum of every worker's counters onto the parent's services and backends."""
-        total: dict[str, Any] = {}
-        active: Counter[tuple[str, str | None]] = Counter()
-        for slot in self.slots:
-            current = slot.stats.get("services", {})
-            total = add_counts(add_counts(total, slot.base), current)
-            for sname, s in current.items():
-                active[sname, None] += s["active"]
-                for bname, b in s["backends"].items():
-                    active[sname, bname] += b[0]
-        for sname, service in self.sup.services.items():
-            s = total.get(sname)
-            if s is None:
-                service.connections = Tally(0)
-                continue
-            service.connections = Tally(active[sname, None])
-            service.total = s["total"]
-            service.ended = Counter(s["ended"])
-            service.close_timeouts = s["close_timeouts"]
-            service.failed_logins = s["failed_logins"]
-            service.handshakes_given_up = s["handshakes_given_up"]
-            service.vhost_open = {k: v for k, v in s["vhost_open"].items() if v}
-            for b in service.pool.backends:
-                figures = s["backends"].get(b.name)
-                b.connections = Tally(active[sname, b.name])
-                if figures is not None:
-                    _, b.total, b.connect_errors, b.traffic_in, b.traffic_out = figures
+        """Write the sum of every worker's figures onto the parent's services, backends and close counters."""
+        figures = [(slot.base, slot.stats) for slot in self.slots]
+        self.holds = write_figures(self.sup.services, self.sup.steering.stats, figures)
+
+    def processes(self) -> list[tuple[int, int]]:
+        """(index, pid) of every worker process running now."""
+        return [(s.index, s.process.pid) for s in self.slots if s.process is not None and s.process.returncode is None]
 
 
 async def _no_requests(message: Message) -> Message:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rabbitproxy.balancing.algorithms import source_key
@@ -33,8 +34,15 @@ if TYPE_CHECKING:
 # client sends a frame at least every heartbeat; 2.5 leaves room for a late one (RabbitMQ gives up after 2 to 3).
 HEARTBEAT_FACTOR = 2.5
 
-# Connection ids: small, unique in the process, never reused while it runs (the admin API names connections by them).
-_ids = itertools.count(1)
+# Connection ids: small, unique for the life of the proxy, never reused (the admin API names connections by them).
+# One process numbers them 1, 2, 3...; a worker of ``workers = N`` takes its share through use_ids().
+_ids: Iterator[int] = itertools.count(1)
+
+
+def use_ids(source: Iterator[int]) -> None:
+    """Number the connections opened from now on with ``source`` (each id used once, never reused)."""
+    global _ids  # the one seam; read once per connection, so a module global is the cheap place
+    _ids = source
 
 
 def _addr(peer: Any) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import aiormq
+import psutil
 import pytest
 
 from rabbitproxy.dev.cluster import DevCluster
@@ -340,6 +342,219 @@ async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         await stop(proxy)
 
 
+async def healthz(admin: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"{admin}/healthz") as resp:
+        return resp.status, (await resp.json())["status"]
+
+
+async def post_reload(admin: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.post(f"{admin}/api/reload", json={}) as resp:
+        return resp.status, await resp.json()
+
+
+async def health_is(admin: str, want: tuple[int, str]) -> bool:
+    return await healthz(admin) == want
+
+
+async def worker(admin: str, index: int) -> dict[str, Any]:
+    return next(w for w in await workers(admin) if w["index"] == index)
+
+
+def resume_or_kill(pid: int, sig: signal.Signals) -> None:
+    """Clean-up for a test that stopped a worker: the signal, unless the process is gone already."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+async def test_a_hung_worker_is_killed_and_replaced_and_health_says_degraded_meanwhile(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries)
+        health = tmp_path / "health"
+        data["admin"]["health_file"] = str(health)
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
+            await wait_for(lambda: health.exists() and health.read_text() == "0\n", timeout=20, what="health ok")
+            assert await healthz(admin) == (200, "ok")
+            victim = (await worker(admin, 0))["pid"]
+            # A wedged loop: the process lives and keeps its SO_REUSEPORT socket, but answers nothing.
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                await wait_for(lambda: health_is(admin, (503, "degraded")), timeout=30, what="healthz degraded")
+                await wait_for(lambda: health.read_text() == "1\n", timeout=10, what="the health file says 1")
+
+                async def replaced() -> bool:
+                    w0 = await worker(admin, 0)
+                    return bool(w0["serving"] and w0["pid"] != victim and w0["restart_causes"] == {"hung": 1})
+
+                await wait_for(replaced, timeout=60, what="worker 0 killed and started again")
+            finally:
+                resume_or_kill(victim, signal.SIGKILL)
+            assert not alive(victim)
+            assert "worker hung, killed" in proxy.log()
+            await wait_for(lambda: health_is(admin, (200, "ok")), timeout=30, what="healthz ok")
+            text = await get(f"{admin}/metrics")
+            assert metric(text, "rabbitproxy_worker_restarts_total", cause="hung") == 1
+            # process_* describe the parent; each worker's CPU and memory are rabbitproxy_worker_* series.
+            for index in ("0", "1"):
+                assert metric(text, "rabbitproxy_worker_up", worker=index) == 1
+                assert metric(text, "rabbitproxy_worker_cpu_seconds_total", worker=index) > 0
+                assert metric(text, "rabbitproxy_worker_resident_memory_bytes", worker=index) > 0
+            assert metric(text, "rabbitproxy_worker_restarts_total", cause="exited") == 0
+            # The new worker takes its share of new clients again.
+            clients = await spread(proxy.addr, admin)
+            for c in clients:
+                c.close()
+
+
+def new_child(parent: int, known: set[int], deadline: float = 30.0) -> int:
+    """The pid of a child of ``parent`` not in ``known``, as soon as it exists (polled in a thread)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        for child in psutil.Process(parent).children():
+            if child.pid not in known:
+                return int(child.pid)
+        time.sleep(0.002)
+    raise AssertionError("no new worker process appeared")
+
+
+async def test_a_reload_while_a_worker_is_being_replaced_reaches_it_too(tmp_path: Path) -> None:
+    async with backends(b"A", b"B") as entries:
+        data, admin = config(entries[:1])
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
+            pids = {w["pid"] for w in await workers(admin)}
+            victim = (await worker(admin, 0))["pid"]
+            finding = asyncio.ensure_future(asyncio.to_thread(new_child, proxy.pid, pids))
+            os.kill(victim, signal.SIGKILL)
+            successor = await finding
+            # Held before it listens: it got the configuration before the reload in its start message.
+            os.kill(successor, signal.SIGSTOP)
+            try:
+                w0 = await worker(admin, 0)
+                assert w0["pid"] == successor and not w0["ready"], w0
+                data["services"][0]["backends"] = entries[1:]
+                proxy.config_path.write_text(to_toml(data))
+                reload = asyncio.ensure_future(post_reload(admin))
+                # The parent and worker 1 have reloaded; the answer waits for worker 0.
+                await wait_for(
+                    lambda: proxy.log().count("configuration reloaded") == 2, timeout=20, what="worker 1 reloaded"
+                )
+                assert not reload.done()
+                os.kill(successor, signal.SIGCONT)
+                status, body = await reload
+            finally:
+                resume_or_kill(successor, signal.SIGCONT)
+            assert (status, body["status"]) == (200, "reloaded"), body
+            assert {w["generation"] for w in await workers(admin)} == {1}
+            # Every worker serves the new configuration: new clients on both reach B.
+            fresh = [await Client.open(proxy.addr) for _ in range(30)]
+            assert {c.tag for c in fresh} == {b"B"}
+            listing = await get(f"{admin}/api/connections?limit=1000&backend=B")
+            assert {c["worker"] for c in listing["connections"]} == {0, 1}
+            # Each worker's line says which worker wrote it (issue 25, item 11).
+            lines = [line for line in proxy.log().splitlines() if "configuration reloaded" in line]
+            assert len(lines) == 3 and sum("worker=" in line for line in lines) == 2, lines
+            for c in fresh:
+                c.close()
+
+
+async def test_connection_ids_stay_unique_over_a_worker_restart_and_pages_merge_in_order(tmp_path: Path) -> None:
+    async with backends(b"A") as entries:
+        data, admin = config(entries)
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
+            clients = await spread(proxy.addr, admin)
+            for i, c in enumerate(clients):
+                c.writer.write(b"x" * (i * 7 % 31 + 1))
+
+            async def counted() -> bool:
+                page = await get(f"{admin}/api/connections?limit=1000")
+                return all(c["bytes_out"] > 1 for c in page["connections"])
+
+            await wait_for(counted, timeout=10, what="every client's bytes counted")
+            # Pages cut in each worker and merged in the parent are the slices of one ordered list.
+            for order in ("sort=bytes_in&order=asc", "sort=age&order=desc", "sort=idle&order=asc"):
+                everything = (await get(f"{admin}/api/connections?limit=1000&{order}"))["connections"]
+                page = await get(f"{admin}/api/connections?limit=7&offset=5&{order}")
+                assert [c["id"] for c in page["connections"]] == [c["id"] for c in everything[5:12]], order
+                assert (page["total"], page["next_offset"]) == (40, 12)
+            before = (await get(f"{admin}/api/connections?limit=1000"))["connections"]
+            one = await get(f"{admin}/api/connections/{before[0]['id']}")
+            assert {k: one[k] for k in ("id", "client", "worker")} == {
+                k: before[0][k] for k in ("id", "client", "worker")
+            }
+            victim = (await worker(admin, 0))["pid"]
+            os.kill(victim, signal.SIGKILL)
+
+            async def restarted() -> bool:
+                w0 = await worker(admin, 0)
+                return bool(w0["ready"] and w0["pid"] != victim)
+
+            await wait_for(restarted, timeout=30, what="worker 0 restarted")
+            survivors = [c for c in before if c["worker"] == 1]
+            more = await spread(proxy.addr, admin, 40, already=len(survivors))
+            after = (await get(f"{admin}/api/connections?limit=1000"))["connections"]
+            old_ids = {c["id"] for c in before}
+            fresh = [c for c in after if c["id"] not in {s["id"] for s in survivors}]
+            assert len(fresh) == 40 and not old_ids & {c["id"] for c in fresh}
+            # An id from the listing before names no connection of the new worker 0.
+            gone = next(c["id"] for c in before if c["worker"] == 0)
+            async with aiohttp.ClientSession() as http, http.get(f"{admin}/api/connections/{gone}") as resp:
+                assert resp.status == 404
+            for c in clients + more:
+                c.close()
+
+
+async def test_aborting_a_drain_stops_the_closes_running_in_the_workers(tmp_path: Path) -> None:
+    async with backends(b"A", b"B") as entries:
+        data, admin = config(entries)
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
+            clients = await spread(proxy.addr, admin, n=200)
+            on_a = len([c for c in clients if c.tag == b"A"])
+            # No [services.rabbitmq]: each worker closes its share by TCP at 20 a second, seconds for all of them.
+            await patch(f"{admin}/api/services/amqp/backends/A", {"state": "drain", "deadline": 0.5})
+
+            async def closed() -> float:
+                text = await get(f"{admin}/metrics")
+                return metric(
+                    text, "rabbitproxy_service_closed_by_proxy_total", service="amqp", cause="drain", via="tcp"
+                )
+
+            async def ended() -> float:
+                text = await get(f"{admin}/metrics")
+                return metric(
+                    text, "rabbitproxy_service_connections_ended_total", service="amqp", reason="drain deadline"
+                )
+
+            await wait_for(lambda: _at_least(ended(), 2), timeout=20, what="the first closes")
+            await patch(f"{admin}/api/services/amqp/backends/A", {"state": "ready"})
+            await wait_for(
+                lambda: _lines(proxy.log(), "pending close cancelled", 2) != ["missing"],
+                timeout=20,
+                what="each worker cancelled its batch",
+            )
+            left = (await get(f"{admin}/api/connections?limit=1000&backend=A"))["connections"]
+            assert 0 < len(left) < on_a
+            ports = {int(c["client"].rsplit(":", 1)[1]) for c in left}
+            still = [c for c in clients if c.writer.get_extra_info("sockname")[1] in ports]
+            assert len(still) == len(left) and all([await c.echoes() for c in still])
+            # Nothing was closed after the cancel: the listing and the counters agree with what the clients see.
+            assert (await get(f"{admin}/api/connections?limit=1000&backend=A"))["total"] == len(left)
+            # The parent reports what the workers closed (it was 0 with workers); they send their counters twice a
+            # second.
+            await wait_for(lambda: _equal(closed(), on_a - len(left)), timeout=10, what="the parent's counter")
+            for c in clients:
+                c.close()
+
+
+async def test_a_workers_lines_say_which_worker_wrote_them(tmp_path: Path) -> None:
+    # Issue 25, item 11: what a worker did on the parent's request (a reload, a close) was logged without worker=.
+    async with backends(b"A") as entries:
+        data, _ = config(entries)
+        async with running(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
+            os.kill(proxy.pid, signal.SIGHUP)
+            await wait_for(lambda: proxy.log().count("configuration reloaded") == 3, timeout=20, what="reloaded")
+            lines = [line for line in proxy.log().splitlines() if "configuration reloaded" in line]
+            assert sorted(line.split("worker=")[1][:1] for line in lines if "worker=" in line) == ["0", "1"], lines
+
+
 async def test_amqp_through_two_workers(cluster: DevCluster, tmp_path: Path) -> None:
     port = free_port()
     service = service_config(backends_for(cluster), health_check={"type": "amqp", "interval": 2.0})
@@ -419,10 +634,26 @@ async def test_maint_closes_through_the_broker_in_every_worker(cluster: DevClust
         listing = await get(f"{admin}/api/connections?limit=100&backend=rabbit1")
         on_r1 = {c["connection_name"] for c in listing["connections"]}
         assert {c["worker"] for c in listing["connections"]} == {0, 1}, "rabbit1 has clients in both workers"
-        await patch(f"{admin}/api/services/amqp/backends/rabbit1", {"state": "maint", "force": True})
+
+        async def counted() -> bool:
+            # The parent knows the workers' connections from their figures, at most half a second old.
+            service = await get(f"{admin}/api/services/amqp")
+            return bool(service["backends"][0]["connections"]["active"] == len(on_r1))
+
+        await wait_for(counted, timeout=10, what="the workers' connections counted in the parent")
+        answer = await patch(f"{admin}/api/services/amqp/backends/rabbit1", {"state": "maint", "force": True})
+        # The workers close them; the answer says how many (it was 0 with workers).
+        assert answer["closing_through_broker"] == len(on_r1) > 0
         text = "rabbitproxy: node rabbit1 is in maintenance"
         mine = [seen for i, seen in enumerate(closes) if f"w-{i}" in on_r1]
         await wait_for(lambda: all(mine), timeout=60, what="every client on rabbit1 closed")
+
+        async def counted() -> bool:
+            metrics = await get(f"{admin}/metrics")
+            name = "rabbitproxy_service_closed_by_proxy_total"
+            return metric(metrics, name, service="amqp", cause="maint", via="broker") == len(on_r1)
+
+        await wait_for(counted, timeout=10, what="the workers' closes in the parent's metrics")
 
         def by_broker(exc: BaseException | None) -> bool:
             return isinstance(exc, aiormq.exceptions.ConnectionClosed) and exc.args[0] == 320 and text in str(exc)
@@ -464,10 +695,25 @@ async def test_the_rebalancer_runs_in_every_worker(cluster: DevCluster, tmp_path
             what="a rebalancing round in each worker",
         )
         await wait_for(lambda: len(closed) >= 6, timeout=60, what="clients moved off rabbit1")
+
+        async def held() -> bool:
+            # Each worker holds rabbit1 while the clients it moved have not come back: the parent shows both.
+            text = await get(f"{admin}/metrics")
+            return metric(text, "rabbitproxy_backend_rebalance_hold", service="amqp", backend="rabbit1") == 2
+
+        await wait_for(held, timeout=30, what="rabbit1 held by both workers")
         assert all(isinstance(exc, aiormq.exceptions.ConnectionClosed) and exc.args[0] == 320 for exc in closed)
         for c in conns:
             if not c.is_closed:
                 await c.close()
+
+
+async def _at_least(value: Awaitable[float], n: float) -> bool:
+    return await value >= n
+
+
+async def _equal(value: Awaitable[float], n: float) -> bool:
+    return await value == n
 
 
 def _lines(log: str, event: str, n: int) -> list[str]:

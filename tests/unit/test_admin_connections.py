@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from rabbitproxy.admin.connections import (
+from rabbitproxy.balancing.listing import (
     DEFAULT_LIMIT,
     DEFAULT_REASON,
     MAX_REASON,

@@ -11,13 +11,17 @@ import pytest
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.reasons import CloseReason
-from rabbitproxy.balancing.snapshot import FIELDS, apply_backend_state, backend_state
+from rabbitproxy.balancing.snapshot import FIELDS, apply_backend_state, backend_state, pool_state, state_changes
 from rabbitproxy.balancing.views import NodeView
 from rabbitproxy.config import BackendConfig, ConfigError
 from rabbitproxy.control.channel import MAX_FRAME, ChannelError, Decoder, encode
-from rabbitproxy.control.worker import share_limits
-from rabbitproxy.control.worker_views import Tally
+from rabbitproxy.control.closer import CloseStats
+from rabbitproxy.control.worker import share_limits, worker_ids
+from rabbitproxy.control.worker_views import Tally, counters_of, write_figures
 from rabbitproxy.control.worker_views import add_counts as _add
+from rabbitproxy.control.worker_watch import HUNG_AFTER, START_TIMEOUT, WATCH_EVERY, stalled, verdict
+from rabbitproxy.control.workers import ID_BLOCK
+from tests.support.proxy import make_service
 
 SERVICE = {"name": "amqp", "listen": "127.0.0.1:5672", "backends": [{"name": "b1", "address": "127.0.0.1"}]}
 
@@ -135,29 +139,72 @@ def test_the_parent_connection_tally_counts_but_holds_nothing() -> None:
     assert not Tally(0)
 
 
-def stats(active: int, total: int, ended: dict[str, int]) -> dict[str, Any]:
-    return {
-        "amqp": {
-            "active": active,
-            "total": total,
-            "ended": ended,
-            "close_timeouts": 0,
-            "failed_logins": 1,
-            "handshakes_given_up": 0,
-            "vhost_open": {"/": active},
-            "backends": {"b1": [active, total, 0, 10, 20]},
-        }
+def stats(active: int, total: int, ended: dict[str, int], hold: int = 0, closed: int = 0) -> dict[str, Any]:
+    """A worker's ``stats`` message (control.worker.Worker.stats) for service amqp and its backend b1."""
+    counters = {
+        "total": total,
+        "ended": ended,
+        "close_timeouts": 0,
+        "failed_logins": 1,
+        "handshakes_given_up": 0,
+        "closed": {"drain/tcp": closed},
+        "backends": {"b1": [total, 0, 10, 20]},
     }
+    gauges = {"active": active, "vhost_open": {"/": active}, "backends": {"b1": [active, hold]}}
+    return {"t": "stats", "services": {"amqp": {"counters": counters, "gauges": gauges}}}
 
 
 def test_counters_add_up_over_workers() -> None:
-    total = _add(stats(1, 5, {"client closed": 4}), stats(2, 3, {"client closed": 1, "limit": 1}))
+    total = _add(counters_of(stats(1, 5, {"client closed": 4})), counters_of(stats(2, 3, {"client closed": 1})))
     s = total["amqp"]
-    assert (s["active"], s["total"], s["failed_logins"]) == (3, 8, 2)
-    assert s["ended"] == {"client closed": 5, "limit": 1}
-    assert s["vhost_open"] == {"/": 3}
-    assert s["backends"]["b1"] == [3, 8, 0, 20, 40]
-    assert _add({}, stats(1, 1, {}))["amqp"]["total"] == 1
+    assert (s["total"], s["failed_logins"]) == (8, 2)
+    assert s["ended"] == {"client closed": 5}
+    assert s["backends"]["b1"] == [8, 0, 20, 40]
+    assert _add({}, counters_of(stats(1, 1, {})))["amqp"]["total"] == 1
+
+
+def test_a_dead_workers_gauges_leave_the_sum_and_its_counters_stay() -> None:
+    # Issue 25, item 8: the open-vhost gauge of a dead worker stayed in the parent's sum for ever.
+    service = make_service([{"name": "b1", "address": "127.0.0.1"}])
+    closed: dict[str, CloseStats] = {}
+    running: tuple[dict[str, Any], dict[str, Any]] = ({}, stats(2, 5, {"client closed": 3}, hold=1, closed=4))
+    dead_base = counters_of(stats(7, 9, {"client closed": 2}, closed=1))
+    holds = write_figures({"amqp": service}, closed, [running, (dead_base, {})])
+    # Gauges: the running worker's only.
+    assert service.active == 2 and service.vhost_open == {"/": 2}
+    assert service.pool.by_name["b1"].active == 2
+    # Counters: the running worker's and what the dead one had counted.
+    assert (service.total, service.ended) == (14, {"client closed": 5})
+    # What the workers closed and hold is the parent's to report (issue 25, item 6).
+    assert closed["amqp"].counts == {("drain", "tcp"): 5}
+    assert holds == {("amqp", "b1"): 1} and service.pool.by_name["b1"].rebalance_hold
+
+
+def test_a_health_check_that_changes_no_verdict_changes_no_state_to_push() -> None:
+    # Issue 25, item 10: the check's wall-clock time was in the snapshot, so every check pushed every state.
+    b = backend()
+    b.mark_health(True, "ok", 100.0)
+    before = pool_state([b])
+    b.mark_health(True, "ok", 101.0)
+    assert pool_state([b]) == before
+    other = Backend(BackendConfig(name="b2", address="127.0.0.1"), 5672, healthy=True)
+    old = {"amqp": pool_state([b]) | {"b2": backend_state(other)}}
+    b.operator_state = "drain"
+    new = {"amqp": pool_state([b]) | {"b2": backend_state(other)}}
+    assert state_changes(old, new) == {"amqp": {"b1": backend_state(b)}}
+    assert state_changes(new, new) == {}
+    assert state_changes(None, new) == new
+
+
+def test_a_worker_reserves_each_block_of_ids_before_it_uses_one() -> None:
+    # Issue 25, item 9: the parent starts a replacement past every id its predecessor reserved.
+    reserved: list[int] = []
+    ids = worker_ids(2, 3, reserved.append)
+    first = [next(ids) for _ in range(ID_BLOCK + 1)]
+    assert first[:3] == [2, 5, 8] and len(set(first)) == len(first)
+    assert all((i - 2) % 3 == 0 for i in first)
+    assert reserved == [2 + ID_BLOCK * 3, 2 + 2 * ID_BLOCK * 3]
+    assert max(first[:ID_BLOCK]) < reserved[0] <= first[ID_BLOCK]
 
 
 def test_a_verdict_in_the_parent_counts_the_workers_connections_it_ends() -> None:
@@ -166,3 +213,13 @@ def test_a_verdict_in_the_parent_counts_the_workers_connections_it_ends() -> Non
     backend = Backend(BackendConfig(name="a", address="127.0.0.1"), 5672, healthy=True)
     backend.connections = Tally(3)
     assert backend.close_connections(CloseReason.BACKEND_DOWN) == 3
+
+
+def test_a_worker_silent_past_the_limit_is_hung_and_a_stalled_parent_judges_nobody() -> None:
+    # Issue 25, item 3 (the real SIGSTOP is in tests/integration/test_workers.py).
+    assert verdict(ready=True, now=100.0, last_seen=100.0 - HUNG_AFTER / 2, launched=0.0) is None
+    assert verdict(ready=True, now=100.0, last_seen=100.0 - HUNG_AFTER - 0.1, launched=0.0) == "hung"
+    assert verdict(ready=False, now=100.0, last_seen=0.0, launched=100.0 - START_TIMEOUT / 2) is None
+    assert verdict(ready=False, now=100.0, last_seen=0.0, launched=100.0 - START_TIMEOUT - 1) == "start-timeout"
+    assert not stalled(10.0, 10.0 + WATCH_EVERY * 1.5)
+    assert stalled(10.0, 10.0 + WATCH_EVERY + HUNG_AFTER)

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 from aiohttp import web
 
-from rabbitproxy.admin import connections
 from rabbitproxy.admin.common import PROXY_KEY, error, who
+from rabbitproxy.balancing import listing as connections
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.views import Connection
+from rabbitproxy.control import worker_views
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
     from rabbitproxy.relay.service import Service
 
 log = structlog.get_logger("rabbitproxy.admin")
+T = TypeVar("T")
 
 
 def _live(proxy: Supervisor) -> Iterator[tuple[str, Connection]]:
@@ -32,30 +34,22 @@ def _live(proxy: Supervisor) -> Iterator[tuple[str, Connection]]:
             yield name, conn
 
 
-async def _all(proxy: Supervisor) -> list[tuple[str, Connection]]:
-    """:func:`_live`, or with ``workers = N`` every worker's connections (asked now, within a deadline)."""
-    if proxy.workers is None:
-        return list(_live(proxy))
-    return list(await proxy.workers.connections())
+def _not_found(raw_id: str) -> web.HTTPNotFound:
+    return web.HTTPNotFound(
+        text=json.dumps({"error": f"no open connection with id {raw_id!r}"}), content_type="application/json"
+    )
 
 
-def _with_workers(proxy: Supervisor, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """With ``workers = N``: each connection's worker (index and pid), found from its id (control.worker)."""
-    if proxy.workers is not None:
-        for view in views:
-            slot = proxy.workers.worker_of(view["id"])
-            view["worker"] = slot.index
-            view["worker_pid"] = slot.pid
-    return views
+def _parse_id(raw_id: str) -> int:
+    if raw_id.isascii() and raw_id.isdigit():
+        return int(raw_id)
+    raise _not_found(raw_id)
 
 
-async def _find_connection(proxy: Supervisor, raw_id: str) -> tuple[Service, Connection]:
-    conn_id = int(raw_id) if raw_id.isascii() and raw_id.isdigit() else None
-    found = connections.find(await _all(proxy), conn_id) if conn_id is not None else None
+def _find_here(proxy: Supervisor, raw_id: str) -> tuple[Service, Connection]:
+    found = connections.find(_live(proxy), _parse_id(raw_id))
     if found is None:
-        raise web.HTTPNotFound(
-            text=json.dumps({"error": f"no open connection with id {raw_id!r}"}), content_type="application/json"
-        )
+        raise _not_found(raw_id)
     return proxy.services[found[0]], found[1]
 
 
@@ -65,16 +59,34 @@ async def list_connections(request: web.Request) -> web.Response:
     except connections.QueryError as exc:
         return error(400, str(exc), errors=exc.errors)
     proxy = request.app[PROXY_KEY]
-    page = connections.select(await _all(proxy), query, time.monotonic())
-    _with_workers(proxy, page["connections"])
-    return web.json_response(page)
+    now = time.monotonic()
+    if proxy.workers is None:
+        return web.json_response(connections.select(_live(proxy), query, now))
+    # With workers = N each worker filters, sorts and cuts its own; the parent merges the pages.
+    return web.json_response(await worker_views.list_connections(proxy.workers, query, now))
 
 
 async def get_connection(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    service, conn = await _find_connection(proxy, request.match_info["id"])
-    view = connections.connection_view(service.name, conn, time.monotonic())
-    return web.json_response(_with_workers(proxy, [view])[0])
+    raw_id = request.match_info["id"]
+    if proxy.workers is None:
+        service, conn = _find_here(proxy, raw_id)
+        return web.json_response(connections.connection_view(service.name, conn, time.monotonic()))
+    # One request, to the one worker whose ids look like this one (control.worker_views.worker_of).
+    view = await _asking(worker_views.find_connection(proxy.workers, _parse_id(raw_id)))
+    if view is None:
+        raise _not_found(raw_id)
+    return web.json_response(view)
+
+
+async def _asking(answer: Awaitable[T]) -> T:
+    try:
+        return await answer
+    except TimeoutError:
+        raise web.HTTPServiceUnavailable(
+            text=json.dumps({"error": "the worker that has this connection did not answer in time"}),
+            content_type="application/json",
+        ) from None
 
 
 async def delete_connection(request: web.Request) -> web.Response:
@@ -87,19 +99,23 @@ async def delete_connection(request: web.Request) -> web.Response:
     except ValueError as exc:
         return error(400, str(exc))
     proxy = request.app[PROXY_KEY]
-    service, conn = await _find_connection(proxy, request.match_info["id"])
-    view = connections.connection_view(service.name, conn, time.monotonic())
-    if proxy.workers is not None:
-        # The worker that has it closes it, through its own closer (the broker, else TCP).
-        found = await proxy.workers.close_one(conn.id, text)
-        if found is None:
-            return error(404, f"no open connection with id {conn.id}")
-        outcome = found
-    else:
+    raw_id = request.match_info["id"]
+    if proxy.workers is None:
+        service, conn = _find_here(proxy, raw_id)
+        view = connections.connection_view(service.name, conn, time.monotonic())
         outcome = await proxy.steering.close_one(service, conn, CloseReason.OPERATOR_CLOSE, text)
+        rabbitmq = service.config.rabbitmq is not None
+    else:
+        # The worker that has it closes it, through its own closer (the broker, else TCP).
+        found = await _asking(worker_views.close_connection(proxy.workers, _parse_id(raw_id), text))
+        if found is None:
+            raise _not_found(raw_id)
+        view, outcome = found
+        here = proxy.services.get(view["service"])
+        rabbitmq = here is not None and here.config.rabbitmq is not None
     fields = {
         "id": view["id"],
-        "service": service.name,
+        "service": view["service"],
         "backend": view["backend"],
         "client": view["client"],
         "user": view["user"],
@@ -109,11 +125,11 @@ async def delete_connection(request: web.Request) -> web.Response:
         "detail": outcome.detail,
         "who": who(request),
     }
-    if outcome.via == "tcp" and service.config.rabbitmq is not None:
+    if outcome.via == "tcp" and rabbitmq:
         # Configured to close through the broker and it could not: the client saw a reset, not our reason.
         log.warning("connection closed by TCP, not through the broker", **fields)
     else:
         log.info("connection closed by operator", **fields)
     return web.json_response(
-        {"id": view["id"], "service": service.name, "reason": text, "via": outcome.via, "detail": outcome.detail}
+        {"id": view["id"], "service": view["service"], "reason": text, "via": outcome.via, "detail": outcome.detail}
     )

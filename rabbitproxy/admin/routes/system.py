@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 
 import structlog
@@ -27,12 +28,25 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def workers(request: web.Request) -> web.Response:
-    """The worker processes (``workers = N``): index, pid, listening, restarts. An empty list with one process."""
+    """The worker processes (``workers = N``): index, pid, listening, serving, restarts (and why), the configuration
+    generation each runs. An empty list with one process."""
     ws = request.app[PROXY_KEY].workers
-    slots = ws.slots if ws is not None else []
-    return web.json_response(
-        {"workers": [{"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts} for s in slots]}
-    )
+    if ws is None:
+        return web.json_response({"workers": []})
+    now = asyncio.get_running_loop().time()
+    rows = [
+        {
+            "index": s.index,
+            "pid": s.pid,
+            "ready": s.ready,
+            "serving": s.serving(now),
+            "restarts": s.restarts,
+            "restart_causes": dict(s.causes),
+            "generation": s.generation,
+        }
+        for s in ws.slots
+    ]
+    return web.json_response({"workers": rows, "generation": ws.generation, "serving": ws.serving()})
 
 
 async def reload(request: web.Request) -> web.Response:

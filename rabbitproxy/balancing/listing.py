@@ -1,18 +1,21 @@
 """Who is connected: the filtering, sorting and paging behind ``GET /api/connections``, pure (no I/O, no loop).
 
-The admin API hands this module the live connections as ``(service name, Connection)`` pairs and the clock; it
-reads them only through the typed :class:`~rabbitproxy.balancing.pool.Connection` view. Everything that can go
+The admin API (and with ``workers = N`` each worker, for its own share) hands this module the live connections as
+``(service name, Connection)`` pairs and the clock; it reads them only through the typed
+:class:`~rabbitproxy.balancing.pool.Connection` view. Everything that can go
 wrong with a query (an unknown sort, a limit out of range, an unknown parameter) is a :class:`QueryError` naming
 the parameter, so a typo in a script is an answer, not a silently unfiltered list.
 
 Filters are matched on the objects first and views are built for the returned page only: listing a proxy with
-tens of thousands of clients costs a pass over them and one sort, not a dict per connection.
+tens of thousands of clients costs a pass over them and a partial sort, not a dict per connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Final, Literal, get_args
 
 from rabbitproxy.balancing.views import Connection
@@ -131,15 +134,28 @@ def idle_seconds(conn: Connection, now: float) -> float | None:
     return max(0.0, now - last) if last > 0 else None
 
 
-def _sort_key(sort: Sort, now: float) -> Callable[[tuple[str, Connection]], tuple[float, int]]:
-    # Every key is "bigger first" under order=desc; ties go by id, i.e. by the order the clients arrived in.
-    if sort == "age":
-        return lambda item: (now - item[1].started, -item[1].id)
-    if sort == "bytes_in":
-        return lambda item: (item[1].bytes_in, -item[1].id)
-    if sort == "bytes_out":
-        return lambda item: (item[1].bytes_out, -item[1].id)
-    return lambda item: (idle_seconds(item[1], now) or 0.0, -item[1].id)
+Key = tuple[int, float, int]
+
+
+def order_key(query: ConnectionQuery, conn: Connection, now: float) -> Key:
+    """Where ``conn`` goes in the order ``query`` asks for, as one key sorted ascending.
+
+    One key for every sort and order, so the pages of several workers merge into the same order a single process
+    gives. Under order=desc the oldest, biggest or longest idle come first; ties go by id, i.e. by the order the
+    clients arrived in. With sort=idle, connections whose idle time is unknown come after every known one, in
+    either order, oldest first.
+    """
+    sort = query.sort
+    if sort == "idle":
+        idle = idle_seconds(conn, now)
+        if idle is None:
+            return (1, 0.0, conn.id)
+        value = idle
+    elif sort == "age":
+        value = now - conn.started
+    else:
+        value = float(conn.bytes_in if sort == "bytes_in" else conn.bytes_out)
+    return (0, -value, conn.id) if query.order == "desc" else (0, value, -conn.id)
 
 
 def connection_view(service: str, conn: Connection, now: float) -> dict[str, Any]:
@@ -172,30 +188,48 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def select(connections: Iterable[tuple[str, Connection]], query: ConnectionQuery, now: float) -> dict[str, Any]:
-    """The page of connections ``query`` asks for, with the total that matched and the next page's offset."""
-    matched = [item for item in connections if query.matches(*item)]
-    unknown: list[tuple[str, Connection]] = []
-    if query.sort == "idle":
-        # Connections whose idle time is unknown come after every known one, in either order, oldest first.
-        unknown = [item for item in matched if idle_seconds(item[1], now) is None]
-        matched = [item for item in matched if idle_seconds(item[1], now) is not None]
-        unknown.sort(key=lambda item: item[1].id)
-    matched.sort(key=_sort_key(query.sort, now), reverse=query.order == "desc")
-    matched += unknown
+def rank(
+    connections: Iterable[tuple[str, Connection]], query: ConnectionQuery, now: float
+) -> tuple[int, list[tuple[Key, str, Connection]]]:
+    """How many connections match ``query``, and the first ``offset + limit`` of them in order, with their keys.
+
+    A partial sort: a worker asked for one page of its tens of thousands of connections sorts only what a page can
+    reach.
+    """
+    total = 0
+
+    def matched() -> Iterator[tuple[Key, str, Connection]]:
+        nonlocal total
+        for service, conn in connections:
+            if query.matches(service, conn):
+                total += 1
+                yield order_key(query, conn, now), service, conn
+
+    # A generator, not a list: only the heap of offset + limit entries is kept.
+    top = heapq.nsmallest(query.offset + query.limit, matched(), key=itemgetter(0))
+    return total, top
+
+
+def page(total: int, views: list[dict[str, Any]], query: ConnectionQuery) -> dict[str, Any]:
+    """The answer to ``query``: the page's connection views, the total that matched and the next page's offset."""
     end = query.offset + query.limit
-    page = matched[query.offset : end]
     return {
-        "total": len(matched),
+        "total": total,
         "offset": query.offset,
         "limit": query.limit,
         # Offsets shift as connections come and go; a client paging through a busy proxy may see one twice or
         # miss one, which is fine for looking and why closing goes by id.
-        "next_offset": end if end < len(matched) else None,
+        "next_offset": end if end < total else None,
         "sort": query.sort,
         "order": query.order,
-        "connections": [connection_view(service, conn, now) for service, conn in page],
+        "connections": views,
     }
+
+
+def select(connections: Iterable[tuple[str, Connection]], query: ConnectionQuery, now: float) -> dict[str, Any]:
+    """The page of connections ``query`` asks for, with the total that matched and the next page's offset."""
+    total, top = rank(connections, query, now)
+    return page(total, [connection_view(service, conn, now) for _, service, conn in top[query.offset :]], query)
 
 
 def find(connections: Iterable[tuple[str, Connection]], conn_id: int) -> tuple[str, Connection] | None:
