@@ -44,7 +44,7 @@ def test_idle_timeout_forms(extra: dict[str, Any], heartbeat_idle: bool, seconds
         ({"client_idle_timeout": -1}, "services['amqp'].client_idle_timeout: must be \"auto\" or a number"),
         ({"client_idle_timeout": "soon"}, "services['amqp'].client_idle_timeout: must be \"auto\""),
         ({"client_idle_timeout": True}, "services['amqp'].client_idle_timeout: must be \"auto\""),
-        ({"protocol": "stomp"}, "services['amqp'].protocol: Input should be 'amqp' or 'tcp'"),
+        ({"protocol": "stomp"}, "services['amqp'].protocol: Input should be 'amqp', 'tcp' or 'stream'"),
     ],
 )
 def test_bad_values_name_the_key(extra: dict[str, Any], expected: str) -> None:
