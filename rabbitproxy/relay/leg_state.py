@@ -24,7 +24,7 @@ from rabbitproxy.relay.keepalive import set_keepalive
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.backend import Backend
-    from rabbitproxy.protocols.amqp_handshake import Handshake, HandshakeReader
+    from rabbitproxy.protocols.amqp_handshake import Handshake, HandshakeFollower
     from rabbitproxy.protocols.proxy_header import ProxyHeaderReader
     from rabbitproxy.protocols.stream import StreamSession
     from rabbitproxy.relay.legs import BackendLeg
@@ -149,7 +149,7 @@ class LegState(asyncio.Protocol):
         self.id = next(_ids)
         # AMQP services: the handshake reader, fed both sides until it is done and then dropped (None), and what it
         # learnt, which stays for the log event and the admin API.
-        self.hs_reader: HandshakeReader | None = None
+        self.hs_reader: HandshakeFollower | None = None
         self.handshake: Handshake | None = None
         # The vhost's label in the service's open-connections-per-vhost gauge, once the broker has opened it.
         self.vhost_label: str | None = None
