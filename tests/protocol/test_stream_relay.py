@@ -1,0 +1,129 @@
+"""The stream relay against a scripted stream node: what it rewrites, adds and leaves alone, and its bounds.
+
+The node answers a client's handshake frames in order and then a Metadata request with brokers the proxy knows (by
+what they advertise, or by their configured address) and one it does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from rabbitproxy.protocols import stream_frames as sf
+from rabbitproxy.protocols.stream import NEED_DATA, Frame, FrameScanner
+from tests.support.net import free_port, tcp_server
+from tests.support.proxy import listen_addr, run_proxy, service_config
+
+pytestmark = pytest.mark.asyncio
+
+ADVERTISED = ("node-a.internal", 5552)
+ALL_KEYS = frozenset(range(0x10000))
+
+
+class Node:
+    """A scripted stream node: records the client's frames, answers Open advertising ``ADVERTISED``."""
+
+    def __init__(self, metadata: Callable[[int], bytes]) -> None:
+        self.received: list[Frame] = []
+        self.metadata = metadata
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        scanner = FrameScanner(ALL_KEYS)
+        while data := await reader.read(65536):
+            scanner.receive_data(data)
+            while (event := scanner.next_event()) is not NEED_DATA:
+                assert isinstance(event, Frame)
+                self.received.append(event)
+                writer.write(self.answer(event))
+
+    def answer(self, frame: Frame) -> bytes:
+        corr = sf.correlation(frame.body) if frame.key != sf.TUNE else 0
+        if frame.key == sf.SASL_AUTHENTICATE:
+            return sf.frame(sf.SASL_AUTHENTICATE | sf.RESPONSE, struct.pack(">IH", corr, 1)) + sf.tune(1 << 20, 60)
+        if frame.key == sf.OPEN:
+            props = [(b"advertised_host", ADVERTISED[0].encode()), (b"advertised_port", str(ADVERTISED[1]).encode())]
+            return sf.open_response(corr, 1, props)
+        if frame.key == sf.METADATA:
+            return self.metadata(corr)
+        if frame.key == sf.TUNE:
+            return b""
+        return sf.frame(frame.key | sf.RESPONSE, struct.pack(">IH", corr, 1))
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.scanner = FrameScanner(ALL_KEYS)
+
+    async def frame(self) -> Frame:
+        while True:
+            event = self.scanner.next_event()
+            if isinstance(event, Frame):
+                return event
+            self.scanner.receive_data(await asyncio.wait_for(self.reader.read(65536), 10))
+
+    async def handshake(self, frame_max: int = 1 << 20) -> Frame:
+        w = self.writer
+        w.write(sf.peer_properties(1, [(b"product", b"test")]) + sf.sasl_handshake(2))
+        w.write(sf.sasl_authenticate(3, "PLAIN", b"\x00alice\x00secret"))
+        for _ in range(4):  # peer properties, sasl handshake, sasl authenticate, tune
+            await self.frame()
+        w.write(sf.tune(frame_max, 60) + sf.open_request(4, "orders"))
+        return await self.frame()
+
+
+def _metadata(corr: int, brokers: list[sf.Broker]) -> bytes:
+    return sf.metadata_response(corr, brokers, struct.pack(">i", 0))
+
+
+async def test_advertised_addresses_become_the_proxys_and_unknown_ones_stay() -> None:
+    node_port = free_port()
+    node = Node(lambda corr: b"")
+    async with tcp_server(node.serve) as port:
+        node.metadata = lambda corr: _metadata(
+            corr, [(0, ADVERTISED[0].encode(), ADVERTISED[1]), (1, b"127.0.0.1", port), (2, b"elsewhere", 1)]
+        )
+        backends = [{"name": "a", "address": "127.0.0.1", "port": port, "node_port": node_port}]
+        async with run_proxy(service_config(backends, name="streams", protocol="stream")) as proxy:
+            reader, writer = await asyncio.open_connection(*listen_addr(proxy, "streams"))
+            client = Client(reader, writer)
+            opened = await client.handshake()
+            _corr, code, props = sf.read_open_response(opened.body)
+            assert code == 1
+            assert dict(props)[b"advertised_host"] == b"127.0.0.1"
+            assert dict(props)[b"advertised_port"] == str(node_port).encode()
+            backend = proxy.services["streams"].pool.backends[0]
+            assert backend.stream_advertised == ADVERTISED
+            writer.write(sf.frame(sf.METADATA, struct.pack(">Ii", 5, 0)))
+            _corr, brokers, _streams = sf.read_metadata_response((await client.frame()).body)
+            # The node by what it advertises, then by its configured address; the third matches nothing.
+            assert brokers == [(0, b"127.0.0.1", node_port), (1, b"127.0.0.1", node_port), (2, b"elsewhere", 1)]
+            assert proxy.services["streams"].stream_unmapped == {("elsewhere", 1)}
+            # The broker saw the client's address in its peer properties, and the identity was read.
+            _c, sent = sf.read_peer_properties(node.received[0].body)
+            client_addr = "{}:{}".format(*writer.get_extra_info("sockname")[:2])
+            assert dict(sent)[b"client_address"] == client_addr.encode()
+            (conn,) = proxy.services["streams"].connections
+            assert conn.handshake is not None
+            assert (conn.handshake.protocol, conn.handshake.user, conn.handshake.vhost) == ("stream", "alice", "orders")
+            assert conn.stream is not None and conn.stream.to_server is None, "the client's side is spliced now"
+            writer.close()
+
+
+async def test_a_rewrite_that_would_break_the_clients_frame_max_is_not_made() -> None:
+    long_name = b"h" * 40
+    node = Node(lambda corr: _metadata(corr, [(0, ADVERTISED[0].encode(), ADVERTISED[1])]))
+    async with tcp_server(node.serve) as port:
+        backends = [{"name": "a", "address": "127.0.0.1", "port": port, "node_port": free_port()}]
+        svc = service_config(backends, name="streams", protocol="stream", advertised_host=long_name.decode())
+        async with run_proxy(svc) as proxy:
+            reader, writer = await asyncio.open_connection(*listen_addr(proxy, "streams"))
+            client = Client(reader, writer)
+            original = _metadata(5, [(0, ADVERTISED[0].encode(), ADVERTISED[1])])
+            await client.handshake(frame_max=len(original))
+            writer.write(sf.frame(sf.METADATA, struct.pack(">Ii", 5, 0)))
+            assert (await client.frame()).data == original
+            writer.close()
