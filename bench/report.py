@@ -358,6 +358,7 @@ def render(
     mode: str,
     probe: str = "",
     idle_doc: dict[str, Any] | None = None,
+    stream: str = "",
 ) -> str:
     """The whole of docs/benchmarks.md; ``probe`` is the "Probe cost" section (from bench/probe_cost.py), if any,
     and ``idle_doc`` the JSON of bench/idle_bench.py, if it ran."""
@@ -473,6 +474,7 @@ def render(
         "![AMQP load chart](benchmarks-amqp.png)",
         "",
         *idle_section(idle_doc),
+        *([stream.strip(), ""] if stream.strip() else []),
         "## TCP relay",
         "",
         f"{ts['duration_s']:g} s per measurement, {ts['repeats']} interleaved repeats. Pinning: "
@@ -527,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--notes", type=Path, default=HERE / "perf-notes.md")
     ap.add_argument("--idle", type=Path, help="bench/idle_bench.py JSON (none: the section says not measured)")
     ap.add_argument("--probe", type=Path, default=HERE / "results" / "probe.json", help="bench/probe_cost.py JSON")
+    ap.add_argument("--stream", type=Path, default=HERE / "results" / "stream.json", help="bench/stream_bench.py JSON")
     ap.add_argument("--mode", default="full")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -539,7 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         probe = render_section(json.loads(args.probe.read_text()))
     idle_doc = json.loads(args.idle.read_text()) if args.idle else None
-    args.out.write_text(render(tcp_doc, amqp_doc, notes, args.mode, probe, idle_doc))
+    stream = ""
+    if args.stream.exists():
+        from stream_bench import render_section as stream_section
+
+        stream = stream_section(json.loads(args.stream.read_text()))
+    args.out.write_text(render(tcp_doc, amqp_doc, notes, args.mode, probe, idle_doc, stream))
     print(f"wrote {args.out} ({time.strftime('%H:%M:%S')})")
     return 0
 
