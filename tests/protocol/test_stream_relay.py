@@ -12,10 +12,13 @@ from collections.abc import Callable
 
 import pytest
 
+from rabbitproxy import config as config_mod
+from rabbitproxy.config import ConfigError
+from rabbitproxy.control.stream_check import probe_stream
 from rabbitproxy.protocols import stream_frames as sf
 from rabbitproxy.protocols.stream import NEED_DATA, Frame, FrameScanner
 from tests.support.net import free_port, tcp_server
-from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.proxy import listen_addr, proxy_config, run_proxy, service_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -48,6 +51,8 @@ class Node:
             return sf.open_response(corr, 1, props)
         if frame.key == sf.METADATA:
             return self.metadata(corr)
+        if frame.key == sf.SASL_HANDSHAKE:
+            return sf.frame(sf.SASL_HANDSHAKE | sf.RESPONSE, struct.pack(">IHih", corr, 1, 1, 5) + b"PLAIN")
         if frame.key == sf.TUNE:
             return b""
         return sf.frame(frame.key | sf.RESPONSE, struct.pack(">IH", corr, 1))
@@ -127,3 +132,53 @@ async def test_a_rewrite_that_would_break_the_clients_frame_max_is_not_made() ->
             writer.write(sf.frame(sf.METADATA, struct.pack(">Ii", 5, 0)))
             assert (await client.frame()).data == original
             writer.close()
+
+
+async def test_the_stream_check_learns_what_a_node_advertises_and_fails_on_other_bytes() -> None:
+    node = Node(lambda corr: b"")
+    async with tcp_server(node.serve) as port:
+        ok, detail, found = await probe_stream("127.0.0.1", port, 5.0, username="u", password="p", vhost="/")
+        assert (ok, found) == (True, ADVERTISED)
+        assert detail == "stream listener ok, advertises node-a.internal:5552"
+        assert sf.plain_user(sf.read_sasl_authenticate(node.received[2].body)[1]) == "u"
+        assert node.received[-1].key == sf.CLOSE
+
+    async def not_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Frames, but not the answer a stream listener gives to peer properties.
+        writer.write(sf.open_response(1, 1, []))
+        await reader.read()
+
+    async with tcp_server(not_stream) as port:
+        ok, detail, found = await probe_stream("127.0.0.1", port, 5.0, username="u", password="p", vhost="/")
+        assert (ok, found) == (False, None)
+        assert detail == "bad reply: frame 0x8015 instead of 0x8011"
+
+
+async def test_a_refused_login_leaves_the_node_up_without_an_address() -> None:
+    node = Node(lambda corr: b"")
+    refuse = node.answer
+
+    def answer(frame: Frame) -> bytes:
+        if frame.key == sf.SASL_AUTHENTICATE:
+            return sf.frame(sf.SASL_AUTHENTICATE | sf.RESPONSE, struct.pack(">IH", sf.correlation(frame.body), 8))
+        return refuse(frame)
+
+    node.answer = answer  # type: ignore[method-assign]
+    async with tcp_server(node.serve) as port:
+        ok, detail, found = await probe_stream("127.0.0.1", port, 5.0, username="u", password="p", vhost="/")
+    assert (ok, found) == (True, None)
+    assert "login as 'u' refused (authentication failure)" in detail
+
+
+async def test_node_ports_cannot_change_by_reload() -> None:
+    node = Node(lambda corr: b"")
+    async with tcp_server(node.serve) as port:
+        backends = [{"name": "a", "address": "127.0.0.1", "port": port, "node_port": free_port()}]
+        svc = service_config(backends, name="streams", protocol="stream")
+        async with run_proxy(svc) as proxy:
+            moved = dict(svc, backends=[dict(backends[0], node_port=free_port())])
+            with pytest.raises(ConfigError, match="node_port listeners cannot change by reload"):
+                await proxy.reload(config_mod.validate(proxy_config(moved), "test"))
+            # The same node ports with another setting changed reload fine.
+            result = await proxy.reload(config_mod.validate(proxy_config(dict(svc, retries=3)), "test"))
+            assert result.changed == ["streams"]
