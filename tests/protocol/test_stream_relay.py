@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from rabbitproxy import config as config_mod
+from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ConfigError
 from rabbitproxy.control.stream_check import probe_stream
 from rabbitproxy.protocols import stream_frames as sf
@@ -182,3 +183,23 @@ async def test_node_ports_cannot_change_by_reload() -> None:
             # The same node ports with another setting changed reload fine.
             result = await proxy.reload(config_mod.validate(proxy_config(dict(svc, retries=3)), "test"))
             assert result.changed == ["streams"]
+
+
+async def test_the_hello_deadline_closes_a_silent_stream_client_and_spares_one_that_spoke() -> None:
+    node = Node(lambda corr: _metadata(corr, []))
+    async with tcp_server(node.serve) as port:
+        backends = [{"name": "a", "address": "127.0.0.1", "port": port}]
+        svc = service_config(backends, name="streams", protocol="stream", client_hello_timeout=0.5)
+        async with run_proxy(svc) as proxy:
+            addr = listen_addr(proxy, "streams")
+            reader, writer = await asyncio.open_connection(*addr)
+            client = Client(reader, writer)
+            await client.handshake()
+            silent_reader, silent_writer = await asyncio.open_connection(*addr)
+            # The silent one connected later, so once it is cut the talker's deadline has passed too.
+            assert await asyncio.wait_for(silent_reader.read(), 10) == b""
+            assert proxy.services["streams"].ended[CloseReason.HELLO_TIMEOUT] == 1
+            writer.write(sf.frame(sf.METADATA, struct.pack(">Ii", 5, 0)))
+            assert (await client.frame()).key == sf.METADATA | sf.RESPONSE
+            writer.close()
+            silent_writer.close()
