@@ -126,8 +126,14 @@ async def test_plain_rstream_publishes_to_the_leader_and_consumes_from_a_replica
         service = proxy.services["streams"]
         stream = f"rp-stream-{uuid.uuid4().hex[:8]}"
         sent = [f"{stream} {i}".encode() for i in range(MESSAGES)]
-        await _publish(host, port, stream, sent, create=True)
-        leader = await _leader(cluster40, stream)
+        async with StreamProducer(host, port, **CREDENTIALS) as producer:
+            await producer.create_stream(stream)
+            for body in sent:
+                await producer.send_wait(stream, AMQPMessage(body=body), timeout=30)
+            leader = await _leader(cluster40, stream)
+            # The producer went where the rewritten metadata sent it: the leader's own node_port.
+            pinned = {c.pinned for c in service.connections if c.pinned is not None}
+            assert f"rabbit{_node_index(cluster40, leader)}" in pinned
         async with _consuming(host, port, stream, MESSAGES) as received:
             assert received == sent
             # The consumer's connection, as the broker sees it: on a replica, not the leader, and named by the
@@ -143,8 +149,6 @@ async def test_plain_rstream_publishes_to_the_leader_and_consumes_from_a_replica
 
             rows = await wait_for(broker_view, timeout=30, what="the consumer's connection on the broker")
             assert {r["node"] for r in rows} - {leader}, f"a replica served the consumer ({rows}, leader {leader})"
-        # Every connection went through the proxy, and the node_ports took the publisher and the consumer:
-        # publishing went to the leader's own port.
         pinned_to = {c.backend.name for c in consumer_conns if c.backend is not None}
         assert f"rabbit{_node_index(cluster40, leader)}" not in pinned_to
         await _delete(host, port, stream)
