@@ -93,7 +93,14 @@ class StreamClientLeg(ClientLeg):
                 if event is NEED_DATA:
                     return
                 if isinstance(event, Frame):
-                    event = self._client_frame(event)
+                    frame = event
+                    try:
+                        event = self._client_frame(frame)
+                    except StreamProtocolError as exc:
+                        # A frame of the kind read but not of its layout: it goes on as it came, and the rest too.
+                        self._forward(frame.data)
+                        self._stop_reading_client(reader, exc)
+                        return
                 self._forward(event)
                 if session.to_server is None:
                     # The Open request went by: the rest of this chunk, and everything after, is spliced.

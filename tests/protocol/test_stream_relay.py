@@ -20,6 +20,7 @@ from rabbitproxy.protocols import stream_frames as sf
 from rabbitproxy.protocols.stream import NEED_DATA, Frame, FrameScanner
 from tests.support.net import free_port, tcp_server
 from tests.support.proxy import listen_addr, proxy_config, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -203,3 +204,23 @@ async def test_the_hello_deadline_closes_a_silent_stream_client_and_spares_one_t
             assert (await client.frame()).key == sf.METADATA | sf.RESPONSE
             writer.close()
             silent_writer.close()
+
+
+async def test_a_client_frame_the_relay_cannot_read_goes_on_as_it_came() -> None:
+    node = Node(lambda corr: b"")
+    async with tcp_server(node.serve) as port:
+        backends = [{"name": "a", "address": "127.0.0.1", "port": port}]
+        async with run_proxy(service_config(backends, name="streams", protocol="stream")) as proxy:
+            reader, writer = await asyncio.open_connection(*listen_addr(proxy, "streams"))
+            # Peer properties that claim more entries than the frame holds, then a well-formed frame.
+            bad = sf.frame(sf.PEER_PROPERTIES, struct.pack(">Ii", 1, 1000))
+            writer.write(bad + sf.sasl_handshake(2))
+
+            async def both_arrived() -> bool:
+                return len(node.received) == 2
+
+            await wait_for(both_arrived, timeout=10, what="both frames at the node")
+            assert [f.data for f in node.received] == [bad, sf.sasl_handshake(2)]
+            assert proxy.services["streams"].handshakes_given_up == 1
+            writer.close()
+            del reader
