@@ -7,8 +7,10 @@ what they advertise, or by their configured address) and one it does not.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ from rabbitproxy.protocols import stream_frames as sf
 from rabbitproxy.protocols.stream import NEED_DATA, Frame, FrameScanner
 from tests.support.net import free_port, tcp_server
 from tests.support.proxy import listen_addr, proxy_config, run_proxy, service_config
+from tests.support.tls import make_ca
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -224,3 +227,25 @@ async def test_a_client_frame_the_relay_cannot_read_goes_on_as_it_came() -> None
             assert proxy.services["streams"].handshakes_given_up == 1
             writer.close()
             del reader
+
+
+async def test_a_stream_service_terminates_tls_on_its_port_and_on_the_node_ports(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "stream")
+    cert, key = ca.issue("proxy")
+    client_ctx = ssl.create_default_context(cafile=str(ca.cert))
+    node = Node(lambda corr: _metadata(corr, [(0, ADVERTISED[0].encode(), ADVERTISED[1])]))
+    async with tcp_server(node.serve) as port:
+        node_port = free_port()
+        backends = [{"name": "a", "address": "127.0.0.1", "port": port, "node_port": node_port}]
+        svc = service_config(backends, name="streams", protocol="stream", tls={"cert": str(cert), "key": str(key)})
+        async with run_proxy(svc) as proxy:
+            host, service_port = listen_addr(proxy, "streams")
+            for target in (service_port, node_port):
+                reader, writer = await asyncio.open_connection(host, target, ssl=client_ctx)
+                client = Client(reader, writer)
+                _corr, code, props = sf.read_open_response((await client.handshake()).body)
+                assert (code, dict(props)[b"advertised_port"]) == (1, str(node_port).encode())
+                writer.write(sf.frame(sf.METADATA, struct.pack(">Ii", 5, 0)))
+                _corr, brokers, _streams = sf.read_metadata_response((await client.frame()).body)
+                assert brokers == [(0, b"127.0.0.1", node_port)]
+                writer.close()
