@@ -172,6 +172,21 @@ class Service:
             return None
         return socket.socket(fileno=os.dup(self.server.sockets[0].fileno()))
 
+    def duplicate_node_listeners(self) -> dict[str, socket.socket]:
+        """New descriptors for the node_port listeners (by backend name), for a reload's new servers."""
+        return {
+            name: socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+            for name, server in self.node_servers.items()
+            if server.sockets
+        }
+
+    def replace_node_servers(self, servers: dict[str, asyncio.Server]) -> None:
+        """Install a reload's node_port servers and close the previous ones (synchronous, in the swap)."""
+        old, self.node_servers = self.node_servers, servers
+        for name, server in old.items():
+            if servers.get(name) is not server:
+                server.close()
+
     def replace_server(self, server: asyncio.Server) -> None:
         """Make ``server`` this service's listener and close the previous one (synchronous, for the reload swap).
 

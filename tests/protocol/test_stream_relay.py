@@ -249,3 +249,26 @@ async def test_a_stream_service_terminates_tls_on_its_port_and_on_the_node_ports
                 _corr, brokers, _streams = sf.read_metadata_response((await client.frame()).body)
                 assert brokers == [(0, b"127.0.0.1", node_port)]
                 writer.close()
+
+
+async def test_a_reload_gives_the_node_ports_the_new_certificate(tmp_path: Path) -> None:
+    old_ca, new_ca = make_ca(tmp_path / "old", "old"), make_ca(tmp_path / "new", "new")
+    old_cert, old_key = old_ca.issue("proxy")
+    new_cert, new_key = new_ca.issue("proxy")
+    node = Node(lambda corr: b"")
+    async with tcp_server(node.serve) as port:
+        node_port = free_port()
+        backends = [{"name": "a", "address": "127.0.0.1", "port": port, "node_port": node_port}]
+        svc = service_config(
+            backends, name="streams", protocol="stream", tls={"cert": str(old_cert), "key": str(old_key)}
+        )
+        async with run_proxy(svc) as proxy:
+            host = listen_addr(proxy, "streams")[0]
+            renewed = dict(svc, tls={"cert": str(new_cert), "key": str(new_key)})
+            await proxy.reload(config_mod.validate(proxy_config(renewed), "test"))
+            trusting_new = ssl.create_default_context(cafile=str(new_ca.cert))
+            reader, writer = await asyncio.open_connection(host, node_port, ssl=trusting_new)
+            assert sf.read_open_response((await Client(reader, writer).handshake()).body)[1] == 1
+            writer.close()
+            with pytest.raises(ssl.SSLError):
+                await asyncio.open_connection(host, node_port, ssl=ssl.create_default_context(cafile=str(old_ca.cert)))
