@@ -84,6 +84,7 @@ class Backend:
         "ramp_start",
         "rebalance_hold",
         "slow_start",
+        "stream_advertised",
         "successor",
         "total",
         "traffic_in",
@@ -144,6 +145,9 @@ class Backend:
         self.alarm_weight = alarm_weight
         # What the node monitor knows of the RabbitMQ node; None without [services.rabbitmq].
         self.rabbitmq = rabbitmq
+        # protocol = "stream": the (host, port) this node advertises to stream clients, learnt from its Open
+        # response (its check's or a relayed connection's); None until then.
+        self.stream_advertised: tuple[str, int] | None = None
         # Monotonic time a slow-start ramp began; None while no ramp is running.
         self.ramp_start: float | None = None
         # Whether the backend was usable when last observed (None: never seen usable or unusable after a check),
@@ -394,6 +398,8 @@ class Backend:
             self.rabbitmq = old.rabbitmq
         self.ramp_start = old.ramp_start
         self.usable_before = old.usable_before
+        if (self.address, self.port) == (old.address, old.port):
+            self.stream_advertised = old.stream_advertised
         self.connections = old.connections
         # The open connections must report their close (and bytes) to this object from now on, or the traffic of
         # every connection older than the reload would be credited to a Backend nobody looks at any more.

@@ -158,6 +158,10 @@ def order_key(query: ConnectionQuery, conn: Connection, now: float) -> Key:
     return (0, -value, conn.id) if query.order == "desc" else (0, value, -conn.id)
 
 
+# The protocol a connection's handshake showed, as operators name it.
+PROTOCOL_NAMES: Final = {"0-9-1": "AMQP 0-9-1", "1.0": "AMQP 1.0", "stream": "stream"}
+
+
 def connection_view(service: str, conn: Connection, now: float) -> dict[str, Any]:
     """One connection as JSON-ready data; identity fields are None until the AMQP handshake told them."""
     backend = conn.backend
@@ -174,6 +178,7 @@ def connection_view(service: str, conn: Connection, now: float) -> dict[str, Any
         "bytes_out": conn.bytes_out,
         "age": round(max(0.0, now - conn.started), 3),
         "idle": round(idle, 3) if idle is not None else None,
+        "protocol": PROTOCOL_NAMES.get(hs.protocol) if hs is not None and hs.protocol else None,
         "user": hs.user if hs else None,
         "vhost": hs.vhost if hs else None,
         "connection_name": hs.connection_name if hs else None,

@@ -30,6 +30,7 @@ FIELDS = (
     "weight_overridden",
     "ramp_start",
     "usable_before",
+    "stream_advertised",
 )
 # Not ``rebalance_hold``: each worker's rebalancer balances its own connections and sets its own holds. Not
 # ``health_time`` either: it changes with every check, verdict or not, and a worker only needs to know whether the
@@ -96,9 +97,14 @@ def apply_backend_state(backend: Backend, state: list[Any]) -> Change:
     was_usable = backend.usable
     was_maint = backend.admin_state == "maint"
     was_down = not backend.healthy or backend.agent_down is not None
+    advertised = values.pop("stream_advertised")
     for name, value in values.items():
         if name not in ("operator_state", "agent_state"):
             setattr(backend, name, value)
+    if isinstance(advertised, list | tuple) and len(advertised) == 2:
+        # What the supervisor's check learnt; a worker that learnt it from a connection first keeps its own
+        # until then (None never overwrites it).
+        backend.stream_advertised = (str(advertised[0]), int(advertised[1]))
     backend.operator_state = operator_state
     backend.agent_state = agent_state
     # The worker's own health_time only says "checked"; the parent keeps, and reports, the real time.

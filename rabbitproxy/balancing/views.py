@@ -68,6 +68,9 @@ class HandshakeInfo(Protocol):
     logs and the admin API, never for metric labels. ``user`` is only ever the name, never a password.
     """
 
+    # "0-9-1", "1.0" (AMQP) or "stream": which protocol the client spoke, as far as the reader saw.
+    @property
+    def protocol(self) -> str | None: ...
     @property
     def connection_name(self) -> str | None: ...
     @property

@@ -54,6 +54,32 @@ def cross_errors(data: Mapping[str, Any]) -> list[str]:
                 )
             listens.setdefault(key, name)
         errors.extend(_backend_errors(data, i, svc))
+    errors.extend(_node_port_errors(data, listens))
+    return errors
+
+
+def _node_port_errors(data: Mapping[str, Any], listens: dict[tuple[str, int], str]) -> list[str]:
+    """protocol = "stream": each backend's node_port is a listener of its own, on the service's listen host."""
+    errors: list[str] = []
+    for i, svc in _entries(data, "services"):
+        listen = svc.get("listen", f"0.0.0.0:{DEFAULT_PORT}")
+        try:
+            host, own = split_host_port(listen, DEFAULT_PORT) if isinstance(listen, str) else ("", 0)
+        except ValueError:
+            continue  # reported by the model
+        for j, backend in _entries(svc, "backends"):
+            port = backend.get("node_port")
+            if not isinstance(port, int) or isinstance(port, bool):
+                continue  # absent, or reported by the model
+            where = loc_path(data, ("services", i, "backends", j, "node_port"))
+            if svc.get("protocol", "amqp") != "stream":
+                errors.append(f'{where}: needs protocol = "stream"')
+            elif port == own:
+                errors.append(f"{where}: {port} is the service's own listen port")
+            elif (host, port) in listens:
+                errors.append(f"{where}: {port} is already the port of {listens[(host, port)]!r}")
+            else:
+                listens[(host, port)] = f"{svc.get('name')}/{backend.get('name')}"
     return errors
 
 

@@ -83,7 +83,11 @@ class AdminConfig(_Model):
 
 
 class HealthCheckConfig(_Model):
-    type: Literal["tcp", "amqp", "http", "none"] = "amqp"
+    # "stream" (stream services): peer properties, SASL handshake, then login and open to learn the node's
+    # advertised address (a failed login leaves the node up: its listener answered).
+    type: Literal["tcp", "amqp", "http", "stream", "none"] = "amqp"
+    # The virtual host a "stream" check opens.
+    vhost: str = "/"
     interval: PositiveSeconds = 2.0
     timeout: PositiveSeconds = 1.0
     rise: Annotated[int, Field(ge=1, le=100)] = 2

@@ -41,6 +41,9 @@ class BackendConfig(_Model):
     send_proxy_protocol: ProxyProtocolVersion | None = None
     # This node's management API port, when it differs from [services.rabbitmq] management_port.
     management_port: Port | None = None
+    # protocol = "stream": the proxy's own port for this node. Connections to it always go to this backend, and
+    # the node's advertised stream address is rewritten to it (rabbitproxy.relay.stream).
+    node_port: Port | None = None
 
     @field_validator("address")
     @classmethod
@@ -73,8 +76,12 @@ class ServiceConfig(_Model):
     connect_timeout: PositiveSeconds = 5.0
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     max_connections: Annotated[int, Field(ge=1)] = 10000
-    # "amqp": the AMQP 0-9-1 handshake is read as it passes (identity, failed logins, heartbeat); "tcp": bytes only.
-    protocol: Literal["amqp", "tcp"] = "amqp"
+    # "amqp": the AMQP 0-9-1 handshake is read as it passes (identity, failed logins, heartbeat); "tcp": bytes only;
+    # "stream": RabbitMQ's stream protocol, whose nodes' advertised addresses are rewritten to the proxy's.
+    protocol: Literal["amqp", "tcp", "stream"] = "amqp"
+    # protocol = "stream": the host name or address stream clients are told to reach this proxy by; "" is the
+    # address each client connected to.
+    advertised_host: str = ""
     # "auto": 2.5 x the heartbeat the client negotiated (AMQP services; off for "tcp"); a number: seconds; 0 = off.
     client_idle_timeout: float | Literal["auto"] = "auto"
     # The address backend connections come from: "" (the kernel's choice), an IP of this host, or "client" for
@@ -105,7 +112,7 @@ class ServiceConfig(_Model):
     backend_tls_ca: str = ""
     backend_tls_server_name: str = ""
     backend_tls_verify: bool = True
-    health_check: HealthCheckConfig = HealthCheckConfig()
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig, validate_default=True)
     feedback: FeedbackConfig = FeedbackConfig()
     # Seconds over which a backend that becomes usable ramps from about 10 % to its full weight; 0 = off.
     slow_start: Seconds = 0.0
@@ -137,6 +144,25 @@ class ServiceConfig(_Model):
         if v and info.data.get("backend_tls") is False:
             raise ValueError("needs backend_tls = true")
         return ca_file(v)
+
+    @field_validator("advertised_host")
+    @classmethod
+    def _advertised_host(cls, v: str) -> str:
+        return check_host(v) if v else v
+
+    @field_validator("health_check")
+    @classmethod
+    def _stream_check(cls, v: HealthCheckConfig, info: ValidationInfo) -> HealthCheckConfig:
+        if info.data.get("protocol") != "stream":
+            if v.type == "stream":
+                raise ValueError('type = "stream" checks a stream listener: it needs protocol = "stream"')
+            return v
+        if v.type == "amqp":
+            if "type" in v.model_fields_set:
+                raise ValueError('an "amqp" check speaks AMQP 0-9-1, which a stream listener does not: use "stream"')
+            # The default check of a stream service is the stream handshake, not AMQP's.
+            return v.model_copy(update={"type": "stream"})
+        return v
 
     @field_validator("client_idle_timeout", mode="before")
     @classmethod
@@ -208,6 +234,12 @@ class ServiceConfig(_Model):
         if v is True:
             return {}
         return v
+
+    @property
+    def node_listens(self) -> list[tuple[str, str, int]]:
+        """(backend name, host, port) of every node_port listener: on the service's listen host."""
+        host = self.listen_host
+        return [(b.name, host, b.node_port) for b in self.backends if b.node_port is not None]
 
     @property
     def heartbeat_idle(self) -> bool:

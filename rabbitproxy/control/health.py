@@ -20,6 +20,7 @@ import aiohttp
 import structlog
 
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.control.stream_check import probe_stream
 from rabbitproxy.protocols import amqp
 from rabbitproxy.protocols.proxy_header import check_header
 
@@ -230,12 +231,34 @@ class Checker:
             return await probe_amqp(
                 b.address, check_port(b), cfg.timeout, self.proxy_protocol, self.ssl, self.server_hostname
             )
+        if cfg.type == "stream":
+            return await self._probe_stream()
         if self.session is None:
             # One connection, kept alive between checks: a fresh TCP handshake every interval is wasted work.
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
         # A header rather than aiohttp.BasicAuth, which aiohttp 3.14 deprecates.
         headers = {"Authorization": aiohttp.encode_basic_auth(cfg.username, cfg.password)} if cfg.username else {}
         return await probe_http(self.session, http_url(cfg.url, b), headers, cfg.timeout)
+
+    async def _probe_stream(self) -> ProbeResult:
+        cfg, b = self.cfg, self.backend
+        try:
+            ok, detail, found = await probe_stream(
+                b.address,
+                check_port(b),
+                cfg.timeout,
+                username=cfg.username,
+                password=cfg.password,
+                vhost=cfg.vhost,
+                ssl=self.ssl,
+                server_hostname=self.server_hostname,
+            )
+        except (TimeoutError, OSError) as exc:
+            return _connect_failure(exc)
+        if found is not None:
+            # What the stream relay maps metadata entries by (and, with workers, what the state push carries).
+            b.stream_advertised = found
+        return ProbeResult(ok, detail)
 
     async def close(self) -> None:
         if self.session is not None:

@@ -108,7 +108,7 @@ async def apply(sup: Supervisor, new: Config) -> ReloadResult:
     old_tasks = _swap(sup, plan)
     # The swap closed the old servers; the new ones accept from now on (connects meanwhile waited in the
     # backlog). A shutdown that began since has closed them already, and a closed server must not start.
-    for server in plan.servers.values():
+    for server in [*plan.servers.values(), *(n for nodes in plan.node_servers.values() for n in nodes.values())]:
         if sup.state != "stopping" and server.sockets:
             await server.start_serving()
     await cancel_and_wait(old_tasks)
@@ -170,6 +170,24 @@ async def _prepare(sup: Supervisor, plan: _Plan) -> None:
         server = await target.open_server(sock, sc, plan.tls[sc.name], serving=False)
         plan.owned_socks.remove(sock)
         plan.servers[sc.name] = server
+    await _prepare_node_servers(sup, plan)
+
+
+async def _prepare_node_servers(sup: Supervisor, plan: _Plan) -> None:
+    """New node_port servers for the stream services that have them (a reload never adds or moves one).
+
+    Like a terminating service's listener, they take over duplicates of the same sockets, so a new certificate
+    or key reaches the node ports too, and the ports never close.
+    """
+    for sc in plan.config.services:
+        service = sup.services.get(sc.name)
+        if service is None or not service.node_servers:
+            continue
+        opened = plan.node_servers[sc.name] = {}
+        for name, sock in service.duplicate_node_listeners().items():
+            plan.owned_socks.append(sock)
+            opened[name] = await service.open_server(sock, sc, plan.tls[sc.name], serving=False, pin=name)
+            plan.owned_socks.remove(sock)
 
 
 def _stage_new_servers(service: Service, sc: ServiceConfig, tls: ServiceTLS) -> _Staged | None:
@@ -196,7 +214,7 @@ def _stage_new_servers(service: Service, sc: ServiceConfig, tls: ServiceTLS) -> 
 
 async def _discard(sup: Supervisor, plan: _Plan) -> None:
     """Undo a reload that failed or was refused before its swap: nothing of it may outlive it."""
-    for server in plan.servers.values():
+    for server in [*plan.servers.values(), *(n for nodes in plan.node_servers.values() for n in nodes.values())]:
         server.close()
     for sock in [*plan.socks.values(), *plan.owned_socks]:
         sock.close()
@@ -249,6 +267,8 @@ def _swap(sup: Supervisor, plan: _Plan) -> list[asyncio.Task[Any]]:
         service.tls = plan.tls[sc.name]
         if sc.name in plan.servers:
             service.replace_server(plan.servers[sc.name])
+        if sc.name in plan.node_servers:
+            service.replace_node_servers(plan.node_servers[sc.name])
         if service.config == sc:
             result.unchanged.append(sc.name)
             continue
@@ -355,6 +375,9 @@ class _Plan:
     staged: dict[str, _Staged] = field(default_factory=dict)
     # Servers opened (not serving) for the new services and for services whose listener is replaced.
     servers: dict[str, asyncio.Server] = field(default_factory=dict)
+    # A stream service's node_port servers, opened anew on duplicates of their sockets with the new configuration
+    # and TLS context (by service, then backend name).
+    node_servers: dict[str, dict[str, asyncio.Server]] = field(default_factory=dict)
     # A socket being handed to a server right now; closed by _discard if that fails.
     owned_socks: list[socket.socket] = field(default_factory=list)
     # Left by the swap for the cleanup after it (steering and management sessions await).

@@ -28,7 +28,7 @@ from rabbitproxy.control.management import session_for
 from rabbitproxy.control.node_monitor import node_monitor_task
 from rabbitproxy.control.reload import ReloadOutcome, ReloadRefusedError, ReloadResult, apply
 from rabbitproxy.control.steering import Steering
-from rabbitproxy.relay.listeners import bind_all, quiet_accept_errors
+from rabbitproxy.relay.listeners import bind_all, bind_node_listeners, quiet_accept_errors
 from rabbitproxy.relay.service import Service
 from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.relay.transparent import check_transparent
@@ -88,6 +88,7 @@ class Supervisor:
         check_transparent(self.config.services)
         # Bind every socket before serving any, so a port conflict fails the start as a whole.
         socks = self.bind(self.config.services)
+        node_socks = self.bind_nodes(self.config.services, socks)
         for sc in self.config.services:
             service = self.new_service(sc, tls[sc.name])
             self.services[sc.name] = service
@@ -114,7 +115,7 @@ class Supervisor:
         else:
             for sc in self.config.services:
                 service = self.services[sc.name]
-                await service.start(socks[sc.name])
+                await service.start(socks[sc.name], node_socks[sc.name])
                 if self.role == "single":
                     log.info("service listening", service=sc.name, listen=sc.listen, backends=len(sc.backends))
         self.state = "running"
@@ -146,6 +147,25 @@ class Supervisor:
         if self.role == "single":
             return bind_all(configs)
         return bind_all(configs, reuse_port=True, listen=self.role == "worker")
+
+    def bind_nodes(
+        self, configs: list[ServiceConfig], socks: dict[str, socket.socket]
+    ) -> dict[str, dict[str, socket.socket]]:
+        """Bind the stream services' node_port listeners (none in the parent, whose workers listen on them).
+
+        On failure every socket of ``socks`` is closed too: the start fails as a whole.
+        """
+        out: dict[str, dict[str, socket.socket]] = {sc.name: {} for sc in configs}
+        if self.role == "parent":
+            return out
+        try:
+            for sc in configs:
+                out[sc.name] = bind_node_listeners(sc, reuse_port=self.role == "worker")
+        except ConfigError:
+            for s in [*socks.values(), *(n for nodes in out.values() for n in nodes.values())]:
+                s.close()
+            raise
+        return out
 
     def new_service(self, sc: ServiceConfig, tls: ServiceTLS) -> Service:
         service = Service(sc, tls=tls)
@@ -307,12 +327,30 @@ class Supervisor:
                     f"{self.config.worker_count}, the new configuration says {new.worker_count}); restart instead"
                 ]
             )
+        self._refuse_node_port_changes(new)
         result = await apply(self, new)
         # Backends removed, runtime weights dropped for a weight edited in the file: the state file follows.
         self.save_state()
         if self.workers is not None:
             result.worker_errors = await self.workers.reload(new)
         return result
+
+    def _refuse_node_port_changes(self, new: Config) -> None:
+        """node_port listeners are opened at start only: a reload may not add, move or remove one."""
+        old = {sc.name: sc.node_listens for sc in self.config.services}
+        errors = [
+            f"services[{sc.name!r}]: node_port listeners cannot change by reload (running"
+            f" {old.get(sc.name, [])}, the new configuration says {sc.node_listens}); restart instead"
+            for sc in new.services
+            if sc.node_listens != old.get(sc.name, []) and (sc.node_listens or old.get(sc.name))
+        ]
+        errors += [
+            f"services[{name!r}]: a service with node_port listeners cannot be removed by reload; restart instead"
+            for name, listens in old.items()
+            if listens and name not in {sc.name for sc in new.services}
+        ]
+        if errors:
+            raise ConfigError(errors)
 
     def cancel_monitors(self, backends: list[Backend]) -> list[asyncio.Task[Any]]:
         """Cancel the monitors of ``backends`` at once and return them (awaited later, outside the swap).

@@ -77,7 +77,13 @@ def make_nodes(base_dir: Path, size: int, *, management: bool, stream: bool = Fa
         )
         node.log_dir.mkdir(parents=True, exist_ok=True)
         (node.dir / "mnesia").mkdir(exist_ok=True)
-        plugins = [name for name, on in (("rabbitmq_management", management), ("rabbitmq_stream", stream)) if on]
+        # The stream plugin's management pages list stream connections with their node and client properties.
+        wanted = (
+            ("rabbitmq_management", management),
+            ("rabbitmq_stream", stream),
+            ("rabbitmq_stream_management", stream and management),
+        )
+        plugins = [name for name, on in wanted if on]
         (node.dir / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         nodes.append(node)
     return nodes

@@ -157,6 +157,9 @@ class Amqp10Reader:
         except _MalformedError as exc:
             self._give_up(str(exc))
 
+    def server_data(self, data: bytes) -> None:
+        """The broker's bytes: nothing in them is read (the identity is the client's to state)."""
+
     def _give_up(self, why: str) -> None:
         self.done = True
         self.gave_up = why

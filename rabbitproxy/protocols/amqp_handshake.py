@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from rabbitproxy.protocols.amqp import (
     FRAME_END,
@@ -39,6 +39,24 @@ MAX_HANDSHAKE_BYTES: Final = 64 * 1024
 # 0-9-1 and is left alone.
 AMQP10_SASL_HEADER: Final = b"AMQP\x03\x01\x00\x00"
 AMQP10_HEADER: Final = b"AMQP\x00\x01\x00\x00"
+
+# Why the 0-9-1 reader stepped aside for an AMQP 1.0 client (the relay then hands it to the 1.0 reader).
+AMQP10_GAVE_UP: Final = "AMQP 1.0"
+
+
+class HandshakeFollower(Protocol):
+    """What the relay feeds during a connection's handshake: the 0-9-1 reader, or the 1.0 reader after it."""
+
+    done: bool
+    gave_up: str | None
+
+    @property
+    def handshake(self) -> Handshake: ...
+
+    def client_data(self, data: bytes) -> None: ...
+
+    def server_data(self, data: bytes) -> None: ...
+
 
 _FRAME_HEADER = struct.Struct(">BHI")
 _SHORT = struct.Struct(">H")
@@ -178,12 +196,14 @@ class HandshakeReader:
     few frames of a connection.
     """
 
-    __slots__ = ("_client", "_client_open", "_server", "done", "gave_up", "handshake")
+    __slots__ = ("_client", "_client_open", "_server", "done", "gave_up", "handshake", "unread")
 
     def __init__(self) -> None:
         self.handshake = Handshake()
         self.done = False
         self.gave_up: str | None = None
+        # An AMQP 1.0 client's bytes from its protocol header on, for the 1.0 reader that takes over (amqp10.py).
+        self.unread = b""
         self._client = _Side(header=True)
         self._server = _Side(header=False)
         self._client_open = False
@@ -234,7 +254,8 @@ class HandshakeReader:
             return data[len(take) :]
         if header in (AMQP10_SASL_HEADER, AMQP10_HEADER):
             self.handshake.protocol = "1.0"
-            self._give_up("AMQP 1.0")
+            self.unread = header + data[len(take) :]
+            self._give_up(AMQP10_GAVE_UP)
         else:
             self._give_up(f"protocol header {header!r}")
         return b""

@@ -45,7 +45,12 @@ class ConnectingLeg(LegState):
         tried = self.tried
         full = service.full_backends()
         backend = None
-        if len(tried) <= cfg.retries:
+        if self.pinned is not None:
+            # A node_port listener's client asked for this node and no other: one try, no stand-in.
+            pinned = service.pool.by_name.get(self.pinned)
+            if pinned is not None and not tried and pinned.usable and pinned not in full:
+                backend = pinned
+        elif len(tried) <= cfg.retries:
             backend = service.pool.choose(self.peer_key, tried + full if full else tried)
         if backend is None:
             self.close(CloseReason.CONNECT_FAILED if tried else (CloseReason.LIMIT if full else CloseReason.NO_BACKEND))

@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.protocols.amqp10 import Amqp10Reader
+from rabbitproxy.protocols.amqp_handshake import AMQP10_GAVE_UP, HandshakeReader
 from rabbitproxy.protocols.proxy_header import NEED_DATA, ProxyHeaderReader, ProxyProtocolError, looks_like_header
 from rabbitproxy.relay.connecting import ConnectingLeg
 from rabbitproxy.relay.tls import cert_subject
 
 if TYPE_CHECKING:
-    from rabbitproxy.protocols.amqp_handshake import HandshakeReader
+    from rabbitproxy.protocols.amqp_handshake import HandshakeFollower
 
 # The AMQP 0-9-1 protocol header ("AMQP" 0 0 9 1) is what every client sends first; client_hello_timeout waits for it.
 HELLO_LENGTH = 8
@@ -82,11 +84,19 @@ class GreetingLeg(ConnectingLeg):
 
     # -- the AMQP handshake ----------------------------------------------------------------------------------------
 
-    def handshake_done(self, reader: HandshakeReader) -> None:
+    def handshake_done(self, reader: HandshakeFollower) -> None:
         """The reader has nothing more to learn (open, refused, the client closed, or it gave up): drop it.
 
-        From here on each chunk costs the splice path one ``is None`` check for the reader.
+        From here on each chunk costs the splice path one ``is None`` check for the reader. An AMQP 1.0 client
+        (RabbitMQ 4 serves 1.0 on the AMQP port) is handed to the 1.0 reader instead, from its protocol header on.
         """
+        if reader.gave_up == AMQP10_GAVE_UP and isinstance(reader, HandshakeReader):
+            follower = self.hs_reader = Amqp10Reader()
+            self.handshake = follower.handshake
+            follower.client_data(reader.unread)
+            if not follower.done:
+                return
+            reader = follower
         self.hs_reader = None
         hs = reader.handshake
         if hs.mechanism == "EXTERNAL" and hs.user is None and self.client_tls and self.transport is not None:

@@ -25,8 +25,9 @@ from rabbitproxy.relay.keepalive import set_keepalive
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.backend import Backend
-    from rabbitproxy.protocols.amqp_handshake import Handshake, HandshakeReader
+    from rabbitproxy.protocols.amqp_handshake import Handshake, HandshakeFollower
     from rabbitproxy.protocols.proxy_header import ProxyHeaderReader
+    from rabbitproxy.protocols.stream import StreamSession
     from rabbitproxy.relay.legs import BackendLeg
     from rabbitproxy.relay.service import Service
 
@@ -90,11 +91,13 @@ class LegState(asyncio.Protocol):
         "idle_timeout",
         "last_activity",
         "pending",
+        "pinned",
         "pp_reader",
         "reading_paused",
         "reason",
         "service",
         "started",
+        "stream",
         "transport",
         "tried",
         "vhost_label",
@@ -154,10 +157,14 @@ class LegState(asyncio.Protocol):
         self.id = next(_ids)
         # AMQP services: the handshake reader, fed both sides until it is done and then dropped (None), and what it
         # learnt, which stays for the log event and the admin API.
-        self.hs_reader: HandshakeReader | None = None
+        self.hs_reader: HandshakeFollower | None = None
         self.handshake: Handshake | None = None
         # The vhost's label in the service's open-connections-per-vhost gauge, once the broker has opened it.
         self.vhost_label: str | None = None
+        # A node_port listener's connection: the name of the one backend it goes to (None: the pool chooses).
+        self.pinned: str | None = None
+        # Stream services: what the stream relay reads and rewrites on this connection (rabbitproxy.relay.stream).
+        self.stream: StreamSession | None = None
 
     # -- flow control (the backend leg's pause_writing and resume_writing, and the attach) ----------------------
 

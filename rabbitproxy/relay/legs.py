@@ -130,7 +130,7 @@ class ClientLeg(GreetingLeg):
             self.idle_timeout = idle
             now = self.last_activity = self.client_activity = time.monotonic()
             service.idle_watch.at(self, now + idle)
-        if cfg.client_hello_timeout > 0 and amqp:
+        if cfg.client_hello_timeout > 0 and (amqp or cfg.protocol == "stream"):
             self.hello_left = HELLO_LENGTH
             service.hello_deadlines.add(self)
         if cfg.accept_proxy_protocol:

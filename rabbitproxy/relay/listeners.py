@@ -77,7 +77,9 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> AcceptErrorFilter:
 IP_FREEBIND = 15
 
 
-def bind_listener(config: ServiceConfig, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+def bind_listener(
+    config: ServiceConfig, *, reuse_port: bool = False, listen: bool = True, port: int | None = None
+) -> socket.socket:
     """Create the service's listening socket (SO_REUSEADDR; IPv6 sockets only IPv6, like nginx's ipv6only).
 
     With ``freebind`` the address need not be local yet, as with ``net.ipv4.ip_nonlocal_bind = 1`` but for this
@@ -89,7 +91,8 @@ def bind_listener(config: ServiceConfig, *, reuse_port: bool = False, listen: bo
     the kernel hands only to listening sockets.
     """
     host = config.listen_host
-    port = config.listen_port
+    if port is None:
+        port = config.listen_port
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, socktype, proto, _, addr = infos[0]
     sock = socket.socket(family, socktype, proto)
@@ -123,4 +126,19 @@ def bind_all(
             for s in socks.values():
                 s.close()
             raise ConfigError([f"services[{sc.name!r}].listen: cannot listen on {sc.listen}: {exc.strerror}"]) from None
+    return socks
+
+
+def bind_node_listeners(config: ServiceConfig, *, reuse_port: bool = False) -> dict[str, socket.socket]:
+    """Bind a stream service's ``node_port`` listeners (by backend name); all or none, else ConfigError."""
+    socks: dict[str, socket.socket] = {}
+    for backend, _host, port in config.node_listens:
+        try:
+            socks[backend] = bind_listener(config, reuse_port=reuse_port, port=port)
+        except OSError as exc:
+            for s in socks.values():
+                s.close()
+            raise ConfigError(
+                [f"services[{config.name!r}].backends[{backend!r}].node_port: cannot listen on {port}: {exc.strerror}"]
+            ) from None
     return socks

@@ -31,6 +31,8 @@ OTHER_VHOST = "other"
 # The broker's reply codes for a refused login (wrong user or password) and a vhost the user may not open.
 ACCESS_REFUSED = 403
 NOT_ALLOWED = 530
+# The stream protocol's: authentication failure (and its loopback variant), vhost access failure, access refused.
+STREAM_REFUSED = frozenset({8, 11, 12, 16})
 
 
 def handshake_finished(self: Service, conn: LegState, gave_up: str | None) -> None:
@@ -67,7 +69,9 @@ def handshake_finished(self: Service, conn: LegState, gave_up: str | None) -> No
                 connection_name=hs.connection_name,
                 client_idle_timeout=cfg.idle_seconds,
             )
-    elif hs.outcome == "refused" and hs.close_code in (ACCESS_REFUSED, NOT_ALLOWED):
+    elif hs.outcome == "refused" and (
+        hs.close_code in STREAM_REFUSED if hs.protocol == "stream" else hs.close_code in (ACCESS_REFUSED, NOT_ALLOWED)
+    ):
         self.failed_logins += 1
         # RabbitMQ logs the refusal too, but behind SNAT it sees our address; this line has the client's.
         log.warning(

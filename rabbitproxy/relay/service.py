@@ -25,7 +25,8 @@ from rabbitproxy.relay.idle_watch import IdleWatch
 from rabbitproxy.relay.keepalive import KEEPALIVE_AFTER, set_keepalive
 from rabbitproxy.relay.leg_state import LegState
 from rabbitproxy.relay.legs import ClientLeg
-from rabbitproxy.relay.listeners import bind_listener
+from rabbitproxy.relay.listeners import bind_listener, bind_node_listeners
+from rabbitproxy.relay.stream import StreamClientLeg
 from rabbitproxy.relay.tls import ServiceTLS
 from rabbitproxy.tasks import cancel_and_wait
 
@@ -61,6 +62,10 @@ class Service:
         self.failed_logins = 0
         self.handshakes_given_up = 0
         self.vhost_open: dict[str, int] = {}
+        # Stream services: broker entries that matched no backend, logged once each (rabbitproxy.relay.stream).
+        self.stream_unmapped: set[tuple[str, int]] = set()
+        # Stream services: the node_port listeners, by backend name (opened with the service, closed with it).
+        self.node_servers: dict[str, asyncio.Server] = {}
         # A negotiated heartbeat of 0 under a fixed client_idle_timeout is warned about once per service.
         self.warned_no_heartbeat = False
         self.server: asyncio.Server | None = None
@@ -90,11 +95,21 @@ class Service:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Start listening, on ``sock`` if given (the supervisor binds every socket before any serves)."""
+    async def start(
+        self, sock: socket.socket | None = None, node_socks: dict[str, socket.socket] | None = None
+    ) -> None:
+        """Start listening, on ``sock`` if given (the supervisor binds every socket before any serves).
+
+        A stream service also listens on each backend's ``node_port`` (``node_socks``, by backend name; bound here
+        when not given).
+        """
         if sock is None:
             sock = bind_listener(self.config)
+        if node_socks is None:
+            node_socks = bind_node_listeners(self.config)
         self.replace_server(await self.open_server(sock, self.config, self.tls, serving=True))
+        for name, node_sock in node_socks.items():
+            self.node_servers[name] = await self.open_server(node_sock, self.config, self.tls, serving=True, pin=name)
 
     @property
     def backend_ssl(self) -> ssl.SSLContext | None:
@@ -117,7 +132,7 @@ class Service:
         self.idle_watch = IdleWatch(self.loop, LegState.idle_check)
 
     async def open_server(
-        self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool
+        self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool, pin: str | None = None
     ) -> asyncio.Server:
         """A server for this service on ``sock``, set up as ``config`` and ``tls`` say; not installed here.
 
@@ -130,7 +145,7 @@ class Service:
         set_keepalive(sock, config.tcp_keepalive)
         server_tls = tls.server
         return await self.loop.create_server(
-            lambda: ClientLeg(self),
+            self._leg_factory(config, pin),
             sock=sock,
             backlog=config.backlog,
             ssl=server_tls.listener if server_tls is not None else None,
@@ -139,11 +154,38 @@ class Service:
             start_serving=serving,
         )
 
+    def _leg_factory(self, config: ServiceConfig, pin: str | None) -> Callable[[], ClientLeg]:
+        """What a listener makes of an accepted client: the plain legs, or the stream relay's (pinned to a node)."""
+        if config.protocol != "stream":
+            return lambda: ClientLeg(self)
+
+        def stream_leg() -> ClientLeg:
+            leg = StreamClientLeg(self)
+            leg.pinned = pin
+            return leg
+
+        return stream_leg
+
     def duplicate_listener(self) -> socket.socket | None:
         """A new descriptor for the listening socket, so a second server can take over without closing the port."""
         if self.server is None or not self.server.sockets:
             return None
         return socket.socket(fileno=os.dup(self.server.sockets[0].fileno()))
+
+    def duplicate_node_listeners(self) -> dict[str, socket.socket]:
+        """New descriptors for the node_port listeners (by backend name), for a reload's new servers."""
+        return {
+            name: socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+            for name, server in self.node_servers.items()
+            if server.sockets
+        }
+
+    def replace_node_servers(self, servers: dict[str, asyncio.Server]) -> None:
+        """Install a reload's node_port servers and close the previous ones (synchronous, in the swap)."""
+        old, self.node_servers = self.node_servers, servers
+        for name, server in old.items():
+            if servers.get(name) is not server:
+                server.close()
 
     def replace_server(self, server: asyncio.Server) -> None:
         """Make ``server`` this service's listener and close the previous one (synchronous, for the reload swap).
@@ -192,6 +234,8 @@ class Service:
         self.accepting = False
         if self.server is not None:
             self.server.close()
+        for server in self.node_servers.values():
+            server.close()
 
     async def drain(self, grace: float, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
         """Wait up to ``grace`` seconds for open connections to end by themselves, then close the rest."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import struct
 import uuid
+from typing import Any
 
+import aiohttp
 import pytest
 from rabbitmq_amqp_python_client import (
     AddressHelper,
@@ -26,8 +28,9 @@ from rabbitmq_amqp_python_client import (
 from rabbitproxy.dev.cluster import DevCluster
 from rabbitproxy.protocols.amqp10 import Amqp10Reader
 from tests.support.cluster import backends_for
-from tests.support.net import tcp_server
+from tests.support.net import free_port, tcp_server
 from tests.support.proxy import listen_addr, run_proxy, service_config
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -178,3 +181,35 @@ async def test_the_identity_reader_reads_what_rabbitmqs_1_0_client_really_sends(
     # default vhost, which the proxy cannot know, so the reader leaves vhost unset and keeps the hostname apart.
     assert hs.vhost is None
     assert hs.extra == {"hostname": "127.0.0.1"}
+
+
+async def test_an_amqp_1_0_client_shows_its_user_and_protocol_in_the_proxys_connection_list(
+    cluster40: DevCluster,
+) -> None:
+    node = cluster40.nodes[0]
+    user, secret = f"amqp10-app-{uuid.uuid4().hex[:6]}", "Pw-1-0-never-logged"
+    await asyncio.to_thread(cluster40.rabbitmqctl, node, "add_user", user, secret)
+    await asyncio.to_thread(cluster40.rabbitmqctl, node, "set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    admin_port = free_port()
+    svc = service_config(backends_for(cluster40)[:1], client_hello_timeout=10.0)
+    try:
+        async with run_proxy(svc, admin={"listen": f"127.0.0.1:{admin_port}"}) as proxy:
+            host, port = listen_addr(proxy)
+            environment = Environment(uri=f"amqp://{user}:{secret}@{host}:{port}/")
+            connection = await asyncio.to_thread(environment.connection)
+            await asyncio.to_thread(connection.dial)
+            try:
+                async with aiohttp.ClientSession() as http:
+
+                    async def listed() -> list[dict[str, Any]] | None:
+                        async with http.get(f"http://127.0.0.1:{admin_port}/api/connections") as resp:
+                            rows: list[dict[str, Any]] = (await resp.json())["connections"]
+                        return [r for r in rows if r["user"] == user] or None
+
+                    rows = await wait_for(listed, timeout=30, what="the 1.0 client in /api/connections")
+                assert [r["protocol"] for r in rows] == ["AMQP 1.0"]
+            finally:
+                await asyncio.to_thread(connection.close)
+                await asyncio.to_thread(environment.close)
+    finally:
+        await asyncio.to_thread(cluster40.rabbitmqctl, node, "delete_user", user)

@@ -59,7 +59,9 @@ R1, R2 = _Backend("rabbit1"), _Backend("rabbit2", "::1", 5673)
 
 
 def _hs(user: str, vhost: str, name: str | None) -> Handshake:
-    return Handshake(user=user, vhost=vhost, connection_name=name, product="aio-pika", version="9.4", heartbeat=60)
+    return Handshake(
+        protocol="0-9-1", user=user, vhost=vhost, connection_name=name, product="aio-pika", version="9.4", heartbeat=60
+    )
 
 
 def _fleet() -> list[tuple[str, Any]]:
@@ -168,6 +170,7 @@ def test_view_of_a_connection_with_its_identity() -> None:
         "bytes_out": 5,
         "age": 50.0,
         "idle": 3.0,
+        "protocol": "AMQP 0-9-1",
         "user": "alice",
         "vhost": "/",
         "connection_name": "Orders-1",
@@ -181,7 +184,9 @@ def test_view_of_a_connection_with_its_identity() -> None:
 def test_view_of_a_connection_still_connecting_without_handshake() -> None:
     view = connection_view("other", _Conn(9, None, started=NOW - 0.25), NOW)
     assert (view["backend"], view["backend_address"], view["idle"], view["age"]) == (None, None, None, 0.25)
-    assert all(view[k] is None for k in ("user", "vhost", "connection_name", "product", "version", "heartbeat"))
+    assert all(
+        view[k] is None for k in ("protocol", "user", "vhost", "connection_name", "product", "version", "heartbeat")
+    )
     assert connection_view("s", _Conn(1, R2), NOW)["backend_address"] == "[::1]:5673"
 
 

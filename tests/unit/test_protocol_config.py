@@ -44,7 +44,7 @@ def test_idle_timeout_forms(extra: dict[str, Any], heartbeat_idle: bool, seconds
         ({"client_idle_timeout": -1}, "services['amqp'].client_idle_timeout: must be \"auto\" or a duration"),
         ({"client_idle_timeout": "soon"}, "services['amqp'].client_idle_timeout: must be \"auto\""),
         ({"client_idle_timeout": True}, "services['amqp'].client_idle_timeout: must be \"auto\""),
-        ({"protocol": "stomp"}, "services['amqp'].protocol: must be one of 'amqp' or 'tcp', not 'stomp'"),
+        ({"protocol": "stomp"}, "services['amqp'].protocol: must be one of 'amqp', 'tcp' or 'stream', not 'stomp'"),
     ],
 )
 def test_bad_values_name_the_key(extra: dict[str, Any], expected: str) -> None:
