@@ -13,7 +13,7 @@ exception is the vhost of ``service_vhost_connections``: only vhosts the broker 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
@@ -240,6 +240,29 @@ class ProxyCollector(Collector):
         for used_g, total_g, _, _ in r_figures:
             yield used_g
             yield total_g
+        yield from _l4_metrics(self.proxy, counter)
+
+
+def _l4_metrics(proxy: Supervisor, counter: Callable[[str, str, list[str]], CounterMetricFamily]) -> Iterator[Metric]:
+    """The kernel's counters of the mode = "l4-nat" services (nothing when there are none)."""
+    l4 = proxy.l4
+    if l4 is None or not l4.engaged:
+        return
+    flows = counter("l4_backend_flows", "New flows the kernel sent to the backend (l4-nat).", SB)
+    traffic = counter(
+        "l4_backend_bytes", "Bytes forwarded to (in) and from (out) the backend (l4-nat).", [*SB, "direction"]
+    )
+    for (service, backend), c in sorted(l4.counters().items()):
+        flows.add_metric([service, backend], c.flows)
+        traffic.add_metric([service, backend, "in"], c.bytes_in)
+        traffic.add_metric([service, backend, "out"], c.bytes_out)
+    tx = counter("l4_table_transactions", "nft transactions that replaced the l4 table.", [])
+    tx.add_metric([], l4.transactions)
+    fail = counter("l4_table_failures", "nft or conntrack commands that failed (the kernel kept its rules).", [])
+    fail.add_metric([], l4.failures)
+    cut = counter("l4_flows_deleted", "Conntrack entries deleted for backends marked down or put in maint.", [])
+    cut.add_metric([], l4.flows_deleted)
+    yield from (flows, traffic, tx, fail, cut)
 
 
 def _add_figures(

@@ -18,6 +18,7 @@ from rabbitproxy.config.base import (
     _Model,
     check_host,
 )
+from rabbitproxy.config.l4 import L4_NAT, l4_refusals
 from rabbitproxy.config.rabbitmq import RabbitMQConfig, RebalanceConfig
 from rabbitproxy.config.sections import AdminConfig, FeedbackConfig, HealthCheckConfig, LogConfig, TLSConfig
 
@@ -57,6 +58,9 @@ class KeepaliveConfig(_Model):
 
 class ServiceConfig(_Model):
     name: str = Field(min_length=1, max_length=128)
+    # "l7": this process relays each connection. "l4-nat": the kernel DNATs the listen address to the backends by
+    # weight, from an nftables table this process programs (rabbitproxy.control.l4); see docs/configuration.md.
+    mode: Literal["l7", "l4-nat"] = "l7"
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     balance: Algorithm = "weighted-round-robin"
     connect_timeout: PositiveSeconds = 5.0
@@ -176,6 +180,10 @@ class ServiceConfig(_Model):
             raise ValueError(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
         if self.rebalance.enabled and self.rabbitmq is None:
             raise ValueError("rebalance.enabled needs [services.rabbitmq]: connections are closed through the broker")
+        if self.mode == L4_NAT:
+            refused = l4_refusals(self)
+            if refused:
+                raise ValueError("; ".join(refused))
         seen: set[str] = set()
         for b in self.backends:
             if b.name in seen:
@@ -231,6 +239,9 @@ class Config(_Model):
     # Data-path processes sharing each listener (SO_REUSEPORT); "auto" is one per core this process may run on.
     # 1 is the single-process proxy, with no worker code on its path. See docs/architecture.md, "Worker processes".
     workers: Workers = 1
+    # The nftables table (family ip) that services with mode = "l4-nat" are programmed into; no other table is
+    # touched. Two proxies in one network namespace need two names.
+    nft_table: str = Field(default="rabbitproxy", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     services: list[ServiceConfig] = Field(min_length=1)
 
     @property
