@@ -11,6 +11,7 @@ from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.balancing.reasons import CloseReason
+from rabbitproxy.balancing.views import NodeView
 from rabbitproxy.config import ConfigError
 from rabbitproxy.control.l4 import L4Nat, NftError
 from rabbitproxy.control.l4_rules import L4Backend, L4Service, objects_of, render
@@ -241,3 +242,18 @@ def test_a_reload_cannot_change_a_services_mode_or_the_table() -> None:
     assert info.value.errors[0].startswith("services['l4'].mode: cannot change by reload (running 'l4-nat'")
     assert info.value.errors[1].startswith("nft_table: cannot change by reload")
     sup._refuse_l4_changes(running)
+
+
+def test_the_node_monitor_steers_the_table_maintenance_removes_and_an_alarm_lowers() -> None:
+    svc = service(rabbitmq={"alarm_weight": 10})
+    l4, rec = programmer(svc)
+    l4.sync()
+    a, b = svc.pool.by_name["a"], svc.pool.by_name["b"]
+    assert a.rabbitmq is not None and b.rabbitmq is not None
+    a.rabbitmq = NodeView(alarms=("memory",))
+    b.rabbitmq = NodeView(maintenance=True)
+    assert l4.sync() is True
+    assert l4.applied is not None
+    assert l4.applied[0].targets == ((l4.applied[0].backends[0].key, 10),)
+    # RabbitMQ's maintenance mode closes the node's own client connections; the table only stops new flows.
+    assert rec.flushed == []
