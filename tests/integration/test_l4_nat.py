@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 from tests.support.l4net import CLIENT_IP, BalancerProxy, Topology, l4_config, topology
 from tests.support.waiting import wait_for_sync
 
+SECOND_NODE = "10.233.2.14"
 TAG = f"rpl4{os.getpid() % 100000}"
 TABLE = f"rp_l4_{os.getpid() % 100000}"
 
@@ -35,6 +36,18 @@ def usable_in_table(topo: Topology) -> str:
 def backend_view(topo: Topology, name: str) -> dict[str, Any]:
     service = topo.admin("GET", "/api/services/amqp")
     return next(b for b in service["backends"] if b["name"] == name)
+
+
+def flows_totalling(flows: Callable[[], dict[str, int]], total: int) -> dict[str, int]:
+    """The API's flow counters once they add up to ``total`` (a reading is reused for half a second)."""
+    seen: dict[str, int] = {}
+
+    def done() -> bool:
+        seen.update(flows())
+        return sum(seen.values()) == total
+
+    wait_for_sync(done, timeout=15, what=f"flow counters adding up to {total}")
+    return dict(seen)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -59,8 +72,13 @@ def test_weights_are_respected_and_the_backend_sees_the_client(topo: Topology, t
         # The kernel's counters reach the API (this process saw none of these connections) and /metrics.
         view = topo.admin("GET", "/api/services/amqp")
         assert view["mode"] == "l4-nat" and "no per-connection identity" in view["l4"]["note"]
-        flows = {b["name"]: b["l4"]["flows"] for b in view["backends"]}
-        assert flows == {"b0": names["b0"], "b1": names["b1"], "b2": 0}
+        expected = {"b0": names["b0"], "b1": names["b1"], "b2": 0}
+
+        def flows() -> dict[str, int]:
+            return {b["name"]: b["l4"]["flows"] for b in topo.admin("GET", "/api/services/amqp")["backends"]}
+
+        # Counter readings are reused for half a second; wait for them to show every flow.
+        wait_for_sync(lambda: flows() == expected, timeout=10, what=f"the API's flows {expected}")
         metrics = topo.admin("GET", "/metrics")
         assert f'rabbitproxy_l4_backend_flows_total{{backend="b1",service="amqp"}} {float(names["b1"])}' in metrics
 
@@ -128,3 +146,27 @@ def test_the_proxy_spends_no_cpu_per_forwarded_connection(topo: Topology, tmp_pa
         # What the proxy may spend meanwhile is its polls (10 a second, each a few list reads): a tenth of a
         # core-second per wall second is far above that and far below a relay's cost of 2,000 connections.
         assert used < 0.1 * wall + 0.2, f"{used:.2f} s of CPU in {wall:.1f} s for 2000 connections"
+
+
+def test_a_rabbitmq_node_put_in_maintenance_gets_no_new_flows(topo: Topology, tmp_path: Path) -> None:
+    # b0 and b2 are two clustered RabbitMQ nodes (in b0's namespace), b1 the plain backend. No health check: only
+    # the node monitor, reading the nodes' management APIs, can take b0 out.
+    ports = topo.start_brokers(0, SECOND_NODE, 5673)
+    cfg = l4_config((100, 100, 100), table=TABLE, health_check={"type": "none"}, rabbitmq={"interval": 0.5})
+    backends = cfg["services"][0]["backends"]
+    backends[0].update(port=5673, check_port=5673, management_port=ports[0])
+    backends[2].update(address=SECOND_NODE, port=5673, check_port=5673, management_port=ports[1])
+    with BalancerProxy(topo, cfg, tmp_path):
+
+        def flows() -> dict[str, int]:
+            view = topo.admin("GET", "/api/services/amqp")
+            return {b["name"]: b["l4"]["flows"] for b in view["backends"]}
+
+        assert topo.ask("syn 90")["failed"] == 0
+        assert flows_totalling(flows, 90)["b0"] > 0
+        topo.broker_maintenance()
+        wait_for_sync(lambda: backend_view(topo, "b0")["status"] == "maintenance", timeout=60, what="maintenance")
+        before = flows_totalling(flows, 90)
+        assert topo.ask("syn 90")["failed"] == 0
+        after = flows_totalling(flows, 180)
+        assert after["b0"] == before["b0"]

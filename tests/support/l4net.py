@@ -78,6 +78,7 @@ for line in sys.stdin:
 
 # Commands on stdin, one JSON answer per line on stdout:
 #   count N     N short connections in turn: {"names": {name: n}, "peers": [...], "failed": k}
+#   syn N       N connections opened and closed at once, nothing read (any backend): {"failed": k}
 #   open N      N long-lived connections kept by the helper: {"names": [name per connection]}
 #   ping        a line on each long-lived one: {"alive": [true/false per connection]}
 CLIENT = f"""
@@ -100,6 +101,14 @@ for cmd in sys.stdin:
             except (OSError, IndexError):
                 failed += 1
         print(json.dumps({{"names": names, "peers": sorted(peers), "failed": failed}}), flush=True)
+    elif op == "syn":
+        failed = 0
+        for _ in range(int(args[0])):
+            try:
+                socket.create_connection(("{VIP}", {PORT}), timeout=10).close()
+            except OSError:
+                failed += 1
+        print(json.dumps({{"failed": failed}}), flush=True)
     elif op == "open":
         out = []
         for _ in range(int(args[0])):
@@ -219,6 +228,24 @@ class Topology:
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "check stopped"
 
+    def start_brokers(self, i: int, second: str, port: int) -> list[int]:
+        """Two clustered RabbitMQ nodes in backend namespace ``i``, on its address and on ``second`` (added to its
+        interface here), AMQP on ``port``; returns their management ports."""
+        sh("ip", "addr", "add", f"{second}/24", "dev", "eth0", ns=self.backend_ns(i))
+        proc = self.spawn("broker", self.backend_ns(i), BROKER, BACKEND_IPS[i], second, str(port))
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        if len(line) != 2 or not all(p.isdigit() for p in line):
+            raise AssertionError(f"the brokers did not start: {line}\n{proc.communicate(timeout=60)[0][-3000:]}")
+        return [int(p) for p in line]
+
+    def broker_maintenance(self) -> None:
+        proc = self.procs["broker"]
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("drain\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "drained"
+
     def client_proc(self) -> subprocess.Popen[str]:
         proc = self.procs.get("client")
         if proc is None or proc.poll() is not None:
@@ -240,6 +267,33 @@ class Topology:
 
     def nft(self, *args: str, check: bool = True) -> str:
         return sh("nft", *args, ns=self.balancer, check=check)
+
+
+# Runs in a backend namespace: a two-node RabbitMQ cluster, each node's AMQP and management listeners on an address
+# of its own (argv: the two addresses, the AMQP port). Two nodes, because on 3.10.8 `rabbitmq-upgrade drain` closes
+# the drained node's management listener too, and only a peer's API can then tell maintenance from a crash
+# (rabbitproxy.control.node_monitor). Prints both management ports, then obeys "drain" (the first node goes into
+# maintenance mode) on stdin; stops on EOF.
+BROKER = """
+import sys
+from rabbitproxy.dev.cluster import DevCluster
+addresses, port = sys.argv[1:3], sys.argv[3]
+order = []
+def own(node):
+    order.append(node.name)
+    a = addresses[len(order) - 1]
+    return [f"listeners.tcp.extra = {a}:{port}", f"management.tcp.ip = {a}"]
+cluster = DevCluster(2, node_config=own)
+cluster.start()
+try:
+    print(*(n.management_port for n in cluster.nodes), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "drain":
+            cluster.rabbitmq_upgrade(cluster.nodes[0], "drain")
+            print("drained", flush=True)
+finally:
+    cluster.stop()
+"""
 
 
 @contextlib.contextmanager
