@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.l4net import CLIENT_IP, BalancerProxy, Topology, l4_config, topology
+from tests.support.process import to_toml
 from tests.support.waiting import wait_for_sync
 
 SECOND_NODE = "10.233.2.14"
@@ -170,3 +171,16 @@ def test_a_rabbitmq_node_put_in_maintenance_gets_no_new_flows(topo: Topology, tm
         assert topo.ask("syn 90")["failed"] == 0
         after = flows_totalling(flows, 180)
         assert after["b0"] == before["b0"]
+
+
+def test_a_reload_rewrites_the_table_and_an_api_weight_change_applies_at_once(topo: Topology, tmp_path: Path) -> None:
+    with BalancerProxy(topo, l4_config((100, 100, 100), table=TABLE), tmp_path) as proxy:
+        got = topo.ask("count 90")
+        assert set(got["names"]) == {"b0", "b1", "b2"}, got
+        proxy.config_path.write_text(to_toml(l4_config((0, 100, 100), table=TABLE)))
+        topo.admin("POST", "/api/reload")
+        got = topo.ask("count 90")
+        assert got["failed"] == 0 and "b0" not in got["names"], got
+        topo.admin("PATCH", "/api/services/amqp/backends/b1", {"weight": 0})
+        got = topo.ask("count 60")
+        assert got["names"] == {"b2": 60}, got
