@@ -8,6 +8,7 @@ nft table has this process's id in its name; the namespaces, and so the table, a
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,3 +185,16 @@ def test_a_reload_rewrites_the_table_and_an_api_weight_change_applies_at_once(to
         topo.admin("PATCH", "/api/services/amqp/backends/b1", {"weight": 0})
         got = topo.ask("count 60")
         assert got["names"] == {"b2": 60}, got
+
+
+def test_without_cap_net_admin_the_proxy_refuses_to_start_naming_the_key(topo: Topology, tmp_path: Path) -> None:
+    """In the balancer namespace (so that a failure to drop the capability could touch no shared table)."""
+    proxy = BalancerProxy(topo, l4_config((100, 100, 100), table=TABLE), tmp_path)
+    drop = ["setpriv", "--bounding-set=-net_admin,-net_raw", "--inh-caps=-all"]
+    argv = proxy.argv()
+    netns, serve = argv[:4], argv[4:]
+    done = subprocess.run([*netns, *drop, *serve], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"services['amqp'].mode: \"l4-nat\" could not program nftables table '{TABLE}'" in done.stderr
+    assert "Operation not permitted" in done.stderr
+    assert usable_in_table(topo) == ""
