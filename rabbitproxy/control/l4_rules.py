@@ -141,6 +141,10 @@ def _service_rules(s: L4Service, rule: Any) -> None:
     entry = [_match(_payload("tcp", "dport"), s.port)]
     if s.vip is not None:
         entry.insert(0, _match(_payload("ip", "daddr"), s.vip))
+    else:
+        # listen = "0.0.0.0:PORT": any address of this host, but only of this host. Without this, flows that the
+        # balancer merely routes (a backend's own connections to some other broker's port) would be DNATed too.
+        entry.insert(0, _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"))
     if s.targets:
         rule("prerouting", *entry, {"jump": {"target": chain}})
         rule("output", *entry, {"jump": {"target": chain}})

@@ -106,6 +106,10 @@ def test_source_hash_uses_a_fixed_seed_and_one_target_is_a_plain_goto() -> None:
     rules = commands(render("t", [hashed], fresh=False), "add", "rule")
     key = next(r["expr"][0]["vmap"]["key"] for r in rules if r["expr"][0].get("vmap"))
     assert key["jhash"]["seed"] == 0 and key["jhash"]["expr"] == {"payload": {"protocol": "ip", "field": "saddr"}}
+    # listen = "0.0.0.0:...": only flows to this host's own addresses, never flows it merely routes.
+    entry = next(r["expr"] for r in rules if r["chain"] == "prerouting")
+    local = {"fib": {"result": "type", "flags": ["daddr"]}}
+    assert entry[0] == {"match": {"op": "==", "left": local, "right": "local"}}
     single = L4Service("s", None, 5672, False, (a, b), ((b.key, 7),))
     rules = commands(render("t", [single], fresh=False), "add", "rule")
     assert {"goto": {"target": f"be_{b.key}"}} in [r["expr"][0] for r in rules]
