@@ -100,14 +100,19 @@ def l4_services(services: Mapping[str, Service]) -> list[Service]:
     return [s for s in services.values() if s.config.mode == L4_NAT]
 
 
+def vip_of(service: Service) -> str | None:
+    """The service's listen address, or None for 0.0.0.0 (any address of this host)."""
+    host = service.config.listen_host
+    return None if host == "0.0.0.0" else host
+
+
 def describe(service: Service) -> L4Service:
     """The table's view of ``service`` now: a synchronous read of its pool (no await may come in between)."""
     cfg = service.config
     backends = tuple(L4Backend(service.name, b.name, b.address, b.port) for b in service.pool.backends)
     keys = {b.name: lb.key for b, lb in zip(service.pool.backends, backends, strict=True)}
     targets = tuple((keys[b.name], w) for b, w in service.pool.weighted())
-    vip = None if cfg.listen_host == "0.0.0.0" else cfg.listen_host
-    return L4Service(service.name, vip, cfg.listen_port, cfg.balance == "source-hash", backends, targets)
+    return L4Service(service.name, vip_of(service), cfg.listen_port, cfg.balance == "source-hash", backends, targets)
 
 
 class L4Nat:
@@ -178,7 +183,7 @@ class L4Nat:
         for service in l4_services(self.services):
             close_on_down = service.config.health_check.on_marked_down == "close"
             cfg = service.config
-            vip = None if cfg.listen_host == "0.0.0.0" else cfg.listen_host
+            vip = vip_of(service)
             for b in service.pool.backends:
                 key = (service.name, b.name)
                 seen.add(key)
@@ -199,6 +204,23 @@ class L4Nat:
                     log.warning("backend's flows deleted", service=service.name, backend=b.name, flows=n)
         for key in [k for k in self.cut if k not in seen]:
             del self.cut[key]
+
+    def cut_now(self, service_name: str, backend_name: str) -> None:
+        """A drain's deadline passed: delete the flows of that backend if it is still draining (l4 services only)."""
+        service = self.services.get(service_name)
+        if service is None or service.config.mode != L4_NAT or not self.engaged:
+            return
+        b = service.pool.by_name.get(backend_name)
+        if b is None or b.operator_state != "drain":
+            return
+        try:
+            n = self.flush(vip_of(service), service.config.listen_port, b.address, b.port)
+        except NftError as exc:
+            self.failures += 1
+            log.error("deleting a drained backend's flows failed", service=service_name, backend=b.name, error=str(exc))
+            return
+        self.flows_deleted += n
+        log.warning("drain deadline: backend's flows deleted", service=service_name, backend=b.name, flows=n)
 
     async def run(self) -> None:
         """Keep the table in step until cancelled; a failed transaction is logged and tried again next tick."""

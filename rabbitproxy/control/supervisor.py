@@ -77,6 +77,8 @@ class Supervisor:
         # The nftables table of the mode = "l4-nat" services: programmed by the process that watches the backends
         # (single, or the parent of workers), never by a worker, which has no listener for such a service.
         self.l4 = L4Nat(config.nft_table, self.services) if role != "worker" else None
+        if self.l4 is not None:
+            self.steering.on_deadline = self.l4.cut_now
 
     # -- start and stop ------------------------------------------------------------------------------------------
 

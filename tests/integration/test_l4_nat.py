@@ -198,3 +198,18 @@ def test_without_cap_net_admin_the_proxy_refuses_to_start_naming_the_key(topo: T
     assert f"services['amqp'].mode: \"l4-nat\" could not program nftables table '{TABLE}'" in done.stderr
     assert "Operation not permitted" in done.stderr
     assert usable_in_table(topo) == ""
+
+
+def test_a_drain_deadline_cuts_the_flows_still_on_the_backend(topo: Topology, tmp_path: Path) -> None:
+    with BalancerProxy(topo, l4_config((100, 100, 100), table=TABLE), tmp_path):
+        held = topo.ask("open 30")["names"]
+        assert "b0" in held, held
+        topo.admin("PATCH", "/api/services/amqp/backends/b0", {"state": "drain", "deadline": 1.0})
+
+        def b0_cut() -> bool:
+            alive = topo.ask("ping")["alive"]
+            return not any(a for a, n in zip(alive, held, strict=True) if n == "b0")
+
+        wait_for_sync(b0_cut, timeout=30, interval=0.5, what="b0's flows cut at the deadline")
+        alive = topo.ask("ping")["alive"]
+        assert all(a for a, n in zip(alive, held, strict=True) if n != "b0")

@@ -261,3 +261,16 @@ def test_the_node_monitor_steers_the_table_maintenance_removes_and_an_alarm_lowe
     assert l4.applied[0].targets == ((l4.applied[0].backends[0].key, 10),)
     # RabbitMQ's maintenance mode closes the node's own client connections; the table only stops new flows.
     assert rec.flushed == []
+
+
+def test_a_drain_deadline_cuts_the_flows_of_a_backend_still_draining() -> None:
+    svc = service()
+    l4, rec = programmer(svc)
+    l4.sync()
+    l4.cut_now("l4", "a")
+    assert rec.flushed == []  # still ready: the deadline was cancelled by a later state
+    svc.pool.by_name["a"].set_operator_state("drain", CloseReason.BACKEND_MAINT)
+    l4.cut_now("l4", "a")
+    l4.cut_now("l4", "nonesuch")
+    l4.cut_now("other", "a")
+    assert rec.flushed == [("10.0.0.1", 5672, "10.0.0.2", 5672)]
