@@ -16,11 +16,22 @@ from typing import Any
 
 import pytest
 
-from tests.support.l4net import CLIENT_IP, BalancerProxy, Topology, l4_config, topology
+from tests.support.l4net import (
+    BACKEND_IPS,
+    BRIDGE_IP,
+    CLIENT_IP,
+    PORT,
+    VIP,
+    BalancerProxy,
+    Topology,
+    l4_config,
+    topology,
+)
 from tests.support.process import to_toml
 from tests.support.waiting import wait_for_sync
 
 SECOND_NODE = "10.233.2.14"
+RELAY_PORT = 7002
 TAG = f"rpl4{os.getpid() % 100000}"
 TABLE = f"rp_l4_{os.getpid() % 100000}"
 
@@ -60,7 +71,15 @@ def cpu_seconds(pid: int) -> float:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_weights_are_respected_and_the_backend_sees_the_client(topo: Topology, tmp_path: Path, workers: int) -> None:
     cfg = l4_config((100, 300, 0), table=TABLE, workers=workers)
+    # An l7 service beside it: relayed by this process (by its workers with workers = 2), while the parent owns
+    # the l4 table.
+    relay = {"name": "relay", "listen": f"{VIP}:{RELAY_PORT}", "protocol": "tcp", "health_check": {"type": "none"},
+             "backends": [{"name": "r0", "address": BACKEND_IPS[2], "port": PORT}]}  # fmt: skip
+    cfg["services"].append(relay)
     with BalancerProxy(topo, cfg, tmp_path):
+        relayed = topo.ask(f"count 20 {RELAY_PORT}")
+        # The relay connects from the balancer's own address: the l7 path, not the kernel's DNAT.
+        assert relayed["names"] == {"b2": 20} and relayed["peers"] == [BRIDGE_IP], relayed
         got = topo.ask("count 800")
         assert got["failed"] == 0
         names = got["names"]

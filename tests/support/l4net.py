@@ -77,7 +77,8 @@ for line in sys.stdin:
 """
 
 # Commands on stdin, one JSON answer per line on stdout:
-#   count N     N short connections in turn: {"names": {name: n}, "peers": [...], "failed": k}
+#   count N [P] N short connections in turn (to port P of the VIP, default PORT):
+#               {"names": {name: n}, "peers": [...], "failed": k}
 #   syn N       N connections opened and closed at once, nothing read (any backend): {"failed": k}
 #   open N      N long-lived connections kept by the helper: {"names": [name per connection]}
 #   ping        a line on each long-lived one: {"alive": [true/false per connection]}
@@ -94,7 +95,8 @@ for cmd in sys.stdin:
         names, peers, failed = collections.Counter(), set(), 0
         for _ in range(int(args[0])):
             try:
-                with socket.create_connection(("{VIP}", {PORT}), timeout=10) as c:
+                port = int(args[1]) if len(args) > 1 else {PORT}
+                with socket.create_connection(("{VIP}", port), timeout=10) as c:
                     line, _f = greet(c)
                     names[line[0]] += 1
                     peers.add(line[1])
