@@ -40,7 +40,9 @@ def _errors(exc: ValidationError, data: Mapping[str, Any], prefix: tuple[str, ..
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        errors.append(f"{_loc(data, (*prefix, *err['loc']))}: {msg}")
+        loc = _loc(data, (*prefix, *err["loc"]))
+        # A check that finds several problems at once (mode = "l4-nat"'s refusals) says one per line.
+        errors.extend(f"{loc}: {line}" for line in msg.split("\n"))
     return errors
 
 

@@ -183,7 +183,8 @@ class ServiceConfig(_Model):
         if self.mode == L4_NAT:
             refused = l4_refusals(self)
             if refused:
-                raise ValueError("; ".join(refused))
+                # One line per key; loading._errors reports each line as an error of its own.
+                raise ValueError("\n".join(refused))
         seen: set[str] = set()
         for b in self.backends:
             if b.name in seen:

@@ -274,3 +274,12 @@ def test_a_drain_deadline_cuts_the_flows_of_a_backend_still_draining() -> None:
     l4.cut_now("l4", "nonesuch")
     l4.cut_now("other", "a")
     assert rec.flushed == [("10.0.0.1", 5672, "10.0.0.2", 5672)]
+
+
+def test_several_refusals_are_one_error_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_mod.validate(l4_data(protocol="amqp", client_idle_timeout=30))
+    assert [e.split(" cannot apply")[0] for e in info.value.errors] == [
+        "services['l4']: client_idle_timeout",
+        "services['l4']: protocol = \"amqp\"",
+    ]
