@@ -35,7 +35,7 @@ def _loc(config: Mapping[str, Any], loc: Iterable[int | str]) -> str:
 
 def _errors(exc: ValidationError, data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
     """One ``"key.path: reason"`` line per pydantic error; ``prefix`` places a sub-model's errors in the file."""
-    errors = []
+    errors: list[str] = []
     for err in exc.errors():
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
