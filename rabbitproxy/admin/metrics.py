@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import psutil
@@ -263,6 +263,7 @@ class ProxyCollector(Collector):
             yield total_g
         if self.proxy.workers is not None:
             yield from worker_metrics(self.proxy.workers)
+        yield from _l4_metrics(self.proxy, counter)
 
     def _process_level(self) -> Iterator[Metric]:
         """The build and the outcome of the last reload (with workers: the parent's, which waits for every worker)."""
@@ -326,6 +327,28 @@ def worker_metrics(workers: WorkerSet) -> Iterator[Metric]:
         cpu.add_metric([str(index)], times.user + times.system)
         rss.add_metric([str(index)], memory)
     yield from (up, restarts, cpu, rss)
+
+
+def _l4_metrics(proxy: Supervisor, counter: Callable[[str, str, list[str]], CounterMetricFamily]) -> Iterator[Metric]:
+    """The kernel's counters of the mode = "l4-nat" services (nothing when there are none)."""
+    l4 = proxy.l4
+    if l4 is None or not l4.engaged:
+        return
+    flows = counter("l4_backend_flows", "New flows the kernel sent to the backend (l4-nat).", SB)
+    traffic = counter(
+        "l4_backend_bytes", "Bytes forwarded to (in) and from (out) the backend (l4-nat).", [*SB, "direction"]
+    )
+    for (service, backend), c in sorted(l4.counters().items()):
+        flows.add_metric([service, backend], c.flows)
+        traffic.add_metric([service, backend, "in"], c.bytes_in)
+        traffic.add_metric([service, backend, "out"], c.bytes_out)
+    tx = counter("l4_table_transactions", "nft transactions that replaced the l4 table.", [])
+    tx.add_metric([], l4.transactions)
+    fail = counter("l4_table_failures", "nft or conntrack commands that failed (the kernel kept its rules).", [])
+    fail.add_metric([], l4.failures)
+    cut = counter("l4_flows_deleted", "Conntrack entries deleted for backends marked down or put in maint.", [])
+    cut.add_metric([], l4.flows_deleted)
+    yield from (flows, traffic, tx, fail, cut)
 
 
 def _add_figures(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from rabbitproxy.addresses import format_host_port
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.views import NodeView
+from rabbitproxy.config.l4 import L4_NAT
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
@@ -89,6 +90,7 @@ def service_view(service: Service) -> dict[str, Any]:
     cfg = service.config
     return {
         "name": service.name,
+        "mode": cfg.mode,
         "listen": cfg.listen,
         "bound": [format_host_port(h, p) for h, p in service.bound],
         "balance": cfg.balance,
@@ -109,7 +111,25 @@ def steered_backend(proxy: Supervisor, service: str, view: dict[str, Any]) -> di
     return view
 
 
+L4_NOTE = (
+    "l4-nat: the kernel forwards each flow; this process holds no connection, so there is no per-connection "
+    "identity (no connection list, no close by id) and connections.active is not known; the kernel's counters "
+    "are under l4"
+)
+
+
 def steered(proxy: Supervisor, service: str, view: dict[str, Any]) -> dict[str, Any]:
     for b in view["backends"]:
         steered_backend(proxy, service, b)
+    if view.get("mode") == L4_NAT and proxy.l4 is not None:
+        counts = proxy.l4.counters()
+        view["l4"] = {
+            "table": proxy.l4.table,
+            "note": L4_NOTE,
+            "transactions": proxy.l4.transactions,
+            "failures": proxy.l4.failures,
+        }
+        for b in view["backends"]:
+            c = counts.get((service, b["name"]))
+            b["l4"] = None if c is None else {"flows": c.flows, "bytes_in": c.bytes_in, "bytes_out": c.bytes_out}
     return view

@@ -62,6 +62,21 @@ class Pool:
             return None
         return self.balancer.choose(candidates, key)
 
+    def weighted(self) -> list[tuple[Backend, int]]:
+        """The backends new connections may go to now, with their weights, by the rules :meth:`choose` follows.
+
+        What the kernel is programmed with in ``mode = "l4-nat"`` (rabbitproxy.control.l4): every usable regular
+        backend with its effective weight, or the usable backups while no regular one is usable. One weight read
+        per backend, as in :meth:`choose`, so both modes see a state change at the same moment.
+        """
+        regular: list[tuple[Backend, int]] = []
+        backups: list[tuple[Backend, int]] = []
+        for b in self.backends:
+            weight = b.weight
+            if weight > 0:
+                (backups if b.backup else regular).append((b, weight))
+        return regular or backups
+
     @property
     def active(self) -> int:
         return sum(b.active for b in self.backends)

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from rabbitproxy.addresses import DEFAULT_PORT, split_host_port
 from rabbitproxy.config.base import (
@@ -19,6 +19,7 @@ from rabbitproxy.config.base import (
     check_host,
 )
 from rabbitproxy.config.files import ca_file
+from rabbitproxy.config.l4 import L4_NAT, l4_refusals
 from rabbitproxy.config.rabbitmq import RabbitMQConfig, RebalanceConfig
 from rabbitproxy.config.sections import AdminConfig, FeedbackConfig, HealthCheckConfig, LogConfig, TLSConfig
 from rabbitproxy.durations import GRAMMAR, duration_seconds
@@ -71,6 +72,9 @@ class KeepaliveConfig(_Model):
 
 class ServiceConfig(_Model):
     name: str = Field(min_length=1, max_length=128)
+    # "l7": this process relays each connection. "l4-nat": the kernel DNATs the listen address to the backends by
+    # weight, from an nftables table this process programs (rabbitproxy.control.l4); see docs/configuration.md.
+    mode: Literal["l7", "l4-nat"] = "l7"
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     balance: Algorithm = "weighted-round-robin"
     connect_timeout: PositiveSeconds = 5.0
@@ -241,6 +245,15 @@ class ServiceConfig(_Model):
         host = self.listen_host
         return [(b.name, host, b.node_port) for b in self.backends if b.node_port is not None]
 
+    @model_validator(mode="after")
+    def _l4(self) -> ServiceConfig:
+        if self.mode == L4_NAT:
+            refused = l4_refusals(self)
+            if refused:
+                # One line per key; config.errors reports each line as an error of its own.
+                raise ValueError("\n".join(refused))
+        return self
+
     @property
     def heartbeat_idle(self) -> bool:
         """Whether idle clients are timed by their negotiated heartbeat (``client_idle_timeout = "auto"``)."""
@@ -296,6 +309,9 @@ class Config(_Model):
     # Data-path processes sharing each listener (SO_REUSEPORT); "auto" is one per core this process may run on.
     # 1 is the single-process proxy, with no worker code on its path. See docs/architecture.md, "Worker processes".
     workers: Workers = 1
+    # The nftables table (family ip) that services with mode = "l4-nat" are programmed into; no other table is
+    # touched. Two proxies in one network namespace need two names.
+    nft_table: str = Field(default="rabbitproxy", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     services: list[ServiceConfig] = Field(min_length=1)
 
     @property

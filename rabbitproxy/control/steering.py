@@ -76,6 +76,9 @@ class Steering:
         self.remote_cancel: Callable[[str, str], None] | None = None
         # Whether the rebalancers run here: not in the parent of workers, where each worker balances its own share.
         self.rebalancing = True
+        # Told (service, backend) when a drain's deadline passes, before the closes: the l4 table cuts the flows
+        # the kernel forwards, which no closer knows (rabbitproxy.control.l4).
+        self.on_deadline: Callable[[str, str], None] | None = None
 
     # -- services coming and going ----------------------------------------------------------------------------
 
@@ -240,6 +243,11 @@ class Steering:
     async def _deadline(self, key: tuple[str, str], seconds: float) -> None:
         await asyncio.sleep(seconds)
         log.info("drain deadline passed", service=key[0], backend=key[1], deadline=seconds)
+        if self.on_deadline is not None:
+            try:
+                self.on_deadline(*key)
+            except Exception:  # our bug: logged with its traceback; the closes below still run
+                log.exception("cutting the flows at a drain deadline failed", service=key[0], backend=key[1])
         await self._close(key, "drain", CloseReason.DRAIN_DEADLINE, drain_text(key[1]))
 
     async def _close(self, key: tuple[str, str], cause: Cause, reason: CloseReason, text: str) -> None:

@@ -21,9 +21,11 @@ import structlog
 from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.config import Config, ConfigError, ServiceConfig
+from rabbitproxy.config.l4 import L4_NAT
 from rabbitproxy.control import state_file
 from rabbitproxy.control.feedback import feedback_task
 from rabbitproxy.control.health import health_task
+from rabbitproxy.control.l4 import L4Nat, NftError
 from rabbitproxy.control.management import session_for
 from rabbitproxy.control.node_monitor import node_monitor_task
 from rabbitproxy.control.reload import ReloadOutcome, ReloadRefusedError, ReloadResult, apply
@@ -77,6 +79,11 @@ class Supervisor:
         # [admin] is read at start only, like the admin API itself: a reload does not move the state file.
         self.state_path = Path(config.admin.state_file) if config.admin.state_file and role != "worker" else None
         self.listeners_ready = asyncio.Event()
+        # The nftables table of the mode = "l4-nat" services: programmed by the process that watches the backends
+        # (single, or the parent of workers), never by a worker, which has no listener for such a service.
+        self.l4 = L4Nat(config.nft_table, self.services) if role != "worker" else None
+        if self.l4 is not None:
+            self.steering.on_deadline = self.l4.cut_now
 
     # -- start and stop ------------------------------------------------------------------------------------------
 
@@ -109,11 +116,14 @@ class Supervisor:
                 await asyncio.gather(*(s.first_checks.wait() for s in self.services.values()))
         except TimeoutError:
             log.warning("serving before every backend's first health check answered", waited=grace)
+        self._start_l4()
         if self.role == "parent":
             self.hold(socks)
             await self._start_workers()
         else:
             for sc in self.config.services:
+                if sc.name not in socks:
+                    continue  # an l4 service: the kernel forwards its flows
                 service = self.services[sc.name]
                 await service.start(socks[sc.name], node_socks[sc.name])
                 if self.role == "single":
@@ -142,8 +152,37 @@ class Supervisor:
                 workers=self.config.worker_count,
             )
 
+    def _start_l4(self) -> None:
+        """Write the l4 table (after the first checks, so it starts from their verdicts) and keep it in step."""
+        if self.l4 is None:
+            return
+        if self.l4.wanted():
+            try:
+                self.l4.sync()
+            except NftError as exc:
+                names = [sc.name for sc in self.config.services if sc.mode == L4_NAT]
+                raise ConfigError(
+                    [f'services[{name!r}].mode: "l4-nat" could not program nftables table {self.l4.table!r}: {exc}'
+                     for name in names]
+                ) from None  # fmt: skip
+        self.background.spawn(run_restarting(self.l4.run, "l4-nat"), name="l4-nat")
+
+    def l4_now(self) -> None:
+        """Apply a state change to the l4 table at once (the admin API's changes), not at the next poll."""
+        if self.l4 is None or not self.l4.wanted():
+            return
+        try:
+            self.l4.sync()
+        except NftError as exc:
+            self.l4.failures += 1
+            log.error("nft refused the l4 table; the poll tries again", table=self.l4.table, error=str(exc))
+
     def bind(self, configs: list[ServiceConfig]) -> dict[str, socket.socket]:
-        """Bind listeners as this role does: a worker with SO_REUSEPORT, the parent without listening."""
+        """Bind listeners as this role does: a worker with SO_REUSEPORT, the parent without listening.
+
+        An l4 service gets none: the kernel forwards its flows (rabbitproxy.control.l4).
+        """
+        configs = [sc for sc in configs if sc.mode != L4_NAT]
         if self.role == "single":
             return bind_all(configs)
         return bind_all(configs, reuse_port=True, listen=self.role == "worker")
@@ -209,6 +248,7 @@ class Supervisor:
         if self.workers is not None:
             self.workers.push_state()
         self.save_state()
+        self.l4_now()
 
     def save_state(self) -> None:
         """Write ``[admin] state_file`` (if configured) from the backends as they are now."""
@@ -237,6 +277,9 @@ class Supervisor:
         for name in list(self.management):
             await self.close_management(name)
         await self.background.cancel_all()
+        if self.l4 is not None:
+            # A clean stop takes the table away (a crash leaves it, and traffic keeps flowing meanwhile).
+            self.l4.remove()
         log.info("stopped")
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
@@ -328,6 +371,7 @@ class Supervisor:
                 ]
             )
         self._refuse_node_port_changes(new)
+        self._refuse_l4_changes(new)
         result = await apply(self, new)
         # Backends removed, runtime weights dropped for a weight edited in the file: the state file follows.
         self.save_state()
@@ -349,6 +393,22 @@ class Supervisor:
             for name, listens in old.items()
             if listens and name not in {sc.name for sc in new.services}
         ]
+        if errors:
+            raise ConfigError(errors)
+
+    def _refuse_l4_changes(self, new: Config) -> None:
+        """A service's mode and the table's name cannot change by reload: listeners and table would be half-swapped."""
+        errors = [
+            f"services[{sc.name!r}].mode: cannot change by reload (running {self.services[sc.name].config.mode!r}, "
+            f"the new configuration says {sc.mode!r}); restart instead, or add the service under another name"
+            for sc in new.services
+            if sc.name in self.services and self.services[sc.name].config.mode != sc.mode
+        ]
+        if new.nft_table != self.config.nft_table:
+            errors.append(
+                f"nft_table: cannot change by reload (running {self.config.nft_table!r}, the new configuration says "
+                f"{new.nft_table!r}); restart instead"
+            )
         if errors:
             raise ConfigError(errors)
 

@@ -39,8 +39,14 @@ def test_a_stream_service_checks_with_the_stream_handshake_by_default() -> None:
 @pytest.mark.parametrize(
     ("services", "expected"),
     [
-        ([stream(backends=_backends(5553, 5553))], "services['streams'].backends['r2'].node_port: 5553 is already the port of 'streams/r1'"),
-        ([stream(backends=_backends(5552))], "services['streams'].backends['r1'].node_port: 5552 is the service's own listen port"),
+        (
+            [stream(backends=_backends(5553, 5553))],
+            "services['streams'].backends['r2'].node_port: 5553 is already the port of 'streams/r1'",
+        ),
+        (
+            [stream(backends=_backends(5552))],
+            "services['streams'].backends['r1'].node_port: 5552 is the service's own listen port",
+        ),
         (
             [{"name": "amqp", "backends": _backends(5553)}],
             "services['amqp'].backends['r1'].node_port: needs protocol = \"stream\"",
