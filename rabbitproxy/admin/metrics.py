@@ -13,13 +13,15 @@ exception is the vhost of ``service_vhost_connections``: only vhosts the broker 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from rabbitproxy.balancing.admission import WAIT_BUCKETS
 from rabbitproxy.balancing.backend import ADMIN_STATES, AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.views import ALARM_KINDS, ManagementStatus, NodeStats
@@ -28,6 +30,7 @@ from rabbitproxy.control.rebalancer import service_balance
 
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
+    from rabbitproxy.relay.service import Service
 
 PREFIX = "rabbitproxy"
 STATUSES = ("up", "down", "drain", "maint", "maintenance")
@@ -240,6 +243,45 @@ class ProxyCollector(Collector):
         for used_g, total_g, _, _ in r_figures:
             yield used_g
             yield total_g
+        yield from admission_metrics(list(self.proxy.services.values()))
+
+
+def admission_metrics(services: list[Service]) -> Iterator[Metric]:
+    """Admission control (``connect_rate``): the rate, who is held now, and how long the held ones waited."""
+    labels = ["service"]
+    rate = GaugeMetricFamily(
+        f"{PREFIX}_service_connect_rate",
+        "The service's connect_rate: new backend connections it starts per second at most (0: not paced).",
+        labels=labels,
+    )
+    waiting = GaugeMetricFamily(
+        f"{PREFIX}_service_admission_waiting",
+        "Clients accepted and held now for a connect token (they count against max_connections).",
+        labels=labels,
+    )
+    oldest = GaugeMetricFamily(
+        f"{PREFIX}_service_admission_oldest_wait_seconds",
+        "How long the longest-held client has waited for a connect token so far.",
+        labels=labels,
+    )
+    waits = HistogramMetricFamily(
+        f"{PREFIX}_service_admission_wait_seconds",
+        "How long held clients waited for a connect token, until they connected or their connect_queue_timeout"
+        " ran out (clients let through at once are not observed).",
+        labels=labels,
+    )
+    for service in services:
+        sn = service.name
+        rate.add_metric([sn], service.config.connect_rate)
+        figures = service.admission_figures()
+        if figures is None:
+            continue
+        waiting.add_metric([sn], figures.waiting)
+        oldest.add_metric([sn], figures.oldest_wait)
+        cumulative = list(itertools.accumulate(figures.wait_buckets))
+        bounds = [*(f"{b:g}" for b in WAIT_BUCKETS), "+Inf"]
+        waits.add_metric([sn], list(zip(bounds, cumulative, strict=True)), sum_value=figures.wait_sum)
+    yield from (rate, waiting, oldest, waits)
 
 
 def _add_figures(

@@ -39,6 +39,8 @@ class BackendConfig(_Model):
     send_proxy_protocol: ProxyProtocolVersion | None = None
     # This node's management API port, when it differs from [services.rabbitmq] management_port.
     management_port: Port | None = None
+    # New connections per second to this backend (0 = no limit of its own; the service's connect_rate still applies).
+    connect_rate: Annotated[float, Field(ge=0)] = 0.0
 
     _address = field_validator("address")(check_host)
 
@@ -62,6 +64,12 @@ class ServiceConfig(_Model):
     connect_timeout: PositiveSeconds = 5.0
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     max_connections: Annotated[int, Field(ge=1)] = 10000
+    # Admission control (rabbitproxy.balancing.admission): new backend connections per second (0 = unpaced), how
+    # many may go at once above the rate (0 = a tenth of the rate, at least 1), and how long a client over the rate
+    # is held before it is closed ("admission timeout"). Held clients count against max_connections.
+    connect_rate: Annotated[float, Field(ge=0)] = 0.0
+    connect_burst: Annotated[int, Field(ge=0)] = 0
+    connect_queue_timeout: PositiveSeconds = 30.0
     # "amqp": the AMQP 0-9-1 handshake is read as it passes (identity, failed logins, heartbeat); "tcp": bytes only.
     protocol: Literal["amqp", "tcp"] = "amqp"
     # "auto": 2.5 x the heartbeat the client negotiated (AMQP services; off for "tcp"); a number: seconds; 0 = off.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from rabbitproxy.balancing.admission import AdmissionFigures
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.protocols.amqp_handshake import Handshake
 
@@ -101,5 +102,26 @@ def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
                 bn: [p + q for p, q in zip(x["backends"].get(bn, [0] * 5), y["backends"].get(bn, [0] * 5), strict=True)]
                 for bn in x["backends"].keys() | y["backends"].keys()
             },
+            "admission": _add_admission(x.get("admission"), y.get("admission")),
         }
     return out
+
+
+def _add_admission(x: list[Any] | None, y: list[Any] | None) -> list[Any] | None:
+    if x is None or y is None:
+        return x if y is None else y
+    return AdmissionFigures.from_wire(x).plus(AdmissionFigures.from_wire(y)).to_wire()
+
+
+def admission_now(current: dict[str, Any], base: dict[str, Any]) -> AdmissionFigures | None:
+    """One service's admission figures over the workers: the live workers' present, everyone's counts so far.
+
+    ``base`` holds what retired workers counted; their held clients died with them, so only their counts add up.
+    """
+    live, past = current.get("admission"), base.get("admission")
+    if live is None and past is None:
+        return None
+    total = AdmissionFigures.from_wire(live) if live is not None else AdmissionFigures()
+    if past is not None:
+        total = total.plus(AdmissionFigures.from_wire(past), now=False)
+    return total

@@ -26,7 +26,7 @@ from rabbitproxy.balancing.snapshot import pool_state
 from rabbitproxy.config import Config, ConfigError
 from rabbitproxy.control.channel import Channel, ChannelError, Message
 from rabbitproxy.control.closer import CloseOutcome
-from rabbitproxy.control.worker_views import RemoteConnection, Tally, add_counts
+from rabbitproxy.control.worker_views import RemoteConnection, Tally, add_counts, admission_now
 from rabbitproxy.tasks import Backoff, OwnedTasks
 
 if TYPE_CHECKING:
@@ -348,10 +348,15 @@ class WorkerSet:
     def _aggregate(self) -> None:
         """Write the sum of every worker's counters onto the parent's services and backends."""
         total: dict[str, Any] = {}
+        # Admission control's present (held clients) comes from the live workers only, like ``active``.
+        live: dict[str, Any] = {}
+        past: dict[str, Any] = {}
         active: Counter[tuple[str, str | None]] = Counter()
         for slot in self.slots:
             current = slot.stats.get("services", {})
             total = add_counts(add_counts(total, slot.base), current)
+            live = add_counts(live, current)
+            past = add_counts(past, slot.base)
             for sname, s in current.items():
                 active[sname, None] += s["active"]
                 for bname, b in s["backends"].items():
@@ -368,6 +373,7 @@ class WorkerSet:
             service.failed_logins = s["failed_logins"]
             service.handshakes_given_up = s["handshakes_given_up"]
             service.vhost_open = {k: v for k, v in s["vhost_open"].items() if v}
+            service.remote_admission = admission_now(live.get(sname, {}), past.get(sname, {}))
             for b in service.pool.backends:
                 figures = s["backends"].get(b.name)
                 b.connections = Tally(active[sname, b.name])
