@@ -22,6 +22,11 @@ from typing import Any, Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 
+# Refilling in many small steps adds up float rounding (0.1 s at 1 token/s ten times is 0.9999999 tokens): a token
+# this close to whole is whole.
+WHOLE = 1.0 - 1e-9
+
+
 def default_burst(rate: float) -> int:
     """The burst a rate gets when none is configured: a tenth of a second's worth, at least one."""
     return max(1, math.ceil(rate / 10))
@@ -52,20 +57,20 @@ class RateGate:
     def take(self, now: float) -> bool:
         """Take a token if one is there; False (and nothing taken) when not."""
         self._fill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= WHOLE:
+            self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
 
     def ready(self, now: float) -> bool:
         """Whether :meth:`take` would succeed now (takes nothing)."""
         self._fill(now)
-        return self.tokens >= 1.0
+        return self.tokens >= WHOLE
 
     def wait(self, now: float) -> float:
         """Seconds from ``now`` until a token is there; 0 when one is there now."""
         self._fill(now)
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+        return 0.0 if self.tokens >= WHOLE else (1.0 - self.tokens) / self.rate
 
     def retune(self, rate: float, burst: int, now: float) -> None:
         """New settings (a reload); the tokens saved so far are kept, up to the new burst."""

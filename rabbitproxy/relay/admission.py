@@ -48,6 +48,7 @@ class AdmissionDesk(Generic[K]):
     __slots__ = (
         "_releasing",
         "_timer",
+        "_timer_at",
         "admission",
         "backend_gates",
         "held_total",
@@ -73,7 +74,10 @@ class AdmissionDesk(Generic[K]):
         self.backend_gates: dict[str, RateGate] = {}
         self.release = release
         self.queue_deadlines: Deadlines[K] = Deadlines(loop, config.connect_queue_timeout, self._expired(expire))
-        self._timer: asyncio.TimerHandle | None = None
+        # The one timer and when it fires (kept here: uvloop hands back a plain Handle, without when(), for a timer
+        # that is due at once).
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
         # While a released client connects: when it was first held, so that holding it again keeps its place in time.
         self._releasing: float | None = None
         # Clients held so far and how long they waited (a histogram with WAIT_BUCKETS, cumulative at the end).
@@ -205,10 +209,11 @@ class AdmissionDesk(Generic[K]):
         # before the token is whole would only arm itself again.
         when = self.loop.time() + (due + 0.001 if due > 0 else 0.0)
         if timer is not None:
-            if timer.when() <= when:
+            if self._timer_at <= when:
                 return
             timer.cancel()
         self._timer = self.loop.call_at(when, self._tick)
+        self._timer_at = when
 
     def _tick(self) -> None:
         self._timer = None
