@@ -96,9 +96,10 @@ async def test_a_burst_of_clients_is_held_and_let_through_at_the_rate() -> None:
 
 
 async def test_a_client_held_past_connect_queue_timeout_is_closed_with_admission_timeout() -> None:
-    async with stamping_backend() as (port, _), run_proxy(
-        paced(port, connect_rate=0.25, connect_burst=1, connect_queue_timeout=0.5)
-    ) as p:
+    async with (
+        stamping_backend() as (port, _),
+        run_proxy(paced(port, connect_rate=0.25, connect_burst=1, connect_queue_timeout=0.5)) as p,
+    ):
         addr = p.services["svc"].bound[0]
         (r1, w1), (r2, w2), (r3, w3) = [await open_client(addr) for _ in range(3)]
         assert await greeted(r1) == b"x"
@@ -115,9 +116,10 @@ async def test_a_client_held_past_connect_queue_timeout_is_closed_with_admission
 
 
 async def test_held_clients_count_against_max_connections_and_a_leaving_one_is_forgotten() -> None:
-    async with stamping_backend() as (port, times), run_proxy(
-        paced(port, connect_rate=0.1, connect_burst=1, max_connections=3)
-    ) as p:
+    async with (
+        stamping_backend() as (port, times),
+        run_proxy(paced(port, connect_rate=0.1, connect_burst=1, max_connections=3)) as p,
+    ):
         addr = p.services["svc"].bound[0]
         service = p.services["svc"]
         (r1, w1) = await open_client(addr)
@@ -150,7 +152,7 @@ async def test_a_reload_that_drops_the_rate_lets_every_held_client_through() -> 
 
 
 async def test_a_backend_out_of_tokens_is_passed_over_and_waited_for_when_alone() -> None:
-    async with stamping_backend(b"a") as (pa, ta), stamping_backend(b"b") as (pb, tb):
+    async with stamping_backend(b"a") as (pa, _), stamping_backend(b"b") as (pb, _):
         backends = [
             {"name": "a", "address": "127.0.0.1", "port": pa, "connect_rate": 0.5},
             {"name": "b", "address": "127.0.0.1", "port": pb},
