@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rabbitproxy import config as config_mod
 from rabbitproxy.balancing.admission import WAIT_BUCKETS, Admission, AdmissionFigures, RateGate, default_burst
+from rabbitproxy.control.worker import share_limits
 
 
 def test_the_default_burst_is_a_tenth_of_the_rate_and_at_least_one() -> None:
@@ -121,3 +123,23 @@ def test_figures_add_up_over_workers_and_a_dead_workers_present_does_not_count()
     dead = a.plus(b, now=False)
     assert (dead.waiting, dead.oldest_wait, dead.held) == (3, 2.0, 11)
     assert AdmissionFigures.from_wire(both.to_wire()) == both
+
+
+def test_workers_each_take_their_share_of_the_rates_and_the_burst() -> None:
+    backends = [
+        {"name": "a", "address": "127.0.0.1", "port": 1, "connect_rate": 10.0},
+        {"name": "b", "address": "127.0.0.1", "port": 2},
+    ]
+    service = {
+        "name": "s",
+        "listen": "127.0.0.1:5672",
+        "connect_rate": 150.0,
+        "connect_burst": 15,
+        "backends": backends,
+    }
+    shared = share_limits(config_mod.validate({"workers": 4, "services": [service]}), 4).services[0]
+    assert (shared.connect_rate, shared.connect_burst) == (37.5, 4)
+    assert [b.connect_rate for b in shared.backends] == [2.5, 0.0]
+    # Left at 0, the burst follows each worker's share of the rate by itself.
+    auto = share_limits(config_mod.validate({"services": [{**service, "connect_burst": 0}]}), 4).services[0]
+    assert auto.connect_burst == 0 and default_burst(auto.connect_rate) == 4
