@@ -14,16 +14,18 @@ exception is the vhost of ``service_vhost_connections``: only vhosts the broker 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import platform
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from rabbitproxy import __version__
+from rabbitproxy.balancing.admission import WAIT_BUCKETS
 from rabbitproxy.balancing.backend import ADMIN_STATES, AgentStatus
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.balancing.views import ALARM_KINDS, ManagementStatus, NodeStats
@@ -34,6 +36,7 @@ from rabbitproxy.control.workers import RESTART_CAUSES
 if TYPE_CHECKING:
     from rabbitproxy.control.supervisor import Supervisor
     from rabbitproxy.control.workers import WorkerSet
+    from rabbitproxy.relay.service import Service
 
 PREFIX = "rabbitproxy"
 STATUSES = ("up", "down", "drain", "maint", "maintenance")
@@ -264,6 +267,7 @@ class ProxyCollector(Collector):
         if self.proxy.workers is not None:
             yield from worker_metrics(self.proxy.workers)
         yield from _l4_metrics(self.proxy, counter)
+        yield from admission_metrics(list(self.proxy.services.values()))
 
     def _process_level(self) -> Iterator[Metric]:
         """The build and the outcome of the last reload (with workers: the parent's, which waits for every worker)."""
@@ -349,6 +353,44 @@ def _l4_metrics(proxy: Supervisor, counter: Callable[[str, str, list[str]], Coun
     cut = counter("l4_flows_deleted", "Conntrack entries deleted for backends marked down or put in maint.", [])
     cut.add_metric([], l4.flows_deleted)
     yield from (flows, traffic, tx, fail, cut)
+
+
+def admission_metrics(services: list[Service]) -> Iterator[Metric]:
+    """Admission control (``connect_rate``): the rate, who is held now, and how long the held ones waited."""
+    labels = ["service"]
+    rate = GaugeMetricFamily(
+        f"{PREFIX}_service_connect_rate",
+        "The service's connect_rate: new backend connections it starts per second at most (0: not paced).",
+        labels=labels,
+    )
+    waiting = GaugeMetricFamily(
+        f"{PREFIX}_service_admission_waiting",
+        "Clients accepted and held now for a connect token (they count against max_connections).",
+        labels=labels,
+    )
+    oldest = GaugeMetricFamily(
+        f"{PREFIX}_service_admission_oldest_wait_seconds",
+        "How long the longest-held client has waited for a connect token so far.",
+        labels=labels,
+    )
+    waits = HistogramMetricFamily(
+        f"{PREFIX}_service_admission_wait_seconds",
+        "How long held clients waited for a connect token, until they connected or their connect_queue_timeout"
+        " ran out (clients let through at once are not observed).",
+        labels=labels,
+    )
+    for service in services:
+        sn = service.name
+        rate.add_metric([sn], service.config.connect_rate)
+        figures = service.admission_figures()
+        if figures is None:
+            continue
+        waiting.add_metric([sn], figures.waiting)
+        oldest.add_metric([sn], figures.oldest_wait)
+        cumulative = list(itertools.accumulate(figures.wait_buckets))
+        bounds = [*(f"{b:g}" for b in WAIT_BUCKETS), "+Inf"]
+        waits.add_metric([sn], list(zip(bounds, cumulative, strict=True)), sum_value=figures.wait_sum)
+    yield from (rate, waiting, oldest, waits)
 
 
 def _add_figures(

@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from rabbitproxy.addresses import format_host_port
+from rabbitproxy.balancing.admission import default_burst
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.views import NodeView
 from rabbitproxy.config.l4 import L4_NAT
@@ -100,8 +101,28 @@ def service_view(service: Service) -> dict[str, Any]:
         "rabbitmq": cfg.rabbitmq is not None,
         "slow_start": cfg.slow_start,
         "connections": {"active": service.active, "total": service.total},
+        "admission": _admission_view(service),
         "ended": dict(sorted(service.ended.items())),
         "backends": [backend_view(b) for b in service.pool.backends],
+    }
+
+
+def _admission_view(service: Service) -> dict[str, Any] | None:
+    """Admission control's settings and queue; None while no connect_rate is set (on the service or a backend)."""
+    cfg = service.config
+    figures = service.admission_figures()
+    if figures is None:
+        return None
+    held = figures.held
+    return {
+        "connect_rate": cfg.connect_rate,
+        "connect_burst": cfg.connect_burst or (default_burst(cfg.connect_rate) if cfg.connect_rate > 0 else 0),
+        "connect_queue_timeout": cfg.connect_queue_timeout,
+        "backend_rates": {b.name: b.connect_rate for b in cfg.backends if b.connect_rate > 0},
+        "waiting": figures.waiting,
+        "oldest_wait": round(figures.oldest_wait, 3),
+        "held_total": held,
+        "mean_wait": round(figures.wait_sum / held, 3) if held else None,
     }
 
 

@@ -34,5 +34,7 @@ class CloseReason(StrEnum):
     # Closed through the broker (or by TCP when it could not be): a drain's deadline passed, or the rebalancer moved it.
     DRAIN_DEADLINE = "drain deadline"
     REBALANCE = "rebalance"
+    # Held by admission control (connect_rate) for connect_queue_timeout without getting a connect token.
+    ADMISSION_TIMEOUT = "admission timeout"
     # An operator closed this one connection (DELETE /api/connections/{id}, `rabbitproxy connections close`).
     OPERATOR_CLOSE = "operator close"

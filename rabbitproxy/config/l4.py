@@ -36,6 +36,9 @@ _DATA_PATH_KEYS = {
     "low_water": "no buffer in this process",
     "backlog": "no listener in this process",
     "freebind": "no listener in this process",
+    "connect_rate": "the kernel forwards each SYN at once; nothing here can hold a client",
+    "connect_burst": "the kernel forwards each SYN at once; nothing here can hold a client",
+    "connect_queue_timeout": "the kernel forwards each SYN at once; nothing here can hold a client",
 }
 
 
@@ -67,6 +70,8 @@ def l4_refusals(sc: ServiceConfig) -> list[str]:
             out.append(f"backends[{b.name!r}].max_connections {tail}: the kernel keeps no per-backend limit here")
         if b.send_proxy_protocol is not None:
             out.append(f"backends[{b.name!r}].send_proxy_protocol {tail}: no header can be inserted")
+        if b.connect_rate:
+            out.append(f"backends[{b.name!r}].connect_rate {tail}: the kernel forwards each SYN at once")
     return out
 
 

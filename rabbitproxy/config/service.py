@@ -45,6 +45,8 @@ class BackendConfig(_Model):
     # protocol = "stream": the proxy's own port for this node. Connections to it always go to this backend, and
     # the node's advertised stream address is rewritten to it (rabbitproxy.relay.stream).
     node_port: Port | None = None
+    # New connections per second to this backend (0 = no limit of its own; the service's connect_rate still applies).
+    connect_rate: Annotated[float, Field(ge=0)] = 0.0
 
     @field_validator("address")
     @classmethod
@@ -80,6 +82,12 @@ class ServiceConfig(_Model):
     connect_timeout: PositiveSeconds = 5.0
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     max_connections: Annotated[int, Field(ge=1)] = 10000
+    # Admission control (rabbitproxy.balancing.admission): new backend connections per second (0 = unpaced), how
+    # many may go at once above the rate (0 = a tenth of the rate, at least 1), and how long a client over the rate
+    # is held before it is closed ("admission timeout"). Held clients count against max_connections.
+    connect_rate: Annotated[float, Field(ge=0)] = 0.0
+    connect_burst: Annotated[int, Field(ge=0)] = 0
+    connect_queue_timeout: PositiveSeconds = 30.0
     # "amqp": the AMQP 0-9-1 handshake is read as it passes (identity, failed logins, heartbeat); "tcp": bytes only;
     # "stream": RabbitMQ's stream protocol, whose nodes' advertised addresses are rewritten to the proxy's.
     protocol: Literal["amqp", "tcp", "stream"] = "amqp"

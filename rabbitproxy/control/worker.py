@@ -41,7 +41,8 @@ log = structlog.get_logger("rabbitproxy.workers")
 
 
 def share_limits(config: Config, workers: int) -> Config:
-    """``config`` with each ``max_connections`` (service and backend) and ``close_rate`` split into worker shares.
+    """``config`` with each ``max_connections``, ``connect_rate`` (service and backend) and ``close_rate`` split into
+    worker shares.
 
     SO_REUSEPORT spreads connects evenly over the workers, so ceil(max / N) each keeps the total within N-1 of the
     limit while every worker decides alone, with nothing shared on the data path (docs/configuration.md).
@@ -51,9 +52,21 @@ def share_limits(config: Config, workers: int) -> Config:
     services = []
     for sc in config.services:
         backends = [
-            bc.model_copy(update={"max_connections": math.ceil(bc.max_connections / workers)}) for bc in sc.backends
+            bc.model_copy(
+                update={
+                    "max_connections": math.ceil(bc.max_connections / workers),
+                    "connect_rate": bc.connect_rate / workers,
+                }
+            )
+            for bc in sc.backends
         ]
         update: dict[str, Any] = {"max_connections": math.ceil(sc.max_connections / workers), "backends": backends}
+        if sc.connect_rate > 0:
+            # Paced alone, each worker takes its share of the rate and of the burst (the default burst follows the
+            # share of the rate by itself): the brokers see at most the configured rate and burst in all.
+            update["connect_rate"] = sc.connect_rate / workers
+            if sc.connect_burst:
+                update["connect_burst"] = math.ceil(sc.connect_burst / workers)
         if sc.rabbitmq is not None:
             # Each worker closes its own connections through the broker; together they keep to close_rate.
             update["rabbitmq"] = sc.rabbitmq.model_copy(update={"close_rate": sc.rabbitmq.close_rate / workers})
@@ -292,10 +305,18 @@ def _service_stats(service: Service, closed: CloseStats | None) -> dict[str, Any
         "closed": {} if closed is None else {f"{c}/{v}": n for (c, v), n in closed.counts.items()},
         "backends": counted,
     }
-    return {
+    out: dict[str, Any] = {
         "counters": counters,
         "gauges": {"active": service.active, "vhost_open": dict(service.vhost_open), "backends": gauges},
     }
+    figures = service.admission_figures()
+    if figures is not None:
+        # Admission control: clients held and their waits count up; who is held now is a gauge, and the longest
+        # wait is not a sum at all (the parent takes the largest).
+        counters["admission"] = [figures.held, figures.wait_sum, list(figures.wait_buckets)]
+        out["gauges"]["admission"] = figures.waiting
+        out["oldest_wait"] = figures.oldest_wait
+    return out
 
 
 def worker_ids(first: int, step: int, reserve: Callable[[int], None]) -> Iterator[int]:

@@ -18,6 +18,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
 from rabbitproxy.balancing import listing
+from rabbitproxy.balancing.admission import AdmissionFigures
 from rabbitproxy.control.channel import ChannelError
 from rabbitproxy.control.closer import Cause, CloseOutcome, CloseStats, Via
 
@@ -76,11 +77,15 @@ def write_figures(
     """
     counters: dict[str, Any] = {}
     gauges: dict[str, Any] = {}
+    oldest: dict[str, float] = {}
     for base, stats in workers:
         counters = add_counts(add_counts(counters, base), counters_of(stats))
         gauges = add_counts(gauges, {name: s["gauges"] for name, s in stats.get("services", {}).items()})
+        for name, s in stats.get("services", {}).items():
+            oldest[name] = max(oldest.get(name, 0.0), s.get("oldest_wait", 0.0))
     holds: dict[tuple[str, str], int] = {}
     for sname, service in services.items():
+        service.remote_admission = _admission(sname, counters, gauges, oldest)
         g = gauges.get(sname, {})
         service.connections = Tally(g.get("active", 0))
         service.vhost_open = {k: v for k, v in g.get("vhost_open", {}).items() if v}
@@ -104,6 +109,23 @@ def write_figures(
             if figures is not None:
                 b.total, b.connect_errors, b.traffic_in, b.traffic_out = figures
     return holds
+
+
+def _admission(
+    name: str, counters: Mapping[str, Any], gauges: Mapping[str, Any], oldest: Mapping[str, float]
+) -> AdmissionFigures | None:
+    """One service's admission control over the workers; None when no worker paces it."""
+    counted = counters.get(name, {}).get("admission")
+    if counted is None:
+        return None
+    held, wait_sum, buckets = counted
+    return AdmissionFigures(
+        waiting=gauges.get(name, {}).get("admission", 0),
+        oldest_wait=oldest.get(name, 0.0),
+        held=held,
+        wait_sum=wait_sum,
+        wait_buckets=tuple(buckets),
+    )
 
 
 # -- connections ---------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from rabbitproxy.relay.transparent import connect_as_client
 
 if TYPE_CHECKING:
     from rabbitproxy.balancing.backend import Backend
+    from rabbitproxy.relay.admission import AdmissionDesk
     from rabbitproxy.relay.legs import BackendLeg
 
 
@@ -31,7 +32,7 @@ class ConnectingLeg(LegState):
     # graph one-way; a class attribute costs nothing more than the global name did.
     backend_leg_type: ClassVar[type[BackendLeg]]
 
-    def _connect_next(self) -> None:
+    def _connect_next(self, gate: bool = True) -> None:
         """Start connecting to the next backend the pool picks, or end the connection when none is left.
 
         Callbacks, not a coroutine: a connect is a task running ``create_connection``, its deadline is kept by the
@@ -43,6 +44,9 @@ class ConnectingLeg(LegState):
         service = self.service
         cfg = service.config
         tried = self.tried
+        desk = service.admission
+        if desk is not None and gate and not tried and not desk.admit(self):
+            return  # held over the service's connect_rate: the desk calls admitted() when a token is free
         full = service.full_backends()
         backend = None
         if self.pinned is not None:
@@ -51,7 +55,13 @@ class ConnectingLeg(LegState):
             if pinned is not None and not tried and pinned.usable and pinned not in full:
                 backend = pinned
         elif len(tried) <= cfg.retries:
-            backend = service.pool.choose(self.peer_key, tried + full if full else tried)
+            exclude = tried + full if full else tried
+            if desk is not None and desk.backend_gates:
+                backend = self._choose_paced(desk, exclude)
+                if backend is None and self in desk:
+                    return
+            else:
+                backend = service.pool.choose(self.peer_key, exclude)
         if backend is None:
             self.close(CloseReason.CONNECT_FAILED if tried else (CloseReason.LIMIT if full else CloseReason.NO_BACKEND))
             return
@@ -83,6 +93,32 @@ class ConnectingLeg(LegState):
         self.connect_task = task
         service.connect_started(self, task)
         task.add_done_callback(self._connect_done)
+
+    def _choose_paced(self, desk: AdmissionDesk[LegState], exclude: list[Backend]) -> Backend | None:
+        """Choose among the backends that have a connect token now; hold the client when only the others are left.
+
+        A backend with a ``connect_rate`` of its own and no token is passed over like a full one. When every backend
+        the client could use is such a one, the client waits first in the service's queue for the earliest token.
+        """
+        pool = self.service.pool
+        limited = desk.limited(pool.backends)
+        if not limited:
+            backend = pool.choose(self.peer_key, exclude)
+        else:
+            backend = pool.choose(self.peer_key, exclude + limited)
+            if backend is None:
+                waiting = [b for b in limited if b.weight > 0 and b not in exclude]
+                if waiting:
+                    desk.hold_for(self, waiting)
+                    return None
+        if backend is not None:
+            desk.took(backend)
+        return backend
+
+    def admitted(self) -> None:
+        """The admission desk: this held client's turn has come; connect it (unless it is already leaving)."""
+        if not self._ending():
+            self._connect_next(gate=False)
 
     def connect_timed_out(self) -> None:
         """The service's deadline timer: this connect has had its connect_timeout."""

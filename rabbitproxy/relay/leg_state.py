@@ -200,6 +200,11 @@ class LegState(asyncio.Protocol):
         if not self.closed:
             self.service.idle_watch.at(self, now + timeout)
 
+    def admission_expired(self) -> None:
+        """The admission desk: held for connect_queue_timeout without a connect token."""
+        if not self.closed:
+            self.close(CloseReason.ADMISSION_TIMEOUT)
+
     def header_expired(self) -> None:
         """The PROXY header deadline (used when client_hello_timeout is 0): the header is not complete in time."""
         if not self.closed and self.pp_reader is not None:
@@ -309,6 +314,10 @@ class LegState(asyncio.Protocol):
         if self.close_started:
             self.service.close_deadlines.discard(self)
         backend = self.backend
+        desk = self.service.admission
+        if desk is not None and backend is None:
+            # Held for a connect token when it ended (it left, or the service closed it).
+            desk.discard(self)
         if backend is not None:
             # Not left for the keepalive timer to skip: held there for a second, short connections would outlive
             # the young generation and cost the collector more than the keepalive system calls saved.

@@ -190,6 +190,12 @@ class ClientLeg(GreetingLeg):
             self.close(CloseReason.CLIENT_CLOSED)
             return False
         if self.backend_transport is None:
+            desk = self.service.admission
+            if desk is not None and not self.pending and self in desk:
+                # Held for a connect token and gone without a word: it gives up its place, and no broker
+                # connection is spent on it.
+                self.close(CloseReason.CLIENT_CLOSED)
+                return False
             # Not connected yet: the EOF is forwarded after the buffered bytes once the backend answers.
             return True
         if self.backend_eof_seen or self.backend_tls:

@@ -8,17 +8,19 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
 from rabbitproxy import logs
+from rabbitproxy.balancing.admission import AdmissionFigures
 from rabbitproxy.balancing.backend import Backend
 from rabbitproxy.balancing.pool import Pool
 from rabbitproxy.balancing.reasons import CloseReason
 from rabbitproxy.config import ServiceConfig
 from rabbitproxy.protocols.proxy_header import source_trusted
-from rabbitproxy.relay import outcomes
+from rabbitproxy.relay import admission, outcomes
+from rabbitproxy.relay.admission import AdmissionDesk
 from rabbitproxy.relay.connecting import ConnectingLeg
 from rabbitproxy.relay.deadlines import Deadlines
 from rabbitproxy.relay.idle_watch import IdleWatch
@@ -81,6 +83,10 @@ class Service:
         self.close_deadlines: Deadlines[LegState]
         self.keepalive_deadlines: Deadlines[LegState]
         self.idle_watch: IdleWatch[LegState]
+        # Admission control (connect_rate): None while neither the service nor any backend has a rate.
+        self.admission: AdmissionDesk[LegState] | None = None
+        # The parent of ``workers = N`` holds no clients itself: it shows the sum of its workers' desks.
+        self.remote_admission: AdmissionFigures | None = None
         self.conn_log: logs.EventWriter
         self._started = False
         self.bound: list[tuple[str, int]] = []
@@ -130,6 +136,24 @@ class Service:
         self.close_deadlines = Deadlines(self.loop, self._config.close_timeout, LegState.close_expired)
         self.keepalive_deadlines = Deadlines(self.loop, KEEPALIVE_AFTER, LegState.keepalive_due)
         self.idle_watch = IdleWatch(self.loop, LegState.idle_check)
+        self._follow_admission(self._config)
+
+    def _follow_admission(self, config: ServiceConfig) -> None:
+        """Admission control as ``config`` has it: made when first asked for, retuned by a reload.
+
+        Once made, the desk stays (a reload that removes every rate lets the held clients go at once), so a client
+        held under the old settings is never forgotten.
+        """
+        desk = self.admission
+        if desk is not None:
+            if admission.wanted(config):
+                desk.retune(config)
+            else:
+                desk.release_all()
+        elif admission.wanted(config):
+            # Every leg of a service is a ConnectingLeg; the desk is typed by the base its deadline queue needs.
+            admitted = cast(Callable[[LegState], object], ConnectingLeg.admitted)
+            self.admission = AdmissionDesk(self.loop, config, admitted, LegState.admission_expired)
 
     async def open_server(
         self, sock: socket.socket, config: ServiceConfig, tls: ServiceTLS, *, serving: bool, pin: str | None = None
@@ -224,6 +248,7 @@ class Service:
             self.connect_deadlines.delay = config.connect_timeout
             self.hello_deadlines.delay = config.client_hello_timeout
             self.close_deadlines.delay = config.close_timeout
+            self._follow_admission(config)
             if self.server is not None:
                 # Clients accepted from now on get the new keepalive settings; open connections keep theirs.
                 for listener in self.server.sockets:
@@ -362,6 +387,11 @@ class Service:
     # Counted and logged once per connection (rabbitproxy.relay.outcomes); bound here, so no extra call.
     handshake_finished = outcomes.handshake_finished
     connection_closed = outcomes.connection_closed
+
+    def admission_figures(self) -> AdmissionFigures | None:
+        """What admission control shows now (the workers' sum in their parent); None where it is not used."""
+        desk = self.admission
+        return desk.figures() if desk is not None else self.remote_admission
 
     @property
     def active(self) -> int:

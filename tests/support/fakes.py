@@ -119,6 +119,7 @@ class FakeService:
         self.handshakes_given_up = 0
         self.vhost_open: dict[str, int] = {}
         self.warned_no_heartbeat = False
+        self.admission = None
 
     # The real bookkeeping of a finished AMQP handshake (counters, heartbeat watch): it needs only the fields above.
     handshake_finished = Service.handshake_finished

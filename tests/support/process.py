@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from rabbitproxy import config as config_mod
 
@@ -176,3 +179,21 @@ class ProxyProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_process(proxy: ProxyProcess) -> AsyncIterator[ProxyProcess]:
+    """``proxy`` started (off the loop: start blocks until READY=1, and backends in this loop must answer its
+    checks meanwhile), then stopped on the way out, which must end with exit code 0."""
+    await asyncio.to_thread(proxy.start)
+    try:
+        yield proxy
+    finally:
+        assert await asyncio.to_thread(proxy.stop) == 0, proxy.log()[-3000:]
+
+
+async def admin_get(url: str) -> Any:
+    """A GET of the admin API that must answer 200; JSON decoded where it is JSON."""
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json() if resp.content_type == "application/json" else await resp.text()

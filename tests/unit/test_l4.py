@@ -58,6 +58,8 @@ def test_a_plain_l4_service_is_accepted_and_l7_stays_the_default() -> None:
         ({"listen": "[::1]:5672"}, "listen"),
         ({"backends": [{"name": "h", "address": "rabbit1.example"}]}, "backends['h'].address"),
         ({"backends": [{"name": "m", "address": "10.0.0.2", "max_connections": 5}]}, "backends['m'].max_connections"),
+        ({"connect_rate": 100}, "connect_rate"),
+        ({"backends": [{"name": "r", "address": "10.0.0.2", "connect_rate": 5}]}, "backends['r'].connect_rate"),
     ],
 )
 def test_check_config_refuses_what_cannot_apply_naming_the_key(setting: dict[str, Any], key: str) -> None:
