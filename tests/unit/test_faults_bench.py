@@ -38,6 +38,9 @@ def test_rabbitproxy_config_checks_closes_and_asks_the_agents() -> None:
         ("rabbit3", 5003, 3333),
     ]
     assert cfg.admin.enabled and cfg.admin.listen == "127.0.0.1:19080"
+    assert cfg.worker_count == 1
+    two = config_mod.validate(tomllib.loads(fault_targets.rabbitproxy_config(15672, 19080, BACKENDS, checks, 2)))
+    assert two.worker_count == 2
 
 
 def test_haproxy_config_has_the_same_checks_and_outlasts_heartbeats() -> None:
@@ -48,6 +51,8 @@ def test_haproxy_config_has_the_same_checks_and_outlasts_heartbeats() -> None:
     assert "stats socket /tmp/x.sock mode 600 level admin" in text
     # Idle AMQP connections send a heartbeat every 10 s; shorter timeouts would cut healthy connections.
     assert "timeout client 30s" in text and "timeout server 30s" in text
+    # As an operator writes it for AMQP: a short hard-stop-after cut every connection a few seconds after a reload.
+    assert "hard-stop-after" not in text
 
 
 def test_split_deals_every_role_once() -> None:
@@ -260,3 +265,21 @@ class FakeCluster:
 def test_client_placement_names_each_harness_connection_and_its_node() -> None:
     placement = faults.client_placement(FakeCluster())  # type: ignore[arg-type]
     assert placement == {"faults-con-0": "rp1@localhost", "faults-pub-12": "rp2@localhost"}
+
+
+def test_rows_of_each_worker_count_are_named_and_summed_apart() -> None:
+    base = {"complete": True, "lost": 0, "confirmed": 10, "recovery_worst_s": 3.0, "queue_type": "quorum"}
+    rows = [
+        {**base, "scenario": "alarm", "target": "rabbitproxy", "proxy_workers": 1, "reconnects": 0},
+        {**base, "scenario": "alarm", "target": "rabbitproxy", "proxy_workers": 2, "reconnects": 0, "lost": 2},
+        {**base, "scenario": "alarm", "target": "haproxy", "reconnects": 1},
+    ]
+    assert [fault_report.label(r) for r in rows] == ["rabbitproxy", "rabbitproxy, workers = 2", "haproxy"]
+    lines = fault_report.summary_lines(rows)
+    assert lines[0].startswith("- **rabbitproxy**: 0 of 10")
+    assert lines[1].startswith("- **rabbitproxy, workers = 2**: 2 of 10") and "alarm (quorum): 2" in lines[1]
+    assert lines[2].startswith("- **haproxy**: 0 of 10")
+    assert lines[-1] == (
+        "- Connections cut during the memory alarm (client reconnects): rabbitproxy (quorum): 0,"
+        " rabbitproxy, workers = 2 (quorum): 0, haproxy (quorum): 1."
+    )
