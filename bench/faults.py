@@ -653,8 +653,13 @@ def run_all(
     timing: Timing,
     checks: Checks,
     quick: bool = False,
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """``targets``: (kind, workers) pairs; ``workers`` is rabbitproxy's process count (1 for HAProxy)."""
+    """``targets``: (kind, workers) pairs; ``workers`` is rabbitproxy's process count (1 for HAProxy).
+
+    ``progress`` gets the rows so far after each run (the JSON is written as the run goes, so a run stopped
+    half-way still leaves what it measured).
+    """
     order = [(q, s, t, w) for q, s in plan for t, w in targets]
     rows: list[dict[str, Any]] = []
     for i, (q, s, t, w) in enumerate(order, 1):
@@ -675,6 +680,8 @@ def run_all(
             }
         row["seconds"] = round(time.monotonic() - began, 1)
         rows.append(row)
+        if progress is not None:
+            progress(rows)
         say(
             f"  confirmed {row.get('confirmed', 'n/a')}, lost {row.get('lost', 'n/a')}, duplicates"
             f" {row.get('duplicates', 'n/a')}, reconnects {row.get('reconnects', 'n/a')}, recovery median/worst"
@@ -731,6 +738,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = contextlib.nullcontext(str(args.keep))
     else:
         workdir = tempfile.TemporaryDirectory(prefix="rabbitproxy-faults-")
+
+    def document(rows: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        return {
+            "bench": "faults",
+            "started_at": started_at,
+            "minutes": round((time.monotonic() - began) / 60, 1),
+            "machine": info,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "mode": "quick" if args.quick else "full",
+            "settings": {
+                "load": asdict(load),
+                "timing": asdict(timing),
+                "checks": asdict(checks),
+                "faulted_node": FAULTED + 1,
+                "scenarios": {s: SCENARIOS[s].title for s in scenarios},
+                "proxy_workers": counts,
+                "bulk": asdict(Bulk()),
+                "plan": plan,
+                "hold": {s: SCENARIOS[s].quick_hold if args.quick else SCENARIOS[s].hold for s in scenarios},
+                "not_done": NOT_DONE,
+            },
+            "rows": rows,
+            "complete_plan": done,
+        }
+
+    def progress(rows: list[dict[str, Any]]) -> None:
+        if args.json:
+            common.write_json(args.json, document(rows, done=False))
+
     with workdir as tmp:
         cluster = DevCluster(3, log=lambda line: say(f"[dim][cluster] {line}"))
         cluster.start()
@@ -744,30 +780,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timing=timing,
                 checks=checks,
                 quick=args.quick,
+                progress=progress,
             )
         finally:
             cluster.stop()
-    data = {
-        "bench": "faults",
-        "started_at": started_at,
-        "minutes": round((time.monotonic() - began) / 60, 1),
-        "machine": info,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "mode": "quick" if args.quick else "full",
-        "settings": {
-            "load": asdict(load),
-            "timing": asdict(timing),
-            "checks": asdict(checks),
-            "faulted_node": FAULTED + 1,
-            "scenarios": {s: SCENARIOS[s].title for s in scenarios},
-            "proxy_workers": counts,
-            "bulk": asdict(Bulk()),
-            "plan": plan,
-            "hold": {s: SCENARIOS[s].quick_hold if args.quick else SCENARIOS[s].hold for s in scenarios},
-            "not_done": NOT_DONE,
-        },
-        "rows": rows,
-    }
+    data = document(rows, done=True)
     if args.json:
         common.write_json(args.json, data)
     if args.update_docs:
