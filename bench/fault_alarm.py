@@ -4,10 +4,12 @@ A memory alarm on any node blocks every publishing connection in the cluster: th
 paced publishers of the load (bench/fault_clients.py) send too little to notice (a few KiB wait in the socket
 buffers), so the scenario adds one bulk publisher, as an application with a backlog would be: once the alarm is on
 it publishes :data:`Bulk.messages` large messages with confirms, more than the socket buffers between it and the
-broker hold, so the proxy in between has to stop reading it. Its heartbeat is short (:data:`Bulk.heartbeat`), so a
-proxy that counted that silence as the client's would cut it within the hold (issue 25). Its message ids are
-outside the publishers' range and go to the same queue, so the run's loss check covers them; its result has the
-shape of a worker's, so the run's counting takes it as one.
+broker hold, so the proxy in between has to stop reading it. Its heartbeat is a third of the hold
+(:func:`heartbeat_for`), so a proxy that counted that silence as the client's would cut it within the hold
+(after 2.5 heartbeats; issue 25), while the client itself does not give up: aiormq closes a connection it cannot
+write a heartbeat to for 3 x (heartbeat + 1) s, whatever is in between (directly to RabbitMQ as well). Its message
+ids are outside the publishers' range and go to the same queue, so the run's loss check covers them; its result has
+the shape of a worker's, so the run's counting takes it as one.
 """
 
 from __future__ import annotations
@@ -28,13 +30,22 @@ DEFAULT_WATERMARK = "0.4"
 BULK_PUBLISHER = 900
 
 
+def heartbeat_for(hold: float) -> int:
+    """The bulk publisher's heartbeat for an alarm held ``hold`` seconds (pure; unit-tested).
+
+    A third of the hold: 2.5 heartbeats (a proxy's heartbeat timeout) end within the hold, and aiormq's own limit
+    on a connection it cannot write to, 3 x (heartbeat + 1), lies beyond it.
+    """
+    return max(1, int(hold // 3))
+
+
 @dataclass(frozen=True)
 class Bulk:
     """The bulk publisher: 32 MiB in all, several times what the kernel's socket buffers and the proxy hold."""
 
     messages: int = 32
     size: int = 1024 * 1024
-    heartbeat: int = 2
+    heartbeat: int = 3
     # How long after the release it may take to have every message confirmed (a busy machine, a quorum queue).
     settle: float = 120.0
 
@@ -69,6 +80,8 @@ class BulkPublisher:
         """What a worker process reports (bench/fault_clients.py), for the run's counting."""
         if self._thread.is_alive() or self._failed is not None:
             return {"failed": f"bulk publisher: {self._failed or 'still publishing'}"}
+        if len(self.confirmed) < self.bulk.messages:
+            return {"failed": f"bulk publisher: {len(self.confirmed)} of {self.bulk.messages} confirmed"}
         return {
             "confirmed": list(self.confirmed),
             "timelines": [],
@@ -94,7 +107,7 @@ class BulkPublisher:
 
         try:
             uvloop.run(self._run())
-        except Exception as exc:  # noqa: BLE001 - reported in the run's row, never lost
+        except BaseException as exc:  # noqa: BLE001 - reported in the run's row, never lost (a thread has no caller)
             self._failed = f"{type(exc).__name__}: {exc}"
 
     async def _run(self) -> None:
@@ -121,6 +134,15 @@ class BulkPublisher:
                     ack = await channel.default_exchange.publish(msg, routing_key=self.queue, mandatory=True)
                 except (OSError, aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
                     self.errors[type(exc).__name__] += 1
+                    await asyncio.sleep(1.0)
+                    continue
+                except asyncio.CancelledError:
+                    # aiormq fails a publish waiting on a connection that closed with CancelledError; only a
+                    # cancellation of this task itself ends it.
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    self.errors["connection closed under a publish"] += 1
                     await asyncio.sleep(1.0)
                     continue
                 if isinstance(ack, aiormq.spec.Basic.Ack):

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
-from fault_alarm import ALARM_WATERMARK, DEFAULT_WATERMARK, Bulk, BulkPublisher  # noqa: E402
+from fault_alarm import ALARM_WATERMARK, DEFAULT_WATERMARK, Bulk, BulkPublisher, heartbeat_for  # noqa: E402
 from fault_clients import ClientLoad, Job, Signals, split, worker_main  # noqa: E402
 from fault_targets import Agent, Checks, Cut, Proxy  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -133,7 +133,7 @@ def _heal_cut(ctx: Ctx) -> None:
 def _alarm_on(ctx: Ctx) -> None:
     # One node's alarm blocks every publisher of the cluster; the bulk publisher then fills the socket buffers.
     ctx.cluster.rabbitmqctl(ctx.node, "set_vm_memory_high_watermark", ALARM_WATERMARK)
-    bulk = BulkPublisher(ctx.url, ctx.queue, ctx.persistent)
+    bulk = BulkPublisher(ctx.url, ctx.queue, ctx.persistent, replace(Bulk(), heartbeat=heartbeat_for(ctx.hold)))
     ctx.side.append(bulk)
     bulk.start()
 
@@ -195,7 +195,7 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario("agent", "feedback agent answers down", _set_agent("down"), _set_agent("up 100%"), 10.0, 6.0),
         Scenario("drain", "rolling rabbitmq-upgrade drain/revive", _rolling_drain, _nothing, 5.0, 3.0),
-        # Quick: 10 s is still five of the bulk publisher's 2 s heartbeats (a cut would come at 2.5).
+        # The bulk publisher's heartbeat is a third of the hold (fault_alarm.heartbeat_for): 10 s here, 3 s quick.
         Scenario("alarm", "memory alarm: publishers blocked, then released", _alarm_on, _alarm_off, 30.0, 10.0),
     )
 }

@@ -15,6 +15,7 @@ from tests.support.bench import BENCH
 
 assert BENCH.is_dir()
 
+import fault_alarm  # noqa: E402
 import fault_clients  # noqa: E402
 import fault_report  # noqa: E402
 import fault_targets  # noqa: E402
@@ -283,3 +284,19 @@ def test_rows_of_each_worker_count_are_named_and_summed_apart() -> None:
         "- Connections cut during the memory alarm (client reconnects): rabbitproxy (quorum): 0,"
         " rabbitproxy, workers = 2 (quorum): 0, haproxy (quorum): 1."
     )
+
+
+def test_the_bulk_publishers_heartbeat_would_time_out_within_the_hold_but_the_client_would_not() -> None:
+    for hold in (10.0, 30.0):
+        beat = fault_alarm.heartbeat_for(hold)
+        assert 2.5 * beat < hold, "a proxy counting the blocked client's silence must cut it within the hold"
+        assert 3 * (beat + 1) > hold, "aiormq must not give up on its unwritable connection within the hold"
+
+
+def test_a_scenario_run_again_replaces_its_rows_and_says_so() -> None:
+    first = {"rows": [{"scenario": "kill"}, {"scenario": "alarm", "old": True}], "started_at": "a", "minutes": 1}
+    again = {"rows": [{"scenario": "alarm"}], "started_at": "b", "minutes": 2}
+    out = fault_report.merge(first, again, "the harness was fixed")
+    assert out["rows"] == [{"scenario": "kill"}, {"scenario": "alarm"}]
+    assert out["merged"] == [{"started_at": "b", "minutes": 2, "scenarios": ["alarm"], "why": "the harness was fixed"}]
+    assert "second run of that scenario alone, started b (2 min)" in "".join(fault_report._merged(out))
