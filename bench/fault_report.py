@@ -19,7 +19,13 @@ sys.path.insert(0, str(HERE))
 
 from common import fmt, markdown_table  # noqa: E402
 
-COLORS = {"rabbitproxy": "#e8743b", "haproxy": "#4c72b0"}
+COLORS = {"rabbitproxy": "#e8743b", "rabbitproxy, workers = 2": "#c44e52", "haproxy": "#4c72b0"}
+
+
+def label(row: dict[str, Any]) -> str:
+    """The target as the tables and the chart name it: rabbitproxy's worker count when it ran more than one."""
+    workers = int(row.get("proxy_workers") or 1)
+    return row["target"] if workers == 1 else f"{row['target']}, workers = {workers}"
 
 
 def _n(value: Any, digits: int = 0) -> str:
@@ -49,7 +55,7 @@ def table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
         if not r.get("complete"):
             failures = "; ".join(str(f) for f in r.get("worker_failures", [])) or "incomplete"
             out.append(
-                [titles.get(r["scenario"], r["scenario"]), r["target"], f"**run failed**: {failures}"]
+                [titles.get(r["scenario"], r["scenario"]), label(r), f"**run failed**: {failures}"]
                 + [""] * (len(header) - 3)
             )
             continue
@@ -57,7 +63,7 @@ def table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
         out.append(
             [
                 titles.get(r["scenario"], r["scenario"]),
-                r["target"],
+                label(r),
                 _n(r["confirmed"]),
                 f"**{lost:,}**" if lost else "0",
                 _n(r["in_queue_at_end"]) if r["in_queue_at_end"] >= 0 else "n/a",
@@ -102,7 +108,7 @@ def chart(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) ->
                 continue
             xs = rate_seconds(r["rate"])
             ys = [r["rate"].get(str(x), 0) for x in xs]
-            ax.plot(xs, ys, label=r["target"], color=COLORS.get(r["target"]), lw=1.2)
+            ax.plot(xs, ys, label=label(r), color=COLORS.get(label(r)), lw=1.2)
             peak = max([peak, *ys])
             release = max(release, r["marks"].get("released", 0.0))
         ax.axvspan(0, max(release, 0.5), color="#ddd", zorder=0)
@@ -124,8 +130,8 @@ def chart(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) ->
 def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The findings the numbers support, computed (pure; unit-tested)."""
     lines = []
-    for target in ("rabbitproxy", "haproxy"):
-        mine = [r for r in rows if r["target"] == target]
+    for target in dict.fromkeys(label(r) for r in rows):
+        mine = [r for r in rows if label(r) == target]
         if not mine:
             continue
         done = [r for r in mine if r.get("complete")]
@@ -142,6 +148,7 @@ def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["target"] != "rabbitproxy" or not r.get("complete"):
             continue
+        name = label(r)
         other = next(
             (
                 h
@@ -157,11 +164,16 @@ def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
             continue
         mine, theirs = r["recovery_worst_s"], other["recovery_worst_s"]
         if not math.isnan(mine) and not math.isnan(theirs) and mine > theirs + 2:
-            slower.append(f"{r['scenario']} ({r['queue_type']}: {mine:.0f} s vs {theirs:.0f} s)")
+            who = "" if name == "rabbitproxy" else f"{name}: "
+            slower.append(f"{who}{r['scenario']} ({r['queue_type']}: {mine:.0f} s vs {theirs:.0f} s)")
     if slower:
         lines.append("- Worst-case recovery more than 2 s slower than HAProxy's: " + ", ".join(slower) + ".")
     else:
         lines.append("- rabbitproxy's worst-case recovery was nowhere more than 2 s slower than HAProxy's.")
+    alarm = [r for r in rows if r["scenario"] == "alarm" and r.get("complete")]
+    if alarm:
+        cut = ", ".join(f"{label(r)} ({r['queue_type']}): {r['reconnects']}" for r in alarm)
+        lines.append(f"- Connections cut during the memory alarm (client reconnects): {cut}.")
     return lines
 
 
@@ -169,6 +181,59 @@ def notes() -> list[str]:
     """bench/fault-notes.md, the hand-written reading of the last run, included verbatim (like perf-notes.md)."""
     path = HERE / "fault-notes.md"
     return [path.read_text().rstrip(), ""] if path.exists() else []
+
+
+def merge(data: dict[str, Any], other: dict[str, Any], why: str) -> dict[str, Any]:
+    """``data`` with its rows of ``other``'s scenarios replaced by ``other``'s rows (pure; unit-tested).
+
+    For a scenario run again on its own (after a fix to the harness): the document says which rows come from which
+    run, and why.
+    """
+    again = {r["scenario"] for r in other["rows"]}
+    kept = [r for r in data["rows"] if r["scenario"] not in again]
+    note = {"started_at": other["started_at"], "minutes": other["minutes"], "scenarios": sorted(again), "why": why}
+    return data | {"rows": kept + other["rows"], "merged": [*data.get("merged", []), note]}
+
+
+def _merged(data: dict[str, Any]) -> list[str]:
+    out = []
+    for m in data.get("merged", []):
+        out += [
+            ">",
+            f"> The rows of {', '.join(m['scenarios'])} come from a second run of that scenario alone, started"
+            f" {m['started_at']} ({m['minutes']} min), same code and machine: {m['why']}",
+        ]
+    return out
+
+
+def _stopped_early(data: dict[str, Any]) -> list[str]:
+    """A run written before the end of its plan (stopped, or still going) says so, and what it left out."""
+    if data.get("complete_plan", True):
+        return []
+    done = {(r["queue_type"], r["scenario"]) for r in data["rows"]}
+    left = [f"{s} ({q})" for q, s in data["settings"]["plan"] if (q, s) not in done]
+    return [
+        ">",
+        f"> The run was stopped before the end of its plan: {len(data['rows'])} runs measured; not run:"
+        f" {', '.join(left) or 'some targets of the last scenario'}.",
+    ]
+
+
+def _alarm_method(settings: dict[str, Any]) -> list[str]:
+    """The memory alarm's line of the Method section, when the run had that scenario."""
+    bulk = settings.get("bulk")
+    if "alarm" not in settings["scenarios"] or not bulk:
+        return []
+    return [
+        "- Memory alarm: `rabbitmqctl set_vm_memory_high_watermark 0.0000001` on the faulted node (an alarm on one"
+        " node blocks publishers on all), held, then back to 0.4. Besides the paced load, which sends too little to"
+        " fill a socket buffer, one bulk publisher (its own connection, heartbeat"
+        f" {int(settings['hold']['alarm'] // 3)} s, a third of the hold: a proxy that counted its silence would cut"
+        " it after 2.5 of them) publishes"
+        f" {bulk['messages']} messages of {bulk['size'] // 1024} KiB with confirms to the same queue as soon as the"
+        " alarm is on: more than the socket buffers between it and the broker hold, so the proxy has to stop"
+        " reading it. A connection cut during the alarm shows as a reconnect.",
+    ]
 
 
 def render(data: dict[str, Any], png_name: str) -> str:
@@ -182,10 +247,13 @@ def render(data: dict[str, Any], png_name: str) -> str:
         "",
         f"> Generated by `bench/faults.py{' --quick' if data['mode'] == 'quick' else ''} --update-docs` on"
         f" {data['started_at']} ({data['minutes']} min). Do not edit by hand; run it again.",
+        *_stopped_early(data),
+        *_merged(data),
         "",
-        "What happens to confirmed messages while a RabbitMQ node dies, freezes or is drained, and while the proxy",
-        "reloads or restarts: measured on a local 3-node cluster with real clients, through rabbitproxy and through",
-        "HAProxy configured as an operator would, with the same check interval, `fall` and `rise`.",
+        "What happens to confirmed messages while a RabbitMQ node dies, freezes or is drained, while a memory alarm",
+        "blocks the publishers, and while the proxy reloads or restarts: measured on a local 3-node cluster with real",
+        "clients, through rabbitproxy (in one process and with worker processes) and through HAProxy configured as an",
+        "operator would, with the same check interval, `fall` and `rise`.",
         "",
         "## Findings",
         "",
@@ -248,15 +316,19 @@ def render(data: dict[str, Any], png_name: str) -> str:
         f' `on_marked_down = "close"`, `close_timeout = {checks["close_timeout"]:g}`,'
         f" `shutdown_timeout = {checks['shutdown_timeout']:g}`, least connections, a feedback agent per node"
         ' (`type = "agent"`), maint through `PATCH /api/services/amqp/backends/rabbit1`, reload by SIGHUP, graceful'
-        " stop by SIGTERM.",
+        " stop by SIGTERM; each scenario once in one process and once per other worker count in"
+        f" {', '.join(str(w) for w in s.get('proxy_workers', [1]))} (`workers = N`: the rows named so).",
         f"- HAProxy: `mode tcp`, `balance leastconn`, `check inter {int(checks['interval'] * 1000)} fall"
         f" {checks['fall']} rise {checks['rise']} on-marked-down shutdown-sessions agent-check` on the same agents,"
-        f" `timeout client/server {3 * checks['heartbeat']}s` (three heartbeats), `hard-stop-after"
-        f" {int(checks['shutdown_timeout'])}s`; maint by `set server amqp/rabbit1 state maint` plus `shutdown"
-        " sessions server amqp/rabbit1` on the admin socket, reload by SIGUSR2 (master-worker), graceful stop by"
-        " SIGUSR1. Its `check` is a TCP connect, the check an operator usually writes for AMQP.",
+        f" `timeout client/server {3 * checks['heartbeat']}s` (three heartbeats), no `hard-stop-after` (so after a"
+        " reload the old worker serves its connections until the clients end them); maint by `set server"
+        " amqp/rabbit1 state maint` plus `shutdown sessions server amqp/rabbit1` on the admin socket, reload by"
+        " SIGUSR2 (master-worker), graceful stop by SIGUSR1 (listeners close, connections stay) and SIGTERM"
+        f" {checks['shutdown_timeout']:g} s later, rabbitproxy's `shutdown_timeout`. Its `check` is a TCP connect,"
+        " the check an operator usually writes for AMQP.",
         "- Rolling drain: each node in turn `rabbitmq-upgrade drain`, held, `rabbitmq-upgrade revive`, and the next"
         " one only when the proxy counts every backend up again.",
+        *_alarm_method(s),
         "",
         "Where the harness differs from the issue:",
         "",
@@ -284,8 +356,14 @@ def render(data: dict[str, Any], png_name: str) -> str:
         " received only means a republish (a duplicate for the consumer to drop), never a lost message: what the"
         " client did not see confirmed, it publishes again. Consumers must therefore de-duplicate by message id.",
         "- **Reload.** A rabbitproxy reload keeps every established connection. HAProxy's reload starts a new"
-        " worker; the old one keeps its connections until `hard-stop-after`, then cuts them, so long-lived AMQP"
-        " connections reconnect after each reload.",
+        " worker; the old one keeps serving the connections it has until they end (unless `hard-stop-after` is set:"
+        " then it cuts them when that runs out, and long-lived AMQP connections reconnect after each reload). With"
+        " no `hard-stop-after`, old workers pile up across reloads for as long as their clients stay connected.",
+        "- **Alarms.** During a memory or disk alarm RabbitMQ stops reading every publishing connection. A proxy"
+        " between them then stops reading the publisher too, once its buffer towards the broker is full; that"
+        " silence is not the client's, and neither RabbitMQ nor rabbitproxy times a blocked connection out. Proxy"
+        " idle timeouts (HAProxy `timeout client/server`) must outlast the longest alarm you expect, or they cut"
+        " the blocked publishers, which then republish what was not confirmed.",
         "- **Classic queues** live on one node: while it is down they cannot take or deliver messages at all (publishes"
         " are returned or not confirmed, and republished); a proxy cannot change that, only quorum queues can. A node"
         " that runs on while clients cannot use it (drained with `rabbitmq-upgrade drain`, in maint, its agent saying"
@@ -305,8 +383,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("json", type=Path)
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "reliability.md")
     ap.add_argument("--rescore", action="store_true", help="compute the recovery columns again from the rates")
+    ap.add_argument("--merge", type=Path, help="a run of some scenarios alone, whose rows replace the first's")
+    ap.add_argument("--why", default="", help="why those scenarios were run again (printed in the document)")
     args = ap.parse_args(argv)
     data = json.loads(args.json.read_text())
+    if args.merge:
+        if not args.why:
+            ap.error("--merge needs --why")
+        data = merge(data, json.loads(args.merge.read_text()), args.why)
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
     if args.rescore:
         import faults
 

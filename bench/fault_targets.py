@@ -1,9 +1,11 @@
 """The proxies of the fault-injection runs, configured as an operator would, and the feedback agents they ask.
 
 rabbitproxy: AMQP health checks, ``on_marked_down = "close"``, a feedback agent per node, the admin API for
-``maint``. HAProxy 2.6: ``mode tcp`` with ``check inter/fall/rise``, ``on-marked-down shutdown-sessions``, an
-``agent-check`` on the same agents, client/server timeouts above the AMQP heartbeat, and an admin stats socket for
-``set server ... state maint``. Both get the same check interval, fall and rise, so their failover times compare.
+``maint``, in one process or with ``workers = N``. HAProxy 2.6: ``mode tcp`` with ``check inter/fall/rise``,
+``on-marked-down shutdown-sessions``, an ``agent-check`` on the same agents, client/server timeouts above the AMQP
+heartbeat, and an admin stats socket for ``set server ... state maint``; no ``hard-stop-after``, as an operator
+writes it for AMQP: its old workers keep their connections after a reload for as long as the clients do. Both get
+the same check interval, fall and rise, so their failover times compare.
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ class Checks:
     shutdown_timeout: float = 5.0
 
 
-def rabbitproxy_config(listen_port: int, admin_port: int, backends: Sequence[tuple[int, int]], checks: Checks) -> str:
+def rabbitproxy_config(
+    listen_port: int, admin_port: int, backends: Sequence[tuple[int, int]], checks: Checks, workers: int = 1
+) -> str:
     """``backends``: (AMQP port, agent port) per node, named rabbit1..N (pure; unit-tested)."""
     lines = [
+        f"workers = {workers}",
+        "",
         "[admin]",
         f'listen = "127.0.0.1:{admin_port}"',
         "",
@@ -91,8 +97,8 @@ def haproxy_config(listen_port: int, socket_path: Path, backends: Sequence[tuple
         "    maxconn 2000",
         "    log stderr format raw local0 warning",
         f"    stats socket {socket_path} mode 600 level admin",
-        # A soft stop (SIGUSR1) waits for every connection to end, which AMQP connections never do by themselves.
-        f"    hard-stop-after {int(checks.shutdown_timeout)}s",
+        # No hard-stop-after: after a reload the old workers serve their AMQP connections until the clients end
+        # them, which is what an operator wants of a reload. A stop is bounded by the stop itself (stop_gracefully).
         "",
         "defaults",
         "    mode tcp",
@@ -193,6 +199,8 @@ class Proxy:
     admin_port: int = field(default_factory=common.free_port)
     proc: common.Proc | None = None
     starts: int = 0
+    # rabbitproxy's ``workers``; HAProxy runs its threads as it defaults to.
+    workers: int = 1
 
     @property
     def socket_path(self) -> Path:
@@ -206,7 +214,7 @@ class Proxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.kind == "rabbitproxy":
             path = self.workdir / "rabbitproxy.toml"
-            path.write_text(rabbitproxy_config(self.port, self.admin_port, self.backends, self.checks))
+            path.write_text(rabbitproxy_config(self.port, self.admin_port, self.backends, self.checks, self.workers))
             argv = [*common.RABBITPROXY, "serve", "--config", str(path), "--loop", "uvloop"]
         elif self.kind == "haproxy":
             path = self.workdir / "haproxy.cfg"
@@ -228,13 +236,23 @@ class Proxy:
         return self.proc is not None and self.proc.popen is not None and self.proc.popen.poll() is None
 
     def stop_gracefully(self) -> None:
-        """rabbitproxy: SIGTERM (closes listeners, waits ``shutdown_timeout``); HAProxy: SIGUSR1 + hard-stop-after."""
+        """rabbitproxy: SIGTERM (closes listeners, waits ``shutdown_timeout``, closes the rest). HAProxy: the same
+        by hand, as a stop script with a grace period does: SIGUSR1 (soft stop: listeners close, connections stay),
+        then SIGTERM after ``shutdown_timeout`` (a soft stop alone never ends while AMQP clients stay connected)."""
         if self.proc is None or self.proc.popen is None:
             return
         popen = self.proc.popen
-        popen.send_signal(signal.SIGTERM if self.kind == "rabbitproxy" else signal.SIGUSR1)
+        wait = self.checks.shutdown_timeout + self.checks.close_timeout + 20
+        if self.kind == "haproxy":
+            popen.send_signal(signal.SIGUSR1)
+            try:
+                popen.wait(self.checks.shutdown_timeout)
+            except subprocess.TimeoutExpired:
+                popen.send_signal(signal.SIGTERM)
+        else:
+            popen.send_signal(signal.SIGTERM)
         try:
-            popen.wait(self.checks.shutdown_timeout + 20)
+            popen.wait(wait)
         except subprocess.TimeoutExpired:
             popen.kill()
             popen.wait(10)

@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/faults.py --update-docs --json bench/results/faults.json
                         # every scenario on a quorum and on a classic queue, both targets
-    .venv/bin/python bench/faults.py --quick               # three short scenarios (what the test suite runs)
-    .venv/bin/python bench/faults.py --scenarios kill,maint --targets rabbitproxy --queues quorum
+    .venv/bin/python bench/faults.py --quick               # four short scenarios (what the test suite runs)
+    .venv/bin/python bench/faults.py --scenarios kill,maint --targets rabbitproxy --queues quorum --workers 2
 
 Each run: a fresh proxy in front of a local 3-node cluster, a fresh queue, paced publishers with confirms and
 de-duplicating consumers (bench/fault_clients.py) in worker processes through the proxy; a warm-up that sets the
 baseline rate, the fault, its release, a recovery window, then the publishers stop and the consumers drain. The
 confirmed ids are then compared with the delivered ones. ``--update-docs`` renders docs/reliability.md and the
-chart (bench/fault_report.py). Progress goes to stderr.
+chart (bench/fault_report.py). rabbitproxy runs once per ``--workers`` count (1 and 2 by default); HAProxy once.
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
+from fault_alarm import ALARM_WATERMARK, DEFAULT_WATERMARK, Bulk, BulkPublisher, heartbeat_for  # noqa: E402
 from fault_clients import ClientLoad, Job, Signals, split, worker_main  # noqa: E402
 from fault_targets import Agent, Checks, Cut, Proxy  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -66,6 +68,12 @@ class Ctx:
     agents: list[Agent]
     hold: float
     cut: Cut
+    # Where the load goes (the proxy's AMQP URL), for clients a scenario adds itself.
+    url: str = ""
+    queue: str = ""
+    persistent: bool = False
+    # Clients a scenario started (the memory alarm's bulk publisher), counted with the workers' results.
+    side: list[BulkPublisher] = field(default_factory=list)
 
     @property
     def node(self) -> Any:
@@ -122,6 +130,20 @@ def _heal_cut(ctx: Ctx) -> None:
     ctx.cut.heal()
 
 
+def _alarm_on(ctx: Ctx) -> None:
+    # One node's alarm blocks every publisher of the cluster; the bulk publisher then fills the socket buffers.
+    ctx.cluster.rabbitmqctl(ctx.node, "set_vm_memory_high_watermark", ALARM_WATERMARK)
+    bulk = BulkPublisher(ctx.url, ctx.queue, ctx.persistent, replace(Bulk(), heartbeat=heartbeat_for(ctx.hold)))
+    ctx.side.append(bulk)
+    bulk.start()
+
+
+def _alarm_off(ctx: Ctx) -> None:
+    for bulk in ctx.side:
+        bulk.released()
+    ctx.cluster.rabbitmqctl(ctx.node, "set_vm_memory_high_watermark", DEFAULT_WATERMARK)
+
+
 def _set_agent(reply: str) -> Callable[[Ctx], None]:
     def run(ctx: Ctx) -> None:
         ctx.agents[FAULTED].reply = reply
@@ -173,9 +195,11 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario("agent", "feedback agent answers down", _set_agent("down"), _set_agent("up 100%"), 10.0, 6.0),
         Scenario("drain", "rolling rabbitmq-upgrade drain/revive", _rolling_drain, _nothing, 5.0, 3.0),
+        # The bulk publisher's heartbeat is a third of the hold (fault_alarm.heartbeat_for): 10 s here, 3 s quick.
+        Scenario("alarm", "memory alarm: publishers blocked, then released", _alarm_on, _alarm_off, 30.0, 10.0),
     )
 }
-QUICK = ("kill", "maint", "reload")
+QUICK = ("kill", "maint", "reload", "alarm")
 NOT_DONE = {
     "cut-off by namespaces": "the cut-off scenario drops packets with nftables on the loopback interface instead of"
     " moving a node into a network namespace behind a veth pair; the effect for the proxy (a node that runs but"
@@ -339,19 +363,29 @@ def run_one(
     checks: Checks,
     *,
     quick: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One scenario through one target on one queue type; the result is the row of the table (and a timeline)."""
     phases = Phases()
     agents = [Agent() for _ in cluster.nodes]
     proxy = Proxy(
         kind,
-        workdir / f"{scenario.name}-{kind}-{queue_type}",
+        workdir / f"{scenario.name}-{kind}-w{workers}-{queue_type}",
         [(n.amqp_port, a.port) for n, a in zip(cluster.nodes, agents, strict=True)],
         checks,
+        workers=workers,
     )
-    qname = f"faults-{scenario.name}-{kind}-{queue_type}-{os.getpid()}"
+    qname = f"faults-{scenario.name}-{kind}-w{workers}-{queue_type}-{os.getpid()}"
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
     ctx = Ctx(
-        cluster, proxy, agents, scenario.quick_hold if quick else scenario.hold, Cut(cluster.nodes[FAULTED].amqp_port)
+        cluster,
+        proxy,
+        agents,
+        scenario.quick_hold if quick else scenario.hold,
+        Cut(cluster.nodes[FAULTED].amqp_port),
+        url=url,
+        queue=qname,
+        persistent=queue_type == "classic",
     )
     ctxmp = mp.get_context("spawn")
     signals = Signals(go=ctxmp.Event(), stop=ctxmp.Event(), ready=ctxmp.Value("i", 0), finished=ctxmp.Value("i", 0))
@@ -367,7 +401,6 @@ def run_one(
     try:
         # The workers first: spawning them and importing aio-pika takes seconds on a busy machine, which the queue
         # declaration and the proxy's start overlap. They connect only on ``go``.
-        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
         jobs = [Job(url, qname, queue_type == "classic", load, p, c) for p, c in split(load)]
         procs = [ctxmp.Process(target=worker_main, args=(j, signals, out), daemon=True) for j in jobs]
         for p in procs:
@@ -411,6 +444,9 @@ def run_one(
         phases.done("release")
         say(f"  released; recovering {timing.recover:.0f}s")
         time.sleep(timing.recover)
+        # A scenario's own clients finish first (the bulk's last confirms), so the drain waits for their messages.
+        for client in ctx.side:
+            client.join(Bulk.settle)
         phases.done("recovery")
         unexpected_restarts = 0
         if not proxy.alive():
@@ -430,6 +466,7 @@ def run_one(
         while len(results) < len(procs) and time.monotonic() < deadline:
             with contextlib.suppress(queue_mod.Empty):
                 results.append(out.get(timeout=1.0))
+        results += [client.result() for client in ctx.side]
         marks["drained"] = time.time()
         phases.done("drain")
         after = after_job.result() if after_job is not None else None
@@ -447,6 +484,10 @@ def run_one(
         out.join_thread()
         proxy.stop()
         ctx.cut.heal()
+        if scenario.name == "alarm":
+            # Whatever happened, the alarm must not outlive the run.
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                cluster.rabbitmqctl(ctx.node, "set_vm_memory_high_watermark", DEFAULT_WATERMARK)
         for a in agents:
             a.close()
         if release_job is not None:
@@ -464,14 +505,18 @@ def run_one(
         target=kind,
         queue_type=queue_type,
         marks=marks,
-        workers=len(procs),
+        workers=len(procs) + len(ctx.side),
         during=during,
         after=after,
         in_queue=left,
         placement=placement,
         proxy_errors=errors,
         restarts=unexpected_restarts,
-    ) | {"phases": phases.seconds}
+    ) | {
+        "phases": phases.seconds,
+        "proxy_workers": workers,
+        "bulk": ctx.side[0].summary() if ctx.side else None,
+    }
 
 
 # -- counting (pure; unit-tested) -------------------------------------------------------------------------------------
@@ -601,26 +646,42 @@ def summarize_run(results: Sequence[dict[str, Any]], **info: Any) -> dict[str, A
 def run_all(
     cluster: DevCluster,
     plan: Sequence[tuple[str, str]],
-    targets: Sequence[str],
+    targets: Sequence[tuple[str, int]],
     workdir: Path,
     *,
     load: ClientLoad,
     timing: Timing,
     checks: Checks,
     quick: bool = False,
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    order = [(q, s, t) for q, s in plan for t in targets]
+    """``targets``: (kind, workers) pairs; ``workers`` is rabbitproxy's process count (1 for HAProxy).
+
+    ``progress`` gets the rows so far after each run (the JSON is written as the run goes, so a run stopped
+    half-way still leaves what it measured).
+    """
+    order = [(q, s, t, w) for q, s in plan for t, w in targets]
     rows: list[dict[str, Any]] = []
-    for i, (q, s, t) in enumerate(order, 1):
-        say(f"[bold][{i}/{len(order)}] {s} via {t}, {q} queue[/bold] (load average {os.getloadavg()[0]:.1f})")
+    for i, (q, s, t, w) in enumerate(order, 1):
+        shown = t if w == 1 else f"{t} (workers = {w})"
+        say(f"[bold][{i}/{len(order)}] {s} via {shown}, {q} queue[/bold] (load average {os.getloadavg()[0]:.1f})")
         began = time.monotonic()
         try:
-            row = run_one(cluster, t, SCENARIOS[s], q, workdir, load, timing, checks, quick=quick)
+            row = run_one(cluster, t, SCENARIOS[s], q, workdir, load, timing, checks, quick=quick, workers=w)
         except Exception as exc:  # noqa: BLE001 - one failed run is reported in its row; the others still run
             console.print_exception()
-            row = {"scenario": s, "target": t, "queue_type": q, "complete": False, "worker_failures": [repr(exc)]}
+            row = {
+                "scenario": s,
+                "target": t,
+                "proxy_workers": w,
+                "queue_type": q,
+                "complete": False,
+                "worker_failures": [repr(exc)],
+            }
         row["seconds"] = round(time.monotonic() - began, 1)
         rows.append(row)
+        if progress is not None:
+            progress(rows)
         say(
             f"  confirmed {row.get('confirmed', 'n/a')}, lost {row.get('lost', 'n/a')}, duplicates"
             f" {row.get('duplicates', 'n/a')}, reconnects {row.get('reconnects', 'n/a')}, recovery median/worst"
@@ -636,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"scenarios {', '.join(QUICK)}, short holds, quorum only")
     ap.add_argument("--scenarios", help=f"comma-separated, from {', '.join(SCENARIOS)}")
     ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--workers", default="1,2", help="rabbitproxy's worker process counts, each a run of its own")
     ap.add_argument("--queues", help="quorum,classic (quick: quorum)")
     ap.add_argument("--rate", type=float, default=ClientLoad.rate, help="messages/s per publisher")
     ap.add_argument("--publishers", type=int, default=ClientLoad.publishers)
@@ -647,9 +709,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios = args.scenarios.split(",") if args.scenarios else list(QUICK if args.quick else SCENARIOS)
     if unknown := set(scenarios) - set(SCENARIOS):
         ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    targets = [t for t in args.targets.split(",") if t]
-    if unknown := set(targets) - set(TARGETS):
+    kinds = [t for t in args.targets.split(",") if t]
+    if unknown := set(kinds) - set(TARGETS):
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    try:
+        counts = [int(w) for w in args.workers.split(",") if w]
+    except ValueError:
+        ap.error(f"--workers: comma-separated whole numbers, not {args.workers!r}")
+    if not counts or min(counts) < 1:
+        ap.error("--workers: at least one count, each 1 or more")
+    targets = [(t, w) for t in kinds for w in (counts if t == "rabbitproxy" else [1])]
     queue_types = args.queues.split(",") if args.queues else (["quorum"] if args.quick else list(QUEUE_TYPES))
     if unknown := set(queue_types) - set(QUEUE_TYPES):
         ap.error(f"unknown queue types: {', '.join(sorted(unknown))}")
@@ -669,6 +738,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = contextlib.nullcontext(str(args.keep))
     else:
         workdir = tempfile.TemporaryDirectory(prefix="rabbitproxy-faults-")
+
+    def document(rows: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        return {
+            "bench": "faults",
+            "started_at": started_at,
+            "minutes": round((time.monotonic() - began) / 60, 1),
+            "machine": info,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "mode": "quick" if args.quick else "full",
+            "settings": {
+                "load": asdict(load),
+                "timing": asdict(timing),
+                "checks": asdict(checks),
+                "faulted_node": FAULTED + 1,
+                "scenarios": {s: SCENARIOS[s].title for s in scenarios},
+                "proxy_workers": counts,
+                "bulk": asdict(Bulk()),
+                "plan": plan,
+                "hold": {s: SCENARIOS[s].quick_hold if args.quick else SCENARIOS[s].hold for s in scenarios},
+                "not_done": NOT_DONE,
+            },
+            "rows": rows,
+            "complete_plan": done,
+        }
+
+    def progress(rows: list[dict[str, Any]]) -> None:
+        if args.json:
+            common.write_json(args.json, document(rows, done=False))
+
     with workdir as tmp:
         cluster = DevCluster(3, log=lambda line: say(f"[dim][cluster] {line}"))
         cluster.start()
@@ -682,28 +780,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timing=timing,
                 checks=checks,
                 quick=args.quick,
+                progress=progress,
             )
         finally:
             cluster.stop()
-    data = {
-        "bench": "faults",
-        "started_at": started_at,
-        "minutes": round((time.monotonic() - began) / 60, 1),
-        "machine": info,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "mode": "quick" if args.quick else "full",
-        "settings": {
-            "load": asdict(load),
-            "timing": asdict(timing),
-            "checks": asdict(checks),
-            "faulted_node": FAULTED + 1,
-            "scenarios": {s: SCENARIOS[s].title for s in scenarios},
-            "plan": plan,
-            "hold": {s: SCENARIOS[s].quick_hold if args.quick else SCENARIOS[s].hold for s in scenarios},
-            "not_done": NOT_DONE,
-        },
-        "rows": rows,
-    }
+    data = document(rows, done=True)
     if args.json:
         common.write_json(args.json, data)
     if args.update_docs:
@@ -711,7 +792,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         fault_report.write(data, common.ROOT / "docs" / "reliability.md", common.ROOT / "docs" / "reliability.png")
     lost = sum(r.get("lost", 0) for r in rows if r["target"] == "rabbitproxy")
-    incomplete = [f"{r['scenario']}/{r['target']}/{r['queue_type']}" for r in rows if not r.get("complete")]
+    incomplete = [
+        f"{r['scenario']}/{r['target']}/w{r.get('proxy_workers', 1)}/{r['queue_type']}"
+        for r in rows
+        if not r.get("complete")
+    ]
     say(f"done: rabbitproxy lost {lost} confirmed message(s); incomplete runs: {', '.join(incomplete) or 'none'}")
     return 1 if lost or incomplete else 0
 

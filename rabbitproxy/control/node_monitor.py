@@ -11,10 +11,14 @@ weight down to ``alarm_weight`` percent, maintenance takes no new connections. T
 the node is in maintenance (:func:`maintenance_reason`, pure):
 
 - the node says so (``being_drained``, 4.x) or its readiness check says it does not serve clients; or
-- on 3.10.8, ``rabbitmq-upgrade drain`` closes the node's AMQP *and* management listeners while its peers still call it
-  ``running`` (tests/fixtures/management/README.md). So when the node's own API *refuses* the connection (a frozen
-  node times out instead, a stopped one is not ``running``), the monitor asks the other backends' APIs for this node
-  by name, and a peer that reports it running means maintenance.
+- on 3.10.8, whose management plugins know nothing of maintenance (no ``being_drained``, no endpoint that tells),
+  ``rabbitmq-upgrade drain`` closes the node's AMQP *and* management listeners while its peers still call it
+  ``running`` (tests/fixtures/management/README.md). A refused management port alone is no evidence: a firewall rule
+  or a disabled management plugin refuses just the same on a node that serves clients well. So maintenance is
+  inferred only from three things together: the node's own API *refuses* the connection (a frozen node times out
+  instead), a peer asked for this node by name reports it ``running`` (a stopped one is not), and the backend's health
+  check has marked it down (its AMQP listener is closed too). Without a health check nothing agrees, and nothing is
+  inferred: connects to a drained node are refused and go on to the next backend.
 
 An API that cannot be reached never takes a backend down by itself: it is shown (``management.status``) and logged
 once per change; the health checks alone decide up and down. Alarms and maintenance are only ever taken from a fresh
@@ -57,20 +61,29 @@ class NodeAPI(Protocol):
 
 
 def maintenance_reason(
-    *, being_drained: bool | None, ready: bool | None, own_refused: bool, peer_running: bool | None
+    *,
+    being_drained: bool | None,
+    ready: bool | None,
+    own_refused: bool,
+    peer_running: bool | None,
+    checks_down: bool = False,
 ) -> str | None:
     """Why the node is in maintenance mode, or None when nothing says it is.
 
     ``being_drained`` and ``ready`` are the node's own words (None where the release does not say);
-    ``own_refused`` means the node's own management API refused the connection, and ``peer_running`` is what
-    another node reports of it (None when no peer was asked or none answered).
+    ``own_refused`` means the node's own management API refused the connection, ``peer_running`` is what
+    another node reports of it (None when no peer was asked or none answered), and ``checks_down`` that the
+    backend's health check has marked it down.
     """
     if being_drained:
         return "the node reports being drained (maintenance mode)"
     if ready is False:
         return "the node's readiness check says it does not serve clients"
-    if own_refused and peer_running:
-        return "its management listener refuses connections while its peers report it running (rabbitmq-upgrade drain)"
+    if own_refused and peer_running and checks_down:
+        return (
+            "its management and AMQP listeners refuse connections while its peers report it running"
+            " (rabbitmq-upgrade drain)"
+        )
     return None
 
 
@@ -207,8 +220,14 @@ class NodeMonitor:
                 detail=str(exc),
                 poll_time=now,
             )
+        b = self.backend
         reason = maintenance_reason(
-            being_drained=peer_state.being_drained, ready=None, own_refused=exc.refused, peer_running=peer_state.running
+            being_drained=peer_state.being_drained,
+            ready=None,
+            own_refused=exc.refused,
+            peer_running=peer_state.running,
+            # The health check's agreement: a refused management port alone may be a firewall or a disabled plugin.
+            checks_down=b.health_time is not None and not b.healthy,
         )
         running = peer_state.running
         return NodeView(

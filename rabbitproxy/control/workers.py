@@ -134,11 +134,11 @@ class WorkerSet:
         self.tasks.spawn(watch_loop(self), name="worker watch")
 
     async def shutdown(self) -> None:
-        """Tell every worker to drain (shutdown_timeout) and exit; kill those that outlive the deadline."""
+        """Tell every worker to drain (shutdown_timeout, then close_timeout) and exit; kill those that outlive it."""
         self.stopping = True
         for slot in self.slots:
             self._send(slot, {"t": "shutdown"})
-        grace = max(sc.shutdown_timeout for sc in self.sup.config.services) + 5.0
+        grace = max(sc.shutdown_timeout + sc.close_timeout for sc in self.sup.config.services) + 5.0
         procs = [s.process for s in self.slots if s.process is not None and s.process.returncode is None]
         try:
             async with asyncio.timeout(grace):

@@ -179,6 +179,9 @@ class LegState(asyncio.Protocol):
     def resume_client_reading(self) -> None:
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
+            if self.idle_slot:
+                # The client's silence while we were not reading it was ours, not its own: count afresh from here.
+                self.last_activity = self.client_activity = time.monotonic()
             try:
                 self.transport.resume_reading()
             except (RuntimeError, AttributeError):
@@ -232,7 +235,15 @@ class LegState(asyncio.Protocol):
             if timeout <= 0:
                 return
             last = self.last_activity
-        if time.monotonic() - last >= timeout:
+        now = time.monotonic()
+        if self.reading_paused:
+            # We stopped reading the client (the broker stopped reading us: a blocked publisher during an alarm,
+            # whose heartbeats now wait unread in its socket). RabbitMQ does not time out a blocked connection and
+            # neither do we; resuming starts the count again. Checked here, once per timeout, so that neither the
+            # chunks nor the pause pay for it.
+            self.service.idle_watch.at(self, now + timeout)
+            return
+        if now - last >= timeout:
             if self.reason is CloseReason.BACKEND_CLOSED and self.idle_reason is CloseReason.HEARTBEAT_TIMEOUT:
                 # The broker gave up on the silent client first (it allows 2 to 3 heartbeats) and only our half
                 # to the client is left: the client's silence is still why this connection ended.

@@ -263,14 +263,19 @@ class Service:
             server.close()
 
     async def drain(self, grace: float, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
-        """Wait up to ``grace`` seconds for open connections to end by themselves, then close the rest."""
+        """Wait up to ``grace`` seconds for open connections to end by themselves, then close the rest.
+
+        The closes flush for up to ``close_timeout`` before what is left is aborted, so a drain takes at most
+        ``grace + close_timeout`` (the stop systemd's ``TimeoutStopSec`` is sized for).
+        """
         self.stop_accepting()
         try:
             if not await self._wait_empty(grace):
                 for conn in list(self.connections):
                     conn.close(reason)
-                # Closing flushes what is buffered; a peer that does not read gets a short while, then an abort.
-                if not await self._wait_empty(2.0):
+                # Closing flushes what is buffered; a peer that does not read gets close_timeout, as every close
+                # does (the close deadline aborts it then; this abort is the backstop for anything left).
+                if not await self._wait_empty(self.config.close_timeout):
                     for conn in list(self.connections):
                         conn.abort(reason)
         except asyncio.CancelledError:

@@ -1,8 +1,9 @@
 """The fault-injection harness's quick variant through rabbitproxy: no confirmed message may be lost.
 
 Each test is one scenario of ``bench/faults.py --quick`` on the session cluster (a node SIGKILLed and restarted, a
-backend put in maint through the admin API, the proxy reloaded five times), with paced confirmed publishers and
-de-duplicating consumers in worker processes. The full run, with HAProxy beside it, renders docs/reliability.md.
+backend put in maint through the admin API, the proxy reloaded five times, a memory alarm that blocks every
+publisher), with paced confirmed publishers and de-duplicating consumers in worker processes, through rabbitproxy in
+one process and with ``workers = 2``. The full run, with HAProxy beside it, renders docs/reliability.md.
 
 Each scenario stays under 30 s on a busy machine (12-16 s with CPU hogs beside it). faults.QUICK_TIMING keeps the
 phases short and runs the killed node's restart, the slowest step, during the recovery window and the drain. The
@@ -27,8 +28,11 @@ import fault_targets  # noqa: E402
 import faults  # noqa: E402
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("scenario", faults.QUICK)
-def test_no_confirmed_message_is_lost_through_rabbitproxy(cluster: DevCluster, tmp_path: Path, scenario: str) -> None:
+def test_no_confirmed_message_is_lost_through_rabbitproxy(
+    cluster: DevCluster, tmp_path: Path, scenario: str, workers: int
+) -> None:
     row = faults.run_one(
         cluster,
         "rabbitproxy",
@@ -39,6 +43,7 @@ def test_no_confirmed_message_is_lost_through_rabbitproxy(cluster: DevCluster, t
         faults.QUICK_TIMING,
         fault_targets.Checks(),
         quick=True,
+        workers=workers,
     )
     assert row["complete"], row["worker_failures"]
     assert row["confirmed"] > 0
@@ -47,6 +52,13 @@ def test_no_confirmed_message_is_lost_through_rabbitproxy(cluster: DevCluster, t
     assert row["proxy_errors"] == 0, row["proxy_error_lines"]
     if scenario == "reload":
         # A reload with an unchanged config keeps every established connection.
+        assert row["reconnects"] == 0, row["client_errors"]
+    elif scenario == "alarm":
+        # The broker blocked the bulk publisher (few confirms while the alarm held), the proxy stopped reading it
+        # for longer than 2.5 of its heartbeats, and cut nobody: every one of its messages confirmed, no reconnect.
+        bulk = row["bulk"]
+        assert bulk["confirmed_while_blocked"] < bulk["messages"] // 2, bulk
+        assert bulk["confirmed"] == bulk["messages"], bulk
         assert row["reconnects"] == 0, row["client_errors"]
     else:
         # The fault hit clients (a node gone, or its connections closed by maint), and they came back.

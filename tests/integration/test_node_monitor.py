@@ -4,8 +4,11 @@ admin API and /metrics, with real clients connecting through the proxy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -171,7 +174,8 @@ async def test_drain_is_maintenance_and_revive_comes_back_through_slow_start(bro
                 conn, went_to = await _connect(proxy)
                 conns.append(conn)
                 assert went_to != "rabbit3"
-            # Still maintenance after the AMQP health check has had time to fail (its listener is closed).
+            # Still maintenance once the AMQP health check fails (its listener is closed), as on 3.10 it must
+            # before the monitor may infer maintenance at all.
             await wait_for(
                 lambda: proxy.services["amqp"].pool.by_name["rabbit3"].healthy is False,
                 timeout=30,
@@ -226,3 +230,54 @@ async def test_the_monitoring_tag_without_any_permission_is_enough(cluster: DevC
     finally:
         for user in users:
             await asyncio.to_thread(cluster.rabbitmqctl, node, "delete_user", user)
+
+
+@contextlib.contextmanager
+def rejected(port: int) -> Iterator[None]:
+    """A firewall rule on this host that answers every TCP packet to ``port`` with a reset; removed on the way out."""
+    table = f"rabbitproxy_test_reject_{os.getpid()}_{port}"
+    rules = (
+        f"table inet {table} {{\n chain input {{\n type filter hook input priority -10; policy accept;\n"
+        f" tcp dport {port} reject with tcp reset\n }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+
+
+@pytest.mark.asyncio
+async def test_a_firewalled_management_port_on_a_serving_3_10_node_is_not_maintenance(cluster: DevCluster) -> None:
+    # Issue 25, item 13: on 3.10 a refused management port while the peers report the node running was taken for
+    # rabbitmq-upgrade drain, so a firewall rule on 15672 (or a disabled plugin) quietly took a healthy node out.
+    # Maintenance now needs the health check's agreement; here AMQP is fine, so the node keeps getting clients.
+    target = cluster.nodes[1]
+    conns: list[aio_pika.abc.AbstractConnection] = []
+    async with _proxy(cluster) as (proxy, _, http):
+        await _all_known(http, cluster)
+        with rejected(target.management_port):
+
+            async def refused() -> float | None:
+                r = (await _backends(http))["rabbit2"]["rabbitmq"]
+                management = r["management"]
+                if management["status"] == "unreachable" and "refused" in (management["detail"] or ""):
+                    return float(r["poll_time"])
+                return None
+
+            first = await wait_for(refused, timeout=30, interval=0.2, what="rabbit2's management port refused")
+
+            async def polled_again() -> bool:
+                r = (await _backends(http))["rabbit2"]["rabbitmq"]
+                return float(r["poll_time"]) >= first + 2 * INTERVAL
+
+            # Two more polls and as many health checks: time for any wrong inference to show.
+            await wait_for(polled_again, timeout=30, interval=0.2, what="two more polls of rabbit2")
+            view = (await _backends(http))["rabbit2"]
+            assert view["rabbitmq"]["maintenance"] is False, view["rabbitmq"]["maintenance_detail"]
+            assert view["status"] == "up" and view["rabbitmq"]["management"]["status"] == "unreachable"
+            # Round robin over three equal weights: six clients, two of them on the node behind the firewall.
+            for _ in range(6):
+                conns.append((await _connect(proxy))[0])
+            assert proxy.services["amqp"].pool.by_name["rabbit2"].active == 2
+        await close_all(conns)

@@ -90,23 +90,35 @@ def _monitor(service: Service, own: FakeAPI, peers: list[FakeAPI]) -> NodeMonito
 
 
 @pytest.mark.parametrize(
-    ("being_drained", "ready", "own_refused", "peer_running", "maintenance"),
+    ("being_drained", "ready", "own_refused", "peer_running", "checks_down", "maintenance"),
     [
-        (None, None, False, None, False),  # all well (3.10: no being_drained, no readiness endpoint)
-        (True, None, False, None, True),  # 4.x says so itself
-        (False, False, False, None, True),  # the readiness check says no
-        (None, True, False, None, False),
-        (None, None, True, True, True),  # 3.10.8 drain: own listener closed, peers say running
-        (None, None, False, True, False),  # own API timed out (frozen node): not maintenance
-        (None, None, True, False, False),  # refused and not running: stopped, the health check's business
-        (None, None, True, None, False),  # refused and no peer could say: unknown, not maintenance
+        (None, None, False, None, False, False),  # all well (3.10: no being_drained, no readiness endpoint)
+        (True, None, False, None, False, True),  # 4.x says so itself
+        (False, False, False, None, False, True),  # the readiness check says no
+        (None, True, False, None, False, False),
+        # 3.10.8 drain: own listeners closed (management and AMQP, so the health check fails), peers say running.
+        (None, None, True, True, True, True),
+        # A firewall or a disabled plugin on the management port while AMQP passes its check: no evidence.
+        (None, None, True, True, False, False),
+        (None, None, False, True, True, False),  # own API timed out (frozen node): not maintenance
+        (None, None, True, False, True, False),  # refused and not running: stopped, the health check's business
+        (None, None, True, None, True, False),  # refused and no peer could say: unknown, not maintenance
     ],
 )
 def test_maintenance_decision(
-    being_drained: bool | None, ready: bool | None, own_refused: bool, peer_running: bool | None, maintenance: bool
+    being_drained: bool | None,
+    ready: bool | None,
+    own_refused: bool,
+    peer_running: bool | None,
+    checks_down: bool,
+    maintenance: bool,
 ) -> None:
     reason = maintenance_reason(
-        being_drained=being_drained, ready=ready, own_refused=own_refused, peer_running=peer_running
+        being_drained=being_drained,
+        ready=ready,
+        own_refused=own_refused,
+        peer_running=peer_running,
+        checks_down=checks_down,
     )
     assert (reason is not None) == maintenance
 
@@ -171,7 +183,7 @@ async def test_an_alarm_reduces_the_weight_at_once_and_its_end_restores_it() -> 
 
 
 @pytest.mark.asyncio
-async def test_refused_own_api_and_a_peer_reporting_it_running_is_maintenance() -> None:
+async def test_refused_own_api_a_peer_reporting_it_running_and_a_failing_check_is_maintenance() -> None:
     service = _service(slow_start=30.0)
     own, peer_down, peer = FakeAPI(), FakeAPI(), FakeAPI()
     peer_down.time_out()
@@ -179,9 +191,17 @@ async def test_refused_own_api_and_a_peer_reporting_it_running_is_maintenance() 
     peer.node_answer = replace(NODE, being_drained=None)
     monitor = _monitor(service, own, [peer_down, peer])
     b = service.pool.backends[0]
+    b.mark_health(True, "ok", time.time())
     await monitor.poll_once()
     own.refuse()
     with capture_logs() as logs:
+        # Only the management port refuses so far (a drain's first moment, or a firewall): no evidence yet.
+        await monitor.poll_once()
+        view = b.rabbitmq
+        assert view is not None and not view.maintenance and view.status is ManagementStatus.UNREACHABLE
+        assert b.usable and b.status == "up"
+        # The health check fails too (the drain closed the AMQP listener): now the three agree.
+        b.mark_health(False, "refused", time.time())
         await monitor.poll_once()
         await monitor.poll_once()
     view = b.rabbitmq
@@ -190,9 +210,6 @@ async def test_refused_own_api_and_a_peer_reporting_it_running_is_maintenance() 
     assert not b.usable and b.status == "maintenance"
     # The first peer timed out; the second was asked for this node by name.
     assert f"node {NAME}" in peer.calls
-    # The health check fails too (the AMQP listener is closed): still maintenance, not down.
-    b.mark_health(False, "refused", time.time())
-    assert b.status == "maintenance"
     # Logged once, not per poll.
     assert [e["event"] for e in logs].count("rabbitmq node in maintenance, no new connections") == 1
     assert [e["event"] for e in logs].count("management API unreachable") == 1

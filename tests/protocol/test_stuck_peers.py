@@ -203,3 +203,51 @@ async def test_a_reload_changes_keepalive_for_clients_accepted_afterwards() -> N
                 assert _keepalive_of(transport.get_extra_info("socket"))[0] == 0
         finally:
             writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_graceful_stop_flushes_to_a_slow_client_for_close_timeout() -> None:
+    # Issue 25, item 12: after shutdown_timeout the closes flush as every close does, for up to close_timeout (what
+    # the docs and the systemd unit's TimeoutStopSec are sized on); a fixed 2 s used to abort them sooner.
+    high = 64 * 1024
+    blob = 32 * 1024 * 1024
+
+    async def talker(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"b" * blob)
+        await writer.drain()
+        await asyncio.Event().wait()  # stays open: only the proxy's close ends this connection
+
+    async with (
+        tcp_server(talker) as port,
+        run_proxy(
+            service_config(
+                [{"name": "talker", "address": "127.0.0.1", "port": port}],
+                high_water=high,
+                low_water=high // 4,
+                shutdown_timeout=0.5,
+                close_timeout=30.0,
+            )
+        ) as p,
+    ):
+        service = p.services["amqp"]
+        # A client that reads nothing for now: the proxy's buffer towards it fills and stays full.
+        reader, writer = await asyncio.open_connection(*listen_addr(p))
+        try:
+            conn = await wait_for(lambda: next(iter(service.connections), None), what="the connection")
+            await wait_for(lambda: conn.transport.get_write_buffer_size() > 0, what="the client side buffer full")
+            stopping = asyncio.create_task(p.shutdown())
+            await wait_for(lambda: conn.close_started, what="the close after shutdown_timeout")
+            # Longer than the old fixed 2 s, far shorter than close_timeout: a bounded look for an abort that
+            # must not come.
+            await asyncio.sleep(4.0)
+            assert not conn.close_aborted and not conn.closed
+            received = 0
+            while data := await asyncio.wait_for(reader.read(1 << 20), 30):
+                received += len(data)
+            # Everything the proxy took from the backend reached the client, then a clean end.
+            assert received == conn.bytes_out
+            await asyncio.wait_for(stopping, 30)
+            assert service.ended == {CloseReason.SHUTDOWN: 1}
+            assert service.close_timeouts == 0
+        finally:
+            writer.close()

@@ -131,8 +131,8 @@ def test_compose_proxy_matches_its_config(compose: dict[str, Any]) -> None:
     assert {service.backend_port(b) for b in service.backends} == {5672}
     assert set(proxy["depends_on"]) == backend_hosts
 
-    # Docker must wait longer than the drain before it kills the proxy.
-    assert seconds(proxy["stop_grace_period"]) > service.shutdown_timeout
+    # Docker must wait longer than the drain and the closes' flush before it kills the proxy.
+    assert seconds(proxy["stop_grace_period"]) > service.shutdown_timeout + service.close_timeout
 
 
 # -- Kubernetes --------------------------------------------------------------------------------------------------------
@@ -193,7 +193,8 @@ def test_kubernetes_objects_reference_each_other(manifests: dict[str, dict[str, 
     assert pod["securityContext"]["runAsUser"] == 10001
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + cfg.services[0].shutdown_timeout
+    svc = cfg.services[0]
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + svc.shutdown_timeout + svc.close_timeout
 
 
 # -- What every example shows (issue 27) -------------------------------------------------------------------------------

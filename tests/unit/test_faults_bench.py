@@ -15,6 +15,7 @@ from tests.support.bench import BENCH
 
 assert BENCH.is_dir()
 
+import fault_alarm  # noqa: E402
 import fault_clients  # noqa: E402
 import fault_report  # noqa: E402
 import fault_targets  # noqa: E402
@@ -38,6 +39,9 @@ def test_rabbitproxy_config_checks_closes_and_asks_the_agents() -> None:
         ("rabbit3", 5003, 3333),
     ]
     assert cfg.admin.enabled and cfg.admin.listen == "127.0.0.1:19080"
+    assert cfg.worker_count == 1
+    two = config_mod.validate(tomllib.loads(fault_targets.rabbitproxy_config(15672, 19080, BACKENDS, checks, 2)))
+    assert two.worker_count == 2
 
 
 def test_haproxy_config_has_the_same_checks_and_outlasts_heartbeats() -> None:
@@ -48,6 +52,8 @@ def test_haproxy_config_has_the_same_checks_and_outlasts_heartbeats() -> None:
     assert "stats socket /tmp/x.sock mode 600 level admin" in text
     # Idle AMQP connections send a heartbeat every 10 s; shorter timeouts would cut healthy connections.
     assert "timeout client 30s" in text and "timeout server 30s" in text
+    # As an operator writes it for AMQP: a short hard-stop-after cut every connection a few seconds after a reload.
+    assert "hard-stop-after" not in text
 
 
 def test_split_deals_every_role_once() -> None:
@@ -260,3 +266,37 @@ class FakeCluster:
 def test_client_placement_names_each_harness_connection_and_its_node() -> None:
     placement = faults.client_placement(FakeCluster())  # type: ignore[arg-type]
     assert placement == {"faults-con-0": "rp1@localhost", "faults-pub-12": "rp2@localhost"}
+
+
+def test_rows_of_each_worker_count_are_named_and_summed_apart() -> None:
+    base = {"complete": True, "lost": 0, "confirmed": 10, "recovery_worst_s": 3.0, "queue_type": "quorum"}
+    rows = [
+        {**base, "scenario": "alarm", "target": "rabbitproxy", "proxy_workers": 1, "reconnects": 0},
+        {**base, "scenario": "alarm", "target": "rabbitproxy", "proxy_workers": 2, "reconnects": 0, "lost": 2},
+        {**base, "scenario": "alarm", "target": "haproxy", "reconnects": 1},
+    ]
+    assert [fault_report.label(r) for r in rows] == ["rabbitproxy", "rabbitproxy, workers = 2", "haproxy"]
+    lines = fault_report.summary_lines(rows)
+    assert lines[0].startswith("- **rabbitproxy**: 0 of 10")
+    assert lines[1].startswith("- **rabbitproxy, workers = 2**: 2 of 10") and "alarm (quorum): 2" in lines[1]
+    assert lines[2].startswith("- **haproxy**: 0 of 10")
+    assert lines[-1] == (
+        "- Connections cut during the memory alarm (client reconnects): rabbitproxy (quorum): 0,"
+        " rabbitproxy, workers = 2 (quorum): 0, haproxy (quorum): 1."
+    )
+
+
+def test_the_bulk_publishers_heartbeat_would_time_out_within_the_hold_but_the_client_would_not() -> None:
+    for hold in (10.0, 30.0):
+        beat = fault_alarm.heartbeat_for(hold)
+        assert 2.5 * beat < hold, "a proxy counting the blocked client's silence must cut it within the hold"
+        assert 3 * (beat + 1) > hold, "aiormq must not give up on its unwritable connection within the hold"
+
+
+def test_a_scenario_run_again_replaces_its_rows_and_says_so() -> None:
+    first = {"rows": [{"scenario": "kill"}, {"scenario": "alarm", "old": True}], "started_at": "a", "minutes": 1}
+    again = {"rows": [{"scenario": "alarm"}], "started_at": "b", "minutes": 2}
+    out = fault_report.merge(first, again, "the harness was fixed")
+    assert out["rows"] == [{"scenario": "kill"}, {"scenario": "alarm"}]
+    assert out["merged"] == [{"started_at": "b", "minutes": 2, "scenarios": ["alarm"], "why": "the harness was fixed"}]
+    assert "second run of that scenario alone, started b (2 min)" in "".join(fault_report._merged(out))
