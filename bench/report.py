@@ -360,6 +360,7 @@ def render(
     probe: str = "",
     idle_doc: dict[str, Any] | None = None,
     stream: str = "",
+    tail: str = "",
 ) -> str:
     """The whole of docs/benchmarks.md; ``probe`` is the "Probe cost" section (from bench/probe_cost.py), if any,
     and ``idle_doc`` the JSON of bench/idle_bench.py, if it ran."""
@@ -524,6 +525,7 @@ def render(
         *([probe.strip(), ""] if probe.strip() else []),
         notes.strip(),
         "",
+        *([tail.strip(), ""] if tail.strip() else []),
     ]
     return "\n".join(lines)
 
@@ -536,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--idle", type=Path, help="bench/idle_bench.py JSON (none: the section says not measured)")
     ap.add_argument("--probe", type=Path, default=HERE / "results" / "probe.json", help="bench/probe_cost.py JSON")
     ap.add_argument("--stream", type=Path, default=HERE / "results" / "stream.json", help="bench/stream_bench.py JSON")
+    ap.add_argument("--storm", type=Path, default=HERE / "results" / "storm.json", help="bench/storm_bench.py JSON")
+    ap.add_argument("--l4", type=Path, default=HERE / "results" / "l4.json", help="bench/l4_bench.py JSON")
     ap.add_argument("--mode", default="full")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -553,7 +557,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stream_bench import render_section as stream_section
 
         stream = stream_section(json.loads(args.stream.read_text()))
-    args.out.write_text(render(tcp_doc, amqp_doc, notes, args.mode, probe, idle_doc, stream))
+    # The benches that run on their own (bench/README.md): their stored results, when there are any.
+    tail = []
+    if args.storm.exists():
+        from storm_bench import render_section as storm_section
+
+        tail.append(storm_section(json.loads(args.storm.read_text())))
+    if args.l4.exists():
+        from l4_bench import markdown as l4_section
+
+        tail.append(l4_section(json.loads(args.l4.read_text())))
+    args.out.write_text(render(tcp_doc, amqp_doc, notes, args.mode, probe, idle_doc, stream, "\n\n".join(tail)))
     print(f"wrote {args.out} ({time.strftime('%H:%M:%S')})")
     return 0
 

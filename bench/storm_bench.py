@@ -310,6 +310,48 @@ def table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(header, body)
 
 
+def render_section(doc: dict[str, Any]) -> str:
+    """The "Reconnect storms" section of docs/benchmarks.md, from the JSON this bench writes."""
+    st = doc["settings"]
+    rows = doc["rows"]
+    load = ", ".join(f"{x:.2f}" for x in st.get("load_average_at_end", []))
+    verdicts = []
+    for n in sorted({r["clients"] for r in rows}):
+        by = {r["target"]: r for r in rows if r["clients"] == n}
+        failures = {t: r.get("cold_failures", 0) + r.get("storm_failures", 0) for t, r in by.items()}
+        if "direct" in by and any(t.startswith("rabbitproxy") for t in by):
+            ours = {t: f for t, f in failures.items() if t.startswith("rabbitproxy")}
+            verdicts.append(
+                f"{n:,} clients: handshake failures direct {failures['direct']}, "
+                + ", ".join(f"{t} {f}" for t, f in ours.items())
+            )
+        haproxy = [r.get("recover_s") for t, r in by.items() if t.startswith("haproxy") and r.get("recover_s")]
+        ours_back = [r.get("recover_s") for t, r in by.items() if t.startswith("rabbitproxy") and r.get("recover_s")]
+        if haproxy and ours_back:
+            verdicts.append(
+                f"{n:,} clients: all back after a node kill in {max(ours_back):.1f} s at worst through rabbitproxy, "
+                f"{min(haproxy):.1f} s at best through HAProxy"
+            )
+    return "\n".join(
+        [
+            "## Reconnect storms",
+            "",
+            f"bench/storm_bench.py (started {doc['started_at']}; load average at the end {load}: brokers, clients and "
+            "proxy share the machine's cores). A local 3-node RabbitMQ cluster; each client completes the AMQP "
+            f"handshake and reconnects after {st['backoff_s']:g} s plus up to as much jitter, giving up a handshake "
+            f"after {st['handshake_timeout_s']:g} s (a timeout). The `-rate` targets pace new connections at "
+            f"{st['rate']:g} a second (`connect_rate`, HAProxy's `rate-limit sessions`); both proxies check every 2 s "
+            "and redispatch a failed connect. Cold start: all clients at once. Node killed: SIGKILL of one node with "
+            "the clients spread over all three; survivors' CPU is over the storm, from the kill until all are back.",
+            "",
+            table(rows),
+            "",
+            *(f"- {v}" for v in verdicts),
+            "",
+        ]
+    )
+
+
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 

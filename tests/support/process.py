@@ -99,18 +99,22 @@ class ProxyProcess:
         self.log_path = tmp_path / "rabbitproxy.log"
         self.loop = loop
         self.log_level = log_level
+        # A test that asks for a format in the file (JSON, to parse records) gets it; the rest get logfmt lines.
+        self.log_format = None if "format" in config.get("log", {}) else "console"
         self.proc: subprocess.Popen[bytes] | None = None
         first = config["services"][0]
         host, port = config_mod.split_host_port(first["listen"])
         self.addr = (host, port)
 
     def argv(self) -> list[str]:
-        return [
+        argv = [
             sys.executable, "-m", "rabbitproxy", "serve", "--config", str(self.config_path),
             "--loop", self.loop, "--log-level", self.log_level,
-            # logfmt lines, which tests search; the default for a file would be JSON.
-            "--log-format", "console",
         ]  # fmt: skip
+        if self.log_format is not None:
+            # logfmt lines, which tests search; the default for a file would be JSON.
+            argv += ["--log-format", self.log_format]
+        return argv
 
     def start(self, keep_notify: bool = False) -> ProxyProcess:
         """Start the process and wait for its sd_notify READY=1 (every listener bound, admin API up)."""
