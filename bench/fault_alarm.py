@@ -53,11 +53,14 @@ class Bulk:
 class BulkPublisher:
     """Publishes the bulk in a thread with its own event loop, republishing what fails, until all are confirmed."""
 
-    def __init__(self, url: str, queue: str, persistent: bool, bulk: Bulk = Bulk()) -> None:
+    def __init__(self, url: str, queue: str, persistent: bool, bulk: Bulk = Bulk(), attempt: float = 600.0) -> None:
         self.url = f"{url}?heartbeat={bulk.heartbeat}&reconnect_interval=1&connection_timeout=5"
         self.queue = queue
         self.persistent = persistent
         self.bulk = bulk
+        # Seconds one publish may wait for its confirm: longer than the alarm holds (a blocked publish waits for
+        # it), but bounded, because a publish whose connection was cut under it may never be answered.
+        self.attempt = attempt
         self.confirmed: list[int] = []
         self.reconnects = 0
         self.errors: Counter[str] = Counter()
@@ -130,9 +133,15 @@ class BulkPublisher:
             while time.monotonic() < deadline:
                 msg = aio_pika.Message(body, message_id=str(mid), delivery_mode=mode)
                 try:
-                    # No confirm timeout: a blocked publisher waits for the alarm to clear, as RabbitMQ intends.
-                    ack = await channel.default_exchange.publish(msg, routing_key=self.queue, mandatory=True)
-                except (OSError, aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                    async with asyncio.timeout(self.attempt):
+                        ack = await channel.default_exchange.publish(msg, routing_key=self.queue, mandatory=True)
+                except (
+                    OSError,
+                    aiormq.exceptions.AMQPError,
+                    aio_pika.exceptions.AMQPError,
+                    RuntimeError,
+                    TimeoutError,
+                ) as exc:
                     self.errors[type(exc).__name__] += 1
                     await asyncio.sleep(1.0)
                     continue

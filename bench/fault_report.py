@@ -184,14 +184,18 @@ def notes() -> list[str]:
 
 
 def merge(data: dict[str, Any], other: dict[str, Any], why: str) -> dict[str, Any]:
-    """``data`` with its rows of ``other``'s scenarios replaced by ``other``'s rows (pure; unit-tested).
+    """``data`` with the rows ``other`` has too (scenario, queue, target) replaced by ``other``'s (pure; unit-tested).
 
     For a scenario run again on its own (after a fix to the harness): the document says which rows come from which
     run, and why.
     """
-    again = {r["scenario"] for r in other["rows"]}
-    kept = [r for r in data["rows"] if r["scenario"] not in again]
-    note = {"started_at": other["started_at"], "minutes": other["minutes"], "scenarios": sorted(again), "why": why}
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["scenario"], r["queue_type"], r["target"], int(r.get("proxy_workers") or 1))
+
+    again = {key(r) for r in other["rows"]}
+    kept = [r for r in data["rows"] if key(r) not in again]
+    names = sorted({f"{s} ({label({'target': t, 'proxy_workers': w})}, {q})" for s, q, t, w in again})
+    note = {"started_at": other["started_at"], "minutes": other["minutes"], "scenarios": names, "why": why}
     return data | {"rows": kept + other["rows"], "merged": [*data.get("merged", []), note]}
 
 
@@ -200,7 +204,7 @@ def _merged(data: dict[str, Any]) -> list[str]:
     for m in data.get("merged", []):
         out += [
             ">",
-            f"> The rows of {', '.join(m['scenarios'])} come from a second run of that scenario alone, started"
+            f"> The rows {'; '.join(m['scenarios'])} come from a later run of just those, started"
             f" {m['started_at']} ({m['minutes']} min), same code and machine: {m['why']}",
         ]
     return out

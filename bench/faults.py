@@ -133,7 +133,9 @@ def _heal_cut(ctx: Ctx) -> None:
 def _alarm_on(ctx: Ctx) -> None:
     # One node's alarm blocks every publisher of the cluster; the bulk publisher then fills the socket buffers.
     ctx.cluster.rabbitmqctl(ctx.node, "set_vm_memory_high_watermark", ALARM_WATERMARK)
-    bulk = BulkPublisher(ctx.url, ctx.queue, ctx.persistent, replace(Bulk(), heartbeat=heartbeat_for(ctx.hold)))
+    bulk = BulkPublisher(
+        ctx.url, ctx.queue, ctx.persistent, replace(Bulk(), heartbeat=heartbeat_for(ctx.hold)), attempt=ctx.hold + 60
+    )
     ctx.side.append(bulk)
     bulk.start()
 

@@ -294,9 +294,18 @@ def test_the_bulk_publishers_heartbeat_would_time_out_within_the_hold_but_the_cl
 
 
 def test_a_scenario_run_again_replaces_its_rows_and_says_so() -> None:
-    first = {"rows": [{"scenario": "kill"}, {"scenario": "alarm", "old": True}], "started_at": "a", "minutes": 1}
-    again = {"rows": [{"scenario": "alarm"}], "started_at": "b", "minutes": 2}
+    def row(scenario: str, target: str = "haproxy", **extra: Any) -> dict[str, Any]:
+        return {"scenario": scenario, "queue_type": "quorum", "target": target, **extra}
+
+    first = {
+        "rows": [row("kill"), row("alarm", old=True), row("alarm", "rabbitproxy", proxy_workers=2)],
+        "started_at": "a",
+        "minutes": 1,
+    }
+    again = {"rows": [row("alarm")], "started_at": "b", "minutes": 2}
     out = fault_report.merge(first, again, "the harness was fixed")
-    assert out["rows"] == [{"scenario": "kill"}, {"scenario": "alarm"}]
-    assert out["merged"] == [{"started_at": "b", "minutes": 2, "scenarios": ["alarm"], "why": "the harness was fixed"}]
-    assert "second run of that scenario alone, started b (2 min)" in "".join(fault_report._merged(out))
+    assert out["rows"] == [row("kill"), row("alarm", "rabbitproxy", proxy_workers=2), row("alarm")]
+    assert out["merged"][0]["scenarios"] == ["alarm (haproxy, quorum)"]
+    assert "rows alarm (haproxy, quorum) come from a later run of just those, started b (2 min)" in "".join(
+        fault_report._merged(out)
+    )
