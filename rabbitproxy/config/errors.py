@@ -102,7 +102,4 @@ def message(err: ErrorDetails) -> str:
 
 def error_lines(exc: ValidationError, data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
     """One ``"key.path: reason"`` line per pydantic error; ``prefix`` places a sub-model's errors in the file."""
-    # A check that finds several problems at once (mode = "l4-nat"'s refusals) says one per line.
-    return [
-        f"{loc_path(data, (*prefix, *err['loc']))}: {line}" for err in exc.errors() for line in message(err).split("\n")
-    ]
+    return [f"{loc_path(data, (*prefix, *err['loc']))}: {message(err)}" for err in exc.errors()]

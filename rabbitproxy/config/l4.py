@@ -11,7 +11,7 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rabbitproxy.config.service import ServiceConfig
+    from rabbitproxy.config.service import Config, ServiceConfig
 
 L4_NAT = "l4-nat"
 
@@ -40,6 +40,11 @@ _DATA_PATH_KEYS = {
     "connect_burst": "the kernel forwards each SYN at once; nothing here can hold a client",
     "connect_queue_timeout": "the kernel forwards each SYN at once; nothing here can hold a client",
 }
+
+
+def l4_errors(cfg: Config) -> list[str]:
+    """``services[NAME]: key cannot apply ...`` for every l4-nat service of a file whose models are valid."""
+    return [f"services[{sc.name!r}]: {line}" for sc in cfg.services if sc.mode == L4_NAT for line in l4_refusals(sc)]
 
 
 def l4_refusals(sc: ServiceConfig) -> list[str]:

@@ -14,6 +14,7 @@ from rabbitproxy.addresses import DEFAULT_PORT, split_host_port
 from rabbitproxy.config.base import ConfigError
 from rabbitproxy.config.checks import admin_token_error, cross_errors
 from rabbitproxy.config.errors import error_lines
+from rabbitproxy.config.l4 import l4_errors
 from rabbitproxy.config.sections import AdminConfig
 from rabbitproxy.config.service import Config
 
@@ -32,6 +33,8 @@ def validate(data: Mapping[str, Any], source: str = "", env: Mapping[str, str] |
     except ValidationError as exc:
         errors.extend(error_lines(exc, data))
     errors.extend(cross_errors(data))
+    if cfg is not None:
+        errors.extend(l4_errors(cfg))
     admin = cfg.admin if cfg is not None else _admin_alone(data)
     problem = admin_token_error(admin, os.environ if env is None else env) if admin is not None else None
     if problem is not None:

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from rabbitproxy.addresses import DEFAULT_PORT, split_host_port
 from rabbitproxy.config.base import (
@@ -19,7 +19,6 @@ from rabbitproxy.config.base import (
     check_host,
 )
 from rabbitproxy.config.files import ca_file
-from rabbitproxy.config.l4 import L4_NAT, l4_refusals
 from rabbitproxy.config.rabbitmq import RabbitMQConfig, RebalanceConfig
 from rabbitproxy.config.sections import AdminConfig, FeedbackConfig, HealthCheckConfig, LogConfig, TLSConfig
 from rabbitproxy.durations import GRAMMAR, duration_seconds
@@ -252,15 +251,6 @@ class ServiceConfig(_Model):
         """(backend name, host, port) of every node_port listener: on the service's listen host."""
         host = self.listen_host
         return [(b.name, host, b.node_port) for b in self.backends if b.node_port is not None]
-
-    @model_validator(mode="after")
-    def _l4(self) -> ServiceConfig:
-        if self.mode == L4_NAT:
-            refused = l4_refusals(self)
-            if refused:
-                # One line per key; config.errors reports each line as an error of its own.
-                raise ValueError("\n".join(refused))
-        return self
 
     @property
     def heartbeat_idle(self) -> bool:
