@@ -355,6 +355,8 @@ def render_section(doc: dict[str, Any]) -> str:
             "",
             *(f"- {v}" for v in verdicts),
             "",
+            "![Reconnect storm chart](benchmarks-storm.png)",
+            "",
         ]
     )
 
