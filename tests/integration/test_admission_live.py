@@ -21,6 +21,7 @@ from rabbitproxy.dev.cluster import DevCluster
 from tests.support.cluster import backends_for
 from tests.support.metrics import metric
 from tests.support.net import free_port, tcp_server
+from tests.support.pacing import densest
 from tests.support.process import ProxyProcess, admin_get, running_process
 from tests.support.proxy import proxy_config, service_config
 from tests.support.waiting import wait_for
@@ -33,17 +34,6 @@ def with_workers(service: dict[str, Any], workers: int = 2) -> tuple[dict[str, A
     data = proxy_config(service, admin={"listen": f"127.0.0.1:{port}"})
     data["workers"] = workers
     return data, f"http://127.0.0.1:{port}"
-
-
-def densest(times: list[float], window: float) -> int:
-    """The most events within any ``window`` seconds."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] < t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from rabbitproxy.relay.admission import AdmissionDesk
 from rabbitproxy.relay.service import Service
 from tests.support.metrics import metric
 from tests.support.net import tcp_server
+from tests.support.pacing import densest
 from tests.support.proxy import proxy_config, run_proxy, service_config
 from tests.support.waiting import wait_for
 
@@ -59,17 +60,6 @@ async def greeted(reader: asyncio.StreamReader, timeout: float = 30.0) -> bytes:
 def held_now(service: Service) -> int:
     figures = service.admission_figures()
     return figures.waiting if figures is not None else 0
-
-
-def densest(times: list[float], window: float) -> int:
-    """The most accepts within any ``window`` seconds."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] < t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 async def test_a_burst_of_clients_is_held_and_let_through_at_the_rate() -> None:
