@@ -373,8 +373,10 @@ class Supervisor:
         self._refuse_node_port_changes(new)
         self._refuse_l4_changes(new)
         result = await apply(self, new)
-        # Backends removed, runtime weights dropped for a weight edited in the file: the state file follows.
+        # Backends removed, runtime weights dropped for a weight edited in the file: the state file follows, and
+        # the l4 table at once, not at its next poll.
         self.save_state()
+        self.l4_now()
         if self.workers is not None:
             result.worker_errors = await self.workers.reload(new)
         return result
