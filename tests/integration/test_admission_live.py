@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,19 @@ async def open_amqp(addr: tuple[str, int], lost: list[int]) -> IdleClient:
     return client
 
 
+@pytest.fixture
+def storm_cluster() -> Iterator[DevCluster]:
+    """A cluster of its own: 1,200 connections at once once made a 3.10.8 node's management agent crash (a
+    duplicate distribution port in rabbit_net:dist_info), which left the session cluster's connection listings
+    without that node for every later test. This test reads the brokers with rabbitmqctl, which that spares."""
+    with DevCluster(3, management=False) as cluster:
+        yield cluster
+
+
 async def test_a_storm_of_amqp_clients_all_open_and_the_brokers_see_them_paced(
-    cluster: DevCluster, tmp_path: Path
+    storm_cluster: DevCluster, tmp_path: Path
 ) -> None:
+    cluster = storm_cluster
     service = service_config(backends_for(cluster), connect_rate=RATE)
     data, admin = with_workers(service)
     async with running_process(ProxyProcess(data, tmp_path, log_level="info")) as proxy:
